@@ -1,0 +1,51 @@
+"""The ``dit-mem`` command line.
+
+Each subcommand lives in its own module under ``dit_mem.commands`` and exposes
+``register(subparsers)``, which adds a parser whose ``func(args)`` runs the command. Heavy
+imports (torch, diffusers, faiss) happen inside ``func`` so ``dit-mem --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dit_mem import __version__
+from dit_mem.utils.logging import setup_logging
+
+# Modules under dit_mem.commands, in the order their subcommands are listed in --help.
+COMMAND_MODULES: tuple[str, ...] = ("encoder",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dit-mem",
+        description="DiT-Mem: retrieve reference videos, encode them into memory tokens, "
+        "and guide a frozen Wan DiT with them.",
+    )
+    parser.add_argument("--version", action="version", version=f"dit-mem {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"dit_mem.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 0
+    setup_logging(args.log_level.upper())
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        # User errors: one clear line, no traceback. Bugs still raise.
+        print(f"dit-mem {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

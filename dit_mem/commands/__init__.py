@@ -1,0 +1,1 @@
+"""Subcommands of ``dit-mem``; each module exposes ``register(subparsers)``."""

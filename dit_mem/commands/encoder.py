@@ -1,0 +1,42 @@
+"""``dit-mem encoder``: inspect presets and convert the release's checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("encoder", help="memory encoder: presets, info, checkpoint conversion")
+    cmds = p.add_subparsers(dest="encoder_command", metavar="ACTION", required=True)
+
+    info = cmds.add_parser("info", help="print a preset's config, grid and parameter count")
+    info.add_argument("--preset", default="wan2.1-1.3b")
+    info.set_defaults(func=_info)
+
+    conv = cmds.add_parser(
+        "convert-official",
+        help="convert the release's DiT-Mem-1.3B.safetensors into a save_pretrained folder",
+    )
+    conv.add_argument("checkpoint", help="path to DiT-Mem-1.3B.safetensors")
+    conv.add_argument("--out", required=True, help="output folder (config.json + weights)")
+    conv.set_defaults(func=_convert)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from dit_mem.memory import MemoryEncoder, get_preset
+
+    cfg = get_preset(args.preset)
+    model = MemoryEncoder.from_encoder_config(cfg)
+    print(f"preset {args.preset}: {cfg}")
+    print(f"CNN grid (T', H', W') at latent {cfg.latent_shape}: {cfg.grid}")
+    print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from dit_mem.memory import MemoryEncoder
+
+    model = MemoryEncoder.from_official_checkpoint(args.checkpoint)
+    model.save_pretrained(args.out)
+    print(f"wrote {args.out} (config.json + diffusion_pytorch_model.safetensors)")
+    return 0
