@@ -1,0 +1,307 @@
+"""``dit-mem eval``: VBench and PhyGenBench generation and scoring, and run comparison.
+
+    dit-mem eval vbench generate --run runs/mem [--full] [--no-memory] ...
+    dit-mem eval vbench score --run runs/mem [--results-only]
+    dit-mem eval vbench flicker --run runs/mem
+    dit-mem eval phygenbench generate --run runs/mem --model-name dit-mem
+    dit-mem eval phygenbench score --results result.json [--run runs/mem]
+    dit-mem eval compare runs/base mem=runs/mem --out comparison/
+
+A run folder holds ``vbench/`` (or ``vbench_full/``) and ``phygenbench/``; see
+``dit_mem.evaluation.compare`` for the layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dit_mem.evaluation import benchmarks as B
+
+
+def make_generator(args: argparse.Namespace):
+    """Build the video generator the ``generate`` subcommands use, from the parsed arguments.
+
+    Must return an object satisfying ``dit_mem.evaluation.generation.VideoGenerator``:
+    ``gen(prompt, seed) -> uint8 [F, H, W, 3]`` and ``gen.metadata`` (a JSON-able dict of the
+    settings: base model, encoder, k, steps, cfg, shift, strength, no_memory, size, ...).
+    """
+    raise NotImplementedError(
+        "generation pipeline not wired yet: dit_mem.commands.evaluate.make_generator must build "
+        "a generator from the pipeline (base model "
+        f"{args.base_model!r}, encoder {args.encoder!r}, no_memory={args.no_memory})"
+    )
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"shard must look like INDEX/COUNT, got {text!r}"
+        ) from None
+    if count < 1 or not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"shard {text!r}: need 0 <= INDEX < COUNT")
+    return index, count
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, type=Path, help="run folder (created if needed)")
+    g = p.add_argument_group("model (SPEC §6 defaults)")
+    g.add_argument("--base-model", help="Wan2.1 base model folder (diffusers or release layout)")
+    g.add_argument("--encoder", help="memory encoder folder (save_pretrained layout)")
+    g.add_argument("--index", help="memory bank index folder (dit-mem build-index)")
+    g.add_argument("--latents", help="memory bank latent folder")
+    g.add_argument("--tokens", help="memory token cache folder (used instead of latents)")
+    g.add_argument("-k", "--top-k", dest="k", type=int, default=5, help="memory videos (5)")
+    g.add_argument("--steps", type=int, default=40, help="denoising steps (40)")
+    g.add_argument("--cfg-scale", type=float, default=5.0, help="guidance scale (5.0)")
+    g.add_argument("--flow-shift", type=float, default=5.0, help="flow-matching shift (5.0)")
+    g.add_argument("--strength", type=float, default=1.0, help="memory strength λ (1.0 = paper)")
+    g.add_argument("--no-memory", action="store_true", help="baseline: the plain base model")
+    g.add_argument("--height", type=int, default=B.HEIGHT)
+    g.add_argument("--width", type=int, default=B.WIDTH)
+    g.add_argument("--frames", type=int, default=B.NUM_FRAMES)
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    s = p.add_argument_group("subset (smoke tests, several GPUs)")
+    s.add_argument("--prompt-filter", help="only prompts containing this text")
+    s.add_argument("--limit", type=int, help="only the first N videos (after other filters)")
+    s.add_argument("--shard", type=_shard, help="INDEX/COUNT: every COUNT-th video from INDEX")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="benchmarks: VBench, PhyGenBench, run comparison")
+    bench = p.add_subparsers(dest="eval_command", metavar="BENCHMARK", required=True)
+
+    vb = bench.add_parser("vbench", help="VBench: generate, score, offline temporal flickering")
+    vcmd = vb.add_subparsers(dest="vbench_command", metavar="ACTION", required=True)
+
+    gen = vcmd.add_parser("generate", help="the paper's 11 lists × 10 prompts × 5 seeds")
+    _add_generation_args(gen)
+    gen.add_argument("--full", action="store_true", help="VBench's full per-dimension lists")
+    gen.add_argument(
+        "--folders", nargs="+", choices=B.VBENCH_LISTS, metavar="LIST", help="only these lists"
+    )
+    gen.add_argument(
+        "--prompt-dir", type=Path, help="folder of <list>.txt replacing the packaged lists"
+    )
+    gen.set_defaults(func=_vbench_generate)
+
+    sc = vcmd.add_parser(
+        "score", help="run vbench per folder, then aggregate Quality/Semantic/Total"
+    )
+    sc.add_argument("--run", required=True, type=Path)
+    sc.add_argument("--full", action="store_true", help="the run used --full")
+    sc.add_argument("--results-only", action="store_true", help="only aggregate existing results")
+    sc.add_argument("--vbench-env", type=Path, help="vbench virtualenv ($VBENCH_ENV)")
+    sc.add_argument(
+        "--load-ckpt-from-local",
+        action="store_true",
+        help="vbench weights are cached ($VBENCH_CACHE_DIR); also $VBENCH_LOAD_CKPT_FROM_LOCAL=1",
+    )
+    sc.add_argument(
+        "--folders", nargs="+", choices=B.VBENCH_LISTS, metavar="LIST", help="only these folders"
+    )
+    sc.add_argument(
+        "--allow-incomplete", action="store_true", help="score folders with missing videos"
+    )
+    sc.add_argument("--rerun", action="store_true", help="rerun folders that already have results")
+    sc.set_defaults(func=_vbench_score)
+
+    fl = vcmd.add_parser("flicker", help="temporal flickering offline (no static filter)")
+    fl.add_argument("--run", type=Path, help="run folder: scores vbench/videos/temporal_flickering")
+    fl.add_argument("--videos", type=Path, help="any folder of mp4s (instead of --run)")
+    fl.add_argument("--out", type=Path, help="results JSON (default: in the run's results)")
+    fl.add_argument("--full", action="store_true", help="the run used --full")
+    fl.set_defaults(func=_vbench_flicker)
+
+    pg = bench.add_parser("phygenbench", help="PhyGenBench: generate, aggregate PhyGenEval scores")
+    pcmd = pg.add_subparsers(dest="phygenbench_command", metavar="ACTION", required=True)
+    pgen = pcmd.add_parser("generate", help="160 prompts, seed 42, PhyGenEval's file layout")
+    _add_generation_args(pgen)
+    pgen.add_argument("--model-name", default="dit-mem", help="PhyVideos/<model-name>/ folder")
+    pgen.set_defaults(func=_phygen_generate)
+    psc = pcmd.add_parser("score", help="PhyGenEval stage scores -> category and overall")
+    psc.add_argument("--results", required=True, type=Path, help="PhyGenEval result JSON list")
+    psc.add_argument("--run", type=Path, help="also write RUN/phygenbench/scores.json")
+    psc.add_argument("--out", type=Path, help="write the summary JSON here")
+    psc.set_defaults(func=_phygen_score)
+
+    cmp_ = bench.add_parser("compare", help="table (Markdown, CSV) and bar chart of runs")
+    cmp_.add_argument("runs", nargs="+", help="run folders, optionally as label=path")
+    cmp_.add_argument("--out", type=Path, default=Path("comparison"), help="output folder")
+    cmp_.set_defaults(func=_compare)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def _vbench_root(run: Path, full: bool) -> Path:
+    return run / ("vbench_full" if full else "vbench")
+
+
+def _generate(args: argparse.Namespace, jobs, root: Path, benchmark: str) -> int:
+    from dit_mem.evaluation.generation import missing_videos, run_generation
+    from dit_mem.evaluation.jobs import filter_jobs
+
+    jobs = filter_jobs(jobs, prompt_filter=args.prompt_filter, limit=args.limit, shard=args.shard)
+    if not jobs:
+        raise ValueError("no video selected (check --prompt-filter/--limit/--shard)")
+    todo = missing_videos(jobs, root)
+    print(f"{benchmark}: {len(jobs)} videos selected, {len(todo)} not on disk yet, under {root}")
+    try:
+        generator = make_generator(args)
+    except NotImplementedError as e:
+        print(f"dit-mem eval: {e}")
+        return 2
+    report = run_generation(
+        jobs,
+        generator,
+        root,
+        benchmark=benchmark,
+        fps=B.FPS,
+        expected_frames=args.frames,
+        progress=not args.no_progress,
+    )
+    print(report.summary())
+    return 0
+
+
+def _vbench_generate(args: argparse.Namespace) -> int:
+    from dit_mem.evaluation.jobs import filter_jobs, plan_vbench
+
+    lists = B.vbench_prompt_lists(full=args.full, prompt_dir=args.prompt_dir)
+    jobs = filter_jobs(plan_vbench(lists), folders=args.folders)
+    root = _vbench_root(args.run, args.full) / "videos"
+    return _generate(args, jobs, root, "vbench-full" if args.full else "vbench")
+
+
+def _phygen_generate(args: argparse.Namespace) -> int:
+    from dit_mem.evaluation.jobs import plan_phygenbench
+
+    return _generate(
+        args, plan_phygenbench(args.model_name), args.run / "phygenbench", "phygenbench"
+    )
+
+
+# --------------------------------------------------------------------------- VBench scoring
+
+
+def _vbench_score(args: argparse.Namespace) -> int:
+    from dit_mem.evaluation import vbench_runner as R
+    from dit_mem.evaluation import vbench_scores as V
+    from dit_mem.evaluation.jobs import plan_vbench
+    from dit_mem.utils import write_json_atomic
+
+    base = _vbench_root(args.run, args.full)
+    videos, results = base / "videos", base / "results"
+    folders = list(args.folders or B.VBENCH_LISTS)
+    expected: dict[str, list[str]] = {f: [] for f in folders}
+    for job in plan_vbench(full=args.full):
+        if job.folder in expected:
+            expected[job.folder].append(job.filename)
+
+    # 1. What is on disk: missing videos are reported, never scored.
+    missing: dict[str, int] = {}
+    for folder in folders:
+        names = (
+            {p.name for p in (videos / folder).glob("*.mp4")}
+            if (videos / folder).is_dir()
+            else set()
+        )
+        n_missing = len(set(expected[folder]) - names)
+        if n_missing:
+            missing[folder] = n_missing
+            print(f"{folder}: {n_missing} of {len(expected[folder])} videos missing")
+
+    # 2. Run vbench on the folders that are ready.
+    if not args.results_only:
+        env = args.vbench_env or R.default_env()
+        exe = R.vbench_executable(env)
+        if exe is None:
+            print(R.setup_hint(env))
+            return 2
+        local = args.load_ckpt_from_local or R.load_local_default()
+        for folder in folders:
+            dims = B.FOLDER_DIMENSIONS[folder]
+            if missing.get(folder) == len(expected[folder]):
+                print(f"{folder}: no videos, skipped ({', '.join(dims)} stay missing)")
+                continue
+            if folder in missing and not args.allow_incomplete:
+                print(f"{folder}: incomplete, skipped (use --allow-incomplete to score it anyway)")
+                continue
+            have = V.collect_results(results / folder)
+            if not args.rerun and all(d in have for d in dims):
+                print(f"{folder}: results present, skipped (use --rerun)")
+                continue
+            R.run_folder(exe, videos / folder, results / folder, dims, local)
+
+    # 3. Aggregate whatever results exist.
+    found = V.collect_results(results)
+    summary = V.aggregate({d: r.mean for d, r in found.items()})
+    print(V.format_summary(summary))
+    out = base / "scores.json"
+    write_json_atomic(out, summary.to_dict() | {"missing_videos": missing})
+    print(f"wrote {out}")
+    return 0
+
+
+def _vbench_flicker(args: argparse.Namespace) -> int:
+    from dit_mem.evaluation.flicker import UNFILTERED_DIMENSION, UNFILTERED_LABEL, flicker_folder
+    from dit_mem.evaluation.jobs import plan_vbench
+
+    expected = None
+    if args.videos is not None:
+        folder, out = args.videos, args.out
+    elif args.run is not None:
+        base = _vbench_root(args.run, args.full)
+        folder = base / "videos" / "temporal_flickering"
+        out = args.out or (
+            base / "results" / "temporal_flickering" / f"{UNFILTERED_DIMENSION}_eval_results.json"
+        )
+        expected = [
+            j.filename for j in plan_vbench(full=args.full) if j.folder == "temporal_flickering"
+        ]
+    else:
+        raise ValueError("give --run RUN or --videos FOLDER")
+    result = flicker_folder(folder, out=out, expected=expected)
+    mean, per_video = result[UNFILTERED_DIMENSION]
+    score = "—" if mean is None else f"{100 * mean:.2f}%"
+    print(f"{UNFILTERED_LABEL}: {score} over {len(per_video)} videos in {folder}")
+    if result["missing_videos"]:
+        print(f"missing videos: {len(result['missing_videos'])}")
+    if result["unreadable_videos"]:
+        print(f"unreadable videos: {len(result['unreadable_videos'])}")
+    if out is not None:
+        print(f"wrote {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- PhyGenBench
+
+
+def _phygen_score(args: argparse.Namespace) -> int:
+    from dit_mem.evaluation import phygenbench_scores as P
+    from dit_mem.utils import write_json_atomic
+
+    summary = P.aggregate(P.load_results(args.results))
+    print(P.format_summary(summary))
+    data = summary.to_dict() | {"source": str(args.results)}
+    for out in (args.out, args.run / "phygenbench" / "scores.json" if args.run else None):
+        if out is not None:
+            write_json_atomic(out, data)
+            print(f"wrote {out}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from dit_mem.evaluation.compare import compare, load_run, parse_run_arg
+
+    runs = []
+    for arg in args.runs:
+        label, path = parse_run_arg(arg)
+        runs.append(load_run(path, label))
+    print(compare(runs, args.out))
+    print(f"wrote {args.out}/compare.md, compare.csv, compare.png")
+    return 0

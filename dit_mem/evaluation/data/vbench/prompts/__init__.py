@@ -1,0 +1,1 @@
+"""Benchmark data shipped with the package (see dit_mem/evaluation/benchmarks.py)."""
