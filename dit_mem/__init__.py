@@ -16,6 +16,8 @@ _EXPORTS: dict[str, str] = {
     "MemoryEncoder": "dit_mem.memory",
     "MemoryEncoderConfig": "dit_mem.memory",
     "MemoryTokens": "dit_mem.memory",
+    "attach_memory": "dit_mem.backbone",
+    "detach_memory": "dit_mem.backbone",
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]

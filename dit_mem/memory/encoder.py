@@ -88,6 +88,15 @@ PRESETS: dict[str, MemoryEncoderConfig] = {
     # Latent shapes are those of a 480×832, 81-frame memory bank.
     "wan2.2-ti2v-5b": MemoryEncoderConfig(in_channels=48, dim=3072, latent_shape=(21, 30, 52)),
     "wan2.2-a14b": MemoryEncoderConfig(dim=5120),
+    # For tests and the offline demo: latents [16, 5, 8, 8] (17 frames at 64×64), a DiT of width 32.
+    "tiny": MemoryEncoderConfig(
+        conv_channels=(8, 16),
+        kernel_sizes=(3, 3),
+        strides=(1, 1),
+        dim=32,
+        num_heads=2,
+        latent_shape=(5, 8, 8),
+    ),
 }
 
 
