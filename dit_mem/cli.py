@@ -15,7 +15,15 @@ from dit_mem import __version__
 from dit_mem.utils.logging import setup_logging
 
 # Modules under dit_mem.commands, in the order their subcommands are listed in --help.
-COMMAND_MODULES: tuple[str, ...] = ("encoder",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "demo",
+    "generate",
+    "encoder",
+    "evaluate",
+    "retrieval",
+    "latents",
+    "token_cache",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

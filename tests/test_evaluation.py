@@ -394,9 +394,3 @@ def test_generation_loop_names_seeds_and_resume(tmp_path):
             expected_frames=5,
             progress=False,
         )
-
-
-def test_generate_command_says_pipeline_not_wired(tmp_path, capsys):
-    rc = main(["eval", "vbench", "generate", "--run", str(tmp_path), "--limit", "1"])
-    assert rc == 2
-    assert "not wired yet" in capsys.readouterr().out

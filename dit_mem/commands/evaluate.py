@@ -20,17 +20,23 @@ from dit_mem.evaluation import benchmarks as B
 
 
 def make_generator(args: argparse.Namespace):
-    """Build the video generator the ``generate`` subcommands use, from the parsed arguments.
+    """The generator the ``generate`` subcommands use: ``dit_mem.generation.load_generator``.
 
-    Must return an object satisfying ``dit_mem.evaluation.generation.VideoGenerator``:
-    ``gen(prompt, seed) -> uint8 [F, H, W, 3]`` and ``gen.metadata`` (a JSON-able dict of the
-    settings: base model, encoder, k, steps, cfg, shift, strength, no_memory, size, ...).
+    Settings come from ``--config`` YAML and ``KEY=VALUE`` overrides of ``GenerationConfig``
+    (the same keys as ``dit-mem generate``); ``--no-memory`` is the baseline. The returned object
+    satisfies ``VideoGenerator``: ``gen(prompt, seed) -> uint8 [F, H, W, 3]`` and ``gen.metadata``.
     """
-    raise NotImplementedError(
-        "generation pipeline not wired yet: dit_mem.commands.evaluate.make_generator must build "
-        "a generator from the pipeline (base model "
-        f"{args.base_model!r}, encoder {args.encoder!r}, no_memory={args.no_memory})"
-    )
+    from dit_mem.config import load_config
+    from dit_mem.generation import GenerationConfig, load_generator
+
+    return load_generator(generation_config(args, GenerationConfig, load_config))
+
+
+def generation_config(args: argparse.Namespace, cls, load):
+    overrides = list(args.overrides) + ["progress=false"]
+    if args.no_memory:
+        overrides.append("no_memory=true")
+    return load(cls, args.config, overrides)
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -47,22 +53,18 @@ def _shard(text: str) -> tuple[int, int]:
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, type=Path, help="run folder (created if needed)")
-    g = p.add_argument_group("model (SPEC §6 defaults)")
-    g.add_argument("--base-model", help="Wan2.1 base model folder (diffusers or release layout)")
-    g.add_argument("--encoder", help="memory encoder folder (save_pretrained layout)")
-    g.add_argument("--index", help="memory bank index folder (dit-mem build-index)")
-    g.add_argument("--latents", help="memory bank latent folder")
-    g.add_argument("--tokens", help="memory token cache folder (used instead of latents)")
-    g.add_argument("-k", "--top-k", dest="k", type=int, default=5, help="memory videos (5)")
-    g.add_argument("--steps", type=int, default=40, help="denoising steps (40)")
-    g.add_argument("--cfg-scale", type=float, default=5.0, help="guidance scale (5.0)")
-    g.add_argument("--flow-shift", type=float, default=5.0, help="flow-matching shift (5.0)")
-    g.add_argument("--strength", type=float, default=1.0, help="memory strength λ (1.0 = paper)")
+    g = p.add_argument_group(
+        "model: GenerationConfig keys, as for `dit-mem generate` (SPEC §6 defaults)"
+    )
+    g.add_argument("--config", type=Path, help="YAML file of GenerationConfig keys")
     g.add_argument("--no-memory", action="store_true", help="baseline: the plain base model")
-    g.add_argument("--height", type=int, default=B.HEIGHT)
-    g.add_argument("--width", type=int, default=B.WIDTH)
-    g.add_argument("--frames", type=int, default=B.NUM_FRAMES)
-    g.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    g.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="e.g. base_model=model/Wan2.1-T2V-1.3B encoder=checkpoint/dit-mem index=memory_index "
+        "latents=latent k=5 steps=40",
+    )
     s = p.add_argument_group("subset (smoke tests, several GPUs)")
     s.add_argument("--prompt-filter", help="only prompts containing this text")
     s.add_argument("--limit", type=int, help="only the first N videos (after other filters)")
@@ -150,18 +152,14 @@ def _generate(args: argparse.Namespace, jobs, root: Path, benchmark: str) -> int
         raise ValueError("no video selected (check --prompt-filter/--limit/--shard)")
     todo = missing_videos(jobs, root)
     print(f"{benchmark}: {len(jobs)} videos selected, {len(todo)} not on disk yet, under {root}")
-    try:
-        generator = make_generator(args)
-    except NotImplementedError as e:
-        print(f"dit-mem eval: {e}")
-        return 2
+    generator = make_generator(args)
     report = run_generation(
         jobs,
         generator,
         root,
         benchmark=benchmark,
         fps=B.FPS,
-        expected_frames=args.frames,
+        expected_frames=generator.cfg.num_frames,
         progress=not args.no_progress,
     )
     print(report.summary())

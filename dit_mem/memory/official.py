@@ -132,5 +132,5 @@ def load_official_checkpoint(
         logger.info("ignored %d unused tensors of the release (e.g. %s)", len(skipped), skipped[0])
     model.load_state_dict(tensors, strict=False)  # the only keys left out are the BN stats
     if torch_dtype is not None:
-        model = model.to(torch_dtype)
+        model = torch.nn.Module.to(model, torch_dtype)  # skips ModelMixin's spurious warning
     return model.eval()

@@ -4,7 +4,7 @@
 #   bash evaluation/phygenbench/generate.sh RUN_DIR [--model-name NAME] [generate options...]
 # Example:
 #   bash evaluation/phygenbench/generate.sh runs/mem --model-name dit-mem \
-#       --base-model model/Wan2.1-T2V-1.3B --encoder checkpoint/dit-mem-1.3b --index memory_index --tokens tokens
+#       base_model=model/Wan2.1-T2V-1.3B encoder=checkpoint/dit-mem-1.3b index=memory_index tokens=tokens
 set -euo pipefail
 if [[ $# -lt 1 ]]; then
   sed -n '2,8p' "$0"; exit 2

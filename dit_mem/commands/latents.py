@@ -1,0 +1,66 @@
+"""``dit-mem encode-latents``: videos → normalised Wan-VAE latents (one file per video).
+
+Multi-GPU: ``accelerate launch --num_processes 8 -m dit_mem.cli encode-latents ...``;
+process i encodes rows i::n. Re-running resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "encode-latents",
+        help="decode videos and encode them with the Wan VAE into bf16 latents (resumable)",
+    )
+    p.add_argument("--csv", required=True, help="video table (column video or video_path)")
+    p.add_argument(
+        "--videos",
+        default=None,
+        help="folder the CSV's relative paths start from (default: the CSV's folder)",
+    )
+    p.add_argument("--out", default="latent", help="latent folder (default: latent)")
+    p.add_argument(
+        "--base-model",
+        required=True,
+        help="Wan diffusers folder (vae/), a VAE folder, or Wan2.1_VAE.pth",
+    )
+    p.add_argument("--num-frames", type=int, default=81, help="frames per video (4k+1, default 81)")
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument(
+        "--resize",
+        choices=("stretch", "crop"),
+        default="stretch",
+        help="stretch to H×W (paper) or aspect-preserving resize + center crop",
+    )
+    p.add_argument("--backend", choices=("pyav", "decord"), default="pyav", help="video decoder")
+    p.add_argument("--vae-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--num-workers", type=int, default=2, help="decoding workers per process")
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows (smoke runs)")
+    p.set_defaults(func=_encode)
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dit_mem.data import LatentJobConfig, encode_latents
+
+    cfg = LatentJobConfig(
+        csv=Path(args.csv),
+        out=Path(args.out),
+        base_model=Path(args.base_model),
+        videos=Path(args.videos) if args.videos else None,
+        num_frames=args.num_frames,
+        height=args.height,
+        width=args.width,
+        resize=args.resize,
+        backend=args.backend,
+        vae_dtype=args.vae_dtype,
+        num_workers=args.num_workers,
+        limit=args.limit,
+    )
+    s = encode_latents(cfg)
+    print(f"encoded {s.ok}, skipped {s.skipped} (already done), failed {s.failed}")
+    return 0

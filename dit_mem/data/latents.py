@@ -1,0 +1,387 @@
+"""Memory-bank latents: the ``encode-latents`` job and the ``LatentStore`` that reads them.
+
+Layout of a latent folder (one file per video: a killed or re-sharded run resumes by file
+existence alone, and a reader opens exactly the N files it needs):
+
+    latent/
+      manifest.json            settings (frames, size, resize, VAE stats, normalisation, shape)
+      <id>.safetensors         tensor ``latent`` bf16 [C, T, H, W], e.g. [16, 21, 60, 104]
+      failures.jsonl           one JSON line per video that could not be encoded (appended)
+
+Latents are normalised, ``(mode(z) - latents_mean) / latents_std``: what the Wan DiT (and
+therefore the memory encoder) consumes; the manifest records it.
+
+The job shards rows across ``accelerate`` processes (process i of n takes rows i::n), skips
+ids whose file exists, writes every file atomically, and logs a corrupt or missing video to
+``failures.jsonl`` instead of stopping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dit_mem.data.table import read_video_table
+from dit_mem.utils import get_logger, write_json_atomic, write_safetensors_atomic
+from dit_mem.utils.io import TMP_PREFIX
+
+log = get_logger(__name__)
+
+MANIFEST = "manifest.json"
+FAILURES = "failures.jsonl"
+LATENT_KEY = "latent"
+FORMAT = "dit-mem-latents/1"
+# Settings that must agree between a folder's manifest and a run that adds to it.
+_COMPARED = (
+    "num_frames",
+    "height",
+    "width",
+    "resize",
+    "normalized",
+    "latent_shape",
+    "latents_mean",
+    "latents_std",
+    "distribution",
+)
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------
+class LatentStore:
+    """Read access to a latent folder written by ``dit-mem encode-latents``.
+
+    >>> store = LatentStore("latent/")
+    >>> x = store.load(["vid_a", "vid_b"])   # [1, N, C, T, H, W] bf16, ready for MemoryEncoder
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        manifest = self.root / MANIFEST
+        if not manifest.is_file():
+            raise FileNotFoundError(
+                f"{manifest} not found: {self.root} is not a latent folder written by "
+                "`dit-mem encode-latents` (the manifest says how latents were normalised)"
+            )
+        self.manifest: dict = json.loads(manifest.read_text())
+
+    def path(self, vid: str) -> Path:
+        return self.root / f"{vid}.safetensors"
+
+    def __contains__(self, vid: str) -> bool:
+        return self.path(vid).is_file()
+
+    def ids(self) -> list[str]:
+        """Sorted ids of every complete latent in the folder."""
+        return sorted(
+            p.name[: -len(".safetensors")]
+            for p in self.root.glob("*.safetensors")
+            if not p.name.startswith(TMP_PREFIX)
+        )
+
+    def load_one(self, vid: str, dtype: torch.dtype | None = torch.bfloat16) -> torch.Tensor:
+        """One latent ``[C, T, H, W]`` (stored bf16; cast to ``dtype`` unless None)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = self.path(vid)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no latent for id {vid!r} in {self.root} ({path.name} missing)"
+            )
+        try:
+            x = load_file(str(path))[LATENT_KEY]
+        except (SafetensorError, KeyError, OSError) as e:
+            raise ValueError(f"{path}: unreadable latent file ({e})") from e
+        return x if dtype is None else x.to(dtype)
+
+    def load(
+        self,
+        ids: list[str],
+        dtype: torch.dtype | None = torch.bfloat16,
+        device: str | torch.device | None = None,
+    ) -> torch.Tensor:
+        """Latents of ``ids`` stacked as ``[1, N, C, T, H, W]`` (the memory encoder's input)."""
+        if not ids:
+            raise ValueError("LatentStore.load needs at least one id")
+        xs = [self.load_one(v, dtype) for v in ids]
+        shapes = {tuple(x.shape) for x in xs}
+        if len(shapes) > 1:
+            raise ValueError(f"latents of {ids} in {self.root} have different shapes: {shapes}")
+        out = torch.stack(xs)[None]
+        return out if device is None else out.to(device)
+
+    def load_batch(self, batch: list[list[str]], **kw) -> torch.Tensor:
+        """``[B, N, C, T, H, W]`` for B lists of N ids each."""
+        return torch.cat([self.load(ids, **kw) for ids in batch])
+
+
+# --------------------------------------------------------------------------------------
+# The encoding job
+# --------------------------------------------------------------------------------------
+@dataclass
+class LatentJobConfig:
+    """Settings of ``dit-mem encode-latents`` (defaults: the paper, SPEC §2)."""
+
+    csv: Path
+    out: Path
+    base_model: Path
+    videos: Path | None = None  # root of relative paths in the CSV; default: the CSV's folder
+    num_frames: int = 81
+    height: int = 480
+    width: int = 832
+    resize: str = "stretch"  # "stretch" (paper) or "crop"
+    backend: str = "pyav"  # "pyav" or "decord"
+    vae_dtype: str = "float32"
+    num_workers: int = 2  # decoding processes per GPU process
+    limit: int | None = None  # only the first `limit` rows (smoke runs)
+
+    def __post_init__(self) -> None:
+        for name in ("num_frames", "height", "width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.height % 8 or self.width % 8:
+            raise ValueError(
+                f"height and width must be multiples of 8, got {self.height}×{self.width}"
+            )
+        if (self.num_frames - 1) % 4:
+            raise ValueError(
+                f"num_frames must be 4k+1 for the Wan VAE (e.g. 81), got {self.num_frames}"
+            )
+        if self.resize not in ("stretch", "crop"):
+            raise ValueError(f"resize must be 'stretch' or 'crop', got {self.resize!r}")
+        if self.backend not in ("pyav", "decord"):
+            raise ValueError(f"backend must be 'pyav' or 'decord', got {self.backend!r}")
+        if self.vae_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"vae_dtype must be float32, bfloat16 or float16, got {self.vae_dtype!r}"
+            )
+
+
+@dataclass
+class JobSummary:
+    ok: int = 0
+    skipped: int = 0
+    failed: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def _manifest_for(cfg: LatentJobConfig, vae) -> dict:
+    from dit_mem.data.vae import latent_stats
+
+    mean, std = latent_stats(vae)
+    vc = vae.config
+    t_scale = getattr(vc, "scale_factor_temporal", None) or 4
+    s_scale = getattr(vc, "scale_factor_spatial", None) or 8
+    shape = [
+        vc.z_dim,
+        (cfg.num_frames - 1) // t_scale + 1,
+        cfg.height // s_scale,
+        cfg.width // s_scale,
+    ]
+    return {
+        "format": FORMAT,
+        "layout": "<id>.safetensors holding tensor 'latent' [C, T, H, W]",
+        "dtype": "bfloat16",
+        "latent_shape": shape,
+        "num_frames": cfg.num_frames,
+        "height": cfg.height,
+        "width": cfg.width,
+        "resize": cfg.resize,
+        "frame_sampling": "floor(linspace(0, n-1, F)); shorter clips repeat the last frame",
+        "pixel_range": [-1.0, 1.0],
+        "distribution": "mode",
+        "normalized": True,
+        "normalization": "(z - latents_mean) / latents_std",
+        "latents_mean": [round(float(v), 6) for v in mean],
+        "latents_std": [round(float(v), 6) for v in std],
+        "vae": str(cfg.base_model),
+        "vae_dtype": cfg.vae_dtype,
+    }
+
+
+def _check_or_write_manifest(out: Path, manifest: dict, is_main: bool) -> None:
+    path = out / MANIFEST
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [k for k in _COMPARED if old.get(k) != manifest.get(k)]
+        if diff:
+            details = "; ".join(
+                f"{k}: folder {old.get(k)!r} vs run {manifest.get(k)!r}" for k in diff
+            )
+            raise ValueError(
+                f"{out} already holds latents made with other settings ({details}); "
+                "use another --out folder"
+            )
+    elif is_main:
+        write_json_atomic(path, manifest)
+
+
+def _remove_stale_tmp(out: Path) -> int:
+    """Delete temporary files a killed run left behind (never a final file)."""
+    n = 0
+    for p in out.glob(f"{TMP_PREFIX}*"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def append_failure(path: Path, record: dict) -> None:
+    """Append one JSON line; a single O_APPEND write, so concurrent processes never interleave."""
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def process_state():
+    """This process's ``accelerate.PartialState`` (rank, world size, device).
+
+    Without CUDA the state is built with ``cpu=True`` so that a CPU multi-process launch
+    (``torchrun`` / ``accelerate launch --cpu``) still shards the work.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+class _VideoDataset(torch.utils.data.Dataset):
+    """Decodes rows in worker processes; a bad video becomes an error record, not an exception."""
+
+    def __init__(self, rows: list[dict], root: Path, cfg: LatentJobConfig):
+        self.rows, self.root, self.cfg = rows, root, cfg
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        from dit_mem.data.video import VideoDecodeError, load_video
+
+        row = self.rows[i]
+        path = Path(row["video"])
+        path = path if path.is_absolute() else self.root / path
+        item = {"id": row["id"], "video": str(path)}
+        try:
+            item["frames"] = load_video(
+                path,
+                self.cfg.num_frames,
+                self.cfg.height,
+                self.cfg.width,
+                resize=self.cfg.resize,  # type: ignore[arg-type]
+                backend=self.cfg.backend,  # type: ignore[arg-type]
+            )
+        except VideoDecodeError as e:
+            item["error"] = str(e)
+        except Exception as e:  # anything else about one video must not stop the run
+            item["error"] = f"{path}: cannot load video ({type(e).__name__}: {e})"
+        return item
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def encode_latents(cfg: LatentJobConfig, vae=None) -> JobSummary:
+    """Run the latent job for this process's shard; returns its counts.
+
+    ``vae`` may be passed in (tests); otherwise it is loaded from ``cfg.base_model`` onto this
+    process's accelerator. Safe to re-run: complete files are skipped.
+    """
+    from tqdm.auto import tqdm
+
+    from dit_mem.data.vae import encode_frames, load_wan_vae
+
+    state = process_state()
+    table = read_video_table(cfg.csv, require_caption=False)
+    if cfg.limit is not None:
+        table = table.head(cfg.limit)
+    root = Path(cfg.videos) if cfg.videos is not None else Path(cfg.csv).parent
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if vae is None:
+        vae = load_wan_vae(cfg.base_model, dtype=getattr(torch, cfg.vae_dtype), device=state.device)
+    manifest = _manifest_for(cfg, vae)
+    if state.is_main_process:
+        stale = _remove_stale_tmp(out)
+        if stale:
+            log.info("removed %d temporary file(s) left by an interrupted run", stale)
+    _check_or_write_manifest(out, manifest, state.is_main_process)
+    state.wait_for_everyone()
+
+    rows = table[["id", "video"]].to_dict("records")[state.process_index :: state.num_processes]
+    todo = [r for r in rows if not (out / f"{r['id']}.safetensors").is_file()]
+    summary = JobSummary(skipped=len(rows) - len(todo))
+    log.info(
+        "process %d/%d: %d videos, %d already done, %d to encode",
+        state.process_index,
+        state.num_processes,
+        len(rows),
+        summary.skipped,
+        len(todo),
+    )
+    loader = torch.utils.data.DataLoader(
+        _VideoDataset(todo, root, cfg),
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        worker_init_fn=_worker_init if cfg.num_workers else None,
+        prefetch_factor=2 if cfg.num_workers else None,
+    )
+    failures = out / FAILURES
+    bar = tqdm(
+        total=len(rows),
+        initial=summary.skipped,
+        desc=f"latents[{state.process_index}]",
+        position=state.process_index,
+        unit="video",
+        dynamic_ncols=True,
+    )
+    bar.set_postfix(ok=0, skip=summary.skipped, fail=0)
+    for item in loader:
+        error = item.get("error")
+        if error is None:
+            try:
+                z = encode_frames(vae, item["frames"][None])[0]
+                write_safetensors_atomic(
+                    out / f"{item['id']}.safetensors",
+                    {LATENT_KEY: z.to(torch.bfloat16).cpu()},
+                    metadata={"id": item["id"], "video": item["video"]},
+                )
+                summary.ok += 1
+            except (RuntimeError, ValueError, OSError) as e:  # e.g. out of memory on one video
+                error = f"{item['video']}: encoding failed ({type(e).__name__}: {e})"
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        if error is not None:
+            summary.failed += 1
+            summary.failures.append(item["id"])
+            log.warning("skipping %s: %s", item["id"], error)
+            append_failure(
+                failures,
+                {
+                    "id": item["id"],
+                    "video": item["video"],
+                    "error": error,
+                    "process": state.process_index,
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                },
+            )
+        bar.update(1)
+        bar.set_postfix(ok=summary.ok, skip=summary.skipped, fail=summary.failed)
+    bar.close()
+    log.info(
+        "process %d: %d encoded, %d skipped (already done), %d failed%s",
+        state.process_index,
+        summary.ok,
+        summary.skipped,
+        summary.failed,
+        f" (see {failures})" if summary.failed else "",
+    )
+    return summary

@@ -1,0 +1,77 @@
+"""What a generation leaves on disk: the mp4, a JSON sidecar, and a contact sheet PNG.
+
+The contact sheet has one row of frames per retrieved memory video (retrieval order), then
+a row for the generated video, each labelled, so a reader sees at a glance what memory the
+model was given and what it made of it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from dit_mem.evaluation.video_io import write_mp4
+from dit_mem.utils.io import atomic_path, write_json_atomic
+
+
+def slugify(text: str, max_len: int = 80) -> str:
+    """A file-name-safe version of a prompt."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+    return slug[:max_len] or "video"
+
+
+def _pick(frames: np.ndarray, n: int) -> np.ndarray:
+    idx = np.linspace(0, len(frames) - 1, n).round().astype(int)
+    return frames[idx]
+
+
+def contact_sheet(
+    rows: list[tuple[str, np.ndarray]], path: str | Path, columns: int = 6, cell: int = 128
+) -> Path:
+    """Write rows of ``columns`` frames (each ``[F, H, W, 3]`` uint8) with a label above each row."""
+    if not rows:
+        raise ValueError("contact sheet needs at least one row")
+    label_h, pad = 16, 4
+    first = rows[0][1]
+    aspect = first.shape[2] / first.shape[1]
+    cw, ch = int(cell * aspect), cell
+    sheet = Image.new(
+        "RGB", (pad + columns * (cw + pad), pad + len(rows) * (ch + label_h + pad)), (24, 24, 24)
+    )
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, frames) in enumerate(rows):
+        y = pad + r * (ch + label_h + pad)
+        draw.text((pad, y + 2), label[:160], fill=(235, 235, 235))
+        for c, frame in enumerate(_pick(np.asarray(frames), columns)):
+            tile = Image.fromarray(frame).resize((cw, ch), Image.Resampling.BILINEAR)
+            sheet.paste(tile, (pad + c * (cw + pad), y + label_h))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+    return path
+
+
+def save_generation(
+    result, out_dir: str | Path, name: str, memory_frames: list[np.ndarray] | None = None
+) -> dict[str, Path]:
+    """Write ``name.mp4``, ``name.json`` and ``name.png`` for a ``GenerationResult``."""
+    out_dir = Path(out_dir)
+    paths = {
+        "video": out_dir / f"{name}.mp4",
+        "json": out_dir / f"{name}.json",
+        "sheet": out_dir / f"{name}.png",
+    }
+    write_mp4(paths["video"], result.frames, fps=result.settings.get("fps", 16))
+    write_json_atomic(paths["json"], result.sidecar())
+    rows = []
+    for i, frames in enumerate(memory_frames or []):
+        vid = result.retrieved.ids[i]
+        cap = result.retrieved.captions[i]
+        rows.append((f"memory {i + 1}: {vid} - {cap}", frames))
+    mode = "no memory" if result.settings.get("no_memory") else "with memory"
+    rows.append((f"generated ({mode}), seed {result.seed}: {result.prompt}", result.frames))
+    contact_sheet(rows, paths["sheet"])
+    return paths

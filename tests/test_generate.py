@@ -1,0 +1,164 @@
+"""End to end on tiny random models: demo, `dit-mem generate`, benchmark layouts, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dit_mem.cli import main
+from dit_mem.config import load_config
+from dit_mem.generation import GenerationConfig, load_generator
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    from dit_mem.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    run_demo(out, k=2, steps=2)
+    return out
+
+
+def tiny_overrides(demo: Path, **extra) -> list[str]:
+    kv = {
+        "base_model": demo / "model",
+        "encoder": demo / "encoder",
+        "index": demo / "memory_index",
+        "latents": demo / "latent",
+        "height": 64,
+        "width": 64,
+        "num_frames": 17,
+        "steps": 2,
+        "dtype": "float32",
+        "device": "cpu",
+        "progress": "false",
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in kv.items()]
+
+
+def test_demo_writes_video_sidecar_and_contact_sheet(demo):
+    stem = demo / "a_red_circle_moving_right"
+    sidecar = json.loads(stem.with_suffix(".json").read_text())
+    assert [r["rank"] for r in sidecar["retrieved"]] == [1, 2]
+    assert sidecar["retrieved"][0]["caption"] == "a red circle moving right"
+    assert sidecar["settings"]["no_memory"] is False and sidecar["settings"]["k"] == 2
+    assert stem.with_suffix(".png").stat().st_size > 1000
+    from dit_mem.evaluation.video_io import read_video
+
+    frames = read_video(stem.with_suffix(".mp4"))
+    assert frames.shape == (17, 64, 64, 3)
+
+
+def test_generate_csv_is_resumable(demo, tmp_path, capsys):
+    csv = tmp_path / "prompts.csv"
+    csv.write_text(
+        "prompt,filename,seed\na blue square moving left,blue.mp4,3\na green circle moving up,,\n"
+    )
+    out = tmp_path / "out"
+    args = ["generate", "--csv", str(csv), "--out", str(out), *tiny_overrides(demo, k=3)]
+    assert main(args) == 0
+    assert (out / "blue.mp4").is_file() and (out / "0001_a_green_circle_moving_up.mp4").is_file()
+    assert json.loads((out / "blue.json").read_text())["seed"] == 3
+    assert len(json.loads((out / "blue.json").read_text())["retrieved"]) == 3
+    assert (out / "generate_config.yaml").is_file()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "2 already done, 0 to generate" in capsys.readouterr().out
+
+
+def test_memory_changes_output_and_no_memory_is_explicit(demo):
+    cfg = load_config(GenerationConfig, None, tiny_overrides(demo))
+    gen = load_generator(cfg)
+    with_mem = gen.generate("a red circle moving right", seed=1)
+    without = gen.generate("a red circle moving right", seed=1, no_memory=True)
+    assert with_mem.retrieved.ids and not without.retrieved.ids
+    assert not np.array_equal(with_mem.frames, without.frames)
+    again = gen("a red circle moving right", 1)  # VideoGenerator protocol
+    assert np.array_equal(again, with_mem.frames)
+
+
+def test_memory_from_token_cache_equals_memory_from_latents(demo, tmp_path):
+    from dit_mem.data import build_token_cache
+
+    cfg = load_config(GenerationConfig, None, tiny_overrides(demo))
+    gen = load_generator(cfg)
+    ids = gen.memory.retrieve("a red circle moving right", 2).ids
+    from_latents = gen.memory.memory_tokens(ids)
+    from dit_mem.memory import MemoryEncoder
+
+    build_token_cache(
+        MemoryEncoder.from_pretrained(demo / "encoder"),
+        demo / "latent",
+        tmp_path / "tokens",
+        num_workers=0,
+    )
+    cached = load_generator(
+        load_config(GenerationConfig, None, tiny_overrides(demo, tokens=tmp_path / "tokens"))
+    )
+    from_cache = cached.memory.memory_tokens(ids)
+    torch.testing.assert_close(from_cache.log_counts, from_latents.log_counts)
+    err = (from_cache.tokens - from_latents.tokens).norm() / from_latents.tokens.norm()
+    assert err < 1e-2  # the cache stores bf16
+
+
+def test_missing_bank_is_an_error_not_a_silent_fallback(demo, tmp_path):
+    cfg = load_config(GenerationConfig, None, tiny_overrides(demo, index=tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="not a complete index folder"):
+        load_generator(cfg)
+    cfg = load_config(GenerationConfig, None, tiny_overrides(demo, latents=tmp_path / "nolatents"))
+    with pytest.raises((FileNotFoundError, ValueError)):
+        load_generator(cfg).generate("a red circle moving right")
+    base_only = load_config(
+        GenerationConfig, None, tiny_overrides(demo, index="null", latents="null", no_memory="true")
+    )
+    assert load_generator(base_only).generate("a red circle").settings["no_memory"] is True
+
+
+def test_benchmark_layouts_through_the_real_pipeline(demo, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = tiny_overrides(demo)
+    assert (
+        main(
+            [
+                "eval",
+                "vbench",
+                "generate",
+                "--run",
+                str(run),
+                "--folders",
+                "temporal_flickering",
+                "--limit",
+                "2",
+                *common,
+            ]
+        )
+        == 0
+    )
+    videos = sorted((run / "vbench" / "videos" / "temporal_flickering").glob("*.mp4"))
+    assert len(videos) == 2 and all(v.name.endswith(("-0.mp4", "-1.mp4")) for v in videos)
+    assert main(["eval", "vbench", "flicker", "--run", str(run)]) == 0
+    assert "no static filter" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "eval",
+                "phygenbench",
+                "generate",
+                "--run",
+                str(run),
+                "--model-name",
+                "tiny",
+                "--limit",
+                "2",
+                *common,
+            ]
+        )
+        == 0
+    )
+    phy = run / "phygenbench" / "PhyVideos" / "tiny"
+    assert sorted(p.name for p in phy.glob("*.mp4")) == ["output_video_1.mp4", "output_video_2.mp4"]
