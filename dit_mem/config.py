@@ -119,6 +119,19 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{cls.__name__}: {e}") from None
 
 
+def _is_text(tp: Any) -> bool:
+    """A field whose command-line value is text: str, Path, a Literal of strings, or X | None."""
+    if tp is str or tp is Path:
+        return True
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return all(isinstance(a, str) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        return bool(members) and all(_is_text(a) for a in members)
+    return False
+
+
 def _set_path(data: dict[str, Any], cls: type, dotted: str, raw: str) -> None:
     parts = dotted.split(".")
     node, node_cls = data, cls
@@ -132,9 +145,11 @@ def _set_path(data: dict[str, Any], cls: type, dotted: str, raw: str) -> None:
         tp = _hints(node_cls)[part]
         if i == len(parts) - 1:
             node[part] = yaml.safe_load(raw) if raw != "" else ""
-            if tp is str or tp is Path or (typing.get_args(tp) and str in typing.get_args(tp)):
-                # keep strings verbatim ("1e-5" stays text for a str field, "null" is None)
-                node[part] = None if raw in ("null", "None", "~") else raw
+            if _is_text(tp):
+                # keep text verbatim ("1e-5" stays text for a str field, "no" for a Literal["no"]),
+                # "null" is None where None is allowed
+                allows_none = type(None) in typing.get_args(tp)
+                node[part] = None if allows_none and raw in ("null", "None", "~") else raw
             return
         if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"config key {'.'.join(parts[: i + 1])} is not a section")

@@ -26,6 +26,8 @@ class Cfg:
     bf16: bool = True
     out: Path = Path("runs")
     mode: Literal["both", "cond"] = "both"
+    precision: Literal["no", "bf16"] = "bf16"
+    extra: dict[str, int] = field(default_factory=dict)
     resume: str | None = None
     optim: Optim = field(default_factory=Optim)
 
@@ -40,6 +42,12 @@ def test_defaults_yaml_then_overrides(tmp_path):
     assert cfg.bf16 is False and cfg.resume == "latest" and cfg.mode == "cond"
     assert cfg.name == "1e-5"  # a str field keeps the text verbatim
     assert isinstance(cfg.out, Path)
+
+
+def test_literal_text_and_mappings_from_the_command_line():
+    cfg = load_config(Cfg, None, ["precision=no", "extra={a: 1, b: 2}", "resume=null"])
+    assert cfg.precision == "no"  # not YAML's boolean false
+    assert cfg.extra == {"a": 1, "b": 2} and cfg.resume is None
 
 
 def test_round_trip_through_saved_yaml(tmp_path):

@@ -1,0 +1,548 @@
+"""Train the memory encoder against a frozen Wan DiT (SPEC §5) with accelerate.
+
+    train(load_train_config("config/train_dit_mem.yaml", overrides), resume="latest")
+
+Stages:
+  1. run folder, resolved config, checkpoint to resume from
+  2. caches: retrieved memory per sample (CSV) and UMT5 caption embeddings (safetensors)
+  3. dataset (rows with missing latents skipped with a count)
+  4. frozen DiT with memory attached (eval, no grad, gradient checkpointing)
+  5. trainable memory encoder + AdamW, prepared by accelerate; resume
+  6. loop: encoder(memory latents) → DiT(x_t, t, text, memory) → weighted flow-matching loss;
+     checkpoints every ``checkpoint_every`` optimizer steps and at the end
+
+Randomness: the encoder is initialised from ``seed`` (identical on every process); timestep,
+noise and memory-order shuffling come from this process's own generator (seeded
+``seed · 1000 + rank``), dropout from torch's global RNG (seeded ``seed + rank``); both states
+go into every checkpoint, so a resumed run continues the exact same sequence.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dit_mem.config import ConfigError, save_config, to_dict
+from dit_mem.training import checkpoint as ckpt_io
+from dit_mem.training.config import TrainConfig
+from dit_mem.training.data import EpochPlan, TrainingSamples, collate
+from dit_mem.training.loss import FlowMatchingObjective
+from dit_mem.training.metrics import MetricsLogger
+from dit_mem.training.retrieval_cache import build_retrieval_cache, memory_ids_by_sample
+from dit_mem.training.text_cache import TextEmbeddingCache
+from dit_mem.utils import get_logger
+
+log = get_logger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_CPU_BF16_NOTE = (
+    ". On CPU, bf16 autocast runs Conv3d backward through oneDNN, which returned NaN weight "
+    "gradients here (torch 2.13): train on CPU with mixed_precision=no"
+)
+# Config keys a resumed run may change without changing what it computes.
+_RESUME_FREE = {
+    "max_steps",
+    "epochs",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "log_with",
+    "wandb_project",
+    "progress_bar",
+    "output_dir",
+}
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run did."""
+
+    run_dir: Path
+    step: int  # optimizer steps done in total
+    losses: list[float] = field(default_factory=list)  # per optimizer step, this invocation
+    skipped_rows: int = 0
+    last_checkpoint: Path | None = None
+
+
+# --------------------------------------------------------------------------------------
+# Pieces (also used by the tests)
+# --------------------------------------------------------------------------------------
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """No gradients, eval mode (no dropout, fixed statistics)."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def build_encoder(cfg: TrainConfig):
+    """The trainable encoder: from ``model.encoder_init`` or the preset (+ overrides)."""
+    from dit_mem.memory import MemoryEncoder
+
+    if cfg.model.encoder_init is not None:
+        if cfg.model.encoder_overrides:
+            raise ConfigError("set model.encoder_init or model.encoder_overrides, not both")
+        return MemoryEncoder.from_pretrained(str(cfg.model.encoder_init))
+    overrides = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model.encoder_overrides.items()
+    }
+    try:
+        return MemoryEncoder.from_preset(cfg.model.encoder_preset, **overrides)
+    except TypeError as e:
+        raise ConfigError(f"model.encoder_overrides: {e}") from None
+
+
+def load_frozen_transformer(base_dir: Path, dtype: torch.dtype):
+    """The base model's Wan transformer, frozen, with memory attached."""
+    from dit_mem.backbone import attach_memory, load_wan_components
+
+    parts = load_wan_components(base_dir, torch_dtype=dtype, components=("transformer",))
+    transformer = freeze(parts.transformer)
+    attach_memory(transformer)
+    return transformer
+
+
+def load_text_encoder(base_dir: Path, dtype: torch.dtype):
+    """The base model's tokenizer and UMT5 encoder, frozen."""
+    from dit_mem.backbone import load_wan_components
+
+    parts = load_wan_components(
+        base_dir, torch_dtype=dtype, components=("tokenizer", "text_encoder")
+    )
+    return parts.tokenizer, freeze(parts.text_encoder)
+
+
+def training_loss(
+    transformer,
+    encoder,
+    objective: FlowMatchingObjective,
+    batch: dict,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    memory_override=None,
+) -> torch.Tensor:
+    """One micro-batch: memory tokens, noised latents, DiT prediction, weighted loss.
+
+    The draws from ``generator`` are, in order: the memory-order permutation (inside the
+    encoder, training mode only), timestep indices ``[B]``, noise like ``x0``.
+    ``memory_override`` replaces the encoder's tokens (tests: dense form, or no memory).
+    """
+    device = next(transformer.parameters()).device
+    x0 = batch["x0"].to(device, torch.float32)
+    if memory_override is None:
+        memory = encoder(batch["memory"].to(device), generator=generator)
+    else:
+        memory = memory_override
+    index = objective.sample_indices(x0.shape[0], generator)
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device)
+    x_t, t, target = objective.prepare(x0, index, noise)
+    kwargs = None if memory is False else {"memory_tokens": memory.to(dtype)}
+    pred = transformer(
+        hidden_states=x_t.to(dtype),
+        timestep=t,
+        encoder_hidden_states=batch["text"].to(device, dtype),
+        attention_kwargs=kwargs,
+        return_dict=False,
+    )[0]
+    return objective.loss(pred, target, index)
+
+
+@torch.no_grad()
+def average_loss(
+    transformer,
+    encoder,
+    objective: FlowMatchingObjective,
+    dataset,
+    dtype: torch.dtype = torch.float32,
+    memory: bool = True,
+    draws: int = 4,
+    seed: int = 0,
+) -> float:
+    """Mean training loss over ``draws`` (timestep, noise) draws per sample, encoder in eval mode.
+
+    The draws depend only on ``seed``, so ``memory=True`` and ``memory=False`` see the same
+    noised inputs: the difference is what the memory contributes.
+    """
+    was_training = encoder.training
+    encoder.eval()
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(draws):
+        for i in range(len(dataset)):
+            batch = collate([dataset[i]])
+            override = None if memory else False
+            losses.append(
+                training_loss(
+                    transformer, encoder, objective, batch, generator, dtype, override
+                ).item()
+            )
+    encoder.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then constant."""
+    warm = cfg.optim.warmup_steps
+    return cfg.optim.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
+
+
+def _check_resume_config(cfg: TrainConfig, ckpt: ckpt_io.Checkpoint) -> None:
+    import yaml
+
+    path = ckpt.path / "config.yaml"
+    if not path.is_file():
+        return
+    old, new = yaml.safe_load(path.read_text()), to_dict(cfg)
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(
+                flat(v, f"{prefix}{k}.")
+                if isinstance(v, dict) and k != "encoder_overrides"
+                else {prefix + k: v}
+            )
+        return out
+
+    a, b = flat(old), flat(new)
+    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in _RESUME_FREE]
+    if changed:
+        log.warning(
+            "resuming %s with settings that differ from the checkpoint's: %s",
+            ckpt.path,
+            ", ".join(f"{k} ({a.get(k)!r} → {b.get(k)!r})" for k in changed),
+        )
+
+
+# --------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
+    """Run (or continue) training as ``cfg`` says; returns the run's summary."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    cfg.require_paths()
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+    )
+    rank, world, main = (
+        accelerator.process_index,
+        accelerator.num_processes,
+        accelerator.is_main_process,
+    )
+    device = accelerator.device
+    if device.type == "cpu" and cfg.mixed_precision == "bf16" and main:
+        log.warning("bf16 mixed precision on CPU: %s", _CPU_BF16_NOTE.removeprefix(". On CPU, "))
+    if not main:  # progress, metrics and INFO messages come from the main process only
+        logging.getLogger("dit_mem").setLevel(logging.WARNING)
+
+    # 1. run folder, config, resume point -------------------------------------------------
+    run_dir = Path(cfg.output_dir)
+    resume_ckpt = ckpt_io.resolve_resume(resume, run_dir) if resume is not None else None
+    if resume_ckpt is None and ckpt_io.latest_checkpoint(run_dir) is not None:
+        raise ValueError(
+            f"{run_dir} already has checkpoints; continue it with --resume latest, or set "
+            "output_dir to a new run folder"
+        )
+    if resume_ckpt is not None:
+        _check_resume_config(cfg, resume_ckpt)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_io.remove_stale_temporaries(run_dir)
+        save_config(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+
+    # 2. caches (the main process builds them, the others then read them) ------------------
+    ids, retrieval, text_cache = prepare_caches(cfg, accelerator)
+    dit_dtype = DTYPES[cfg.model.dit_dtype]
+
+    # 3. data ------------------------------------------------------------------------------
+    from dit_mem.data import LatentStore
+
+    encoder = _seeded(cfg.seed, build_encoder, cfg)
+    dataset = TrainingSamples(
+        ids,
+        memory_ids_by_sample(retrieval),
+        LatentStore(cfg.data.latent_dir),
+        text_cache,
+        k=cfg.data.k,
+        max_tokens=cfg.data.max_text_tokens,
+        channels=encoder.config.in_channels,
+    )
+    plan = EpochPlan(len(dataset), world, cfg.batch_size, cfg.gradient_accumulation_steps)
+    plan.check()
+    total_steps = plan.steps * cfg.epochs
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    # 4. frozen DiT ------------------------------------------------------------------------
+    transformer = load_frozen_transformer(cfg.model.base_model_dir, dit_dtype).to(device)
+    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    if encoder.config.dim != width:
+        raise ConfigError(
+            f"memory encoder width {encoder.config.dim} does not match the DiT's hidden size "
+            f"{width} (choose the encoder preset of this backbone)"
+        )
+    if cfg.model.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+
+    # 5. encoder, optimizer, resume ----------------------------------------------------------
+    encoder.train()
+    optimizer = torch.optim.AdamW(
+        encoder.parameters(),
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    encoder, optimizer = accelerator.prepare(encoder, optimizer)
+    objective = FlowMatchingObjective(cfg.loss.num_train_timesteps, cfg.loss.flow_shift)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    set_seed(cfg.seed + rank)  # dropout (global RNG), different per process
+    step = 0
+    if resume_ckpt is not None:
+        accelerator.load_state(str(resume_ckpt.accelerate_dir))
+        ckpt_io.load_rng_state(resume_ckpt.rng_file(rank), generator)
+        step = resume_ckpt.step
+        log.info("resumed from %s (step %d)", resume_ckpt.path, step)
+    result = TrainResult(
+        run_dir,
+        step,
+        skipped_rows=dataset.skipped.total,
+        last_checkpoint=resume_ckpt.path if resume_ckpt else None,
+    )
+    if main:
+        log.info(
+            "training %d samples (%d skipped) on %d process(es): %d steps/epoch, %d steps in all, "
+            "from step %d; %d trainable parameters",
+            len(dataset),
+            dataset.skipped.total,
+            world,
+            plan.steps,
+            total_steps,
+            step,
+            sum(p.numel() for p in encoder.parameters() if p.requires_grad),
+        )
+    metrics = MetricsLogger(
+        run_dir,
+        main,
+        cfg.loggers,
+        resume_step=step,
+        config=to_dict(cfg),
+        wandb_project=cfg.wandb_project,
+    )
+
+    # 6. loop ------------------------------------------------------------------------------
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=not (main and cfg.progress_bar),
+        dynamic_ncols=True,
+    )
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    cpu_bf16 = device.type == "cpu" and cfg.mixed_precision == "bf16"
+    try:
+        while step < total_steps:
+            epoch, done_in_epoch = divmod(step, plan.steps)
+            batches = plan.batches(cfg.seed, epoch, rank)[done_in_epoch * plan.accumulation :]
+            step_losses: list[torch.Tensor] = []
+            for indices in batches:
+                batch = collate([dataset[i] for i in indices])
+                with accelerator.accumulate(encoder):
+                    with accelerator.autocast():
+                        loss = training_loss(
+                            transformer, encoder, objective, batch, generator, dit_dtype
+                        )
+                    accelerator.backward(loss)
+                    step_losses.append(loss.detach())
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(
+                            params, cfg.optim.max_grad_norm or math.inf
+                        )
+                        _check_finite(grad_norm, loss, step + 1, cpu_bf16)
+                        lr = _lr_at(cfg, step)
+                        for group in optimizer.param_groups:
+                            group["lr"] = lr
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                mean_loss = accelerator.gather(torch.stack(step_losses).mean()[None]).mean().item()
+                step_losses = []
+                result.losses.append(mean_loss)
+                result.step = step
+                bar.update(1)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
+                if step % cfg.log_every == 0 or step == total_steps:
+                    metrics.log(step, epoch, mean_loss, lr, float(grad_norm))
+                if step % cfg.checkpoint_every == 0 or step == total_steps:
+                    result.last_checkpoint = save_checkpoint(
+                        accelerator, encoder, generator, cfg, step, epoch
+                    )
+                if step >= total_steps:
+                    break
+    finally:
+        bar.close()
+        metrics.close()
+    _check_ranks_agree(accelerator, encoder, run_dir)
+    if main:
+        _write_final_encoder(accelerator.unwrap_model(encoder), run_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def _check_finite(grad_norm, loss: torch.Tensor, step: int, cpu_bf16: bool) -> None:
+    """Stop (before the optimizer step) on a NaN/inf gradient instead of corrupting the encoder."""
+    if math.isfinite(float(grad_norm)):
+        return
+    raise FloatingPointError(
+        f"non-finite gradient norm ({float(grad_norm)}) at optimizer step {step} (loss "
+        f"{loss.item():.4g}); the encoder was not updated and the last checkpoint is intact"
+        + (_CPU_BF16_NOTE if cpu_bf16 else "")
+    )
+
+
+def prepare_caches(cfg: TrainConfig, accelerator=None):
+    """Build (or complete) the retrieval and text-embedding caches of ``cfg``'s training set.
+
+    Returns ``(ids, retrieval table, TextEmbeddingCache)``. With several processes the main
+    process builds while the others wait, then they read.
+    """
+    import contextlib
+
+    from dit_mem.data import read_video_table
+
+    table = read_video_table(cfg.data.train_csv)
+    ids, captions = table["id"].astype(str).tolist(), table["caption"].astype(str).tolist()
+    main = accelerator is None or accelerator.is_main_process
+    first = (
+        accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
+    )
+    with first:
+        retrieval = _retrieval(cfg, ids, captions)
+        text_cache = TextEmbeddingCache(cfg.cache_dir / "text")
+        if text_cache.missing(ids):
+            if not main:
+                raise RuntimeError(
+                    "text-embedding cache incomplete after the main process built it"
+                )
+            device = accelerator.device if accelerator is not None else torch.device("cpu")
+            tokenizer, text_encoder = load_text_encoder(
+                cfg.model.base_model_dir, DTYPES[cfg.model.text_encoder_dtype]
+            )
+            text_cache.build(
+                ids,
+                captions,
+                tokenizer,
+                text_encoder.to(device),
+                max_tokens=cfg.data.max_text_tokens,
+                batch_size=cfg.data.text_batch_size,
+                encoder_name=str(cfg.model.base_model_dir),
+                progress=cfg.progress_bar,
+            )
+            del tokenizer, text_encoder
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return ids, retrieval, text_cache
+
+
+def _seeded(seed: int, fn, *args):
+    """Run ``fn`` under a fixed global seed (same initial weights on every process)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return fn(*args)
+
+
+def _retrieval(cfg: TrainConfig, ids: list[str], captions: list[str]):
+    from dit_mem.retrieval import Retriever
+
+    return build_retrieval_cache(
+        cfg.cache_dir,
+        ids,
+        captions,
+        lambda: Retriever(cfg.data.index_dir),
+        k=cfg.data.k,
+        index_dir=cfg.data.index_dir,
+        batch_size=cfg.data.retrieval_batch_size,
+    )
+
+
+def save_checkpoint(
+    accelerator, encoder, generator, cfg: TrainConfig, step: int, epoch: int
+) -> Path:
+    """Write ``checkpoints/step-XXXXXX`` atomically (temporary folder, then rename)."""
+    root = Path(cfg.output_dir) / ckpt_io.CHECKPOINTS
+    name = ckpt_io.checkpoint_name(step)
+    tmp, final = root / f"{ckpt_io.TMP_PREFIX}{name}", root / name
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "accelerate"))
+    ckpt_io.save_rng_state(
+        tmp / "rng" / f"rank-{accelerator.process_index:05d}.safetensors", generator
+    )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(encoder).save_pretrained(str(tmp / "encoder"))
+        save_config(cfg, tmp / "config.yaml")
+        ckpt_io.write_state_file(
+            tmp, {"step": step, "epoch": epoch, "num_processes": accelerator.num_processes}
+        )
+        if final.exists():  # a re-run of the same step after a resume from an older checkpoint
+            shutil.rmtree(final)
+        tmp.rename(final)
+        ckpt_io.prune_checkpoints(cfg.output_dir, cfg.keep_checkpoints)
+        log.info("saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _check_ranks_agree(accelerator, encoder, run_dir: Path) -> None:
+    """Every process must end with the same parameters; writes ``rank_agreement.json``."""
+    from dit_mem.utils import write_json_atomic
+
+    params = [p.detach().double().flatten() for p in accelerator.unwrap_model(encoder).parameters()]
+    flat = torch.cat(params)
+    fingerprint = torch.stack(
+        [flat.sum(), flat.square().sum(), flat[:: max(1, flat.numel() // 64)].sum()]
+    )
+    every = accelerator.gather(fingerprint.to(accelerator.device)[None]).cpu().view(-1, 3)
+    agree = bool((every == every[:1]).all())
+    if accelerator.is_main_process:
+        write_json_atomic(
+            run_dir / "rank_agreement.json",
+            {
+                "num_processes": accelerator.num_processes,
+                "identical": agree,
+                "fingerprints": every.tolist(),
+            },
+        )
+    if not agree:
+        raise RuntimeError(f"processes ended with different encoder parameters: {every.tolist()}")
+    if accelerator.num_processes > 1 and accelerator.is_main_process:
+        log.info("encoder parameters identical on all %d processes", accelerator.num_processes)
+
+
+def _write_final_encoder(encoder, run_dir: Path) -> None:
+    """``<run>/encoder``: the last weights as a save_pretrained folder (replaced atomically)."""
+    tmp, final = run_dir / f"{ckpt_io.TMP_PREFIX}encoder", run_dir / "encoder"
+    shutil.rmtree(tmp, ignore_errors=True)
+    encoder.save_pretrained(str(tmp))
+    old = run_dir / f"{ckpt_io.TMP_PREFIX}encoder-old"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
