@@ -162,3 +162,11 @@ def test_benchmark_layouts_through_the_real_pipeline(demo, tmp_path, capsys):
     )
     phy = run / "phygenbench" / "PhyVideos" / "tiny"
     assert sorted(p.name for p in phy.glob("*.mp4")) == ["output_video_1.mp4", "output_video_2.mp4"]
+
+
+def test_shipped_generation_config_is_the_paper_default():
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(GenerationConfig, root / "config" / "generate.yaml")
+    assert cfg == GenerationConfig()  # one set of defaults: the YAML mirrors SPEC §6
+    assert (cfg.steps, cfg.shift, cfg.guidance_scale, cfg.seed, cfg.k) == (40, 5.0, 5.0, 42, 5)
+    assert (cfg.height, cfg.width, cfg.num_frames, cfg.fps) == (480, 832, 81, 16)
