@@ -30,14 +30,7 @@ from dit_mem.training.synthetic import TINY_ENCODER
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread. Two OpenMP threads on a busy 2-core machine spend most of
-    each tiny op waiting at barriers (a run measured 100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 YAML = REPO / "config" / "train_dit_mem.yaml"

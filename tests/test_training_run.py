@@ -18,15 +18,7 @@ from dit_mem.memory import MemoryEncoder
 from dit_mem.training import latest_checkpoint, train
 from dit_mem.training.synthetic import LATENT_SHAPE, make_synthetic_run
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread. Two OpenMP threads on a busy 2-core machine spend most of
-    each tiny op waiting at barriers (a run measured 100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
