@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,17 @@ FIXTURES = Path(__file__).parent / "fixtures"
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_package_logger():
+    """`dit-mem` commands configure the package logger (handlers, no propagation); undo that
+    after each test so that later tests' ``caplog`` still sees the records."""
+    logger = logging.getLogger("dit_mem")
+    state = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:] = state[0]
+    logger.propagate, logger.level = state[1], state[2]
 
 
 @pytest.fixture

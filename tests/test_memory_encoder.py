@@ -215,13 +215,8 @@ def test_loads_release_checkpoint_layout(tmp_path, fixtures_dir, caplog):
     tensors = _release_tensors(fixtures_dir)
     path = tmp_path / "DiT-Mem-1.3B.safetensors"
     save_file(tensors, str(path))
-    pkg_logger = logging.getLogger("dit_mem")  # the CLI may have stopped its propagation
-    pkg_logger.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.WARNING, logger="dit_mem"):
-            enc = MemoryEncoder.from_official_checkpoint(path)
-    finally:
-        pkg_logger.removeHandler(caplog.handler)
+    with caplog.at_level(logging.WARNING, logger="dit_mem"):
+        enc = MemoryEncoder.from_official_checkpoint(path)
     warnings = [r for r in caplog.records if "BatchNorm running statistics" in r.getMessage()]
     assert len(warnings) == 1  # said once, not once per layer
     p = "pipe.dit_mem."
