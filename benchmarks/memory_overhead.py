@@ -1,0 +1,851 @@
+"""What memory costs per denoising step and per training step: the paper's form vs ours (issue 7).
+
+    python benchmarks/memory_overhead.py --device cuda --size full          # the real numbers
+    python benchmarks/memory_overhead.py --device cpu --size reduced        # CPU smoke (~seconds)
+
+Builds the real-size Wan2.1-T2V-1.3B ``WanTransformer3DModel`` from the shipped config (random
+weights: speed needs no trained ones) and the paper-size ``MemoryEncoder``, and times in one
+process, interleaved round by round:
+
+1. a denoising step (one transformer forward) with no memory;
+2. the paper's form: the 1,000 dense memory tokens concatenated into every block's
+   self-attention as queries *and* keys, their outputs sliced off (:class:`PaperFormMemory`,
+   written here as the baseline);
+3. our injection (``attach_memory``): the 10 distinct tokens as extra keys/values only, with a
+   log-multiplicity bias, per backend: the package's ``auto`` (→ ``lse`` at inference,
+   ``joint`` in training), ``lse``, ``joint``; and two exact routes written here
+   (:class:`AltMemoryAttnProcessor`): ``float-mask``, the naive one ("before": one SDPA with a
+   float attention mask, which can push SDPA off its fastest kernel), and ``repeat-kv`` (the
+   distinct keys/values repeated by multiplicity: mask-free at the stock head dim);
+4. one training step (encoder forward, DiT forward and backward into the encoder with gradient
+   checkpointing, ``FlowMatchingObjective`` loss, AdamW step): the paper's form (dense encoder
+   attention + dense tokens; the release re-encodes the caption with UMT5-XXL every step) and
+   ours (compact tokens, ``dit_mem.training.trainer.training_loss``), each with cached text
+   embeddings and with the caption encoded by a UMT5 encoder of the real size every step.
+
+Reported: median ms over ``--repeats`` after ``--warmup`` rounds (CUDA events on GPU,
+``perf_counter`` on CPU), overhead over (1) in percent, training throughput relative to the
+paper's form, and peak memory per case (``torch.cuda.max_memory_allocated`` on GPU, sampled RSS
+on CPU; both include every model built, so "+peak" gives the part above what was resident when
+the case started). It also checks that the paper's form and ours give the same transformer
+output. ``--size reduced`` shrinks depth, widths and the latent so the whole run takes seconds
+on a CPU (the test suite runs it); its ratios say nothing about the full size, where the 1,000
+memory tokens are 3% of 32,760 video tokens instead of 3× the 320 video tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanTransformer3DModel
+from torch import nn
+
+from dit_mem.backbone import attach_memory, detach_memory
+from dit_mem.backbone.injection import MemoryAttnProcessor
+from dit_mem.memory import MemoryEncoder, MemoryTokens
+from dit_mem.training.loss import FlowMatchingObjective
+from dit_mem.training.trainer import training_loss
+
+PACKAGE_BACKENDS = ("auto", "lse", "joint")  # dit_mem.backbone.attention
+ALT_BACKENDS = ("float-mask", "repeat-kv")  # written here (AltMemoryAttnProcessor)
+BACKEND_CHOICES = PACKAGE_BACKENDS + ALT_BACKENDS
+DEFAULT_BACKENDS = "auto,joint,float-mask,repeat-kv"
+BACKEND_LABELS = {
+    "auto": "auto (→ lse)",
+    "lse": "lse",
+    "joint": "joint",
+    "float-mask": "float mask (before)",
+    "repeat-kv": "repeat-kv",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------
+# Sizes
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Size:
+    """Everything whose size differs between ``full`` and ``reduced``."""
+
+    name: str
+    transformer: dict[str, Any]  # WanTransformer3DModel kwargs
+    encoder: dict[str, Any]  # MemoryEncoder.from_preset("wan2.1-1.3b", **overrides)
+    text_encoder: dict[str, Any]  # UMT5Config kwargs
+    latent: tuple[int, int, int, int]  # [C, T, H, W] of the generated video
+    memory_latent: tuple[int, int, int, int]  # [C, T, H, W] of each retrieved memory video
+    text_tokens: int = 512
+    caption_tokens: int = 120  # non-padding tokens of the caption (the rest is zeroed)
+
+
+def _shipped_configs() -> dict[str, dict[str, Any]]:
+    text = resources.files("dit_mem.backbone.configs").joinpath("wan2.1-t2v-1.3b.json").read_text()
+    data = json.loads(text)
+    strip = {"_class_name", "architectures", "model_type", "tokenizer_class"}
+    return {k: {n: v for n, v in data[k].items() if n not in strip} for k in data if k[0] != "_"}
+
+
+def get_size(name: str, latent: tuple[int, int, int] | None = None) -> Size:
+    """``full``: the shipped Wan2.1-T2V-1.3B config, the paper's encoder, UMT5-XXL, 480×832×81.
+
+    ``reduced``: 2 blocks of width 128 (4 heads × 32), an encoder of the same width, a UMT5 of
+    2 layers × 384 (widths ≈ 1/12 of the real ones), latent ``[16, 5, 16, 16]`` (320 tokens).
+    """
+    shipped = _shipped_configs()
+    if name == "full":
+        size = Size(
+            "full",
+            transformer=shipped["transformer"],
+            encoder={},
+            text_encoder={**shipped["text_encoder"], "dropout_rate": 0.0},
+            latent=(16, 21, 60, 104),
+            memory_latent=(16, 21, 60, 104),
+        )
+    elif name == "reduced":
+        text = {
+            **shipped["text_encoder"],
+            "d_model": 384,
+            "num_layers": 2,
+            "num_decoder_layers": 2,
+            "d_ff": 960,
+            "num_heads": 6,
+            "vocab_size": 21376,
+            "dropout_rate": 0.0,
+        }
+        size = Size(
+            "reduced",
+            transformer={
+                **shipped["transformer"],
+                "num_layers": 2,
+                "num_attention_heads": 4,
+                "attention_head_dim": 32,
+                "ffn_dim": 768,
+                "text_dim": text["d_model"],
+            },
+            encoder={
+                "conv_channels": (32, 64),
+                "kernel_sizes": (3, 3),
+                "strides": (1, 1),
+                "dim": 128,
+                "latent_shape": (5, 16, 16),
+            },
+            text_encoder=text,
+            latent=(16, 5, 16, 16),
+            memory_latent=(16, 5, 16, 16),
+        )
+    else:
+        raise ValueError(f"unknown size {name!r}; use full or reduced")
+    if latent is not None:
+        size = Size(
+            f"{size.name}, latent {list(latent)}",
+            size.transformer,
+            size.encoder,
+            size.text_encoder,
+            (size.latent[0], *latent),
+            size.memory_latent,
+        )
+    return size
+
+
+def video_tokens(size: Size) -> int:
+    """Tokens the DiT sees for one latent (after its 1×2×2 patching)."""
+    pt, ph, pw = size.transformer["patch_size"]
+    _, t, h, w = size.latent
+    return (t // pt) * (h // ph) * (w // pw)
+
+
+# --------------------------------------------------------------------------------------
+# The paper's form: dense memory tokens as queries and keys in every self-attention
+# --------------------------------------------------------------------------------------
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's RoPE on interleaved channel pairs, exactly as diffusers' ``WanAttnProcessor``."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class PaperFormAttnProcessor(WanAttnProcessor):
+    """Self-attention over ``[video ; memory]`` queries and keys; memory outputs sliced off.
+
+    ``memory`` (the block's modulated dense memory tokens ``[B, M, D]``) is set by
+    :class:`PaperFormBlock` right before the block runs; ``None`` gives the stock processor.
+    Memory gets no RoPE (cos 1, sin 0 at its positions).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.memory: torch.Tensor | None = None
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None
+    ):
+        if self.memory is None:
+            return super().__call__(
+                attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
+            )
+        s, m = hidden_states.shape[1], self.memory.shape[1]
+        x = torch.cat([hidden_states, self.memory], dim=1)  # [B, S+M, D]
+        query, key, value = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        cos, sin = rotary_emb  # [1, S, 1, Dh]; memory positions get cos 1, sin 0
+        cos, sin = F.pad(cos, (0, 0, 0, 0, 0, m), value=1.0), F.pad(sin, (0, 0, 0, 0, 0, m))
+        query, key = _rotary(query, cos, sin), _rotary(key, cos, sin)
+        out = dispatch_attention_fn(query, key, value, backend=self._attention_backend)
+        out = out[:, :s].flatten(2, 3).type_as(query)  # video outputs only
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class PaperFormBlock(nn.Module):
+    """A stock ``WanTransformerBlock`` plus the paper's memory: norm1 + modulation, then attn1."""
+
+    def __init__(self, block: nn.Module, owner: PaperFormMemory):
+        super().__init__()
+        self.block = block
+        self.owner = owner  # not a submodule: holds this call's dense tokens
+        self.processor = PaperFormAttnProcessor()
+        self.processor._attention_backend = block.attn1.processor._attention_backend
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
+        tokens = self.owner.tokens
+        if tokens is not None:  # Wan2.1: temb [B, 6, D]
+            shift, scale = (self.block.scale_shift_table + temb.float()).chunk(6, dim=1)[:2]
+            tokens = tokens.to(hidden_states.dtype).expand(hidden_states.shape[0], -1, -1)
+            memory = self.block.norm1(tokens.float()) * (1 + scale) + shift
+            self.processor.memory = memory.type_as(hidden_states)
+        try:
+            return self.block(hidden_states, encoder_hidden_states, temb, rotary_emb)
+        finally:
+            self.processor.memory = None
+
+
+class PaperFormMemory:
+    """The paper's injection on one transformer instance (installed only inside ``installed()``).
+
+    Set ``tokens`` (dense ``[B, M, D]``) before the forward and keep it until its backward is
+    done (gradient checkpointing recomputes the blocks then).
+    """
+
+    def __init__(self, transformer: WanTransformer3DModel):
+        self.transformer = transformer
+        self.tokens: torch.Tensor | None = None
+
+    @contextmanager
+    def installed(self) -> Iterator[PaperFormMemory]:
+        blocks = self.transformer.blocks
+        originals = list(blocks)
+        saved = [b.attn1.processor for b in originals]
+        try:
+            for i, block in enumerate(originals):
+                wrapper = PaperFormBlock(block, self)
+                block.attn1.set_processor(wrapper.processor)
+                blocks[i] = wrapper
+            yield self
+        finally:
+            for i, (block, processor) in enumerate(zip(originals, saved, strict=True)):
+                blocks[i] = block
+                block.attn1.set_processor(processor)
+            self.tokens = None
+
+
+def paper_encode(
+    encoder: MemoryEncoder, latents: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The paper's encoder output: the shared attention over all 2·N·L dense tokens."""
+    videos = encoder.encode_videos(latents)
+    if encoder.training:  # the same draw as MemoryEncoder.aggregate
+        perm = torch.randperm(videos.num_videos, generator=generator)
+        videos = videos.select(perm.to(videos.high.device))
+    b, n, g, d = videos.high.shape
+    counts = videos.log_counts.exp().round().long().repeat(n).to(videos.high.device)
+    outs = []
+    for t in (videos.high, videos.low):
+        outs.append(
+            encoder.attention(torch.repeat_interleave(t.reshape(b, n * g, d), counts, dim=1))
+        )
+    return torch.cat(outs, dim=1)  # [B, 2·N·L, D]
+
+
+def paper_training_loss(
+    paper: PaperFormMemory,
+    encoder: MemoryEncoder,
+    objective: FlowMatchingObjective,
+    batch: dict,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``dit_mem.training.trainer.training_loss`` with the paper's memory (same draws, in order:
+    memory permutation, timestep indices, noise). ``paper`` must be installed; its tokens stay
+    set for the backward (cleared by the caller)."""
+    transformer = paper.transformer
+    device = next(transformer.parameters()).device
+    x0 = batch["x0"].to(device, torch.float32)
+    paper.tokens = paper_encode(encoder, batch["memory"].to(device), generator)
+    index = objective.sample_indices(x0.shape[0], generator)
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device)
+    x_t, t, target = objective.prepare(x0, index, noise)
+    pred = transformer(
+        hidden_states=x_t.to(dtype),
+        timestep=t,
+        encoder_hidden_states=batch["text"].to(device, dtype),
+        return_dict=False,
+    )[0]
+    return objective.loss(pred, target, index)
+
+
+# --------------------------------------------------------------------------------------
+# Other exact routes for our compact tokens, written here for comparison
+# --------------------------------------------------------------------------------------
+class AltMemoryAttnProcessor(MemoryAttnProcessor):
+    """Our injection (video queries only) through one plain SDPA, by ``mode``:
+
+    ``"float-mask"``  keys ``[video ; G memory]``, the log-multiplicity bias as a float attention
+                      mask (in the query dtype, as SDPA requires): the naive route, "before".
+    ``"repeat-kv"``   keys ``[video ; memory]`` with each distinct memory key/value repeated by
+                      its multiplicity (the G tokens are projected once): mask-free, head dim
+                      unchanged, differentiable; exact only for integer multiplicities (λ = 1).
+    """
+
+    def __init__(self, mode: str):
+        super().__init__("auto")
+        if mode not in ("float-mask", "repeat-kv"):
+            raise ValueError(f"unknown mode {mode!r}")
+        self.mode = mode
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None
+    ):
+        memory = getattr(rotary_emb, "block", None)
+        if memory is None:
+            return super().__call__(
+                attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
+            )
+        x, m = hidden_states, memory.states
+        query, key, value = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        mem_key, mem_value = attn.to_k(m), attn.to_v(m)
+        query, key, mem_key = attn.norm_q(query), attn.norm_k(key), attn.norm_k(mem_key)
+        query, key, value, mem_key, mem_value = (
+            t.unflatten(2, (attn.heads, -1)).transpose(1, 2)  # [B, H, S, Dh]
+            for t in (query, key, value, mem_key, mem_value)
+        )
+        cos, sin = (f.transpose(1, 2) for f in tuple(rotary_emb))
+        query, key = _rotary(query, cos, sin), _rotary(key, cos, sin)
+        mask = None
+        if self.mode == "float-mask":
+            b, s = x.shape[:2]
+            mask = torch.cat([memory.bias.new_zeros(b, s), memory.bias], dim=1)
+            mask = mask.to(query.dtype)[:, None, None, :]
+        else:
+            counts = memory.bias[0].exp().round()
+            if not torch.allclose(counts.log(), memory.bias, atol=1e-4):
+                raise ValueError("repeat-kv needs integer multiplicities (memory_strength 1)")
+            counts = counts.long()
+            mem_key = mem_key.repeat_interleave(counts, dim=2)
+            mem_value = mem_value.repeat_interleave(counts, dim=2)
+        out = F.scaled_dot_product_attention(
+            query,
+            torch.cat([key, mem_key], dim=2),
+            torch.cat([value, mem_value], dim=2),
+            attn_mask=mask,
+        )
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+@contextmanager
+def ours_installed(transformer: WanTransformer3DModel, backend: str) -> Iterator[None]:
+    """``attach_memory`` with a package backend, or with :class:`AltMemoryAttnProcessor`."""
+    alternative = backend in ALT_BACKENDS
+    attach_memory(transformer, backend="auto" if alternative else backend)
+    try:
+        if alternative:
+            for block in transformer.blocks:
+                old = block.attn1.processor
+                new = AltMemoryAttnProcessor(backend)
+                new._attention_backend = old._attention_backend
+                block.attn1.set_processor(new)
+        yield
+    finally:
+        detach_memory(transformer)  # restores the stock processors
+
+
+# --------------------------------------------------------------------------------------
+# Timing and memory
+# --------------------------------------------------------------------------------------
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _Peak:
+    """Peak memory of one call: CUDA allocator peak, or RSS sampled every 2 ms on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> _Peak:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.start = self.peak = _rss_bytes()
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss_bytes())
+
+
+@dataclass
+class Case:
+    """One timed thing: ``run()`` inside ``setup()``; ``group`` is ``inference`` or ``training``."""
+
+    key: str
+    label: str
+    group: str
+    run: Callable[[], Any]
+    setup: Callable[[], Any] = nullcontext
+    times_ms: list[float] = field(default_factory=list)
+    peak: int = 0
+    peak_above_start: int = 0
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms) if self.times_ms else math.nan
+
+
+def _time_once(case: Case, device: torch.device, record: bool) -> None:
+    with case.setup(), _Peak(device) as peak:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            case.run()
+            end.record()
+            torch.cuda.synchronize(device)
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            case.run()
+            ms = (time.perf_counter() - t0) * 1e3
+    if record:
+        case.times_ms.append(ms)
+        case.peak = max(case.peak, peak.peak)
+        case.peak_above_start = max(case.peak_above_start, peak.peak - peak.start)
+
+
+def time_cases(cases: list[Case], device: torch.device, warmup: int, repeats: int) -> None:
+    """Round-robin: every round runs each case once, so drift hits all cases alike."""
+    for round_ in range(warmup + repeats):
+        for case in cases:
+            _time_once(case, device, record=round_ >= warmup)
+
+
+# --------------------------------------------------------------------------------------
+# Building the models and inputs
+# --------------------------------------------------------------------------------------
+def build_transformer(size: Size, device: torch.device, dtype: torch.dtype):
+    """Random-weight ``WanTransformer3DModel`` of ``size`` (initialised on ``device``), frozen.
+
+    Cast like ``from_pretrained(torch_dtype=dtype)``: the ``_keep_in_fp32_modules`` (rope, time
+    embedder, modulation tables, norms) stay float32.
+    """
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = WanTransformer3DModel(**size.transformer)
+    keep = set(model._keep_in_fp32_modules or ())
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not keep.intersection(name.split(".")):
+            t.data = t.data.to(dtype)
+    return model.requires_grad_(False).eval()
+
+
+def build_encoder(size: Size, device: torch.device) -> MemoryEncoder:
+    """The paper-size encoder (float32 weights, as trained under bf16 autocast)."""
+    torch.manual_seed(1)
+    with torch.device(device):
+        return MemoryEncoder.from_preset("wan2.1-1.3b", **size.encoder).eval()
+
+
+def build_text_encoder(size: Size, device: torch.device, dtype: torch.dtype):
+    """A random UMT5 encoder (UMT5-XXL at ``full``), frozen."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(2)
+    with torch.device(device):
+        model = UMT5EncoderModel._from_config(UMT5Config(**size.text_encoder), dtype=dtype)
+    return model.requires_grad_(False).eval()
+
+
+def caption_inputs(size: Size, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask ``[1, text_tokens]`` of one padded caption."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, size.text_encoder["vocab_size"], (1, size.text_tokens), generator=g)
+    mask = torch.zeros(1, size.text_tokens, dtype=torch.long)
+    mask[:, : size.caption_tokens] = 1
+    return (ids * mask).to(device), mask.to(device)
+
+
+def encode_caption(text_encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Wan's convention: encode with the mask, zero the padding positions."""
+    with torch.no_grad():
+        hidden = text_encoder(ids, mask).last_hidden_state
+    return hidden * mask[..., None].to(hidden.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    """What a run measured (``main``'s return value)."""
+
+    header: list[str]
+    cases: dict[str, Case]
+    checks: dict[str, float]
+    table: str
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def format_table(cases: list[Case], device: torch.device) -> str:
+    """Markdown: median ms, overhead over (1) / throughput relative to the paper's training step
+    (the first case of each group), peak memory."""
+    mem = "peak alloc GiB" if device.type == "cuda" else "peak RSS GiB"
+    lines = [
+        f"| case | median ms | vs reference | {mem} | +peak GiB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    ref: dict[str, Case] = {}
+    for c in cases:  # the first case of each group is its reference
+        ref.setdefault(c.group, c)
+    for c in cases:
+        base = ref.get(c.group)
+        if base is None or c is base:
+            rel = "reference"
+        elif c.group == "inference":
+            rel = f"{(c.median_ms / base.median_ms - 1) * 100:+.2f}%"
+        else:
+            rel = f"{base.median_ms / c.median_ms:.2f}× throughput"
+        lines.append(
+            f"| {c.label} | {c.median_ms:.2f} | {rel} | {_gib(c.peak)} | {_gib(c.peak_above_start)} |"
+        )
+    return "\n".join(lines)
+
+
+def summary_lines(cases: dict[str, Case]) -> list[str]:
+    """The targets in one place: overheads over (1), ours vs the paper at the same text mode."""
+    lines = []
+    none = cases.get("none")
+    for key in ("paper", "ours-auto", "ours-lse"):
+        if none and key in cases:
+            pct = (cases[key].median_ms / none.median_ms - 1) * 100
+            lines.append(f"overhead per denoising step, {cases[key].label}: {pct:+.2f}%")
+    for ours, paper in (("train-ours", "train-paper-cached"), ("train-ours-umt5", "train-paper")):
+        if ours in cases and paper in cases:
+            ratio = cases[paper].median_ms / cases[ours].median_ms
+            lines.append(
+                f"training throughput, {cases[ours].label} / {cases[paper].label}: {ratio:.2f}×"
+            )
+    if "train-ours" in cases and "train-paper" in cases:
+        ratio = cases["train-paper"].median_ms / cases["train-ours"].median_ms
+        lines.append(f"training throughput, ours (cached text) / paper as released: {ratio:.2f}×")
+    return lines
+
+
+def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {model}, {torch.get_num_threads()} threads"
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--size", choices=("full", "reduced"), default="full")
+    ap.add_argument(
+        "--latent",
+        default=None,
+        help="T,H,W of the video latent instead of the size's (e.g. 5,30,52 for a CPU run at full width)",
+    )
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--k", type=int, default=5, help="retrieved memory videos")
+    ap.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=None,
+        help="DiT dtype (default: bf16 on GPU, fp32 on CPU)",
+    )
+    ap.add_argument(
+        "--attention-backend",
+        default=DEFAULT_BACKENDS,
+        help=f"comma list of {', '.join(BACKEND_CHOICES)} (or 'all'); the first is used for training",
+    )
+    ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--skip-text-encoder", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return _validate_args(ap.parse_args(argv))
+
+
+def _validate_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Derive defaults and reject bad combinations before anything is built."""
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA device is available")
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device.type == "cuda" else "float32"
+    names = (
+        BACKEND_CHOICES if args.attention_backend == "all" else args.attention_backend.split(",")
+    )
+    unknown = [n for n in names if n not in BACKEND_CHOICES]
+    if unknown or not names:
+        raise SystemExit(f"--attention-backend: unknown {unknown}; choose from {BACKEND_CHOICES}")
+    args.backends = list(dict.fromkeys(names))
+    if args.latent is not None:
+        args.latent = tuple(int(x) for x in args.latent.split(","))
+        if len(args.latent) != 3:
+            raise SystemExit("--latent is T,H,W")
+    if args.repeats < 1 or args.warmup < 0 or args.k < 1:
+        raise SystemExit("--repeats ≥ 1, --warmup ≥ 0, --k ≥ 1")
+    return args
+
+
+def main(args: argparse.Namespace) -> Result:
+    """Build, check, time, print the table; returns everything measured."""
+    import diffusers
+    import transformers
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = args.device, DTYPES[args.dtype]
+    size = get_size(args.size, args.latent)
+    use_amp = device.type == "cuda" and dtype != torch.float32  # as accelerate's bf16 training
+
+    def autocast():
+        return torch.autocast("cuda", dtype=dtype) if use_amp else nullcontext()
+
+    # 1. models and inputs ---------------------------------------------------------------
+    transformer = build_transformer(size, device, dtype)
+    encoder = build_encoder(size, device)
+    text_encoder = None
+    if not (args.skip_training or args.skip_text_encoder):
+        text_encoder = build_text_encoder(size, device, dtype)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, *size.latent, generator=g).to(device, dtype)
+    memory_latents = torch.randn(1, args.k, *size.memory_latent, generator=g).to(device)
+    text = torch.randn(1, size.text_tokens, size.transformer["text_dim"], generator=g)
+    text[:, size.caption_tokens :] = 0
+    text = text.to(device, dtype)
+    timestep = torch.tensor([500.0], device=device)
+    with torch.no_grad(), autocast():
+        memory: MemoryTokens = encoder(memory_latents).to(dtype)  # same for every step
+    dense = memory.dense()
+    paper = PaperFormMemory(transformer)
+
+    header = [
+        f"device: {_device_name(device)}",
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}",
+        f"size {size.name}: DiT {size.transformer['num_layers']} layers × width "
+        f"{size.transformer['num_attention_heads'] * size.transformer['attention_head_dim']} "
+        f"({sum(p.numel() for p in transformer.parameters()) / 1e6:.1f} M params, {args.dtype}), "
+        f"latent {list(size.latent)} → {video_tokens(size):,} video tokens; encoder "
+        f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.1f} M params, k={args.k}: "
+        f"{dense.shape[1]:,} dense / {memory.num_distinct} distinct memory tokens; text "
+        f"{size.text_tokens} tokens"
+        + (
+            f"; UMT5 {size.text_encoder['num_layers']} layers × {size.text_encoder['d_model']} "
+            f"({sum(p.numel() for p in text_encoder.parameters()) / 1e9:.2f} B params)"
+            if text_encoder is not None
+            else ""
+        ),
+        f"medians of {args.repeats} after {args.warmup} warm-up round(s), "
+        + ("CUDA events" if device.type == "cuda" else "perf_counter"),
+    ]
+
+    # 2. inference cases: (1) none, (2) paper, (3) ours per backend -----------------------
+    @torch.no_grad()
+    def forward(attention_kwargs=None) -> torch.Tensor:
+        return transformer(x, timestep, text, attention_kwargs=attention_kwargs, return_dict=False)[
+            0
+        ]
+
+    def paper_forward() -> torch.Tensor:
+        paper.tokens = dense
+        return forward()
+
+    ours_kwargs = {"memory_tokens": memory, "memory_strength": 1.0}
+    cases = [
+        Case("none", "(1) no memory", "inference", forward),
+        Case(
+            "paper",
+            f"(2) paper: {dense.shape[1]:,} dense tokens as queries + keys",
+            "inference",
+            paper_forward,
+            paper.installed,
+        ),
+    ]
+    for backend in args.backends:
+        cases.append(
+            Case(
+                f"ours-{backend}",
+                f"(3) ours, {BACKEND_LABELS[backend]}",
+                "inference",
+                lambda: forward(ours_kwargs),
+                lambda b=backend: ours_installed(transformer, b),
+            )
+        )
+
+    # correctness: paper form == ours (every backend), and memory does change the output
+    with paper.installed():
+        paper.tokens = dense
+        out_paper = forward()
+    out_none = forward()
+    checks = {"memory effect (rel. diff none vs paper)": _rel_diff(out_none, out_paper)}
+    for backend in args.backends:
+        with ours_installed(transformer, backend):
+            checks[f"paper vs ours {backend} (rel. diff)"] = _rel_diff(
+                forward(ours_kwargs), out_paper
+            )
+    checks["outputs finite"] = float(bool(out_paper.isfinite().all() and out_none.isfinite().all()))
+    del out_paper, out_none
+
+    # 3. training cases ---------------------------------------------------------------------
+    train_cases: list[Case] = []
+    if not args.skip_training:
+        transformer.enable_gradient_checkpointing()
+        objective = FlowMatchingObjective()
+        optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-5, weight_decay=0.0)
+        generator = torch.Generator().manual_seed(5)
+        ids, mask = caption_inputs(size, device)
+        # differentiable routes (lse is forward-only; auto trains through joint)
+        train_backends = [b for b in args.backends if b != "lse"] or ["auto"]
+        if "auto" in train_backends and "joint" in train_backends:
+            train_backends.remove("joint")
+        train_backend = train_backends[0]
+
+        def text_for(step_text: bool) -> torch.Tensor:
+            return encode_caption(text_encoder, ids, mask) if step_text else text
+
+        def paper_loss(batch: dict) -> torch.Tensor:
+            return paper_training_loss(paper, encoder, objective, batch, generator, dtype)
+
+        def ours_loss(batch: dict) -> torch.Tensor:
+            return training_loss(transformer, encoder, objective, batch, generator, dtype)
+
+        def step(loss_fn, step_text: bool) -> Callable[[], None]:
+            def run() -> None:
+                batch = {"x0": x, "memory": memory_latents, "text": text_for(step_text)}
+                with autocast():
+                    loss = loss_fn(batch)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                paper.tokens = None
+
+            return run
+
+        @contextmanager
+        def training(install):
+            encoder.train()
+            try:
+                with install():
+                    yield
+            finally:
+                encoder.eval()
+
+        def ours_setup(backend: str = train_backend):
+            return ours_installed(transformer, backend)
+
+        name = "auto (→ joint)" if train_backend == "auto" else BACKEND_LABELS[train_backend]
+        variants = [  # (key, label, loss, install, UMT5 every step)
+            ("train-paper", "(4) paper form, UMT5 every step (as released)", paper_loss,
+             paper.installed, True),
+            ("train-paper-cached", "(4) paper form, cached text", paper_loss, paper.installed,
+             False),
+            ("train-ours", f"(4) ours, {name}, cached text", ours_loss, ours_setup, False),
+            ("train-ours-umt5", f"(4) ours, {name}, UMT5 every step", ours_loss, ours_setup, True),
+        ]  # fmt: skip
+        for backend in train_backends[1:]:
+            variants.append(
+                (
+                    f"train-ours-{backend}",
+                    f"(4) ours, {BACKEND_LABELS[backend]}, cached text",
+                    ours_loss,
+                    lambda b=backend: ours_setup(b),
+                    False,
+                )
+            )
+        for key, label, loss_fn, install, step_text in variants:
+            if step_text and text_encoder is None:
+                continue
+            train_cases.append(
+                Case(
+                    key, label, "training", step(loss_fn, step_text), lambda i=install: training(i)
+                )
+            )
+
+    # 4. time, report -----------------------------------------------------------------------
+    time_cases(cases, device, args.warmup, args.repeats)
+    time_cases(train_cases, device, args.warmup, args.repeats)
+    all_cases = cases + train_cases
+    table = format_table(all_cases, device)
+    by_key = {c.key: c for c in all_cases}
+    print("\n".join(header))
+    print("checks: " + ", ".join(f"{k} = {v:.2e}" for k, v in checks.items()))
+    print(table)
+    print("\n".join(summary_lines(by_key)))
+    return Result(header, by_key, checks, table)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,133 @@
+"""Smoke test of ``benchmarks/memory_overhead.py`` at its reduced size on CPU (issue 7).
+
+Also guards the benchmark's own baseline: the paper's form (1,000 dense memory tokens as
+queries and keys, written in the benchmark) must give the same transformer output as our
+injection (10 distinct tokens with log-multiplicity bias) on every attention route.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_overhead.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("memory_overhead", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def result(bench):
+    args = bench.parse_args(
+        [
+            "--device",
+            "cpu",
+            "--size",
+            "reduced",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--threads",
+            "2",
+        ]
+    )
+    threads = torch.get_num_threads()
+    try:
+        yield bench.main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+EXPECTED_ROWS = {
+    "none": "(1) no memory",
+    "paper": "(2) paper",
+    "ours-auto": "(3) ours, auto",
+    "ours-joint": "(3) ours, joint",
+    "ours-float-mask": "(3) ours, float mask (before)",
+    "ours-repeat-kv": "(3) ours, repeat-kv",
+    "train-paper": "(4) paper form, UMT5 every step",
+    "train-paper-cached": "(4) paper form, cached text",
+    "train-ours": "(4) ours, auto (→ joint), cached text",
+    "train-ours-umt5": "(4) ours, auto (→ joint), UMT5 every step",
+    "train-ours-float-mask": "(4) ours, float mask (before), cached text",
+    "train-ours-repeat-kv": "(4) ours, repeat-kv, cached text",
+}
+
+
+def test_table_has_every_row(result):
+    assert set(result.cases) == set(EXPECTED_ROWS)
+    rows = [ln for ln in result.table.splitlines() if ln.startswith("| (")]
+    assert len(rows) == len(EXPECTED_ROWS)
+    for key, label in EXPECTED_ROWS.items():
+        case = result.cases[key]
+        assert case.label.startswith(label)
+        assert len(case.times_ms) == 1 and case.median_ms > 0
+        assert any(row.startswith(f"| {case.label} |") for row in rows)
+    assert "reference" in rows[0] and "%" in rows[1]  # overhead over (1)
+    assert "throughput" in rows[-1]  # training relative to the paper's form
+    assert "torch" in result.header[1] and "diffusers" in result.header[1]
+
+
+def test_paper_form_equals_ours(result):
+    checks = result.checks
+    assert checks["outputs finite"] == 1.0
+    assert checks["memory effect (rel. diff none vs paper)"] > 1e-3  # memory matters here
+    for backend in ("auto", "joint", "float-mask", "repeat-kv"):
+        assert checks[f"paper vs ours {backend} (rel. diff)"] < 1e-5, backend
+
+
+def test_bad_backend_is_rejected(bench):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", "--attention-backend", "flash"])
+
+
+def test_training_gradients_match(bench):
+    """Both training steps give the encoder the same gradients (gradient checkpointing on)."""
+    from dit_mem.training.loss import FlowMatchingObjective
+    from dit_mem.training.trainer import training_loss
+
+    size = bench.get_size("reduced")
+    device, dtype = torch.device("cpu"), torch.float32
+    transformer = bench.build_transformer(size, device, dtype)
+    transformer.enable_gradient_checkpointing()
+    encoder = bench.build_encoder(size, device)  # eval: no dropout, no shuffling
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "x0": torch.randn(1, *size.latent, generator=g),
+        "memory": torch.randn(1, 2, *size.latent, generator=g),
+        "text": torch.randn(1, 16, size.transformer["text_dim"], generator=g),
+    }
+    objective = FlowMatchingObjective()
+
+    def grads(loss_fn, install):
+        encoder.zero_grad(set_to_none=True)
+        with install():
+            loss = loss_fn(torch.Generator().manual_seed(7))
+            loss.backward()
+        return loss.item(), [p.grad.clone() for p in encoder.parameters()]
+
+    paper = bench.PaperFormMemory(transformer)
+    loss_p, grads_p = grads(
+        lambda gen: bench.paper_training_loss(paper, encoder, objective, batch, gen, dtype),
+        paper.installed,
+    )
+    loss_o, grads_o = grads(
+        lambda gen: training_loss(transformer, encoder, objective, batch, gen, dtype),
+        lambda: bench.ours_installed(transformer, "auto"),
+    )
+    assert loss_p == pytest.approx(loss_o, rel=1e-5)
+    num = sum((a - b).pow(2).sum() for a, b in zip(grads_p, grads_o, strict=True))
+    den = sum(b.pow(2).sum() for b in grads_o)
+    assert den > 0 and (num / den).sqrt() < 1e-4
