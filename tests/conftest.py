@@ -33,7 +33,7 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: one thread. Two OpenMP threads on a busy 2-core machine spend most of
     each tiny op waiting at barriers (a run measured 100x slower)."""

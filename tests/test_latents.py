@@ -32,13 +32,7 @@ SIZE = {"num_frames": 17, "height": 64, "width": 64}  # latent [16, 5, 8, 8]
 GOOD = ["aaaaaaaaaaa_1_0to40", "aaaaaaaaaaa_2_40to80", "b-b_bbbbbbb_1_0to9", "ccccccccccc_1_0to30"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny convolutions are fastest (and steadiest on a shared machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ from dit_mem.utils import write_json_atomic, write_safetensors_atomic
 TINY = dict(conv_channels=(8, 16), kernel_sizes=(3, 3), strides=(1, 1), dim=32, num_heads=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_latents(root: Path, n: int, shape: tuple[int, ...], seed: int = 0) -> list[str]:
