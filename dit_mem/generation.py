@@ -145,19 +145,10 @@ class MemorySource:
 
 
 def load_encoder(path: Path, device: torch.device, dtype: torch.dtype):
-    """A memory encoder from a ``save_pretrained`` folder or the release's safetensors file."""
+    """``MemoryEncoder.from_path`` on ``device`` in ``dtype``, in eval mode."""
     from dit_mem.memory import MemoryEncoder
 
-    path = Path(path)
-    if path.is_dir():
-        enc = MemoryEncoder.from_pretrained(path)
-    elif path.suffix == ".safetensors" and path.is_file():
-        enc = MemoryEncoder.from_official_checkpoint(path)
-    else:
-        raise FileNotFoundError(
-            f"memory encoder not found: {path} (expected a save_pretrained folder or "
-            "the release's DiT-Mem-1.3B.safetensors)"
-        )
+    enc = MemoryEncoder.from_path(path)
     # nn.Module.to: diffusers' ModelMixin.to warns about fp32 modules even when there are none
     return torch.nn.Module.to(enc, device=device, dtype=dtype).eval()
 

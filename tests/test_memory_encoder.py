@@ -300,3 +300,13 @@ def test_memory_tokens_validation_and_dense_layout():
         MemoryTokens(t, torch.zeros(1, 3))
     with pytest.raises(ValueError, match="strength must be > 0"):
         m.attention_bias(0.0)
+
+
+def test_from_path_takes_a_folder_or_the_release_file(tmp_path, fixtures_dir):
+    enc = small()
+    enc.save_pretrained(tmp_path / "enc")
+    assert isinstance(MemoryEncoder.from_path(tmp_path / "enc"), MemoryEncoder)
+    save_file(_release_tensors(fixtures_dir), str(tmp_path / "DiT-Mem-1.3B.safetensors"))
+    assert MemoryEncoder.from_path(tmp_path / "DiT-Mem-1.3B.safetensors").config.dim == 1536
+    with pytest.raises(FileNotFoundError, match="expected a save_pretrained folder"):
+        MemoryEncoder.from_path(tmp_path / "nothing.pt")

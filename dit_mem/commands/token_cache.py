@@ -24,13 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    import torch
-
     from dit_mem.data import build_token_cache
-    from dit_mem.generation import load_encoder
+    from dit_mem.memory import MemoryEncoder
 
     s = build_token_cache(
-        load_encoder(args.encoder, torch.device("cpu"), torch.float32),
+        MemoryEncoder.from_path(args.encoder),
         args.latents,
         args.out,
         batch_size=args.batch_size,

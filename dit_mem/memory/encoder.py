@@ -343,6 +343,21 @@ class MemoryEncoder(ModelMixin, ConfigMixin):
         return cls.from_encoder_config(get_preset(name, **overrides))
 
     @classmethod
+    def from_path(cls, path) -> MemoryEncoder:
+        """A ``save_pretrained`` folder, or the release's ``DiT-Mem-1.3B.safetensors`` file."""
+        from pathlib import Path
+
+        path = Path(path)
+        if path.is_dir():
+            return cls.from_pretrained(path)
+        if path.suffix == ".safetensors" and path.is_file():
+            return cls.from_official_checkpoint(path)
+        raise FileNotFoundError(
+            f"memory encoder not found: {path} (expected a save_pretrained folder or "
+            "the release's DiT-Mem-1.3B.safetensors)"
+        )
+
+    @classmethod
     def from_official_checkpoint(cls, path, config: MemoryEncoderConfig | None = None, **kw):
         """Load the public release's ``DiT-Mem-1.3B.safetensors`` (see ``official.py``)."""
         from dit_mem.memory.official import load_official_checkpoint

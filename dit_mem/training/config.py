@@ -43,7 +43,7 @@ class ModelConfig:
     encoder_overrides: dict[Any, Any] = field(default_factory=dict)  # preset fields replaced
     # (dict[Any, Any], not dict[str, Any]: dit_mem.config keeps a key=value string verbatim
     #  for types that mention str, so {dim: 32} would not parse on the command line)
-    encoder_init: Path | None = None  # start from a save_pretrained folder instead of the preset
+    encoder_init: Path | None = None  # start from a save_pretrained folder or the release's file
     dit_dtype: Dtype = "bf16"  # weights of the frozen DiT
     text_encoder_dtype: Dtype = "bf16"  # weights of the frozen UMT5 (cache building only)
     gradient_checkpointing: bool = True  # recompute DiT blocks in backward

@@ -86,7 +86,7 @@ def build_encoder(cfg: TrainConfig):
     if cfg.model.encoder_init is not None:
         if cfg.model.encoder_overrides:
             raise ConfigError("set model.encoder_init or model.encoder_overrides, not both")
-        return MemoryEncoder.from_pretrained(str(cfg.model.encoder_init))
+        return MemoryEncoder.from_path(cfg.model.encoder_init)
     overrides = {
         k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model.encoder_overrides.items()
     }
