@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "latents",
     "token_cache",
     "train",
+    "toyworld",
 )
 
 

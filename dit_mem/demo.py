@@ -1,159 +1,97 @@
-"""``dit-mem demo``: the whole DiT-Mem path offline, on a fresh install, in about a minute.
+"""``dit-mem demo``: DiT-Mem on the toy world, offline, in well under a minute on 2 CPU cores.
 
-1. write a few synthetic clips (coloured shapes moving) with captions, as a memory bank CSV;
-2. build a real FAISS index of the captions with the bundled all-MiniLM-L6-v2 model;
-3. encode the clips to latents with a tiny *random* Wan VAE (the real encoding job);
-4. write a tiny *random* Wan model (transformer, UMT5 text encoder, tokenizer) in diffusers
-   layout and a tiny memory encoder, and load them with the real loaders;
-5. generate one video with memory, writing the mp4, its JSON and a contact sheet.
+The toy world (``dit_mem.toyworld``) ships tiny **trained** models of the real Wan stack: a
+Wan VAE, a Wan DiT with its UMT5 text encoder that never saw one colour (magenta), a memory
+bank (latents + all-MiniLM-L6-v2 FAISS index) and our memory encoder, trained by ``dit-mem
+train``. The demo loads them with the same loader as ``dit-mem generate`` and
 
-The weights are random, so the generated video is noise: the demo shows the machinery,
-not the quality. With real weights the same command line is ``dit-mem generate``.
+1. asks for a held-out-colour prompt without memory (the base model cannot draw the colour)
+   and with memory (retrieved clips of it supply the colour), and a seen prompt both ways;
+2. writes each video (mp4 + JSON), and one contact sheet: the retrieved memory, then outputs;
+3. reads colour, shape and direction back out of every video and prints the metric table.
 """
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
-
-import numpy as np
 
 from dit_mem.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-COLOURS = {
-    "red": (230, 40, 40),
-    "green": (40, 200, 60),
-    "blue": (50, 80, 235),
-    "yellow": (240, 220, 40),
-    "magenta": (220, 50, 220),
-    "cyan": (40, 220, 220),
-}
-SHAPES = ("circle", "square")
-DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+HELD_OUT_PROMPT = "a magenta circle moving right"
+SEEN_PROMPT = "a yellow square moving down"
 
 
-def shape_clip(
-    colour: str, shape: str, direction: str, frames: int = 17, size: int = 64
-) -> np.ndarray:
-    """A dark clip ``[F, size, size, 3]`` of one ``colour`` ``shape`` moving in ``direction``."""
-    yy, xx = np.mgrid[0:size, 0:size]
-    dx, dy = DIRECTIONS[direction]
-    r = size // 8
-    out = np.full((frames, size, size, 3), 16, dtype=np.uint8)
-    for f in range(frames):
-        travel = (f / max(frames - 1, 1) - 0.5) * (size - 4 * r)
-        cx, cy = size / 2 + dx * travel, size / 2 + dy * travel
-        if shape == "circle":
-            mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r**2
-        else:
-            mask = (abs(xx - cx) <= r) & (abs(yy - cy) <= r)
-        out[f][mask] = COLOURS[colour]
-    return out
+def _describe(frames) -> str:
+    from dit_mem.toyworld.metrics import read_concept
 
-
-def write_bank(folder: Path, frames: int = 17, size: int = 64) -> Path:
-    """Synthetic clips + ``memory.csv`` (``video``, ``caption``); returns the CSV path."""
-    from dit_mem.evaluation.video_io import write_mp4
-
-    videos = folder / "video"
-    rows = []
-    for i, (colour, shape, direction) in enumerate(
-        (c, s, d) for c in COLOURS for s in SHAPES for d in ("left", "right")
-    ):
-        name = f"synth{i:03d}_0_0to1.mp4"
-        path = videos / name
-        if not path.is_file():
-            write_mp4(path, shape_clip(colour, shape, direction, frames, size), fps=16)
-        rows.append({"video": name, "caption": f"a {colour} {shape} moving {direction}"})
-    csv_path = folder / "memory.csv"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["video", "caption"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return csv_path
-
-
-DEMO_PROMPT = "a red circle moving right"
+    colour, shape, direction = read_concept(frames)
+    return f"{colour or '?'} {shape or '?'} moving {direction or '?'}"
 
 
 def run_demo(
-    out: str | Path = "outputs/demo", prompt: str = DEMO_PROMPT, k: int = 2, steps: int = 4
-):
-    """Run every stage (each skipped if already done) and return the written paths."""
-    from dit_mem.data import LatentJobConfig, encode_latents
-    from dit_mem.generation import GenerationConfig, load_generator
-    from dit_mem.memory import MemoryEncoder
-    from dit_mem.outputs import save_generation, slugify
-    from dit_mem.retrieval import build_index
-    from dit_mem.tiny import build_tiny_wan
+    out: str | Path = "outputs/demo",
+    assets: str | Path | None = None,
+    prompts: tuple[str, ...] = (HELD_OUT_PROMPT, SEEN_PROMPT),
+    seed: int = 0,
+    table_repeats: int = 2,
+) -> dict[str, Path]:
+    """Generate ``prompts`` with and without memory, write videos + sheet, print the table."""
+    import time
 
-    out = Path(out)
-    bank = out / "bank"
-    csv_path = write_bank(bank)
-    print(f"[1/5] memory bank: {csv_path} ({sum(1 for _ in csv_path.open()) - 1} synthetic clips)")
+    from dit_mem.outputs import contact_sheet, save_generation, slugify
+    from dit_mem.toyworld.evaluate import format_table, load_toy_generator, metric_table
+    from dit_mem.toyworld.recipe import SHIPPED
+    from dit_mem.toyworld.world import parse_caption
 
-    index = out / "memory_index"
-    if not (index / "manifest.json").is_file():
-        build_index(csv_path, index)
-    print(f"[2/5] caption index (all-MiniLM-L6-v2, FAISS inner product): {index}")
-
-    model = build_tiny_wan(out / "model")
-    latents = out / "latent"
-    summary = encode_latents(
-        LatentJobConfig(
-            csv=csv_path,
-            out=latents,
-            base_model=model,
-            videos=bank / "video",
-            num_frames=17,
-            height=64,
-            width=64,
-            num_workers=0,
+    start = time.time()
+    assets = Path(assets) if assets is not None else SHIPPED
+    if not (assets / "base" / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{assets}: no trained toy world here; build one with "
+            "`dit-mem toyworld train --export dit_mem/toyworld/assets`"
         )
-    )
+    for p in prompts:
+        parse_caption(p)  # a clear error for prompts outside the toy world's vocabulary
+    out = Path(out)
+    gen = load_toy_generator(assets)
     print(
-        f"[3/5] latents (tiny random Wan VAE): {latents} ({summary.ok} new, {summary.skipped} done)"
+        "toy world: 9×32×32 clips of one coloured shape; the base Wan DiT never saw 'magenta'.\n"
+        f"models: {assets}\n"
     )
+    rows, written = [], {}
+    for prompt in prompts:
+        with_memory = gen.generate(prompt, seed=seed)
+        without = gen.generate(prompt, seed=seed, no_memory=True)
+        previews = gen.memory_previews(with_memory.retrieved)
+        for i, (vid, frames) in enumerate(zip(with_memory.retrieved.ids, previews, strict=True)):
+            rows.append((f"memory {i + 1} for '{prompt}': {vid}", frames))
+        slug = slugify(prompt)
+        for tag, result in (("no_memory", without), ("memory", with_memory)):
+            paths = save_generation(result, out, f"{slug}__{tag}")
+            written[f"{slug}__{tag}"] = paths["video"]
+            label = "with memory" if tag == "memory" else "no memory"
+            rows.append(
+                (f"'{prompt}', {label} -> reads as: {_describe(result.frames)}", result.frames)
+            )
+        print(f"prompt: {prompt!r}")
+        for i, (vid, score) in enumerate(
+            zip(with_memory.retrieved.ids, with_memory.retrieved.scores, strict=True)
+        ):
+            print(f"  memory {i + 1}: {vid} (score {score:.3f})")
+        print(f"  no memory   -> {_describe(without.frames)}")
+        print(f"  with memory -> {_describe(with_memory.frames)}")
+    sheet = contact_sheet(rows, out / "contact_sheet.png", columns=9, cell=96)
+    written["contact_sheet"] = sheet
 
-    encoder_dir = out / "encoder"
-    if not (encoder_dir / "config.json").is_file():
-        MemoryEncoder.from_preset("tiny").save_pretrained(encoder_dir)
-    print(f"[4/5] tiny random Wan model {model} and memory encoder {encoder_dir}")
-
-    cfg = GenerationConfig(
-        base_model=model,
-        encoder=encoder_dir,
-        index=index,
-        latents=latents,
-        videos=bank / "video",
-        k=k,
-        height=64,
-        width=64,
-        num_frames=17,
-        steps=steps,
-        dtype="float32",
-        device="cpu",
-        progress=False,
-    )
-    gen = load_generator(cfg)
-    result = gen.generate(prompt)
-    paths = save_generation(result, out, slugify(prompt), gen.memory_previews(result.retrieved))
-    print(f"[5/5] generated {result.frames.shape[0]} frames with {k} memory videos for {prompt!r}")
-    print("\nretrieved memory:")
-    for i, (vid, cap, score) in enumerate(
-        zip(result.retrieved.ids, result.retrieved.captions, result.retrieved.scores, strict=True)
-    ):
-        print(f"  {i + 1}. {score:.3f}  {vid}  {cap}")
-    print(
-        f"\nvideo:         {paths['video']}\nsettings:      {paths['json']}\ncontact sheet: {paths['sheet']}"
-    )
-    print(
-        "\nNOTE: every model weight in this demo is random, so the video is noise. It shows the\n"
-        "whole path (retrieval, latents, memory encoder, injection, denoising, decoding) offline.\n"
-        "With real weights:\n"
-        "  dit-mem generate --prompt 'a dog runs on the beach' base_model=model/Wan2.1-T2V-1.3B \\\n"
-        "      encoder=checkpoint/DiT-Mem-1.3B.safetensors index=memory_index latents=latent"
-    )
-    return paths
+    if table_repeats > 0:
+        table = metric_table(gen, held_out_repeats=table_repeats, seen_repeats=1, seed=1000)
+        print(
+            f"\naccuracy read back from generated videos (held-out colour: {12 * table_repeats} "
+            "prompts, seen colours: 60):\n"
+        )
+        print(format_table(table))
+    print(f"\nvideos and JSON sidecars: {out}/\ncontact sheet: {sheet}")
+    print(f"({time.time() - start:.1f} s)")
+    return written

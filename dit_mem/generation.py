@@ -49,6 +49,7 @@ class GenerationConfig:
     steps: int = 40
     shift: float = 5.0
     guidance_scale: float = 5.0
+    max_sequence_length: int = 512  # UMT5 tokens per prompt (Wan: 512)
     scheduler: Literal["flow-euler", "unipc"] = "flow-euler"
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     seed: int = 42
@@ -179,6 +180,7 @@ class DiTMemGenerator:
             "steps",
             "shift",
             "guidance_scale",
+            "max_sequence_length",
             "scheduler",
             "dtype",
         ]
@@ -210,6 +212,7 @@ class DiTMemGenerator:
             guidance_scale=cfg.guidance_scale,
             generator=generator,
             output_type="np",
+            max_sequence_length=cfg.max_sequence_length,
             progress=cfg.progress,
         )
         frames = (np.clip(video[0], 0.0, 1.0) * 255.0).round().astype(np.uint8)

@@ -1,4 +1,4 @@
-"""End to end on tiny random models: demo, `dit-mem generate`, benchmark layouts, errors."""
+"""End to end on tiny random models: `dit-mem generate`, benchmark layouts, errors."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from dit_mem.generation import GenerationConfig, load_generator
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    from dit_mem.demo import run_demo
+    from dit_mem.tiny import run_random_world
 
     out = tmp_path_factory.mktemp("demo")
-    run_demo(out, k=2, steps=2)
+    run_random_world(out, k=2, steps=2)
     return out
 
 

@@ -1,4 +1,4 @@
-"""``dit-mem demo``: the whole path offline with tiny random models."""
+"""``dit-mem demo``: memory on the shipped toy world (tiny trained Wan stack), offline."""
 
 from __future__ import annotations
 
@@ -9,17 +9,28 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="offline end-to-end demo (synthetic bank, real index, tiny random Wan + encoder)",
+        help="offline demo: a tiny trained Wan learns a colour it never saw from memory",
     )
     p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
-    p.add_argument("--prompt", default=None, help="prompt to generate")
-    p.add_argument("-k", type=int, default=2, help="memory videos to retrieve")
-    p.add_argument("--steps", type=int, default=4, help="denoising steps")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        help="toy-world prompt 'a <colour> <shape> moving <direction>' (repeatable)",
+    )
+    p.add_argument("--assets", type=Path, help="trained toy world (default: the shipped one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--table-repeats",
+        type=int,
+        default=2,
+        help="held-out prompts per concept in the metric table (0: no table)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from dit_mem.demo import DEMO_PROMPT, run_demo
+    from dit_mem.demo import HELD_OUT_PROMPT, SEEN_PROMPT, run_demo
 
-    run_demo(args.out, prompt=args.prompt or DEMO_PROMPT, k=args.k, steps=args.steps)
+    prompts = tuple(args.prompt) if args.prompt else (HELD_OUT_PROMPT, SEEN_PROMPT)
+    run_demo(args.out, args.assets, prompts, args.seed, args.table_repeats)
     return 0

@@ -97,6 +97,19 @@ PRESETS: dict[str, MemoryEncoderConfig] = {
         num_heads=2,
         latent_shape=(5, 8, 8),
     ),
+    # The toy world (dit_mem.toyworld): latents [8, 3, 8, 8] of 9×32×32 clips, a DiT of
+    # width 128. One conv block: a second max-pool would empty the 3-step time axis; 4 tokens
+    # per video keep memory a small share of the 48 video tokens, as 1,000 are of 32,760.
+    "toyworld": MemoryEncoderConfig(
+        in_channels=8,
+        tokens_per_video=4,
+        conv_channels=(64,),
+        kernel_sizes=(3,),
+        strides=(1,),
+        dim=128,
+        num_heads=4,
+        latent_shape=(3, 8, 8),
+    ),
 }
 
 

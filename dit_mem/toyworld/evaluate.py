@@ -1,0 +1,169 @@
+"""Scoring the toy world: does memory supply the concept the base model never learned?
+
+Four cases, on the same prompts and the same initial noise:
+
+* ``none``: the frozen base model alone;
+* ``both``: memory in both CFG branches (the paper);
+* ``cond``: memory in the conditional branch only;
+* ``wrong``: memory retrieved for a *different* colour (held-out prompts: green; seen prompts:
+  the next seen colour), in the conditional branch: a memory that must not help.
+
+Prompt sets: ``held_out`` (every shape × direction in the held-out colour) and ``seen`` (every
+concept in the other colours).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dit_mem.toyworld.metrics import accuracy
+from dit_mem.toyworld.world import COLOURS, HELD_OUT, caption, concepts
+
+CASES = ("none", "both", "cond", "wrong")
+SEEN = [c for c in COLOURS if c != HELD_OUT]
+
+
+@dataclass
+class ToyGenerationSettings:
+    steps: int = 20
+    guidance_scale: float = 4.0
+    k: int = 2
+
+
+def wrong_colour(colour: str) -> str:
+    """The colour whose memory is fetched in the ``wrong`` case."""
+    if colour == HELD_OUT:
+        return "green"
+    return SEEN[(SEEN.index(colour) + 1) % len(SEEN)]
+
+
+def load_toy_generator(assets: Path, settings: ToyGenerationSettings | None = None, progress=False):
+    """The real :func:`~dit_mem.generation.load_generator` on a toy-world asset folder."""
+    from dit_mem.generation import GenerationConfig, load_generator
+    from dit_mem.toyworld.base import MAX_TOKENS
+    from dit_mem.toyworld.world import FRAMES, SIZE
+
+    s = settings or ToyGenerationSettings()
+    cfg = GenerationConfig(
+        base_model=assets / "base",
+        encoder=assets / "encoder",
+        index=assets / "bank" / "index",
+        latents=assets / "bank" / "latent",
+        tokens=None,
+        videos=None,
+        k=s.k,
+        memory_mode="cond",
+        height=SIZE,
+        width=SIZE,
+        num_frames=FRAMES,
+        fps=8,
+        steps=s.steps,
+        guidance_scale=s.guidance_scale,
+        max_sequence_length=MAX_TOKENS,
+        negative_prompt="",
+        dtype="float32",
+        device="cpu",
+        progress=progress,
+    )
+    return load_generator(cfg)
+
+
+def generate_batch(
+    gen, prompts: list[str], case: str, seed: int, memory_prompts: list[str] | None = None
+) -> list[np.ndarray]:
+    """Videos (uint8 ``[F, H, W, 3]``) for ``prompts`` with one batch's noise from ``seed``."""
+    import torch
+
+    from dit_mem.memory.tokens import MemoryTokens
+
+    if case not in CASES:
+        raise ValueError(f"case must be one of {CASES}, got {case!r}")
+    memory = None
+    if case != "none":
+        queries = memory_prompts or prompts
+        ids = [gen.memory.retrieve(q, gen.cfg.k).ids for q in queries]
+        memory = MemoryTokens.cat([gen.memory.memory_tokens(i) for i in ids])
+    cfg = gen.cfg
+    video = gen.pipe(
+        prompts,
+        negative_prompt=[cfg.negative_prompt] * len(prompts),
+        memory=memory,
+        memory_mode="both" if case == "both" else "cond",
+        height=cfg.height,
+        width=cfg.width,
+        num_frames=cfg.num_frames,
+        num_inference_steps=cfg.steps,
+        guidance_scale=cfg.guidance_scale,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+        max_sequence_length=cfg.max_sequence_length,
+        progress=False,
+    )
+    return list((np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8))
+
+
+def prompt_set(name: str, repeats: int) -> list[tuple[str, str, str]]:
+    """Targets of the ``held_out`` or ``seen`` set, each concept ``repeats`` times."""
+    if name == "held_out":
+        base = [c for c in concepts([HELD_OUT])]
+    elif name == "seen":
+        base = [c for c in concepts(SEEN)]
+    else:
+        raise ValueError(f"prompt set must be 'held_out' or 'seen', got {name!r}")
+    return [c for c in base for _ in range(repeats)]
+
+
+def score_case(
+    gen, targets: list[tuple[str, str, str]], case: str, seed: int = 0, batch_size: int = 64
+) -> dict[str, float]:
+    """Colour / shape / direction accuracy of ``case`` on ``targets``."""
+    videos = []
+    for i in range(0, len(targets), batch_size):
+        chunk = targets[i : i + batch_size]
+        prompts = [caption(*t) for t in chunk]
+        memory_prompts = None
+        if case == "wrong":
+            memory_prompts = [caption(wrong_colour(t[0]), t[1], t[2]) for t in chunk]
+        videos += generate_batch(gen, prompts, case, seed + i, memory_prompts)
+    return accuracy(videos, targets)
+
+
+def metric_table(
+    gen, held_out_repeats: int = 4, seen_repeats: int = 1, seed: int = 0, cases=CASES
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{set: {case: {colour, shape, direction, n, seconds}}}`` for both prompt sets."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for name, repeats in (("held_out", held_out_repeats), ("seen", seen_repeats)):
+        targets = prompt_set(name, repeats)
+        table[name] = {}
+        for case in cases:
+            t = time.time()
+            row = score_case(gen, targets, case, seed)
+            row["seconds"] = round(time.time() - t, 2)
+            table[name][case] = row
+    return table
+
+
+def format_table(table: dict) -> str:
+    """Markdown table of :func:`metric_table`'s result."""
+    lines = [
+        "| prompts | memory | colour | shape | direction | n |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    label = {
+        "none": "none",
+        "both": "both CFG branches",
+        "cond": "conditional branch only",
+        "wrong": "wrong colour (cond)",
+    }
+    for name, rows in table.items():
+        for case, r in rows.items():
+            lines.append(
+                f"| {name.replace('_', '-')} | {label[case]} | {r['colour']:.1%} | {r['shape']:.1%} "
+                f"| {r['direction']:.1%} | {r['n']} |"
+            )
+    return "\n".join(lines)

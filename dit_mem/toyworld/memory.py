@@ -1,0 +1,91 @@
+"""Stage 4: the toy world's memory encoder, trained by the real ``dit-mem train`` code path.
+
+The encoder is :class:`~dit_mem.memory.MemoryEncoder` at the ``toyworld`` preset (same
+architecture as the paper's, smaller numbers); the frozen DiT is the stage-2 base model with
+memory attached by :func:`~dit_mem.backbone.attach_memory`; the samples are the bank's clips,
+each with its k nearest *other* bank clips (same-source exclusion) as memory. Nothing here is
+toy-specific except the settings: this builds a :class:`~dit_mem.training.TrainConfig` and calls
+:func:`~dit_mem.training.train`, resuming from the run's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from dit_mem.utils import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass
+class MemoryStageConfig:
+    steps: int = 3000
+    batch_size: int = 16
+    lr: float = 1e-3
+    k: int = 2
+    checkpoint_every: int = 500
+    seed: int = 0
+
+
+def memory_train_config(
+    out: Path, base_dir: Path, bank_dir: Path, cfg: MemoryStageConfig, progress=True
+):
+    from dit_mem.toyworld.base import MAX_TOKENS
+    from dit_mem.training import load_train_config
+
+    return load_train_config(
+        None,
+        [
+            f"data.train_csv={bank_dir / 'bank.csv'}",
+            f"data.latent_dir={bank_dir / 'latent'}",
+            f"data.index_dir={bank_dir / 'index'}",
+            f"data.k={cfg.k}",
+            f"data.max_text_tokens={MAX_TOKENS}",
+            "data.text_batch_size=64",
+            f"model.base_model_dir={base_dir}",
+            "model.encoder_preset=toyworld",
+            "model.dit_dtype=fp32",
+            "model.text_encoder_dtype=fp32",
+            "model.gradient_checkpointing=false",
+            f"optim.lr={cfg.lr}",
+            f"output_dir={out / 'work' / 'memory'}",
+            f"seed={cfg.seed}",
+            "epochs=100000",
+            f"max_steps={cfg.steps}",
+            f"batch_size={cfg.batch_size}",
+            "mixed_precision=no",
+            f"checkpoint_every={cfg.checkpoint_every}",
+            "keep_checkpoints=2",
+            "log_every=50",
+            "log_with=none",
+            f"progress_bar={'true' if progress else 'false'}",
+        ],
+    )
+
+
+def train_memory(
+    out: Path, base_dir: Path, bank_dir: Path, cfg: MemoryStageConfig, progress=True
+) -> Path:
+    """Train (or resume) the memory encoder; the result is copied to ``out/encoder``."""
+    from dit_mem.training import train
+    from dit_mem.training.checkpoint import latest_checkpoint
+
+    final = out / "encoder"
+    if (final / "config.json").is_file():
+        log.info("memory encoder: %s exists, skipping", final)
+        return final
+    tcfg = memory_train_config(out, base_dir, bank_dir, cfg, progress)
+    run_dir = Path(tcfg.output_dir)
+    resume = "latest" if latest_checkpoint(run_dir) is not None else None
+    train(tcfg, resume=resume)
+    encoder_dir = run_dir / "encoder"
+    if not (encoder_dir / "config.json").is_file():
+        raise RuntimeError(f"training finished without writing {encoder_dir}")
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(encoder_dir, tmp)
+    shutil.copy2(run_dir / "config.yaml", tmp / "train_config.yaml")
+    tmp.rename(final)
+    return final
