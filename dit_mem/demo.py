@@ -86,10 +86,14 @@ def run_demo(
     written["contact_sheet"] = sheet
 
     if table_repeats > 0:
-        table = metric_table(gen, held_out_repeats=table_repeats, seen_repeats=1, seed=1000)
+        table = metric_table(
+            gen, table_repeats, seen_repeats=1, seed=1000, cases=("none", "cond"), seen_every=2
+        )
         print(
             f"\naccuracy read back from generated videos (held-out colour: {12 * table_repeats} "
-            "prompts, seen colours: 60):\n"
+            "prompts, seen colours: 30; memory in the conditional CFG branch; the full table, with\n"
+            "memory in both branches and wrong memory: `dit-mem toyworld eval`, "
+            "benchmarks/toyworld.md):\n"
         )
         print(format_table(table))
     print(f"\nvideos and JSON sidecars: {out}/\ncontact sheet: {sheet}")

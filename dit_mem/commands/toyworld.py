@@ -43,7 +43,14 @@ def _train(args: argparse.Namespace) -> int:
     from dit_mem.toyworld.recipe import ToyWorldConfig, run_recipe
 
     cfg = load_config(ToyWorldConfig, args.config, args.overrides)
-    run_recipe(cfg, export=args.export)
+    command = " ".join(
+        [
+            "dit-mem toyworld train",
+            *(["--config", args.config] if args.config else []),
+            *args.overrides,
+        ]
+    )
+    run_recipe(cfg, export=args.export, command=command)
     return 0
 
 

@@ -98,11 +98,12 @@ PRESETS: dict[str, MemoryEncoderConfig] = {
         latent_shape=(5, 8, 8),
     ),
     # The toy world (dit_mem.toyworld): latents [8, 3, 8, 8] of 9×32×32 clips, a DiT of
-    # width 128. One conv block: a second max-pool would empty the 3-step time axis; 4 tokens
-    # per video keep memory a small share of the 48 video tokens, as 1,000 are of 32,760.
+    # width 128. One conv block: a second max-pool would empty the 3-step time axis. L = 16
+    # tokens per video (measured: L = 4 gives memory too little attention mass to change the
+    # colour, L = 100 drowns the 48 video tokens and harms seen prompts; benchmarks/toyworld.md).
     "toyworld": MemoryEncoderConfig(
         in_channels=8,
-        tokens_per_video=4,
+        tokens_per_video=16,
         conv_channels=(64,),
         kernel_sizes=(3,),
         strides=(1,),

@@ -21,12 +21,16 @@ log = get_logger(__name__)
 
 @dataclass
 class MemoryStageConfig:
-    steps: int = 3000
+    steps: int = 10000
     batch_size: int = 16
     lr: float = 1e-3
     k: int = 2
     checkpoint_every: int = 500
     seed: int = 0
+    tokens_per_video: int | None = None  # replaces the toyworld preset's L when set
+    # Variants for the generalisation question (benchmarks/toyworld.md), off by default:
+    train_colours: list[str] | None = None  # only these colours' clips are training samples
+    mask_colour: bool = False  # the DiT reads captions without their colour word
 
 
 def memory_train_config(
@@ -35,10 +39,17 @@ def memory_train_config(
     from dit_mem.toyworld.base import MAX_TOKENS
     from dit_mem.training import load_train_config
 
+    train_csv = bank_dir / "bank.csv"
+    if cfg.train_colours is not None or cfg.mask_colour:
+        train_csv = out / "work" / "memory_train.csv"
+    extra = []
+    if cfg.tokens_per_video is not None:
+        extra.append(f"model.encoder_overrides={{tokens_per_video: {cfg.tokens_per_video}}}")
     return load_train_config(
         None,
         [
-            f"data.train_csv={bank_dir / 'bank.csv'}",
+            *extra,
+            f"data.train_csv={train_csv}",
             f"data.latent_dir={bank_dir / 'latent'}",
             f"data.index_dir={bank_dir / 'index'}",
             f"data.k={cfg.k}",
@@ -77,6 +88,8 @@ def train_memory(
         log.info("memory encoder: %s exists, skipping", final)
         return final
     tcfg = memory_train_config(out, base_dir, bank_dir, cfg, progress)
+    if cfg.train_colours is not None or cfg.mask_colour:
+        _write_variant_samples(tcfg, bank_dir / "bank.csv", cfg)
     run_dir = Path(tcfg.output_dir)
     resume = "latest" if latest_checkpoint(run_dir) is not None else None
     train(tcfg, resume=resume)
@@ -89,3 +102,37 @@ def train_memory(
     shutil.copy2(run_dir / "config.yaml", tmp / "train_config.yaml")
     tmp.rename(final)
     return final
+
+
+def _write_variant_samples(tcfg, bank_csv: Path, cfg: MemoryStageConfig) -> None:
+    """The training CSV of a variant run, and its retrieval cache built from the *true* captions.
+
+    The trainer retrieves with a sample's caption and conditions the DiT on the same caption;
+    with ``mask_colour`` the DiT must read a caption without its colour word while retrieval
+    still sees the real one, so the retrieval cache is written first (the trainer reuses it).
+    """
+    import pandas as pd
+
+    from dit_mem.retrieval import Retriever
+    from dit_mem.toyworld.world import parse_caption
+    from dit_mem.training.retrieval_cache import build_retrieval_cache
+
+    table = pd.read_csv(bank_csv, dtype=str)
+    parsed = [parse_caption(c) for c in table["caption"]]
+    keep = [cfg.train_colours is None or p[0] in cfg.train_colours for p in parsed]
+    table, parsed = table[keep], [p for p, k in zip(parsed, keep, strict=True) if k]
+    build_retrieval_cache(
+        tcfg.cache_dir,
+        table["video"].tolist(),
+        table["caption"].tolist(),
+        lambda: Retriever(tcfg.data.index_dir),
+        k=tcfg.data.k,
+        index_dir=tcfg.data.index_dir,
+    )
+    if cfg.mask_colour:
+        table = table.assign(caption=[f"a {shape} moving {d}" for _, shape, d in parsed])
+    path = Path(tcfg.data.train_csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    table.to_csv(tmp, index=False)
+    tmp.rename(path)

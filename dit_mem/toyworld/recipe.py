@@ -106,7 +106,7 @@ def export_assets(out: Path, dest: Path) -> Path:
     return dest
 
 
-def run_recipe(cfg: ToyWorldConfig, export: Path | None = None) -> dict:
+def run_recipe(cfg: ToyWorldConfig, export: Path | None = None, command: str | None = None) -> dict:
     """Run every stage (skipping finished ones), evaluate, write the manifest; returns it."""
     from dit_mem.config import save_config, to_dict
 
@@ -139,7 +139,7 @@ def run_recipe(cfg: ToyWorldConfig, export: Path | None = None) -> dict:
         previous = json.loads((out / "manifest.json").read_text()).get("stage_seconds", {})
     manifest = {
         "format": "dit-mem-toyworld/1",
-        "command": "dit-mem toyworld train " + f"out={out}",
+        "command": command or f"dit-mem toyworld train out={out}",
         "config": to_dict(cfg),
         "versions": versions(),
         "stage_seconds": {**previous, **{k: v for k, v in times.items() if v > 1.0}},

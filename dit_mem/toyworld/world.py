@@ -130,7 +130,7 @@ def render(clip: Clip) -> np.ndarray:
 
 
 def clips(concept_list, per_concept: int, seed: int = 0) -> list[Clip]:
-    """``per_concept`` clips of every concept, seeds ``seed·10⁴ + concept·100 + j``-style unique."""
+    """``per_concept`` clips of every concept, clip seeds ``seed·10⁵ + concept·10³ + j`` (unique)."""
     out = []
     for c, (colour, shape, direction) in enumerate(concept_list):
         for j in range(per_concept):
