@@ -50,6 +50,20 @@ def build_tiny_components(seed: int = 0) -> dict:
     }
 
 
+def write_model_index(folder: Path, tokenizer_class: str) -> None:
+    """The ``model_index.json`` of a diffusers ``WanPipeline`` folder (components as saved)."""
+    index = {
+        "_class_name": "WanPipeline",
+        "_diffusers_version": "0.42.1",
+        "tokenizer": ["transformers", tokenizer_class],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
 def build_tiny_wan(folder: str | Path, seed: int = 0) -> Path:
     """Write a tiny random Wan model in diffusers layout to ``folder`` (skipped if complete)."""
     folder = Path(folder)
@@ -59,16 +73,7 @@ def build_tiny_wan(folder: str | Path, seed: int = 0) -> Path:
     parts = build_tiny_components(seed)
     for name, module in parts.items():
         module.save_pretrained(folder / name)
-    index = {
-        "_class_name": "WanPipeline",
-        "_diffusers_version": "0.42.1",
-        "tokenizer": ["transformers", "T5Tokenizer"],
-        "text_encoder": ["transformers", "UMT5EncoderModel"],
-        "transformer": ["diffusers", "WanTransformer3DModel"],
-        "vae": ["diffusers", "AutoencoderKLWan"],
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-    }
-    marker.write_text(json.dumps(index, indent=2))  # written last: marks the folder complete
+    write_model_index(folder, "T5Tokenizer")  # written last: marks the folder complete
     logger.info("wrote a tiny random Wan model to %s", folder)
     return folder
 

@@ -60,7 +60,9 @@ def tiny_vae(seed: int = 0, z_dim: int = 16):
     return AutoencoderKLWan(base_dim=2, num_res_blocks=1, z_dim=z_dim).eval()
 
 
-def tiny_text_encoder(vocab_size: int, seed: int = 0, d_model: int = TINY_TEXT_DIM):
+def tiny_text_encoder(
+    vocab_size: int, seed: int = 0, d_model: int = TINY_TEXT_DIM, d_kv: int = 8, d_ff: int = 64
+):
     """A 2-layer ``UMT5EncoderModel`` with the real model's structure (gated GELU, per-layer bias)."""
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -68,8 +70,8 @@ def tiny_text_encoder(vocab_size: int, seed: int = 0, d_model: int = TINY_TEXT_D
     config = UMT5Config(
         vocab_size=vocab_size,
         d_model=d_model,
-        d_kv=8,
-        d_ff=64,
+        d_kv=d_kv,
+        d_ff=d_ff,
         num_layers=2,
         num_heads=4,
         relative_attention_num_buckets=8,

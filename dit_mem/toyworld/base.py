@@ -70,23 +70,10 @@ def build_tokenizer():
 
 
 def build_text_encoder(vocab_size: int, seed: int = 0):
-    from transformers import UMT5Config, UMT5EncoderModel
+    """A 2-layer ``UMT5EncoderModel`` of width 64 (the shared tiny builder, wider)."""
+    from dit_mem.backbone.tiny import tiny_text_encoder
 
-    torch.manual_seed(seed)
-    config = UMT5Config(
-        vocab_size=vocab_size,
-        d_model=TEXT_DIM,
-        d_kv=16,
-        d_ff=128,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        tie_word_embeddings=False,
-    )
-    return UMT5EncoderModel(config)
+    return tiny_text_encoder(vocab_size, seed, d_model=TEXT_DIM, d_kv=16, d_ff=128)
 
 
 def build_transformer(seed: int = 0):
@@ -233,6 +220,8 @@ def write_base_folder(folder: Path, tokenizer, text_encoder, transformer, vae_di
 
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
 
+    from dit_mem.tiny import write_model_index
+
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer.save_pretrained(tmp / "tokenizer")
@@ -240,16 +229,7 @@ def write_base_folder(folder: Path, tokenizer, text_encoder, transformer, vae_di
     transformer.save_pretrained(tmp / "transformer")
     AutoencoderKLWan.from_pretrained(vae_dir).save_pretrained(tmp / "vae")
     FlowMatchEulerDiscreteScheduler(shift=5.0).save_pretrained(tmp / "scheduler")
-    index = {
-        "_class_name": "WanPipeline",
-        "_diffusers_version": "0.42.1",
-        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-        "text_encoder": ["transformers", "UMT5EncoderModel"],
-        "transformer": ["diffusers", "WanTransformer3DModel"],
-        "vae": ["diffusers", "AutoencoderKLWan"],
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-    }
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    write_model_index(tmp, "PreTrainedTokenizerFast")
     (tmp / "training.json").write_text(json.dumps(record, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
