@@ -203,3 +203,22 @@ SEEN_DIRECTION_MIN = 0.9
 HELD_OUT_NONE_MAX = 0.1
 HELD_OUT_MEMORY_MIN = 0.2
 HELD_OUT_GAIN_MIN = 0.15
+
+
+def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
+    from dit_mem.utils import atomic_dir
+
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("1")
+        assert not target.exists()  # nothing visible until the block finishes
+    assert (target / "a.txt").read_text() == "1"
+    with pytest.raises(RuntimeError, match="killed"), atomic_dir(target) as tmp:
+        (tmp / "b.txt").write_text("2")
+        raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # old folder kept, no temp
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    with atomic_dir(target) as tmp:
+        (tmp / "c.txt").write_text("3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert sorted(p.name for p in target.iterdir()) == ["c.txt"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dit_mem.toyworld.world import FRAMES, SIZE, Clip, clips, concepts
-from dit_mem.utils import get_logger, write_safetensors_atomic
+from dit_mem.utils import atomic_path, get_logger, write_safetensors_atomic
 
 log = get_logger(__name__)
 
@@ -46,12 +46,10 @@ def build_bank(out: Path, vae_dir: Path, cfg: BankStageConfig) -> Path:
     items = bank_clips(cfg)
     csv_path = bank / "bank.csv"
     if not csv_path.is_file():
-        tmp = csv_path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
+        with atomic_path(csv_path) as tmp, tmp.open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["video", "caption"])
             writer.writerows([c.id, c.caption] for c in items)
-        tmp.rename(csv_path)
 
     latent_dir = bank / "latent"
     if not (latent_dir / "manifest.json").is_file():

@@ -26,7 +26,7 @@ import torch
 
 from dit_mem.toyworld.state import load_state, save_state
 from dit_mem.toyworld.world import COLOURS, DIRECTIONS, HELD_OUT, SHAPES, Clip, concepts, render
-from dit_mem.utils import get_logger
+from dit_mem.utils import atomic_dir, get_logger
 
 log = get_logger(__name__)
 
@@ -113,15 +113,15 @@ def embed_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
 @torch.no_grad()
 def encode_clips(vae, clip_list: list[Clip], batch_size: int = 64) -> torch.Tensor:
     """Normalised latents ``[N, 8, 3, 8, 8]`` (``(mode − mean) / std``, as Wan's DiT sees them)."""
+    from dit_mem.data.vae import encode_frames
     from dit_mem.toyworld.vae import to_tensor
 
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
-    out = []
-    for i in range(0, len(clip_list), batch_size):
-        x = to_tensor([render(c) for c in clip_list[i : i + batch_size]])
-        out.append((vae.encode(x).latent_dist.mode() - mean) / std)
-    return torch.cat(out)
+    return torch.cat(
+        [
+            encode_frames(vae, to_tensor([render(c) for c in clip_list[i : i + batch_size]]))
+            for i in range(0, len(clip_list), batch_size)
+        ]
+    )
 
 
 def seen_concepts() -> list[tuple[str, str, str]]:
@@ -210,26 +210,21 @@ def train_base(out: Path, vae_dir: Path, cfg: BaseStageConfig, progress: bool = 
             log.info("base step %d: loss %.4f (last 50)", step, float(np.mean(losses[-50:])))
     bar.close()
     log.info("base model trained: %.1f min this run", (time.time() - t0) / 60)
-    write_base_folder(final, tokenizer, ema_text, ema_dit, vae_dir, {"steps": cfg.steps})
+    write_base_folder(final, tokenizer, ema_text, ema_dit, vae, {"steps": cfg.steps})
     return final
 
 
-def write_base_folder(folder: Path, tokenizer, text_encoder, transformer, vae_dir: Path, record):
+def write_base_folder(folder: Path, tokenizer, text_encoder, transformer, vae, record):
     """A diffusers ``WanPipeline`` folder, written to a temp folder and renamed into place."""
-    import shutil
-
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     from dit_mem.tiny import write_model_index
 
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(tmp / "tokenizer")
-    text_encoder.save_pretrained(tmp / "text_encoder")
-    transformer.save_pretrained(tmp / "transformer")
-    AutoencoderKLWan.from_pretrained(vae_dir).save_pretrained(tmp / "vae")
-    FlowMatchEulerDiscreteScheduler(shift=5.0).save_pretrained(tmp / "scheduler")
-    write_model_index(tmp, "PreTrainedTokenizerFast")
-    (tmp / "training.json").write_text(json.dumps(record, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with atomic_dir(folder) as tmp:
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        text_encoder.save_pretrained(tmp / "text_encoder")
+        transformer.save_pretrained(tmp / "transformer")
+        vae.save_pretrained(tmp / "vae")
+        FlowMatchEulerDiscreteScheduler(shift=5.0).save_pretrained(tmp / "scheduler")
+        write_model_index(tmp, "PreTrainedTokenizerFast")
+        (tmp / "training.json").write_text(json.dumps(record, indent=2))

@@ -109,9 +109,9 @@ def generate_batch(
 def prompt_set(name: str, repeats: int) -> list[tuple[str, str, str]]:
     """Targets of the ``held_out`` or ``seen`` set, each concept ``repeats`` times."""
     if name == "held_out":
-        base = [c for c in concepts([HELD_OUT])]
+        base = concepts([HELD_OUT])
     elif name == "seen":
-        base = [c for c in concepts(SEEN)]
+        base = concepts(SEEN)
     else:
         raise ValueError(f"prompt set must be 'held_out' or 'seen', got {name!r}")
     return [c for c in base for _ in range(repeats)]

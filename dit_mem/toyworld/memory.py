@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from dit_mem.utils import get_logger
+from dit_mem.utils import atomic_dir, atomic_path, get_logger
 
 log = get_logger(__name__)
 
@@ -32,6 +32,11 @@ class MemoryStageConfig:
     train_colours: list[str] | None = None  # only these colours' clips are training samples
     mask_colour: bool = False  # the DiT reads captions without their colour word
 
+    @property
+    def is_variant(self) -> bool:
+        """Training samples differ from the bank's CSV (written by ``_write_variant_samples``)."""
+        return self.train_colours is not None or self.mask_colour
+
 
 def memory_train_config(
     out: Path, base_dir: Path, bank_dir: Path, cfg: MemoryStageConfig, progress=True
@@ -39,9 +44,7 @@ def memory_train_config(
     from dit_mem.toyworld.base import MAX_TOKENS
     from dit_mem.training import load_train_config
 
-    train_csv = bank_dir / "bank.csv"
-    if cfg.train_colours is not None or cfg.mask_colour:
-        train_csv = out / "work" / "memory_train.csv"
+    train_csv = out / "work" / "memory_train.csv" if cfg.is_variant else bank_dir / "bank.csv"
     extra = []
     if cfg.tokens_per_video is not None:
         extra.append(f"model.encoder_overrides={{tokens_per_video: {cfg.tokens_per_video}}}")
@@ -88,7 +91,7 @@ def train_memory(
         log.info("memory encoder: %s exists, skipping", final)
         return final
     tcfg = memory_train_config(out, base_dir, bank_dir, cfg, progress)
-    if cfg.train_colours is not None or cfg.mask_colour:
+    if cfg.is_variant:
         _write_variant_samples(tcfg, bank_dir / "bank.csv", cfg)
     run_dir = Path(tcfg.output_dir)
     resume = "latest" if latest_checkpoint(run_dir) is not None else None
@@ -96,11 +99,9 @@ def train_memory(
     encoder_dir = run_dir / "encoder"
     if not (encoder_dir / "config.json").is_file():
         raise RuntimeError(f"training finished without writing {encoder_dir}")
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(encoder_dir, tmp)
-    shutil.copy2(run_dir / "config.yaml", tmp / "train_config.yaml")
-    tmp.rename(final)
+    with atomic_dir(final) as tmp:
+        shutil.copytree(encoder_dir, tmp, dirs_exist_ok=True)
+        shutil.copy2(run_dir / "config.yaml", tmp / "train_config.yaml")
     return final
 
 
@@ -131,8 +132,5 @@ def _write_variant_samples(tcfg, bank_csv: Path, cfg: MemoryStageConfig) -> None
     )
     if cfg.mask_colour:
         table = table.assign(caption=[f"a {shape} moving {d}" for _, shape, d in parsed])
-    path = Path(tcfg.data.train_csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    table.to_csv(tmp, index=False)
-    tmp.rename(path)
+    with atomic_path(tcfg.data.train_csv) as tmp:
+        table.to_csv(tmp, index=False)

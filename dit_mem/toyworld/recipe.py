@@ -11,6 +11,7 @@ the metric table, the timings and the library versions go into ``manifest.json``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import shutil
@@ -30,7 +31,7 @@ from dit_mem.toyworld.evaluate import (
 )
 from dit_mem.toyworld.memory import MemoryStageConfig, train_memory
 from dit_mem.toyworld.vae import VAEStageConfig, train_vae
-from dit_mem.utils import get_logger, write_json_atomic
+from dit_mem.utils import atomic_dir, get_logger, write_json_atomic
 
 log = get_logger(__name__)
 
@@ -78,31 +79,28 @@ def export_assets(out: Path, dest: Path) -> Path:
 
     from dit_mem.memory import MemoryEncoder
 
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     base = out / "base"
 
     def half(module):  # nn.Module.to: storage only, every loader casts back to float32
         return torch.nn.Module.to(module, torch.float16)
 
-    half(WanTransformer3DModel.from_pretrained(base / "transformer")).save_pretrained(
-        tmp / "base" / "transformer"
-    )
-    half(AutoencoderKLWan.from_pretrained(base / "vae")).save_pretrained(tmp / "base" / "vae")
-    half(UMT5EncoderModel.from_pretrained(base / "text_encoder")).save_pretrained(
-        tmp / "base" / "text_encoder"
-    )
-    AutoTokenizer.from_pretrained(base / "tokenizer").save_pretrained(tmp / "base" / "tokenizer")
-    shutil.copytree(base / "scheduler", tmp / "base" / "scheduler")
-    shutil.copy2(base / "model_index.json", tmp / "base" / "model_index.json")
-    enc = MemoryEncoder.from_pretrained(out / "encoder")
-    half(enc).save_pretrained(tmp / "encoder")
-    shutil.copytree(out / "bank", tmp / "bank")
-    for extra in ("manifest.json",):
-        if (out / extra).is_file():
-            shutil.copy2(out / extra, tmp / extra)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    with atomic_dir(dest) as tmp:
+        half(WanTransformer3DModel.from_pretrained(base / "transformer")).save_pretrained(
+            tmp / "base" / "transformer"
+        )
+        half(AutoencoderKLWan.from_pretrained(base / "vae")).save_pretrained(tmp / "base" / "vae")
+        half(UMT5EncoderModel.from_pretrained(base / "text_encoder")).save_pretrained(
+            tmp / "base" / "text_encoder"
+        )
+        AutoTokenizer.from_pretrained(base / "tokenizer").save_pretrained(
+            tmp / "base" / "tokenizer"
+        )
+        shutil.copytree(base / "scheduler", tmp / "base" / "scheduler")
+        shutil.copy2(base / "model_index.json", tmp / "base" / "model_index.json")
+        half(MemoryEncoder.from_pretrained(out / "encoder")).save_pretrained(tmp / "encoder")
+        shutil.copytree(out / "bank", tmp / "bank")
+        if (out / "manifest.json").is_file():
+            shutil.copy2(out / "manifest.json", tmp / "manifest.json")
     return dest
 
 
@@ -115,24 +113,25 @@ def run_recipe(cfg: ToyWorldConfig, export: Path | None = None, command: str | N
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    times = {}
-    t = time.time()
-    vae_dir = train_vae(out, cfg.vae, cfg.progress)
-    times["vae_s"] = round(time.time() - t, 1)
-    t = time.time()
-    base_dir = train_base(out, vae_dir, cfg.base, cfg.progress)
-    times["base_s"] = round(time.time() - t, 1)
-    t = time.time()
-    bank_dir = build_bank(out, vae_dir, cfg.bank)
-    times["bank_s"] = round(time.time() - t, 1)
-    t = time.time()
-    train_memory(out, base_dir, bank_dir, cfg.memory, cfg.progress)
-    times["memory_s"] = round(time.time() - t, 1)
+    times: dict[str, float] = {}
 
-    t = time.time()
-    gen = load_toy_generator(out, cfg.generation)
-    table = metric_table(gen, cfg.eval_held_out_repeats, cfg.eval_seen_repeats, cfg.eval_seed)
-    times["eval_s"] = round(time.time() - t, 1)
+    @contextlib.contextmanager
+    def timed(name: str):
+        start = time.time()
+        yield
+        times[name] = round(time.time() - start, 1)
+
+    with timed("vae_s"):
+        vae_dir = train_vae(out, cfg.vae, cfg.progress)
+    with timed("base_s"):
+        base_dir = train_base(out, vae_dir, cfg.base, cfg.progress)
+    with timed("bank_s"):
+        bank_dir = build_bank(out, vae_dir, cfg.bank)
+    with timed("memory_s"):
+        train_memory(out, base_dir, bank_dir, cfg.memory, cfg.progress)
+    with timed("eval_s"):
+        gen = load_toy_generator(out, cfg.generation)
+        table = metric_table(gen, cfg.eval_held_out_repeats, cfg.eval_seen_repeats, cfg.eval_seed)
     print(format_table(table))
     previous = {}
     if (out / "manifest.json").is_file():

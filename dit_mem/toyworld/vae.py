@@ -10,6 +10,7 @@ latents' per-channel mean and std are measured and stored as the VAE's ``latents
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 
 from dit_mem.toyworld.state import load_state, save_state
 from dit_mem.toyworld.world import Clip, concepts, render
-from dit_mem.utils import get_logger
+from dit_mem.utils import atomic_dir, get_logger
 
 log = get_logger(__name__)
 
@@ -111,11 +112,8 @@ def train_vae(out: Path, cfg: VAEStageConfig, progress: bool = True) -> Path:
             params, lr=cfg.decoder_lr if decoder_only else cfg.lr, weight_decay=0.0
         )
 
-    meta = None
-    phase = "joint"
+    phase = "joint"  # the saved phase decides which parameters the optimizer holds
     if (work / "state.json").is_file():
-        import json
-
         phase = json.loads((work / "state.json").read_text()).get("phase", "joint")
     optimizer = make_optimizer(phase == "decoder")
     meta = load_state(work, {"vae": vae}, optimizer)
@@ -160,13 +158,7 @@ def train_vae(out: Path, cfg: VAEStageConfig, progress: bool = True) -> Path:
 
 
 def _save_module(module, folder: Path, record: dict) -> None:
-    """``save_pretrained`` into a temp folder, then rename (the folder appears complete)."""
-    import json
-    import shutil
-
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    module.save_pretrained(tmp)
-    (tmp / "training.json").write_text(json.dumps(record, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    """``save_pretrained`` + ``training.json``, put in place whole (``atomic_dir``)."""
+    with atomic_dir(folder) as tmp:
+        module.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps(record, indent=2))

@@ -36,7 +36,7 @@ from dit_mem.training.loss import FlowMatchingObjective
 from dit_mem.training.metrics import MetricsLogger
 from dit_mem.training.retrieval_cache import build_retrieval_cache, memory_ids_by_sample
 from dit_mem.training.text_cache import TextEmbeddingCache
-from dit_mem.utils import get_logger
+from dit_mem.utils import atomic_dir, get_logger
 
 log = get_logger(__name__)
 
@@ -538,11 +538,5 @@ def _check_ranks_agree(accelerator, encoder, run_dir: Path) -> None:
 
 def _write_final_encoder(encoder, run_dir: Path) -> None:
     """``<run>/encoder``: the last weights as a save_pretrained folder (replaced atomically)."""
-    tmp, final = run_dir / f"{ckpt_io.TMP_PREFIX}encoder", run_dir / "encoder"
-    shutil.rmtree(tmp, ignore_errors=True)
-    encoder.save_pretrained(str(tmp))
-    old = run_dir / f"{ckpt_io.TMP_PREFIX}encoder-old"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(run_dir / "encoder") as tmp:
+        encoder.save_pretrained(str(tmp))

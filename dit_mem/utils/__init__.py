@@ -1,6 +1,7 @@
 """Small shared helpers: atomic file writes, logging."""
 
 from dit_mem.utils.io import (
+    atomic_dir,
     atomic_path,
     write_json_atomic,
     write_safetensors_atomic,
@@ -9,6 +10,7 @@ from dit_mem.utils.io import (
 from dit_mem.utils.logging import get_logger
 
 __all__ = [
+    "atomic_dir",
     "atomic_path",
     "get_logger",
     "write_json_atomic",
