@@ -9,19 +9,23 @@ process, interleaved round by round:
 
 1. a denoising step (one transformer forward) with no memory;
 2. the paper's form: the 1,000 dense memory tokens concatenated into every block's
-   self-attention as queries *and* keys, their outputs sliced off (:class:`PaperFormMemory`,
-   written here as the baseline);
+   self-attention as queries *and* keys, their outputs sliced off (the package's
+   :class:`~dit_mem.backbone.reference.PaperFormMemory`);
 3. our injection (``attach_memory``): the 10 distinct tokens as extra keys/values only, with a
-   log-multiplicity bias, per backend: the package's ``auto`` (→ ``lse`` at inference,
-   ``joint`` in training), ``lse``, ``joint``; and two exact routes written here
-   (:class:`AltMemoryAttnProcessor`): ``float-mask``, the naive one ("before": one SDPA with a
-   float attention mask, which can push SDPA off its fastest kernel), and ``repeat-kv`` (the
-   distinct keys/values repeated by multiplicity: mask-free at the stock head dim);
+   log-multiplicity bias, per route: the package's ``auto``, ``lse`` (the video attention's
+   log-sum-exp merged with the memory part) and ``joint`` (one attention, bias in extra head
+   channels); and two exact routes written here (:class:`AltMemoryAttnProcessor`):
+   ``float-mask``, the naive one ("before": one SDPA with a float attention mask, which can
+   push SDPA off its fastest kernel), and ``repeat-kv`` (the distinct keys/values repeated by
+   multiplicity: mask-free at the stock head dim);
 4. one training step (encoder forward, DiT forward and backward into the encoder with gradient
    checkpointing, ``FlowMatchingObjective`` loss, AdamW step): the paper's form (dense encoder
    attention + dense tokens; the release re-encodes the caption with UMT5-XXL every step) and
-   ours (compact tokens, ``dit_mem.training.trainer.training_loss``), each with cached text
+   ours (compact tokens, ``dit_mem.training.trainer.training_loss``) per route, with cached text
    embeddings and with the caption encoded by a UMT5 encoder of the real size every step.
+
+``--attention-backend`` runs the DiT on another diffusers attention backend (``flash``,
+``_native_cudnn``, ...): memory then goes through that backend too.
 
 Reported: median ms over ``--repeats`` after ``--warmup`` rounds (CUDA events on GPU,
 ``perf_counter`` on CPU), overhead over (1) in percent, training throughput relative to the
@@ -51,21 +55,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanTransformer3DModel
-from torch import nn
+from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
 from dit_mem.backbone import attach_memory, detach_memory
-from dit_mem.backbone.injection import MemoryAttnProcessor
+from dit_mem.backbone.injection import MemoryAttnProcessor, get_attachment
+from dit_mem.backbone.reference import PaperFormMemory
 from dit_mem.memory import MemoryEncoder, MemoryTokens
 from dit_mem.training.loss import FlowMatchingObjective
 from dit_mem.training.trainer import training_loss
 
-PACKAGE_BACKENDS = ("auto", "lse", "joint")  # dit_mem.backbone.attention
-ALT_BACKENDS = ("float-mask", "repeat-kv")  # written here (AltMemoryAttnProcessor)
-BACKEND_CHOICES = PACKAGE_BACKENDS + ALT_BACKENDS
-DEFAULT_BACKENDS = "auto,joint,float-mask,repeat-kv"
-BACKEND_LABELS = {
+PACKAGE_ROUTES = ("auto", "lse", "joint")  # dit_mem.backbone.attention
+ALT_ROUTES = ("float-mask", "repeat-kv")  # written here (AltMemoryAttnProcessor)
+ROUTE_CHOICES = PACKAGE_ROUTES + ALT_ROUTES
+DEFAULT_ROUTES = "auto,joint,float-mask,repeat-kv"
+ROUTE_LABELS = {
     "auto": "auto (→ lse)",
     "lse": "lse",
     "joint": "joint",
@@ -171,98 +174,34 @@ def video_tokens(size: Size) -> int:
 # --------------------------------------------------------------------------------------
 # The paper's form: dense memory tokens as queries and keys in every self-attention
 # --------------------------------------------------------------------------------------
-def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's RoPE on interleaved channel pairs, exactly as diffusers' ``WanAttnProcessor``."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
+class PaperForm:
+    """The package's :class:`~dit_mem.backbone.reference.PaperFormMemory`, installed on demand.
 
-
-class PaperFormAttnProcessor(WanAttnProcessor):
-    """Self-attention over ``[video ; memory]`` queries and keys; memory outputs sliced off.
-
-    ``memory`` (the block's modulated dense memory tokens ``[B, M, D]``) is set by
-    :class:`PaperFormBlock` right before the block runs; ``None`` gives the stock processor.
-    Memory gets no RoPE (cos 1, sin 0 at its positions).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.memory: torch.Tensor | None = None
-
-    def __call__(
-        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None
-    ):
-        if self.memory is None:
-            return super().__call__(
-                attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
-            )
-        s, m = hidden_states.shape[1], self.memory.shape[1]
-        x = torch.cat([hidden_states, self.memory], dim=1)  # [B, S+M, D]
-        query, key, value = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
-        cos, sin = rotary_emb  # [1, S, 1, Dh]; memory positions get cos 1, sin 0
-        cos, sin = F.pad(cos, (0, 0, 0, 0, 0, m), value=1.0), F.pad(sin, (0, 0, 0, 0, 0, m))
-        query, key = _rotary(query, cos, sin), _rotary(key, cos, sin)
-        out = dispatch_attention_fn(query, key, value, backend=self._attention_backend)
-        out = out[:, :s].flatten(2, 3).type_as(query)  # video outputs only
-        return attn.to_out[1](attn.to_out[0](out))
-
-
-class PaperFormBlock(nn.Module):
-    """A stock ``WanTransformerBlock`` plus the paper's memory: norm1 + modulation, then attn1."""
-
-    def __init__(self, block: nn.Module, owner: PaperFormMemory):
-        super().__init__()
-        self.block = block
-        self.owner = owner  # not a submodule: holds this call's dense tokens
-        self.processor = PaperFormAttnProcessor()
-        self.processor._attention_backend = block.attn1.processor._attention_backend
-
-    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
-        tokens = self.owner.tokens
-        if tokens is not None:  # Wan2.1: temb [B, 6, D]
-            shift, scale = (self.block.scale_shift_table + temb.float()).chunk(6, dim=1)[:2]
-            tokens = tokens.to(hidden_states.dtype).expand(hidden_states.shape[0], -1, -1)
-            memory = self.block.norm1(tokens.float()) * (1 + scale) + shift
-            self.processor.memory = memory.type_as(hidden_states)
-        try:
-            return self.block(hidden_states, encoder_hidden_states, temb, rotary_emb)
-        finally:
-            self.processor.memory = None
-
-
-class PaperFormMemory:
-    """The paper's injection on one transformer instance (installed only inside ``installed()``).
-
-    Set ``tokens`` (dense ``[B, M, D]``) before the forward and keep it until its backward is
+    Set ``tokens`` (dense ``[B, M, D]``) before a forward and keep them until its backward is
     done (gradient checkpointing recomputes the blocks then).
     """
 
     def __init__(self, transformer: WanTransformer3DModel):
         self.transformer = transformer
-        self.tokens: torch.Tensor | None = None
+        self.memory: PaperFormMemory | None = None
+
+    @property
+    def tokens(self) -> torch.Tensor | None:
+        return None if self.memory is None else self.memory.transformer.blocks[0].memory
+
+    @tokens.setter
+    def tokens(self, dense: torch.Tensor | None) -> None:
+        if self.memory is not None:
+            self.memory.set_memory(dense)
 
     @contextmanager
-    def installed(self) -> Iterator[PaperFormMemory]:
-        blocks = self.transformer.blocks
-        originals = list(blocks)
-        saved = [b.attn1.processor for b in originals]
+    def installed(self) -> Iterator[PaperForm]:
+        self.memory = PaperFormMemory(self.transformer)
         try:
-            for i, block in enumerate(originals):
-                wrapper = PaperFormBlock(block, self)
-                block.attn1.set_processor(wrapper.processor)
-                blocks[i] = wrapper
             yield self
         finally:
-            for i, (block, processor) in enumerate(zip(originals, saved, strict=True)):
-                blocks[i] = block
-                block.attn1.set_processor(processor)
-            self.tokens = None
+            self.memory.remove()
+            self.memory = None
 
 
 def paper_encode(
@@ -284,7 +223,7 @@ def paper_encode(
 
 
 def paper_training_loss(
-    paper: PaperFormMemory,
+    paper: PaperForm,
     encoder: MemoryEncoder,
     objective: FlowMatchingObjective,
     batch: dict,
@@ -323,62 +262,47 @@ class AltMemoryAttnProcessor(MemoryAttnProcessor):
                       unchanged, differentiable; exact only for integer multiplicities (λ = 1).
     """
 
-    def __init__(self, mode: str):
-        super().__init__("auto")
-        if mode not in ("float-mask", "repeat-kv"):
+    def __init__(self, attachment, block, mode: str):
+        super().__init__(attachment, block)
+        if mode not in ALT_ROUTES:
             raise ValueError(f"unknown mode {mode!r}")
         self.mode = mode
 
-    def __call__(
-        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None
-    ):
-        memory = getattr(rotary_emb, "block", None)
-        if memory is None:
-            return super().__call__(
-                attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
-            )
-        x, m = hidden_states, memory.states
-        query, key, value = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-        mem_key, mem_value = attn.to_k(m), attn.to_v(m)
-        query, key, mem_key = attn.norm_q(query), attn.norm_k(key), attn.norm_k(mem_key)
-        query, key, value, mem_key, mem_value = (
-            t.unflatten(2, (attn.heads, -1)).transpose(1, 2)  # [B, H, S, Dh]
-            for t in (query, key, value, mem_key, mem_value)
-        )
-        cos, sin = (f.transpose(1, 2) for f in tuple(rotary_emb))
-        query, key = _rotary(query, cos, sin), _rotary(key, cos, sin)
+    def attend(self, query, key, value, memory_key, memory_value, memory_bias):
+        query, key, value, memory_key, memory_value = (
+            t.transpose(1, 2) for t in (query, key, value, memory_key, memory_value)
+        )  # [B, H, S, Dh]
         mask = None
         if self.mode == "float-mask":
-            b, s = x.shape[:2]
-            mask = torch.cat([memory.bias.new_zeros(b, s), memory.bias], dim=1)
+            b, s = query.shape[0], query.shape[2]
+            mask = torch.cat([memory_bias.new_zeros(b, s), memory_bias], dim=1)
             mask = mask.to(query.dtype)[:, None, None, :]
         else:
-            counts = memory.bias[0].exp().round()
-            if not torch.allclose(counts.log(), memory.bias, atol=1e-4):
+            counts = memory_bias[0].exp().round()
+            if not torch.allclose(counts.log(), memory_bias[0], atol=1e-4):
                 raise ValueError("repeat-kv needs integer multiplicities (memory_strength 1)")
             counts = counts.long()
-            mem_key = mem_key.repeat_interleave(counts, dim=2)
-            mem_value = mem_value.repeat_interleave(counts, dim=2)
+            memory_key = memory_key.repeat_interleave(counts, dim=2)
+            memory_value = memory_value.repeat_interleave(counts, dim=2)
         out = F.scaled_dot_product_attention(
             query,
-            torch.cat([key, mem_key], dim=2),
-            torch.cat([value, mem_value], dim=2),
+            torch.cat([key, memory_key.to(key.dtype)], dim=2),
+            torch.cat([value, memory_value.to(value.dtype)], dim=2),
             attn_mask=mask,
         )
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
+        return out.transpose(1, 2)
 
 
 @contextmanager
-def ours_installed(transformer: WanTransformer3DModel, backend: str) -> Iterator[None]:
-    """``attach_memory`` with a package backend, or with :class:`AltMemoryAttnProcessor`."""
-    alternative = backend in ALT_BACKENDS
-    attach_memory(transformer, backend="auto" if alternative else backend)
+def ours_installed(transformer: WanTransformer3DModel, route: str) -> Iterator[None]:
+    """``attach_memory`` with a package route, or with :class:`AltMemoryAttnProcessor`."""
+    attach_memory(transformer, route="auto" if route in ALT_ROUTES else route)
     try:
-        if alternative:
+        if route in ALT_ROUTES:
+            attachment = get_attachment(transformer)
             for block in transformer.blocks:
                 old = block.attn1.processor
-                new = AltMemoryAttnProcessor(backend)
+                new = AltMemoryAttnProcessor(attachment, block, route)
                 new._attention_backend = old._attention_backend
                 block.attn1.set_processor(new)
         yield
@@ -627,9 +551,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="DiT dtype (default: bf16 on GPU, fp32 on CPU)",
     )
     ap.add_argument(
+        "--routes",
+        default=DEFAULT_ROUTES,
+        help=f"memory routes, a comma list of {', '.join(ROUTE_CHOICES)} (or 'all'); the first "
+        "is used for training",
+    )
+    ap.add_argument(
         "--attention-backend",
-        default=DEFAULT_BACKENDS,
-        help=f"comma list of {', '.join(BACKEND_CHOICES)} (or 'all'); the first is used for training",
+        default=None,
+        help="diffusers attention backend of the DiT (set_attention_backend), e.g. flash, "
+        "_native_cudnn; default: the active one (native)",
     )
     ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--skip-text-encoder", action="store_true")
@@ -644,13 +575,17 @@ def _validate_args(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit("--device cuda but no CUDA device is available")
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.type == "cuda" else "float32"
-    names = (
-        BACKEND_CHOICES if args.attention_backend == "all" else args.attention_backend.split(",")
-    )
-    unknown = [n for n in names if n not in BACKEND_CHOICES]
+    names = ROUTE_CHOICES if args.routes == "all" else args.routes.split(",")
+    unknown = [n for n in names if n not in ROUTE_CHOICES]
     if unknown or not names:
-        raise SystemExit(f"--attention-backend: unknown {unknown}; choose from {BACKEND_CHOICES}")
-    args.backends = list(dict.fromkeys(names))
+        raise SystemExit(f"--routes: unknown {unknown}; choose from {ROUTE_CHOICES}")
+    args.routes = list(dict.fromkeys(names))
+    if args.attention_backend is not None:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        known = [b.value for b in AttentionBackendName]
+        if args.attention_backend not in known:
+            raise SystemExit(f"--attention-backend: unknown {args.attention_backend!r}; {known}")
     if args.latent is not None:
         args.latent = tuple(int(x) for x in args.latent.split(","))
         if len(args.latent) != 3:
@@ -676,6 +611,8 @@ def main(args: argparse.Namespace) -> Result:
 
     # 1. models and inputs ---------------------------------------------------------------
     transformer = build_transformer(size, device, dtype)
+    if args.attention_backend is not None:
+        transformer.set_attention_backend(args.attention_backend)
     encoder = build_encoder(size, device)
     text_encoder = None
     if not (args.skip_training or args.skip_text_encoder):
@@ -690,7 +627,7 @@ def main(args: argparse.Namespace) -> Result:
     with torch.no_grad(), autocast():
         memory: MemoryTokens = encoder(memory_latents).to(dtype)  # same for every step
     dense = memory.dense()
-    paper = PaperFormMemory(transformer)
+    paper = PaperForm(transformer)
 
     header = [
         f"device: {_device_name(device)}",
@@ -709,10 +646,11 @@ def main(args: argparse.Namespace) -> Result:
             else ""
         ),
         f"medians of {args.repeats} after {args.warmup} warm-up round(s), "
-        + ("CUDA events" if device.type == "cuda" else "perf_counter"),
+        + ("CUDA events" if device.type == "cuda" else "perf_counter")
+        + f"; attention backend {args.attention_backend or 'native (default)'}",
     ]
 
-    # 2. inference cases: (1) none, (2) paper, (3) ours per backend -----------------------
+    # 2. inference cases: (1) none, (2) paper, (3) ours per route --------------------------
     @torch.no_grad()
     def forward(attention_kwargs=None) -> torch.Tensor:
         return transformer(x, timestep, text, attention_kwargs=attention_kwargs, return_dict=False)[
@@ -734,26 +672,26 @@ def main(args: argparse.Namespace) -> Result:
             paper.installed,
         ),
     ]
-    for backend in args.backends:
+    for route in args.routes:
         cases.append(
             Case(
-                f"ours-{backend}",
-                f"(3) ours, {BACKEND_LABELS[backend]}",
+                f"ours-{route}",
+                f"(3) ours, {ROUTE_LABELS[route]}",
                 "inference",
                 lambda: forward(ours_kwargs),
-                lambda b=backend: ours_installed(transformer, b),
+                lambda r=route: ours_installed(transformer, r),
             )
         )
 
-    # correctness: paper form == ours (every backend), and memory does change the output
+    # correctness: paper form == ours (every route), and memory does change the output
     with paper.installed():
         paper.tokens = dense
         out_paper = forward()
     out_none = forward()
     checks = {"memory effect (rel. diff none vs paper)": _rel_diff(out_none, out_paper)}
-    for backend in args.backends:
-        with ours_installed(transformer, backend):
-            checks[f"paper vs ours {backend} (rel. diff)"] = _rel_diff(
+    for route in args.routes:
+        with ours_installed(transformer, route):
+            checks[f"paper vs ours {route} (rel. diff)"] = _rel_diff(
                 forward(ours_kwargs), out_paper
             )
     checks["outputs finite"] = float(bool(out_paper.isfinite().all() and out_none.isfinite().all()))
@@ -767,11 +705,9 @@ def main(args: argparse.Namespace) -> Result:
         optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-5, weight_decay=0.0)
         generator = torch.Generator().manual_seed(5)
         ids, mask = caption_inputs(size, device)
-        # differentiable routes (lse is forward-only; auto trains through joint)
-        train_backends = [b for b in args.backends if b != "lse"] or ["auto"]
-        if "auto" in train_backends and "joint" in train_backends:
-            train_backends.remove("joint")
-        train_backend = train_backends[0]
+        # every route trains (auto: lse with its backward where the backend has one, else joint)
+        train_routes = [r for r in args.routes if not (r == "lse" and "auto" in args.routes)]
+        train_route = train_routes[0]
 
         def text_for(step_text: bool) -> torch.Tensor:
             return encode_caption(text_encoder, ids, mask) if step_text else text
@@ -803,10 +739,10 @@ def main(args: argparse.Namespace) -> Result:
             finally:
                 encoder.eval()
 
-        def ours_setup(backend: str = train_backend):
-            return ours_installed(transformer, backend)
+        def ours_setup(route: str = train_route):
+            return ours_installed(transformer, route)
 
-        name = "auto (→ joint)" if train_backend == "auto" else BACKEND_LABELS[train_backend]
+        name = ROUTE_LABELS[train_route]
         variants = [  # (key, label, loss, install, UMT5 every step)
             ("train-paper", "(4) paper form, UMT5 every step (as released)", paper_loss,
              paper.installed, True),
@@ -815,13 +751,13 @@ def main(args: argparse.Namespace) -> Result:
             ("train-ours", f"(4) ours, {name}, cached text", ours_loss, ours_setup, False),
             ("train-ours-umt5", f"(4) ours, {name}, UMT5 every step", ours_loss, ours_setup, True),
         ]  # fmt: skip
-        for backend in train_backends[1:]:
+        for route in train_routes[1:]:
             variants.append(
                 (
-                    f"train-ours-{backend}",
-                    f"(4) ours, {BACKEND_LABELS[backend]}, cached text",
+                    f"train-ours-{route}",
+                    f"(4) ours, {ROUTE_LABELS[route]}, cached text",
                     ours_loss,
-                    lambda b=backend: ours_setup(b),
+                    lambda r=route: ours_setup(r),
                     False,
                 )
             )

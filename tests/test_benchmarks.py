@@ -1,8 +1,8 @@
 """Smoke test of ``benchmarks/memory_overhead.py`` at its reduced size on CPU (issue 7).
 
-Also guards the benchmark's own baseline: the paper's form (1,000 dense memory tokens as
-queries and keys, written in the benchmark) must give the same transformer output as our
-injection (10 distinct tokens with log-multiplicity bias) on every attention route.
+Also guards the benchmark's baseline: the paper's form (1,000 dense memory tokens as queries and
+keys, ``dit_mem.backbone.reference``) must give the same transformer output as our injection
+(10 distinct tokens with log-multiplicity bias) on every attention route.
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ EXPECTED_ROWS = {
     "ours-repeat-kv": "(3) ours, repeat-kv",
     "train-paper": "(4) paper form, UMT5 every step",
     "train-paper-cached": "(4) paper form, cached text",
-    "train-ours": "(4) ours, auto (→ joint), cached text",
-    "train-ours-umt5": "(4) ours, auto (→ joint), UMT5 every step",
+    "train-ours": "(4) ours, auto (→ lse), cached text",
+    "train-ours-umt5": "(4) ours, auto (→ lse), UMT5 every step",
+    "train-ours-joint": "(4) ours, joint, cached text",
     "train-ours-float-mask": "(4) ours, float mask (before), cached text",
     "train-ours-repeat-kv": "(4) ours, repeat-kv, cached text",
 }
@@ -84,13 +85,15 @@ def test_paper_form_equals_ours(result):
     checks = result.checks
     assert checks["outputs finite"] == 1.0
     assert checks["memory effect (rel. diff none vs paper)"] > 1e-3  # memory matters here
-    for backend in ("auto", "joint", "float-mask", "repeat-kv"):
-        assert checks[f"paper vs ours {backend} (rel. diff)"] < 1e-5, backend
+    for route in ("auto", "joint", "float-mask", "repeat-kv"):
+        assert checks[f"paper vs ours {route} (rel. diff)"] < 1e-5, route
 
 
-def test_bad_backend_is_rejected(bench):
+def test_bad_route_or_backend_is_rejected(bench):
     with pytest.raises(SystemExit):
-        bench.parse_args(["--device", "cpu", "--attention-backend", "flash"])
+        bench.parse_args(["--device", "cpu", "--routes", "flash"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", "--attention-backend", "fast"])
 
 
 def test_training_gradients_match(bench):
@@ -118,7 +121,7 @@ def test_training_gradients_match(bench):
             loss.backward()
         return loss.item(), [p.grad.clone() for p in encoder.parameters()]
 
-    paper = bench.PaperFormMemory(transformer)
+    paper = bench.PaperForm(transformer)
     loss_p, grads_p = grads(
         lambda gen: bench.paper_training_loss(paper, encoder, objective, batch, gen, dtype),
         paper.installed,

@@ -1,8 +1,10 @@
 """Memory injection into a stock diffusers Wan transformer (SPEC §4).
 
-The reference is written here, independently of ``dit_mem.backbone``: the paper's dense form,
-where the 1,000 memory tokens are concatenated to the video tokens as extra queries *and* keys
-inside every block's self-attention (RoPE on video tokens only), and their outputs sliced off.
+The reference is the paper's dense form (``dit_mem.backbone.reference``): the 1,000 memory tokens
+concatenated to the video tokens as extra queries *and* keys inside every block's self-attention
+(RoPE on video tokens only), their outputs sliced off. The runtime features diffusers users
+combine memory with (offloading, context parallelism, backends, compile, ...) are in
+``test_runtime_features.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import warnings
 
 import pytest
 import torch
-from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch import nn
 
 from dit_mem import attach_memory, detach_memory
@@ -25,6 +26,7 @@ from dit_mem.backbone import (
     memory_attention,
     memory_attention_kwargs,
 )
+from dit_mem.backbone.reference import PaperFormMemory
 from dit_mem.backbone.tiny import tiny_pipeline, tiny_transformer
 from dit_mem.memory import MemoryEncoder, MemoryTokens
 
@@ -32,52 +34,15 @@ DIM = 32  # 2 heads × 16
 
 
 # --------------------------------------------------------------------------------------
-# The independent dense reference
+# The paper's dense form (dit_mem.backbone.reference), on a copy of the model
 # --------------------------------------------------------------------------------------
-class DenseMemoryBlock(nn.Module):
-    """A stock Wan block run the paper's way: ``[video ; memory]`` tokens in self-attention."""
-
-    def __init__(self, block: nn.Module, memory: torch.Tensor, log_strength: float, noisy):
-        super().__init__()
-        self.block, self.memory, self.log_strength, self.noisy = block, memory, log_strength, noisy
-
-    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
-        blk = self.block
-        b, s, d = hidden_states.shape
-        mem = self.memory.to(hidden_states.dtype).expand(b, -1, -1)
-        n = mem.shape[1]
-        x = torch.cat([hidden_states, mem], dim=1)
-        if temb.ndim == 4:  # per-token: memory rows take the noisy token's modulation
-            noisy_rows = temb[torch.arange(b), self.noisy][:, None].expand(b, n, 6, d)
-            mod = blk.scale_shift_table.unsqueeze(0) + torch.cat([temb, noisy_rows], 1).float()
-            shift, scale, gate, c_shift, c_scale, c_gate = (t.squeeze(2) for t in mod.chunk(6, 2))
-            gate, c_shift, c_scale, c_gate = (t[:, :s] for t in (gate, c_shift, c_scale, c_gate))
-        else:
-            mod = blk.scale_shift_table + temb.float()
-            shift, scale, gate, c_shift, c_scale, c_gate = mod.chunk(6, dim=1)
-        normed = (blk.norm1(x.float()) * (1 + scale) + shift).type_as(x)
-        cos, sin = rotary_emb  # identity rotation (cos 1, sin 0) for memory positions
-        cos = torch.cat([cos, cos.new_ones(1, n, 1, cos.shape[-1])], dim=1)
-        sin = torch.cat([sin, sin.new_zeros(1, n, 1, sin.shape[-1])], dim=1)
-        mask = None
-        if self.log_strength:
-            mask = torch.zeros(1, 1, 1, s + n)
-            mask[..., s:] = self.log_strength
-        attn = WanAttnProcessor()(blk.attn1, normed, None, mask, (cos, sin))[:, :s]
-        h = (hidden_states.float() + attn * gate).type_as(hidden_states)
-        h = h + blk.attn2(blk.norm2(h.float()).type_as(h), encoder_hidden_states, None, None)
-        ff = blk.ffn((blk.norm3(h.float()) * (1 + c_scale) + c_shift).type_as(h))
-        return (h.float() + ff.float() * c_gate).type_as(h)
-
-
 def dense_reference(transformer, memory_dense, strength: float = 1.0, noisy=None):
-    """A copy of ``transformer`` whose blocks take ``memory_dense [B, L, D]`` densely."""
+    """A copy of ``transformer`` that takes ``memory_dense [B, L, D]`` the paper's way."""
     ref = copy.deepcopy(transformer)
     detach_memory(ref)
-    log_strength = math.log(strength)
-    ref.blocks = nn.ModuleList(
-        DenseMemoryBlock(b, memory_dense, log_strength, noisy) for b in ref.blocks
-    )
+    paper = PaperFormMemory(ref)
+    paper.set_memory(memory_dense, strength, noisy)
+    ref.paper = paper
     return ref
 
 
@@ -147,6 +112,7 @@ def test_attached_without_memory_and_detached_are_bit_exact(per_token):
     hooks += [b._forward_pre_hooks for b in model.blocks]
     assert all(len(h) == 0 for h in hooks)
     assert "forward" not in vars(model)
+    assert all("forward" not in vars(b) for b in model.blocks)
 
 
 def test_no_memory_with_gradient_checkpointing_is_bit_exact():
@@ -161,9 +127,9 @@ def test_no_memory_with_gradient_checkpointing_is_bit_exact():
 # --------------------------------------------------------------------------------------
 # Exactness against the dense form
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["lse", "joint"])
+@pytest.mark.parametrize("route", ["auto", "lse", "joint"])
 @pytest.mark.parametrize("latent_shape", [(4, 8, 8), (8, 8, 8)])  # grid T' = 1 and T' = 2
-def test_equals_dense_form_inference(backend, latent_shape):
+def test_equals_dense_form_inference(route, latent_shape):
     model = tiny_transformer()
     enc = tiny_encoder(latent_shape)
     x, t, text = inputs()
@@ -172,20 +138,21 @@ def test_equals_dense_form_inference(backend, latent_shape):
         dense = memory.dense()
         assert dense.shape[1] == 1000
         expected = run(dense_reference(model, dense), x, t, text)
-        attach_memory(model, backend=backend)
+        attach_memory(model, route=route)
         got = run(model, x, t, text, memory_tokens=memory)
     assert rel_err(got, expected) <= 1e-5
     assert rel_err(got, run(model, x, t, text)) > 1e-3  # memory changes the output
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_training_equals_dense_form_and_grads_reach_encoder(checkpointing):
+@pytest.mark.parametrize("route", ["auto", "lse", "joint"])  # auto: lse (merge with a backward)
+def test_training_equals_dense_form_and_grads_reach_encoder(route, checkpointing):
     model = tiny_transformer().requires_grad_(False)
     enc = tiny_encoder()
     x, t, text = inputs()
     latents = torch.randn(1, 5, 16, 4, 8, 8)
     ref = dense_reference(model, None)
-    attach_memory(model)
+    attach_memory(model, route=route)
     if checkpointing:
         model.enable_gradient_checkpointing()
         ref.enable_gradient_checkpointing()
@@ -200,9 +167,7 @@ def test_training_equals_dense_form_and_grads_reach_encoder(checkpointing):
         return run(model, x, t, text, memory_tokens=enc(latents, shuffle=False))
 
     def paper():
-        dense = enc(latents, shuffle=False).dense()
-        for block in ref.blocks:
-            block.memory = dense
+        ref.paper.set_memory(enc(latents, shuffle=False).dense())
         return run(ref, x, t, text)
 
     out, grads = encoder_grads(ours)
@@ -270,9 +235,9 @@ def test_bf16_memory_logits_keep_log_counts():
     x, t, text = inputs()
     x, text = x.bfloat16(), text.bfloat16()
     with torch.no_grad():
-        attach_memory(model, backend="lse")
+        attach_memory(model, route="lse")
         lse = run(model, x, t, text, memory_tokens=memory)
-        attach_memory(model, backend="joint")
+        attach_memory(model, route="joint")
         joint = run(model, x, t, text, memory_tokens=memory)
     assert lse.dtype == torch.bfloat16
     assert rel_err(joint.float(), lse.float()) < 2e-2
@@ -377,23 +342,50 @@ def test_memory_attention_backends_agree_with_float64(dtype):
     ref = torch.einsum("bhst,bthd->bshd", logits.softmax(-1), torch.cat([v, mv], 1).double())
     tol = 1e-6 if dtype == torch.float32 else 2e-2
     outs = {}
-    for backend in ("lse", "joint", "auto"):
-        outs[backend] = memory_attention(
-            *(t.to(dtype) for t in (q, k, v, mk, mv)), bias, backend=backend
-        )
-        assert outs[backend].dtype == dtype
-        assert rel_err(outs[backend].double(), ref) <= tol
+    for route in ("lse", "joint", "auto"):
+        outs[route] = memory_attention(*(t.to(dtype) for t in (q, k, v, mk, mv)), bias, route=route)
+        assert outs[route].dtype == dtype
+        assert rel_err(outs[route].double(), ref) <= tol
     assert rel_err(outs["lse"].double(), outs["joint"].double()) <= tol
 
 
-def test_lse_backend_refuses_gradients_and_auto_uses_joint():
-    q = torch.randn(1, 4, 2, 8, requires_grad=True)
+@pytest.mark.parametrize("route", ["lse", "joint"])
+def test_memory_attention_gradients_agree_with_float64(route):
+    """Every input's gradient, both routes: the lse route's backward is the kernel's backward with
+    the merged output and log-sum-exp plus the memory part; joint is autograd through SDPA."""
+    g = torch.Generator().manual_seed(1)
+    b, s, gm, h, d = 2, 29, 4, 2, 16
+    leaves = [torch.randn(b, s, h, d, generator=g) for _ in range(3)]
+    leaves += [torch.randn(b, gm, h, d, generator=g) for _ in range(2)]
+    leaves.append(torch.log(torch.tensor([100.0, 1.0, 7.0, 50.0])).expand(b, -1).clone())
+    upstream = torch.randn(b, s, h, d, generator=g)
+
+    def reference(q, k, v, mk, mv, bias):
+        logits = torch.einsum("bshd,bthd->bhst", q, torch.cat([k, mk], 1)) / math.sqrt(d)
+        logits = torch.cat([logits[..., :s], logits[..., s:] + bias[:, None, None, :]], -1)
+        return torch.einsum("bhst,bthd->bshd", logits.softmax(-1), torch.cat([v, mv], 1))
+
+    ref_in = [t.double().requires_grad_() for t in leaves]
+    ref_grads = torch.autograd.grad(reference(*ref_in), ref_in, upstream.double())
+    ours_in = [t.clone().requires_grad_() for t in leaves]
+    out = memory_attention(*ours_in, route=route)
+    grads = torch.autograd.grad(out, ours_in, upstream)
+    assert rel_err(out.double(), reference(*ref_in).detach()) <= 1e-6
+    for name, got, want in zip(("q", "k", "v", "mk", "mv", "bias"), grads, ref_grads, strict=True):
+        assert rel_err(got.double(), want) <= 1e-5, name
+
+
+def test_lse_route_says_where_it_is_unavailable():
+    from diffusers.models.attention_dispatch import attention_backend
+
+    q = torch.randn(1, 4, 2, 8)
     mk = torch.randn(1, 3, 2, 8)
     bias = torch.zeros(1, 3)
-    with pytest.raises(ValueError, match="forward-only"):
-        memory_attention(q, q, q, mk, mk, bias, backend="lse")
-    memory_attention(q, q, q, mk, mk, bias).sum().backward()
-    assert q.grad is not None
+    with attention_backend("_native_math"), pytest.raises(ValueError, match="no log-sum-exp"):
+        memory_attention(q, q, q, mk, mk, bias, route="lse")
+    with attention_backend("_native_math"):  # auto falls back to joint
+        auto = memory_attention(q, q, q, mk, mk, bias)
+    assert rel_err(auto, memory_attention(q, q, q, mk, mk, bias, route="lse")) <= 1e-6
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -416,8 +408,8 @@ def test_bad_inputs_raise_clear_errors():
         run(model, x, t, text, memory_tokens=random_memory(), memory_strenght=2.0)
     with pytest.raises(ValueError, match="WanTransformer3DModel"):
         attach_memory(nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="backend"):
-        attach_memory(model, backend="flash")
+    with pytest.raises(ValueError, match="route"):
+        attach_memory(model, route="flash")
     # a failed call leaves nothing behind: the next call without memory is the stock model
     detach_memory(model)
     stock = run(model, x, t, text)

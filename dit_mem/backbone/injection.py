@@ -1,45 +1,45 @@
 """Memory tokens in the self-attention of a stock diffusers ``WanTransformer3DModel`` (SPEC §4).
 
-``attach_memory(transformer)`` changes one instance only, and ``detach_memory`` undoes it:
+``attach_memory(transformer)`` changes one instance only, and ``detach_memory`` undoes it. Memory
+takes one visible path:
 
-* every block's self-attention (``attn1``) gets a :class:`MemoryAttnProcessor`, a subclass of
-  diffusers' ``WanAttnProcessor`` that runs the stock code unchanged when no memory is given;
-* three removable hooks carry the memory from the forward call to the processors, through
-  the blocks' own arguments (no shared state is read during the blocks, so gradient
-  checkpointing may recompute them at any time):
+1. **The call.** The caller passes ``attention_kwargs={"memory_tokens": m, "memory_strength": λ}``
+   (stock ``WanPipeline`` forwards ``attention_kwargs`` to both CFG branches). A forward pre-hook on
+   the transformer reads them, checks them and keeps them on the :class:`MemoryAttachment` as this
+   call's memory; nothing is removed from, added to or rewritten in any argument. The memory stays
+   there until the next call, so gradient checkpointing can recompute blocks during backward.
+2. **The block.** A forward pre-hook on each block notes the ``temb`` the block was given (read
+   only), because the memory tokens need the block's modulation.
+3. **The processor.** Each block's self-attention gets a :class:`MemoryAttnProcessor` (a
+   ``WanAttnProcessor``). It runs inside the block's own forward, after every offloading hook
+   has put the block's weights on the execution device, and there it applies the block's
+   ``norm1`` and shift/scale to the memory tokens, projects them with the same q/k/v and q/k
+   RMSNorm (no RoPE), and attends with the video tokens as the only queries, through the
+   attention backend and context-parallel configuration diffusers gave the processor
+   (:mod:`dit_mem.backbone.attention`). Without memory it is the stock processor, bit for bit.
 
-  1. a forward pre-hook on the transformer takes ``memory_tokens`` / ``memory_strength`` out
-     of ``attention_kwargs`` (so diffusers never sees them) and validates them;
-  2. a forward hook on ``transformer.rope`` returns the rotary tables wrapped in a
-     :class:`MemoryRotaryEmb` (still the ``(cos, sin)`` tuple) that also holds the memory;
-     the transformer passes it to every block as ``rotary_emb``;
-  3. a forward pre-hook on each block applies that block's ``norm1`` and shift/scale
-     modulation to the memory tokens and hands them on, inside ``rotary_emb``, to ``attn1``.
+The memory keys' logits get ``log multiplicity + log λ`` (float32). With per-token timesteps
+(Wan2.2 TI2V) memory takes the modulation of the token with the largest timestep, i.e. the
+current noisy timestep rather than a clean conditioning frame's ``t = 0``.
 
-Per block the memory tokens get the block's ``norm1`` and self-attention modulation, the same
-q/k/v projections and q/k RMSNorm, no RoPE; they are extra keys and values only (video tokens
-are the only queries), and their logits get ``log multiplicity + log λ`` (float32). With
-per-token timesteps (Wan2.2 TI2V) memory takes the modulation of the token with the largest
-timestep, i.e. the current noisy timestep rather than a clean conditioning frame's ``t = 0``.
+Everything that knows Wan's structure is in :class:`WanAdapter` (which blocks, where the
+modulation lives, which processor to subclass); another DiT family would be another adapter.
+Hooks are bound methods of module-level classes, so an attached model pickles, deep-copies and
+``torch.save``-s.
 
 Usage::
 
     attach_memory(pipe.transformer)                 # or attach_memory(pipe): every expert
     out = pipe(prompt, attention_kwargs={"memory_tokens": memory, "memory_strength": 1.0})
-
-    # conditional branch only (our own CFG loop): give memory to the cond call only
-    cond = transformer(x, t, text, attention_kwargs={"memory_tokens": memory})[0]
-    uncond = transformer(x, t, negative_text)[0]    # bit-for-bit the stock model
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import (
     WanAttnProcessor,
     WanTransformer3DModel,
@@ -47,7 +47,7 @@ from diffusers.models.transformers.transformer_wan import (
 )
 from torch import nn
 
-from dit_mem.backbone.attention import BACKENDS, AttentionBackend, memory_attention
+from dit_mem.backbone.attention import Route, check_route, memory_attention
 from dit_mem.memory.tokens import MemoryTokens
 from dit_mem.utils import get_logger
 
@@ -61,136 +61,19 @@ _EXPERT_ATTRS = ("transformer", "transformer_2")
 
 
 # --------------------------------------------------------------------------------------
-# What travels with one forward call
+# What one transformer call carries
 # --------------------------------------------------------------------------------------
 @dataclass
-class _CallMemory:
-    """Memory of one transformer forward call (validated, batch not yet broadcast)."""
+class CallMemory:
+    """Memory of one transformer call (validated; batch not yet broadcast)."""
 
     tokens: torch.Tensor  # [Bm, G, D], Bm ∈ {1, B}
     bias: torch.Tensor  # [Bm, G] float32: log multiplicity + log λ
-    noisy_token: torch.Tensor | None  # [B] index of the noisiest token (per-token timesteps)
-    injected_blocks: set[int] = field(default_factory=set)
+    noisy_token: torch.Tensor | None = None  # [B] index of the noisiest token (per-token t)
+    num_tokens: int | None = None  # sequence length the per-token timesteps were given for
 
 
-@dataclass
-class _BlockMemory:
-    """Memory tokens after one block's ``norm1`` + modulation, ready for ``attn1``."""
-
-    states: torch.Tensor  # [B, G, D], hidden-state dtype
-    bias: torch.Tensor  # [B, G] float32
-
-
-class MemoryRotaryEmb(tuple):
-    """``(freqs_cos, freqs_sin)`` as diffusers passes them to blocks, plus this call's memory.
-
-    Behaves exactly like the stock tuple (``cos, sin = rotary_emb`` works); ``call`` is the
-    forward call's memory and ``block`` the current block's modulated memory tokens.
-    """
-
-    call: _CallMemory
-    block: _BlockMemory | None
-
-    def __new__(
-        cls, freqs: tuple[torch.Tensor, ...], call: _CallMemory, block: _BlockMemory | None = None
-    ) -> MemoryRotaryEmb:
-        obj = super().__new__(cls, tuple(freqs))
-        obj.call, obj.block = call, block
-        return obj
-
-    def with_block(self, block: _BlockMemory) -> MemoryRotaryEmb:
-        return MemoryRotaryEmb(tuple(self), self.call, block)
-
-
-# --------------------------------------------------------------------------------------
-# The attention processor
-# --------------------------------------------------------------------------------------
-def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's rotary embedding on interleaved channel pairs, ``x [B, S, H, Dh]``."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-    return out.type_as(x)
-
-
-def _project(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v of self-attention, fused projections or not."""
-    if getattr(attn, "fused_projections", False):
-        return attn.to_qkv(x).chunk(3, dim=-1)
-    return attn.to_q(x), attn.to_k(x), attn.to_v(x)
-
-
-class MemoryAttnProcessor(WanAttnProcessor):
-    """``WanAttnProcessor`` for self-attention with memory tokens as extra keys/values.
-
-    Without memory in ``rotary_emb`` it calls the stock processor, so the output is
-    bit-for-bit diffusers'. ``backend`` picks the exact attention kernel route
-    (see :mod:`dit_mem.backbone.attention`).
-    """
-
-    def __init__(self, backend: AttentionBackend = "auto"):
-        super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"memory attention backend must be one of {BACKENDS}, got {backend!r}")
-        self.backend: AttentionBackend = backend
-
-    def __call__(
-        self,
-        attn: nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        memory = getattr(rotary_emb, "block", None)
-        if memory is None:
-            if isinstance(rotary_emb, MemoryRotaryEmb):
-                rotary_emb = tuple(rotary_emb)
-            return super().__call__(
-                attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
-            )
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError("memory tokens only go into self-attention without a mask")
-
-        query, key, value = _project(attn, hidden_states)
-        _, mem_key, mem_value = _project(attn, memory.states)
-        query, key, mem_key = attn.norm_q(query), attn.norm_k(key), attn.norm_k(mem_key)
-        query, key, value, mem_key, mem_value = (
-            t.unflatten(2, (attn.heads, -1)) for t in (query, key, value, mem_key, mem_value)
-        )
-        query, key = _apply_rotary(query, *rotary_emb), _apply_rotary(key, *rotary_emb)
-
-        def joint_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
-            return dispatch_attention_fn(q, k, v, scale=scale, backend=self._attention_backend)
-
-        out = memory_attention(
-            query,
-            key,
-            value,
-            mem_key,
-            mem_value,
-            memory.bias,
-            backend=self.backend,
-            joint_attention_fn=joint_fn,
-        )
-        out = out.flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
-
-
-# --------------------------------------------------------------------------------------
-# Hooks
-# --------------------------------------------------------------------------------------
-def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
-    return args[index] if len(args) > index else kwargs.get(name)
-
-
-def _with_arg(args: tuple, kwargs: dict, index: int, name: str, value: Any) -> tuple[tuple, dict]:
-    if len(args) > index:
-        return (*args[:index], value, *args[index + 1 :]), kwargs
-    return args, {**kwargs, name: value}
-
-
-def _validate_memory(
+def validate_memory(
     memory: Any, strength: Any, batch_size: int, dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Check user input; returns ``(tokens [Bm, G, D], bias [Bm, G] float32)``."""
@@ -219,139 +102,310 @@ def _validate_memory(
         raise ValueError("memory tokens are empty (G = 0); pass no memory instead")
     if strength is None:
         strength = 1.0
-    if isinstance(strength, torch.Tensor):
+    if isinstance(strength, torch.Tensor) and strength.numel() == 1:
         strength = float(strength)
-    if not isinstance(strength, (int, float)) or not math.isfinite(strength) or strength <= 0:
+    if (
+        isinstance(strength, bool)
+        or not isinstance(strength, int | float)
+        or not math.isfinite(strength)
+        or strength <= 0
+    ):
         raise ValueError(f"{MEMORY_STRENGTH_KEY} must be a finite number > 0, got {strength!r}")
     return memory.tokens, memory.attention_bias(float(strength))
 
 
-class _Attachment:
-    """Hooks and saved processors of one attached transformer."""
+def _argument(args: tuple, kwargs: dict, index: int, name: str) -> Any:
+    """A call's argument by position or by name (read only)."""
+    return args[index] if len(args) > index else kwargs.get(name)
 
-    def __init__(self, transformer: WanTransformer3DModel, backend: AttentionBackend):
-        self.dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-        self.pending: _CallMemory | None = None  # set by the transformer hook, taken by rope's
-        self.current: _CallMemory | None = None  # the running call's memory, for a final check
-        self.original_processors: list[Any] = []
-        self.handles: list[Any] = []
-        for block in transformer.blocks:
-            old = block.attn1.processor
-            new = MemoryAttnProcessor(backend)
+
+# --------------------------------------------------------------------------------------
+# The family adapter: everything that knows Wan's structure
+# --------------------------------------------------------------------------------------
+class WanAdapter:
+    """Where memory goes in a diffusers ``WanTransformer3DModel`` (Wan2.1 / Wan2.2)."""
+
+    name = "wan"
+    processor_base = WanAttnProcessor
+
+    def check(self, transformer: Any) -> None:
+        if not isinstance(transformer, WanTransformer3DModel):
+            raise ValueError(
+                "memory attaches to a diffusers WanTransformer3DModel (or a pipeline holding one), "
+                f"got {type(transformer).__name__}"
+            )
+        for i, block in enumerate(transformer.blocks):
+            if not isinstance(block, WanTransformerBlock):
+                raise ValueError(
+                    f"block {i} is a {type(block).__name__}, not a stock WanTransformerBlock; "
+                    "cannot attach memory"
+                )
+
+    def hidden_size(self, transformer: WanTransformer3DModel) -> int:
+        return transformer.config.num_attention_heads * transformer.config.attention_head_dim
+
+    def blocks(self, transformer: WanTransformer3DModel) -> list[WanTransformerBlock]:
+        return list(transformer.blocks)
+
+    def self_attention(self, block: WanTransformerBlock) -> nn.Module:
+        return block.attn1
+
+    def call_inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """``hidden_states``, ``timestep`` and ``attention_kwargs`` of a transformer call
+        (``WanTransformer3DModel.forward``'s parameters 0, 1 and 5)."""
+        return {
+            "hidden_states": _argument(args, kwargs, 0, "hidden_states"),
+            "timestep": _argument(args, kwargs, 1, "timestep"),
+            "attention_kwargs": _argument(args, kwargs, 5, "attention_kwargs"),
+        }
+
+    def block_temb(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The ``temb`` a block was called with (``WanTransformerBlock.forward``'s parameter 2)."""
+        return _argument(args, kwargs, 2, "temb")
+
+    def noisy_token(self, timestep: Any) -> tuple[torch.Tensor | None, int | None]:
+        """Per-token timesteps ``[B, S]`` (Wan2.2 TI2V): index of the noisiest token, and S."""
+        if isinstance(timestep, torch.Tensor) and timestep.ndim == 2:
+            return timestep.argmax(dim=1), timestep.shape[1]
+        return None, None
+
+    def modulate(
+        self,
+        block: WanTransformerBlock,
+        call: CallMemory,
+        temb: torch.Tensor,
+        hidden_states: torch.Tensor,
+    ) -> torch.Tensor:
+        """Memory tokens through the block's ``norm1`` and self-attention shift/scale.
+
+        The stock block's expression for video tokens; ``temb`` is ``[B, 6, D]``, or
+        ``[B, S, 6, D]`` with per-token timesteps (then the noisiest token's row is used).
+        Returns ``[B, G, D]`` in the hidden-state dtype.
+        """
+        b = hidden_states.shape[0]
+        if temb.ndim == 4:
+            if call.noisy_token is None or temb.shape[1] != call.num_tokens:
+                raise NotImplementedError(
+                    "memory with per-token timesteps needs every token's timestep in each block "
+                    f"(got temb for {temb.shape[1]} tokens, timesteps for {call.num_tokens}); "
+                    "context parallelism with per-token timesteps is not supported"
+                )
+            rows = torch.arange(b, device=temb.device)
+            temb = temb[rows, call.noisy_token.to(temb.device)]
+        shift, scale = (block.scale_shift_table + temb.float()).chunk(6, dim=1)[:2]
+        tokens = call.tokens.to(device=hidden_states.device).expand(b, -1, -1)
+        return (block.norm1(tokens.float()) * (1 + scale) + shift).type_as(hidden_states)
+
+
+ADAPTERS: tuple[WanAdapter, ...] = (WanAdapter(),)
+
+
+def adapter_for(transformer: Any) -> WanAdapter:
+    for adapter in ADAPTERS:
+        try:
+            adapter.check(transformer)
+        except ValueError:
+            if adapter is ADAPTERS[-1]:
+                raise
+            continue
+        return adapter
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------------------
+# The attention processor
+# --------------------------------------------------------------------------------------
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding on interleaved channel pairs (the stock arithmetic), ``[B, S, H, Dh]``."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+def _project(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of self-attention, fused projections or not."""
+    if getattr(attn, "fused_projections", False):
+        return attn.to_qkv(x).chunk(3, dim=-1)
+    return attn.to_q(x), attn.to_k(x), attn.to_v(x)
+
+
+class MemoryAttnProcessor(WanAttnProcessor):
+    """``WanAttnProcessor`` for one block's self-attention, with memory tokens as extra keys/values.
+
+    Reads the running call's memory from its :class:`MemoryAttachment`; with none it is the
+    stock processor. ``route`` picks the exact attention route (:mod:`~dit_mem.backbone.attention`);
+    the backend and context-parallel configuration are the ones diffusers set on the processor
+    (``set_attention_backend``, ``enable_parallelism``).
+    """
+
+    def __init__(self, attachment: MemoryAttachment, block: nn.Module, route: Route = "auto"):
+        super().__init__()
+        check_route(route)
+        self.attachment, self.block, self.route = attachment, block, route
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        call = self.attachment.memory
+        if call is None or encoder_hidden_states is not None:
+            return super().__call__(
+                attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
+            )
+        if attention_mask is not None:
+            raise ValueError("memory tokens only go into self-attention without a mask")
+        states = self.attachment.adapter.modulate(
+            self.block, call, self.attachment.temb, hidden_states
+        )
+        query, key, value = _project(attn, hidden_states)
+        _, memory_key, memory_value = _project(attn, states)
+        query, key, memory_key = attn.norm_q(query), attn.norm_k(key), attn.norm_k(memory_key)
+        query, key, value, memory_key, memory_value = (
+            t.unflatten(2, (attn.heads, -1)) for t in (query, key, value, memory_key, memory_value)
+        )
+        if rotary_emb is not None:
+            query, key = _apply_rotary(query, *rotary_emb), _apply_rotary(key, *rotary_emb)
+        bias = call.bias.to(hidden_states.device).expand(hidden_states.shape[0], -1)
+        out = self.attend(query, key, value, memory_key, memory_value, bias)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def attend(self, query, key, value, memory_key, memory_value, memory_bias) -> torch.Tensor:
+        """The attention itself, ``[B, S, H, Dh]`` (``memory_*``: ``[B, G, H, Dh]``, ``[B, G]``)."""
+        return memory_attention(
+            query,
+            key,
+            value,
+            memory_key,
+            memory_value,
+            memory_bias,
+            route=self.route,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+
+
+# --------------------------------------------------------------------------------------
+# The attachment: per-call state and hooks of one transformer
+# --------------------------------------------------------------------------------------
+class MemoryAttachment:
+    """Memory on one transformer: its processors, its hooks, and the running call's memory.
+
+    ``memory`` is the current call's :class:`CallMemory` (``None``: the stock model) and ``temb``
+    the ``temb`` of the block now running; both are per-call state (not pickled).
+    """
+
+    def __init__(self, transformer: nn.Module, adapter: WanAdapter, route: Route = "auto"):
+        self.adapter = adapter
+        self.dim = adapter.hidden_size(transformer)
+        self.route: Route = route
+        self.memory: CallMemory | None = None
+        self.temb: torch.Tensor | None = None
+        self.original_processors: dict[int, Any] = {}
+        self.handles = [
+            transformer.register_forward_pre_hook(self.on_transformer_call, with_kwargs=True)
+        ]
+        for block in adapter.blocks(transformer):
+            self.handles.append(
+                block.register_forward_pre_hook(self.on_block_call, with_kwargs=True)
+            )
+        self.install_processors(transformer)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "memory": None, "temb": None}
+
+    # -- processors ------------------------------------------------------------------------
+    def processors(self, transformer: nn.Module) -> list[Any]:
+        return [self.adapter.self_attention(b).processor for b in self.adapter.blocks(transformer)]
+
+    def is_ours(self, processor: Any) -> bool:
+        return isinstance(processor, MemoryAttnProcessor) and processor.attachment is self
+
+    def install_processors(self, transformer: nn.Module) -> None:
+        """Give every block our processor (again, where ``set_attn_processor`` replaced it)."""
+        for i, block in enumerate(self.adapter.blocks(transformer)):
+            attn = self.adapter.self_attention(block)
+            old = attn.processor
+            if self.is_ours(old):
+                old.route = self.route
+                continue
+            if not isinstance(old, self.adapter.processor_base):
+                raise ValueError(
+                    f"block {i}'s self-attention uses {type(old).__name__}, not a "
+                    f"{self.adapter.processor_base.__name__}; cannot attach memory"
+                )
+            new = MemoryAttnProcessor(self, block, self.route)
             new._attention_backend = old._attention_backend
             new._parallel_config = old._parallel_config
-            self.original_processors.append(old)
-            block.attn1.set_processor(new)
-        self.handles.append(
-            transformer.register_forward_pre_hook(self.transformer_pre_hook, with_kwargs=True)
-        )
-        self.handles.append(transformer.register_forward_hook(self.transformer_hook))
-        self.handles.append(transformer.rope.register_forward_hook(self.rope_hook))
-        for i, block in enumerate(transformer.blocks):
-            hook = self._block_hook(i)
-            self.handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+            self.original_processors[i] = old
+            attn.set_processor(new)
 
-    def set_backend(self, backend: AttentionBackend, transformer: WanTransformer3DModel) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"memory attention backend must be one of {BACKENDS}, got {backend!r}")
-        for block in transformer.blocks:
-            block.attn1.processor.backend = backend
+    def set_route(self, route: Route, transformer: nn.Module) -> None:
+        check_route(route)
+        self.route = route
+        self.install_processors(transformer)
 
-    def remove(self, transformer: WanTransformer3DModel) -> None:
+    def remove(self, transformer: nn.Module) -> None:
         for handle in self.handles:
             handle.remove()
-        for block, old in zip(transformer.blocks, self.original_processors, strict=True):
-            block.attn1.set_processor(old)
-        self.pending = self.current = None
+        for i, block in enumerate(self.adapter.blocks(transformer)):
+            attn = self.adapter.self_attention(block)
+            if self.is_ours(attn.processor):
+                attn.set_processor(self.original_processors[i])
+        self.memory = self.temb = None
 
-    # -- 1. transformer: take memory out of attention_kwargs --------------------------------
-    def transformer_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
-        self.pending = self.current = None
-        attention_kwargs = _arg(args, kwargs, 5, "attention_kwargs")
-        if not attention_kwargs or not any(k.startswith("memory_") for k in attention_kwargs):
+    # -- hooks (read-only) -----------------------------------------------------------------
+    def on_transformer_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Take this call's memory from ``attention_kwargs`` (or none), validated."""
+        self.memory = self.temb = None
+        inputs = self.adapter.call_inputs(args, kwargs)
+        attention_kwargs = inputs["attention_kwargs"] or {}
+        given = [k for k in attention_kwargs if k.startswith("memory_")]
+        if not given:
             return None
-        unknown = [k for k in attention_kwargs if k.startswith("memory_") and k not in _MEMORY_KEYS]
+        unknown = [k for k in given if k not in _MEMORY_KEYS]
         if unknown:
             raise ValueError(f"unknown memory option(s) {unknown}; known: {list(_MEMORY_KEYS)}")
-        rest = {k: v for k, v in attention_kwargs.items() if k not in _MEMORY_KEYS}
-        args, kwargs = _with_arg(args, kwargs, 5, "attention_kwargs", rest or None)
         memory = attention_kwargs.get(MEMORY_TOKENS_KEY)
         if memory is None:
-            if attention_kwargs.get(MEMORY_STRENGTH_KEY) is not None:
-                logger.debug("%s given without %s: ignored", MEMORY_STRENGTH_KEY, MEMORY_TOKENS_KEY)
-            return args, kwargs
-        hidden_states = _arg(args, kwargs, 0, "hidden_states")
-        timestep = _arg(args, kwargs, 1, "timestep")
-        tokens, bias = _validate_memory(
-            memory, attention_kwargs.get(MEMORY_STRENGTH_KEY), hidden_states.shape[0], self.dim
-        )
-        noisy = None
-        if isinstance(timestep, torch.Tensor) and timestep.ndim == 2:  # per-token (Wan2.2 TI2V)
-            noisy = timestep.argmax(dim=1)
-        self.pending = self.current = _CallMemory(tokens, bias, noisy)
-        return args, kwargs
-
-    def transformer_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        call, self.pending, self.current = self.current, None, None
-        if call is not None and not call.injected_blocks:  # never a silent run without memory
-            raise RuntimeError(
-                "memory tokens were given but no block received them (was RoPE's output "
-                "rebuilt by another hook, e.g. context parallelism?)"
-            )
-
-    # -- 2. rope: the call's memory joins the rotary tables ---------------------------------
-    def rope_hook(self, module: nn.Module, args: tuple, output: Any):
-        call, self.pending = self.pending, None
-        if call is None:
             return None
-        if not (isinstance(output, tuple) and len(output) == 2):
-            raise RuntimeError(
-                f"unexpected RoPE output {type(output).__name__}; memory cannot be attached"
+        processors = self.processors(module)
+        replaced = [i for i, p in enumerate(processors) if not self.is_ours(p)]
+        if replaced:  # e.g. set_attn_processor after attach_memory
+            kind = type(processors[replaced[0]])
+            raise ValueError(
+                f"memory tokens were given, but the self-attention of {len(replaced)} block(s) "
+                f"(first: block {replaced[0]}) no longer has the memory processor (it has "
+                f"{kind.__name__}; was set_attn_processor called after attach_memory?). "
+                "Call attach_memory(transformer) again to put memory back."
             )
-        return MemoryRotaryEmb(output, call)
+        tokens, bias = validate_memory(
+            memory,
+            attention_kwargs.get(MEMORY_STRENGTH_KEY),
+            inputs["hidden_states"].shape[0],
+            self.dim,
+        )
+        noisy, num_tokens = self.adapter.noisy_token(inputs["timestep"])
+        self.memory = CallMemory(tokens, bias, noisy, num_tokens)
+        return None
 
-    # -- 3. blocks: norm1 + modulation of the memory tokens ----------------------------------
-    def _block_hook(self, index: int):
-        def hook(block: WanTransformerBlock, args: tuple, kwargs: dict):
-            rotary = _arg(args, kwargs, 3, "rotary_emb")
-            if not isinstance(rotary, MemoryRotaryEmb):
-                return None
-            hidden_states = _arg(args, kwargs, 0, "hidden_states")
-            temb = _arg(args, kwargs, 2, "temb")
-            states, bias = modulate_memory(block, rotary.call, hidden_states, temb)
-            rotary.call.injected_blocks.add(index)
-            return _with_arg(
-                args, kwargs, 3, "rotary_emb", rotary.with_block(_BlockMemory(states, bias))
-            )
-
-        return hook
-
-
-def modulate_memory(
-    block: WanTransformerBlock, call: _CallMemory, hidden_states: torch.Tensor, temb: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Memory tokens through ``block.norm1`` and its self-attention shift/scale.
-
-    Same expression as the stock block applies to video tokens; ``temb`` is ``[B, 6, D]``,
-    or ``[B, S, 6, D]`` with per-token timesteps (then the noisiest token's row is used).
-    Returns ``(states [B, G, D] in the hidden dtype, bias [B, G] float32)``.
-    """
-    b = hidden_states.shape[0]
-    if temb.ndim == 4:
-        if call.noisy_token is None:
-            raise ValueError("per-token modulation without per-token timesteps")
-        temb = temb[torch.arange(b, device=temb.device), call.noisy_token.to(temb.device)]
-    shift, scale = (block.scale_shift_table + temb.float()).chunk(6, dim=1)[:2]
-    tokens = call.tokens.to(device=hidden_states.device, dtype=hidden_states.dtype)
-    tokens = tokens.expand(b, -1, -1)
-    states = (block.norm1(tokens.float()) * (1 + scale) + shift).type_as(hidden_states)
-    return states, call.bias.to(hidden_states.device).expand(b, -1)
+    def on_block_call(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Note the block's ``temb`` for its processor (memory calls only)."""
+        if self.memory is not None:
+            self.temb = self.adapter.block_temb(args, kwargs)
+        return None
 
 
 # --------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------
-def _experts(pipe: Any) -> list[WanTransformer3DModel]:
+def _experts(pipe: Any) -> list[nn.Module]:
     experts = [getattr(pipe, name, None) for name in _EXPERT_ATTRS]
     experts = [e for e in experts if e is not None]
     if not experts:
@@ -361,67 +415,52 @@ def _experts(pipe: Any) -> list[WanTransformer3DModel]:
     return experts
 
 
-def _check_transformer(transformer: Any) -> WanTransformer3DModel:
-    if not isinstance(transformer, WanTransformer3DModel):
-        raise ValueError(
-            "memory attaches to a diffusers WanTransformer3DModel (or a pipeline holding one), "
-            f"got {type(transformer).__name__}"
-        )
-    for i, block in enumerate(transformer.blocks):
-        processor = block.attn1.processor
-        if not isinstance(block, WanTransformerBlock) or not isinstance(
-            processor, WanAttnProcessor
-        ):
-            raise ValueError(
-                f"block {i} is not a stock Wan block with a WanAttnProcessor "
-                f"({type(block).__name__}, {type(processor).__name__}); cannot attach memory"
-            )
-    return transformer
+def get_attachment(transformer: nn.Module) -> MemoryAttachment | None:
+    """The transformer's :class:`MemoryAttachment`, or ``None`` if memory is not attached."""
+    return getattr(transformer, _ATTACHMENT_ATTR, None)
 
 
-def attach_memory(
-    model: WanTransformer3DModel | Any, *, backend: AttentionBackend = "auto"
-) -> list[WanTransformer3DModel]:
+def attach_memory(model: nn.Module | Any, *, route: Route = "auto") -> list[nn.Module]:
     """Let a stock Wan transformer take memory tokens through ``attention_kwargs``.
 
     Args:
         model: a ``WanTransformer3DModel``, or a pipeline: then every expert
             (``transformer`` and, for Wan2.2 A14B, ``transformer_2``) gets memory.
-        backend: memory attention route, ``"auto"`` (default), ``"lse"`` or ``"joint"``.
+        route: memory attention route, ``"auto"`` (default), ``"lse"`` or ``"joint"``.
 
-    Returns the transformers now attached. Attaching twice is harmless (the backend is
-    updated). Weights are untouched; without memory the output is bit-for-bit the stock one.
+    Returns the transformers now attached. Attaching again is harmless: it sets the route and
+    puts the memory processors back where ``set_attn_processor`` replaced them. Weights are
+    untouched; without memory the output is bit-for-bit the stock one.
     """
     if not isinstance(model, nn.Module):
-        return [t for e in _experts(model) for t in attach_memory(e, backend=backend)]
-    if backend not in BACKENDS:
-        raise ValueError(f"memory attention backend must be one of {BACKENDS}, got {backend!r}")
-    existing: _Attachment | None = getattr(model, _ATTACHMENT_ATTR, None)
+        return [t for e in _experts(model) for t in attach_memory(e, route=route)]
+    check_route(route)
+    existing = get_attachment(model)
     if existing is not None:
-        existing.set_backend(backend, model)
+        existing.set_route(route, model)
         return [model]
-    transformer = _check_transformer(model)
-    setattr(transformer, _ATTACHMENT_ATTR, _Attachment(transformer, backend))
-    logger.debug("memory attached to %d blocks (backend %s)", len(transformer.blocks), backend)
-    return [transformer]
+    adapter = adapter_for(model)
+    setattr(model, _ATTACHMENT_ATTR, MemoryAttachment(model, adapter, route))
+    logger.debug("memory attached to %d blocks (route %s)", len(adapter.blocks(model)), route)
+    return [model]
 
 
-def detach_memory(model: WanTransformer3DModel | Any) -> None:
+def detach_memory(model: nn.Module | Any) -> None:
     """Undo :func:`attach_memory` (stock processors back, hooks removed). No-op if not attached."""
     if not isinstance(model, nn.Module):
         for expert in _experts(model):
             detach_memory(expert)
         return
-    attachment: _Attachment | None = getattr(model, _ATTACHMENT_ATTR, None)
+    attachment = get_attachment(model)
     if attachment is None:
         return
     attachment.remove(model)
     delattr(model, _ATTACHMENT_ATTR)
 
 
-def attach_memory_to_pipeline(pipe: Any, *, backend: AttentionBackend = "auto") -> list[str]:
+def attach_memory_to_pipeline(pipe: Any, *, route: Route = "auto") -> list[str]:
     """Attach to every expert of a Wan pipeline; returns the attribute names attached."""
-    attach_memory(pipe, backend=backend)
+    attach_memory(pipe, route=route)
     return [name for name in _EXPERT_ATTRS if getattr(pipe, name, None) is not None]
 
 
@@ -432,7 +471,7 @@ def detach_memory_from_pipeline(pipe: Any) -> None:
 
 def is_memory_attached(transformer: nn.Module) -> bool:
     """Whether :func:`attach_memory` is in effect on this transformer."""
-    return getattr(transformer, _ATTACHMENT_ATTR, None) is not None
+    return get_attachment(transformer) is not None
 
 
 def memory_attention_kwargs(

@@ -1,0 +1,89 @@
+"""One rank of the context-parallelism test (run by ``test_runtime_features.py`` with torchrun).
+
+Each rank builds the same tiny Wan transformer with memory attached, computes the one-process
+output (no parallelism), then enables diffusers' context parallelism (gloo, CPU) and computes
+the same call again: at inference (the lse route), with gradients (the joint route; the ranks'
+shares of the memory tokens' gradient summed), and without memory. Rank 0 writes the relative
+errors as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["ulysses", "ring"], required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    torch.accelerator.device_count = lambda: 1  # diffusers maps rank → device with it; CPU has 0
+    dist.init_process_group("gloo")
+
+    from diffusers import ContextParallelConfig
+
+    from dit_mem import attach_memory
+    from dit_mem.backbone.tiny import tiny_transformer
+    from dit_mem.memory import MemoryTokens
+
+    model = tiny_transformer(seed=0)
+    attach_memory(model)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 4, 8, 8, generator=g)  # 64 video tokens, split in two
+    t = torch.tensor([500.0, 730.0])
+    text = torch.randn(2, 7, 32, generator=g)
+    counts = torch.tensor([100.0, 100.0, 50.0, 50.0, 1.0, 3.0])
+    memory = MemoryTokens(torch.randn(1, 6, 32, generator=g), counts.log()[None])
+
+    def run(grad: bool = False, **attention_kwargs):
+        with torch.set_grad_enabled(grad):
+            tokens = memory.tokens.clone().requires_grad_(grad)
+            kwargs = dict(attention_kwargs)
+            if kwargs.pop("with_memory", False):
+                kwargs["memory_tokens"] = MemoryTokens(tokens, memory.log_counts)
+            out = model(x, t, text, attention_kwargs=kwargs or None, return_dict=False)[0]
+            if grad:
+                out.square().mean().backward()
+                return out.detach(), tokens.grad
+            return out, None
+
+    single, _ = run(with_memory=True)
+    single_grad_out, single_grad = run(grad=True, with_memory=True)
+    plain, _ = run()
+    config = (
+        ContextParallelConfig(ulysses_degree=2)
+        if args.mode == "ulysses"
+        else ContextParallelConfig(ring_degree=2)
+    )
+    model.enable_parallelism(config=config)
+    parallel, _ = run(with_memory=True)
+    parallel_grad_out, grad = run(grad=True, with_memory=True)
+    dist.all_reduce(grad)  # each rank holds its local queries' share of the memory's gradient
+    result = {
+        "grad": rel_err(grad, single_grad),
+        "memory": rel_err(parallel, single),
+        "memory_with_grad": rel_err(parallel_grad_out, single_grad_out),
+        "memory_effect": rel_err(single, plain),
+    }
+    if args.mode == "ulysses":  # diffusers' own ring attention needs a log-sum-exp kernel
+        result["no_memory"] = rel_err(run()[0], plain)
+    if int(os.environ["RANK"]) == 0:
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
