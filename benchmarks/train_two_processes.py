@@ -3,7 +3,7 @@
     python benchmarks/train_two_processes.py [--steps 6] [--keep DIR]
 
 Launches ``scripts/train_dit_mem.sh`` with ``NUM_PROCESSES=2`` on a config written from
-``dit_mem.training.synthetic``, then checks ``rank_agreement.json`` (every process's parameter
+``dit_mem.testing``, then checks ``rank_agreement.json`` (every process's parameter
 fingerprint, gathered at the end of training) and that the run's final encoder equals its last
 checkpoint. Prints the wall time. Too slow for the test suite (two interpreters start up).
 """
@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 def main(args: argparse.Namespace) -> int:
     from dit_mem.config import save_config
     from dit_mem.memory import MemoryEncoder
+    from dit_mem.testing import make_synthetic_run
     from dit_mem.training import latest_checkpoint
-    from dit_mem.training.synthetic import make_synthetic_run
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="dit-mem-2proc-"))
     cfg = make_synthetic_run(

@@ -14,7 +14,6 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     "MemoryEncoder": "dit_mem.memory",
-    "MemoryEncoderConfig": "dit_mem.memory",
     "MemoryTokens": "dit_mem.memory",
     "attach_memory": "dit_mem.backbone",
     "detach_memory": "dit_mem.backbone",

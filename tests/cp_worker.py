@@ -35,8 +35,8 @@ def main() -> None:
     from diffusers import ContextParallelConfig
 
     from dit_mem import attach_memory
-    from dit_mem.backbone.tiny import tiny_transformer
     from dit_mem.memory import MemoryTokens
+    from dit_mem.testing import tiny_transformer
 
     model = tiny_transformer(seed=0)
     attach_memory(model)

@@ -16,7 +16,7 @@ from dit_mem.generation import GenerationConfig, load_generator
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    from dit_mem.tiny import run_random_world
+    from dit_mem.testing import run_random_world
 
     out = tmp_path_factory.mktemp("demo")
     run_random_world(out, k=2, steps=2)

@@ -27,8 +27,8 @@ from dit_mem.backbone import (
     memory_attention_kwargs,
 )
 from dit_mem.backbone.reference import PaperFormMemory
-from dit_mem.backbone.tiny import tiny_pipeline, tiny_transformer
 from dit_mem.memory import MemoryEncoder, MemoryTokens
+from dit_mem.testing import tiny_pipeline, tiny_transformer
 
 DIM = 32  # 2 heads × 16
 

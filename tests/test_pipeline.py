@@ -15,7 +15,7 @@ from dit_mem.pipeline import (
     make_scheduler,
     set_paper_timesteps,
 )
-from dit_mem.tiny import build_tiny_components
+from dit_mem.testing import build_tiny_components
 
 CALL = dict(height=32, width=32, num_frames=5, num_inference_steps=3, guidance_scale=5.0)
 

@@ -24,8 +24,8 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from dit_mem import attach_memory, detach_memory
 from dit_mem.backbone.reference import PaperFormMemory
-from dit_mem.backbone.tiny import tiny_pipeline, tiny_transformer
 from dit_mem.memory import MemoryTokens
+from dit_mem.testing import tiny_pipeline, tiny_transformer
 
 TESTS = Path(__file__).parent
 

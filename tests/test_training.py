@@ -15,6 +15,7 @@ import torch
 
 from dit_mem.config import ConfigError
 from dit_mem.memory import MemoryEncoder, MemoryTokens
+from dit_mem.testing import TINY_ENCODER
 from dit_mem.training import (
     FlowMatchingObjective,
     TextEmbeddingCache,
@@ -25,7 +26,6 @@ from dit_mem.training import (
     training_loss,
 )
 from dit_mem.training.retrieval_cache import build_retrieval_cache, memory_ids_by_sample
-from dit_mem.training.synthetic import TINY_ENCODER
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ YAML = REPO / "config" / "train_dit_mem.yaml"
 
 def tiny_dit(seed: int = 0):
     from dit_mem.backbone import attach_memory
-    from dit_mem.backbone.tiny import tiny_transformer
+    from dit_mem.testing import tiny_transformer
     from dit_mem.training.trainer import freeze
 
     dit = freeze(tiny_transformer(seed))
@@ -143,7 +143,7 @@ def test_compact_memory_gives_dense_loss_and_grads():
 # Caches
 # --------------------------------------------------------------------------------------
 def test_text_cache_matches_wan_pipeline_and_resumes(tmp_path):
-    from dit_mem.backbone.tiny import tiny_pipeline
+    from dit_mem.testing import tiny_pipeline
 
     pipe = tiny_pipeline()
     caps = ["a cat sits on a mat", "  waves &amp; a   beach ", "a red fox", "a city at night"]

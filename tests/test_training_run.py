@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from dit_mem.memory import MemoryEncoder
+from dit_mem.testing import LATENT_SHAPE, make_synthetic_run
 from dit_mem.training import latest_checkpoint, train
-from dit_mem.training.synthetic import LATENT_SHAPE, make_synthetic_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory) -> Path:
     """A tiny random Wan base model, built once and copied into each test's folder."""
-    from dit_mem.tiny import build_tiny_wan
+    from dit_mem.testing import build_tiny_wan
 
     return build_tiny_wan(tmp_path_factory.mktemp("tiny") / "base")
 
@@ -193,7 +193,7 @@ def test_missing_latents_are_skipped_and_all_missing_fails(tmp_path, base_model,
 
 
 def test_memory_latent_of_wrong_shape_is_named(tmp_path, base_model):
-    from dit_mem.training.synthetic import write_latent_store
+    from dit_mem.testing import write_latent_store
 
     cfg = synthetic(tmp_path, base_model, "max_steps=2", num_train=6)
     bad = torch.zeros(LATENT_SHAPE[0], 5, 8, 9)

@@ -32,7 +32,7 @@ from dit_mem.backbone.loading import (
     transformers_t5_to_wan,
     wan_t5_to_transformers,
 )
-from dit_mem.backbone.tiny import tiny_tokenizer, tiny_transformer
+from dit_mem.testing import tiny_tokenizer, tiny_transformer
 
 # --------------------------------------------------------------------------------------
 # An independent tiny twin of Wan's own T5 encoder (wan/modules/t5.py), named as Wan names it

@@ -23,12 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from dit_mem.memory import MemoryEncoder, get_preset
+    from dit_mem.memory import MemoryEncoder
 
-    cfg = get_preset(args.preset)
-    model = MemoryEncoder.from_encoder_config(cfg)
-    print(f"preset {args.preset}: {cfg}")
-    print(f"CNN grid (T', H', W') at latent {cfg.latent_shape}: {cfg.grid}")
+    model = MemoryEncoder.from_preset(args.preset)
+    print(f"preset {args.preset}: {dict(model.config)}")
+    print(f"CNN grid (T', H', W') at latent {model.config.latent_shape}: {model.grid}")
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
     return 0
 

@@ -3,8 +3,8 @@
 from dit_mem.memory.encoder import (
     PRESETS,
     MemoryEncoder,
-    MemoryEncoderConfig,
     cnn_output_shape,
+    feature_dim,
     frequency_gains,
     get_preset,
     pooling_groups,
@@ -14,10 +14,10 @@ from dit_mem.memory.tokens import MemoryTokens, VideoTokens
 __all__ = [
     "PRESETS",
     "MemoryEncoder",
-    "MemoryEncoderConfig",
     "MemoryTokens",
     "VideoTokens",
     "cnn_output_shape",
+    "feature_dim",
     "frequency_gains",
     "get_preset",
     "pooling_groups",

@@ -16,11 +16,11 @@ m copies of a key equals attention over one key with log m added to its logit.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import inspect
 import math
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,115 +28,104 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from dit_mem.memory.official import load_official_checkpoint
 from dit_mem.memory.tokens import MemoryTokens, VideoTokens
 
 Mode = Literal["high", "low"]
 
 
 # --------------------------------------------------------------------------------------
-# Config and presets
+# Presets: the fields of MemoryEncoder.__init__ that differ from its defaults (the paper's 1.3B)
 # --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class MemoryEncoderConfig:
-    """Hyperparameters of the memory encoder. Defaults: the paper's Wan2.1-T2V-1.3B encoder."""
-
-    in_channels: int = 16  # VAE latent channels
-    conv_channels: tuple[int, ...] = (512, 768)  # width of each Conv3d block
-    kernel_sizes: tuple[int, ...] = (7, 3)  # padding is kernel // 2
-    strides: tuple[int, ...] = (4, 1)
-    pool_size: int = 2  # MaxPool3d after every block
-    tokens_per_video: int = 100  # L
-    dim: int = 1536  # D: the DiT's hidden size
-    num_heads: int = 8  # heads of the shared attention
-    dropout: float = 0.5  # dropout on the filtered signal (training only)
-    latent_shape: tuple[int, int, int] = (21, 60, 104)  # fixes the CNN output grid
-    gain_clamp: tuple[float, float] = (0.2, 1.2)  # range of the filter gains
-    norm_eps: float = 1e-6  # RMSNorm eps on q and k
-
-    def __post_init__(self) -> None:
-        n = len(self.conv_channels)
-        if not (len(self.kernel_sizes) == len(self.strides) == n) or n == 0:
-            raise ValueError(
-                "conv_channels, kernel_sizes and strides need one entry per conv block, got "
-                f"{self.conv_channels}, {self.kernel_sizes}, {self.strides}"
-            )
-        if self.dim % self.num_heads:
-            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
-        if len(self.latent_shape) != 3:
-            raise ValueError(f"latent_shape must be (T, H, W), got {self.latent_shape}")
-
-    @property
-    def grid(self) -> tuple[int, int, int]:
-        """CNN output grid (T', H', W') at ``latent_shape``."""
-        return cnn_output_shape(self, self.latent_shape)
-
-    @property
-    def feature_dim(self) -> int:
-        """Features per time step fed to the projection: C'·H'·W'."""
-        _, h, w = self.grid
-        return self.conv_channels[-1] * h * w
-
-    def replace(self, **changes) -> MemoryEncoderConfig:
-        return dataclasses.replace(self, **changes)
-
-
-PRESETS: dict[str, MemoryEncoderConfig] = {
-    # The paper's encoder (released as DiT-Mem-1.3B), 78,782,976 parameters.
-    "wan2.1-1.3b": MemoryEncoderConfig(),
-    "wan2.1-14b": MemoryEncoderConfig(dim=5120),
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's encoder (released as DiT-Mem-1.3B): the __init__ defaults.
+    "wan2.1-1.3b": {},
+    "wan2.1-14b": {"dim": 5120},
     # Wan2.2: TI2V-5B has a 48-channel VAE (16× spatial); A14B keeps Wan2.1's VAE.
     # Latent shapes are those of a 480×832, 81-frame memory bank.
-    "wan2.2-ti2v-5b": MemoryEncoderConfig(in_channels=48, dim=3072, latent_shape=(21, 30, 52)),
-    "wan2.2-a14b": MemoryEncoderConfig(dim=5120),
+    "wan2.2-ti2v-5b": {"in_channels": 48, "dim": 3072, "latent_shape": (21, 30, 52)},
+    "wan2.2-a14b": {"dim": 5120},
     # For tests and the offline demo: latents [16, 5, 8, 8] (17 frames at 64×64), a DiT of width 32.
-    "tiny": MemoryEncoderConfig(
-        conv_channels=(8, 16),
-        kernel_sizes=(3, 3),
-        strides=(1, 1),
-        dim=32,
-        num_heads=2,
-        latent_shape=(5, 8, 8),
-    ),
+    "tiny": {
+        "conv_channels": (8, 16),
+        "kernel_sizes": (3, 3),
+        "strides": (1, 1),
+        "dim": 32,
+        "num_heads": 2,
+        "latent_shape": (5, 8, 8),
+    },
     # The toy world (dit_mem.toyworld): latents [8, 3, 8, 8] of 9×32×32 clips, a DiT of
     # width 128. One conv block: a second max-pool would empty the 3-step time axis. L = 16
     # tokens per video (measured: L = 4 gives memory too little attention mass to change the
     # colour, L = 100 drowns the 48 video tokens and harms seen prompts; benchmarks/toyworld.md).
-    "toyworld": MemoryEncoderConfig(
-        in_channels=8,
-        tokens_per_video=16,
-        conv_channels=(64,),
-        kernel_sizes=(3,),
-        strides=(1,),
-        dim=128,
-        num_heads=4,
-        latent_shape=(3, 8, 8),
-    ),
+    "toyworld": {
+        "in_channels": 8,
+        "tokens_per_video": 16,
+        "conv_channels": (64,),
+        "kernel_sizes": (3,),
+        "strides": (1,),
+        "dim": 128,
+        "num_heads": 4,
+        "latent_shape": (3, 8, 8),
+    },
 }
 
 
-def get_preset(name: str, **overrides) -> MemoryEncoderConfig:
-    """A named preset, optionally with some fields replaced."""
+def get_preset(name: str, **overrides) -> dict[str, Any]:
+    """Every ``MemoryEncoder.__init__`` field of a named preset, some optionally replaced."""
     if name not in PRESETS:
         raise ValueError(f"unknown memory encoder preset {name!r}; known: {sorted(PRESETS)}")
-    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+    fields = {k: p.default for k, p in inspect.signature(MemoryEncoder.__init__).parameters.items()}
+    del fields["self"]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown memory encoder field(s) {unknown}; known: {sorted(fields)}")
+    return {**fields, **PRESETS[name], **overrides}
 
 
 # --------------------------------------------------------------------------------------
 # Deterministic pieces: CNN geometry, filter gains, token pooling groups
 # --------------------------------------------------------------------------------------
-def cnn_output_shape(cfg: MemoryEncoderConfig, latent_thw: tuple[int, ...]) -> tuple[int, int, int]:
-    """Grid after the conv stack for a latent of size (T, H, W); ValueError if it vanishes."""
+def cnn_output_shape(
+    config: Mapping[str, Any], latent_thw: tuple[int, ...]
+) -> tuple[int, int, int]:
+    """Grid after the conv stack of an encoder ``config`` for a latent of size (T, H, W).
+
+    ``config``: the encoder's config (or a :func:`get_preset` dict). ``ValueError`` if it vanishes.
+    """
+    kernels, strides, pool = config["kernel_sizes"], config["strides"], config["pool_size"]
     size = list(latent_thw)
-    for i, (k, s) in enumerate(zip(cfg.kernel_sizes, cfg.strides, strict=True)):
+    for i, (k, s) in enumerate(zip(kernels, strides, strict=True)):
         size = [(n + 2 * (k // 2) - k) // s + 1 for n in size]
-        size = [n // cfg.pool_size for n in size]
+        size = [n // pool for n in size]
         if min(size) < 1:
             raise ValueError(
                 f"latent of size (T, H, W) = {tuple(latent_thw)} is too small for the memory "
-                f"encoder's conv stack (kernels {cfg.kernel_sizes}, strides {cfg.strides}, "
-                f"max-pool {cfg.pool_size}): it vanishes after block {i + 1}"
+                f"encoder's conv stack (kernels {tuple(kernels)}, strides {tuple(strides)}, "
+                f"max-pool {pool}): it vanishes after block {i + 1}"
             )
     return tuple(size)  # type: ignore[return-value]
+
+
+def feature_dim(config: Mapping[str, Any]) -> int:
+    """Features per time step fed to the projection: C'·H'·W' of the configured grid."""
+    _, h, w = cnn_output_shape(config, config["latent_shape"])
+    return config["conv_channels"][-1] * h * w
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+    """``ValueError`` for an inconsistent encoder config."""
+    n = len(config["conv_channels"])
+    if not (len(config["kernel_sizes"]) == len(config["strides"]) == n) or n == 0:
+        raise ValueError(
+            "conv_channels, kernel_sizes and strides need one entry per conv block, got "
+            f"{config['conv_channels']}, {config['kernel_sizes']}, {config['strides']}"
+        )
+    if config["dim"] % config["num_heads"]:
+        raise ValueError(f"dim {config['dim']} is not divisible by num_heads {config['num_heads']}")
+    if len(config["latent_shape"]) != 3:
+        raise ValueError(f"latent_shape must be (T, H, W), got {config['latent_shape']}")
+    cnn_output_shape(config, config["latent_shape"])
 
 
 @functools.lru_cache(maxsize=64)
@@ -230,21 +219,33 @@ class ConvBlock(nn.Module):
 class MemoryBranch(nn.Module):
     """One frequency branch: conv stack → fixed grid → L tokens (as distinct groups) → Linear."""
 
-    def __init__(self, cfg: MemoryEncoderConfig, mode: Mode):
+    def __init__(self, cfg: Mapping[str, Any], mode: Mode):
         super().__init__()
         self.mode = mode
-        self.grid = cfg.grid
-        self.tokens_per_video = cfg.tokens_per_video
-        blocks, c_in, size = [], cfg.in_channels, list(cfg.latent_shape)
-        for c_out, k, s in zip(cfg.conv_channels, cfg.kernel_sizes, cfg.strides, strict=True):
+        self.grid = cnn_output_shape(cfg, cfg["latent_shape"])
+        self.tokens_per_video = cfg["tokens_per_video"]
+        blocks, c_in, size = [], cfg["in_channels"], list(cfg["latent_shape"])
+        for c_out, k, s in zip(
+            cfg["conv_channels"], cfg["kernel_sizes"], cfg["strides"], strict=True
+        ):
             size = [(n + 2 * (k // 2) - k) // s + 1 for n in size]  # grid the filter sees
             blocks.append(
-                ConvBlock(c_in, c_out, k, s, cfg.pool_size, mode, cfg.dropout, cfg.gain_clamp, size)
+                ConvBlock(
+                    c_in,
+                    c_out,
+                    k,
+                    s,
+                    cfg["pool_size"],
+                    mode,
+                    cfg["dropout"],
+                    cfg["gain_clamp"],
+                    size,
+                )
             )
-            size = [n // cfg.pool_size for n in size]
+            size = [n // cfg["pool_size"] for n in size]
             c_in = c_out
         self.blocks = nn.ModuleList(blocks)
-        self.proj = nn.Linear(cfg.feature_dim, cfg.dim)
+        self.proj = nn.Linear(feature_dim(cfg), cfg["dim"])
         weights, counts = pooling_groups(self.grid[0], self.tokens_per_video)
         self.register_buffer("pool_weights", weights.clone(), persistent=False)
         self.register_buffer("log_counts", counts.float().log(), persistent=False)
@@ -309,52 +310,52 @@ class MemoryEncoder(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = False
-    _D = MemoryEncoderConfig()
 
     @register_to_config
     def __init__(
         self,
-        in_channels: int = _D.in_channels,
-        conv_channels: tuple[int, ...] = _D.conv_channels,
-        kernel_sizes: tuple[int, ...] = _D.kernel_sizes,
-        strides: tuple[int, ...] = _D.strides,
-        pool_size: int = _D.pool_size,
-        tokens_per_video: int = _D.tokens_per_video,
-        dim: int = _D.dim,
-        num_heads: int = _D.num_heads,
-        dropout: float = _D.dropout,
-        latent_shape: tuple[int, int, int] = _D.latent_shape,
-        gain_clamp: tuple[float, float] = _D.gain_clamp,
-        norm_eps: float = _D.norm_eps,
+        in_channels: int = 16,  # VAE latent channels
+        conv_channels: tuple[int, ...] = (512, 768),  # width of each Conv3d block
+        kernel_sizes: tuple[int, ...] = (7, 3),  # padding is kernel // 2
+        strides: tuple[int, ...] = (4, 1),
+        pool_size: int = 2,  # MaxPool3d after every block
+        tokens_per_video: int = 100,  # L
+        dim: int = 1536,  # D: the DiT's hidden size
+        num_heads: int = 8,  # heads of the shared attention
+        dropout: float = 0.5,  # dropout on the filtered signal (training only)
+        latent_shape: tuple[int, int, int] = (21, 60, 104),  # fixes the CNN output grid
+        gain_clamp: tuple[float, float] = (0.2, 1.2),  # range of the filter gains
+        norm_eps: float = 1e-6,  # RMSNorm eps on q and k
     ):
         super().__init__()
-        cfg = MemoryEncoderConfig(
-            in_channels=in_channels,
-            conv_channels=tuple(conv_channels),
-            kernel_sizes=tuple(kernel_sizes),
-            strides=tuple(strides),
-            pool_size=pool_size,
-            tokens_per_video=tokens_per_video,
-            dim=dim,
-            num_heads=num_heads,
-            dropout=dropout,
-            latent_shape=tuple(latent_shape),
-            gain_clamp=tuple(gain_clamp),
-            norm_eps=norm_eps,
-        )
-        self.encoder_config = cfg
-        self.high_pass = MemoryBranch(cfg, "high")
-        self.low_pass = MemoryBranch(cfg, "low")
-        self.attention = SharedAttention(cfg.dim, cfg.num_heads, cfg.norm_eps)
+        fields = {
+            "in_channels": in_channels,
+            "conv_channels": tuple(conv_channels),
+            "kernel_sizes": tuple(kernel_sizes),
+            "strides": tuple(strides),
+            "pool_size": pool_size,
+            "tokens_per_video": tokens_per_video,
+            "dim": dim,
+            "num_heads": num_heads,
+            "dropout": dropout,
+            "latent_shape": tuple(latent_shape),
+            "gain_clamp": tuple(gain_clamp),
+            "norm_eps": norm_eps,
+        }
+        check_config(fields)
+        self.high_pass = MemoryBranch(fields, "high")
+        self.low_pass = MemoryBranch(fields, "low")
+        self.attention = SharedAttention(dim, num_heads, norm_eps)
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """CNN output grid (T', H', W') at the configured latent shape."""
+        return self.high_pass.grid
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_encoder_config(cls, cfg: MemoryEncoderConfig) -> MemoryEncoder:
-        return cls(**dataclasses.asdict(cfg))
-
-    @classmethod
     def from_preset(cls, name: str, **overrides) -> MemoryEncoder:
-        return cls.from_encoder_config(get_preset(name, **overrides))
+        return cls(**get_preset(name, **overrides))
 
     @classmethod
     def from_path(cls, path) -> MemoryEncoder:
@@ -372,15 +373,13 @@ class MemoryEncoder(ModelMixin, ConfigMixin):
         )
 
     @classmethod
-    def from_official_checkpoint(cls, path, config: MemoryEncoderConfig | None = None, **kw):
+    def from_official_checkpoint(cls, path, config: Mapping[str, Any] | None = None, **kw):
         """Load the public release's ``DiT-Mem-1.3B.safetensors`` (see ``official.py``)."""
-        from dit_mem.memory.official import load_official_checkpoint
-
         return load_official_checkpoint(cls, path, config=config, **kw)
 
     # ------------------------------------------------------------------ forward
     def check_latents(self, latents: torch.Tensor) -> None:
-        cfg = self.encoder_config
+        cfg = self.config
         if latents.ndim != 6:
             raise ValueError(
                 "memory latents must be [B, N, C, T, H, W] (N retrieved videos), got shape "

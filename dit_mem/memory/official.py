@@ -10,12 +10,13 @@ Missing or mis-shaped weights are errors that name the keys.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from dit_mem.memory.encoder import MemoryEncoderConfig, get_preset
 from dit_mem.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -52,33 +53,33 @@ def official_to_ours(name: str) -> str | None:
     return f"{branch}.blocks.{block}.{tail}"
 
 
-def _config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> MemoryEncoderConfig:
-    """The 1.3B preset, with widths read off the checkpoint where they are visible."""
-    cfg = get_preset("wan2.1-1.3b")
+def _config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Config overrides of the 1.3B encoder (the class defaults) read off the checkpoint's shapes."""
     convs = sorted(
         (k for k in shapes if re.fullmatch(r"high_pass\.blocks\.\d+\.conv\.weight", k)),
         key=lambda k: int(k.split(".")[2]),
     )
-    if not convs or "attention.q.weight" not in shapes:
-        return cfg
+    if len(convs) != 2 or "attention.q.weight" not in shapes:
+        return {}  # the default; the shape check below names what does not fit
     conv_shapes = [shapes[k] for k in convs]
-    if len(conv_shapes) != len(cfg.conv_channels):
-        return cfg
-    return cfg.replace(
-        in_channels=conv_shapes[0][1],
-        conv_channels=tuple(s[0] for s in conv_shapes),
-        kernel_sizes=tuple(s[2] for s in conv_shapes),
-        dim=shapes["attention.q.weight"][0],
-    )
+    return {
+        "in_channels": conv_shapes[0][1],
+        "conv_channels": tuple(s[0] for s in conv_shapes),
+        "kernel_sizes": tuple(s[2] for s in conv_shapes),
+        "dim": shapes["attention.q.weight"][0],
+    }
 
 
 def load_official_checkpoint(
     cls,
     path: str | Path,
-    config: MemoryEncoderConfig | None = None,
+    config: Mapping[str, Any] | None = None,
     torch_dtype: torch.dtype | None = None,
 ):
-    """Build ``cls`` (a ``MemoryEncoder``) and fill it from a release-layout safetensors file."""
+    """Build ``cls`` (a ``MemoryEncoder``) and fill it from a release-layout safetensors file.
+
+    ``config``: ``cls`` keyword arguments (default: the 1.3B encoder, widths read off the file).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"official checkpoint not found: {path}")
@@ -96,8 +97,8 @@ def load_official_checkpoint(
                 continue  # the same tensor under both conv_block / cnn names
             tensors[ours] = f.get_tensor(name)
 
-    cfg = config or _config_from_shapes({k: tuple(v.shape) for k, v in tensors.items()})
-    model = cls.from_encoder_config(cfg)
+    cfg = dict(config or _config_from_shapes({k: tuple(v.shape) for k, v in tensors.items()}))
+    model = cls(**cfg)
     expected = model.state_dict()
 
     unexpected = sorted(k for k in tensors if k not in expected)
@@ -118,7 +119,10 @@ def load_official_checkpoint(
     if unexpected:
         problems.append(f"unexpected tensors: {', '.join(unexpected)}")
     if problems:
-        raise ValueError(f"{path} does not fit a memory encoder {cfg}:\n  " + "\n  ".join(problems))
+        raise ValueError(
+            f"{path} does not fit a memory encoder {dict(model.config)}:\n  "
+            + "\n  ".join(problems)
+        )
 
     absent_stats = sorted(k for k in bn_stats if k not in tensors)
     if absent_stats:

@@ -70,10 +70,25 @@ def build_tokenizer():
 
 
 def build_text_encoder(vocab_size: int, seed: int = 0):
-    """A 2-layer ``UMT5EncoderModel`` of width 64 (the shared tiny builder, wider)."""
-    from dit_mem.backbone.tiny import tiny_text_encoder
+    """A 2-layer ``UMT5EncoderModel`` of width 64 (the real one's structure: gated GELU, a
+    relative-position bias per layer)."""
+    from transformers import UMT5Config, UMT5EncoderModel
 
-    return tiny_text_encoder(vocab_size, seed, d_model=TEXT_DIM, d_kv=16, d_ff=128)
+    torch.manual_seed(seed)
+    config = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=TEXT_DIM,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        tie_word_embeddings=False,
+    )
+    return UMT5EncoderModel(config).eval()
 
 
 def build_transformer(seed: int = 0):
@@ -216,15 +231,15 @@ def train_base(out: Path, vae_dir: Path, cfg: BaseStageConfig, progress: bool = 
 
 def write_base_folder(folder: Path, tokenizer, text_encoder, transformer, vae, record):
     """A diffusers ``WanPipeline`` folder, written to a temp folder and renamed into place."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
-    from dit_mem.tiny import write_model_index
-
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+    )
     with atomic_dir(folder) as tmp:
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        text_encoder.save_pretrained(tmp / "text_encoder")
-        transformer.save_pretrained(tmp / "transformer")
-        vae.save_pretrained(tmp / "vae")
-        FlowMatchEulerDiscreteScheduler(shift=5.0).save_pretrained(tmp / "scheduler")
-        write_model_index(tmp, "PreTrainedTokenizerFast")
+        pipe.save_pretrained(tmp)
         (tmp / "training.json").write_text(json.dumps(record, indent=2))

@@ -11,6 +11,7 @@ latents' per-channel mean and std are measured and stored as the VAE's ``latents
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +33,19 @@ class VAEStageConfig:
     batch_size: int = 4
     lr: float = 1e-3
     decoder_lr: float = 5e-4
+    min_lr: float | None = None  # cosine decay to this within each phase (None: constant)
     object_weight: float = 5.0
     save_every: int = 250
     seed: int = 0
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of (0-based) optimizer step ``step``: per phase, constant or cosine."""
+        joint = step < self.steps
+        peak = self.lr if joint else self.decoder_lr
+        if self.min_lr is None:
+            return peak
+        done, length = (step, self.steps) if joint else (step - self.steps, self.decoder_steps)
+        return self.min_lr + 0.5 * (peak - self.min_lr) * (1 + math.cos(math.pi * done / length))
 
 
 def build_vae(seed: int = 0):
@@ -131,6 +142,8 @@ def train_vae(out: Path, cfg: VAEStageConfig, progress: bool = True) -> Path:
             vae.quant_conv.requires_grad_(False)
             optimizer = make_optimizer(True)
             log.info("VAE: joint phase done, PSNR %.2f dB; decoder-only fine-tuning", psnr(vae))
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr_at(step)
         x, obj = random_batch(rng, cfg.batch_size)
         with torch.set_grad_enabled(phase == "joint"):
             z = vae.encode(x).latent_dist.mode()
