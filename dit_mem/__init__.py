@@ -13,10 +13,15 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
+    "DiTMemPipeline": "dit_mem.pipeline",
+    "DiTMemPipelineOutput": "dit_mem.pipeline",
+    "MemoryBank": "dit_mem.bank",
     "MemoryEncoder": "dit_mem.memory",
     "MemoryTokens": "dit_mem.memory",
+    "PaperEulerScheduler": "dit_mem.schedulers",
     "attach_memory": "dit_mem.backbone",
     "detach_memory": "dit_mem.backbone",
+    "track_cfg_branches": "dit_mem.backbone",
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]

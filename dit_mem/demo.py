@@ -40,8 +40,9 @@ def run_demo(
     """Generate ``prompts`` with and without memory, write videos + sheet, print the table."""
     import time
 
+    from dit_mem.generation import generate
     from dit_mem.outputs import contact_sheet, save_generation, slugify
-    from dit_mem.toyworld.evaluate import format_table, load_toy_generator, metric_table
+    from dit_mem.toyworld.evaluate import format_table, load_toy_pipeline, metric_table
     from dit_mem.toyworld.recipe import SHIPPED
     from dit_mem.toyworld.world import parse_caption
 
@@ -55,16 +56,16 @@ def run_demo(
     for p in prompts:
         parse_caption(p)  # a clear error for prompts outside the toy world's vocabulary
     out = Path(out)
-    gen = load_toy_generator(assets)
+    pipe, cfg = load_toy_pipeline(assets)
     print(
         "toy world: 9×32×32 clips of one coloured shape; the base Wan DiT never saw 'magenta'.\n"
         f"models: {assets}\n"
     )
     rows, written = [], {}
     for prompt in prompts:
-        with_memory = gen.generate(prompt, seed=seed)
-        without = gen.generate(prompt, seed=seed, no_memory=True)
-        previews = gen.memory_previews(with_memory.retrieved)
+        with_memory = generate(pipe, cfg, prompt, seed=seed)
+        without = generate(pipe, cfg, prompt, seed=seed, no_memory=True)
+        previews = pipe.memory_bank.previews(with_memory.retrieved.ids, vae=pipe.vae)
         for i, (vid, frames) in enumerate(zip(with_memory.retrieved.ids, previews, strict=True)):
             rows.append((f"memory {i + 1} for '{prompt}': {vid}", frames))
         slug = slugify(prompt)
@@ -87,7 +88,13 @@ def run_demo(
 
     if table_repeats > 0:
         table = metric_table(
-            gen, table_repeats, seen_repeats=1, seed=1000, cases=("none", "cond"), seen_every=2
+            pipe,
+            cfg,
+            table_repeats,
+            seen_repeats=1,
+            seed=1000,
+            cases=("none", "cond"),
+            seen_every=2,
         )
         print(
             f"\naccuracy read back from generated videos (held-out colour: {12 * table_repeats} "

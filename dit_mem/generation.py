@@ -1,28 +1,29 @@
-"""Prompt → retrieved memory → video: the one loader every script uses.
+"""Config → :class:`~dit_mem.pipeline.DiTMemPipeline`, and one video per (prompt, seed).
 
     cfg = load_config(GenerationConfig, "config/generate.yaml", ["k=3"])
-    gen = load_generator(cfg)
-    result = gen.generate("a dog runs on the beach", seed=42)   # frames + what was retrieved
-    frames = gen("a dog runs on the beach", 42)                 # VideoGenerator protocol
+    pipe = load_pipeline(cfg)                       # stock WanPipeline + load_memory(...)
+    result = generate(pipe, cfg, "a dog runs on the beach", seed=42)   # frames + what was retrieved
 
-Memory is never dropped silently: a missing index, an empty bank, a failed retrieval or a
-missing latent is an error, unless ``no_memory=True`` was asked for explicitly (then the
-output is the plain base model's).
+Every script (``dit-mem generate``, ``eval ... generate``, ``demo``, the web page) goes through
+these two functions. Memory is never dropped silently: a missing bank, a failed retrieval or a
+missing latent is an error, unless ``no_memory=True`` was asked for explicitly (then the output
+is the plain base model's).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from dit_mem.config import to_dict
-from dit_mem.memory.tokens import MemoryTokens
-from dit_mem.pipeline import WAN_NEGATIVE_PROMPT, DiTMemPipeline, decode_latents, make_scheduler
+from dit_mem.config import ConfigError, to_dict
+from dit_mem.pipeline import SAME, WAN_NEGATIVE_PROMPT
+from dit_mem.retrieval.retriever import RetrievalResult
+from dit_mem.schedulers import SchedulerKind
 from dit_mem.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -30,17 +31,22 @@ logger = get_logger(__name__)
 
 @dataclass
 class GenerationConfig:
-    """Everything generation needs; defaults are the paper's (SPEC §6)."""
+    """Everything generation needs; defaults are the paper's (SPEC §6). Checked when built."""
 
-    base_model: Path = Path("model/Wan2.1-T2V-1.3B")  # diffusers folder or original Wan2.1 layout
-    encoder: Path | None = Path("checkpoint/DiT-Mem-1.3B.safetensors")  # folder or release file
+    base_model: Path = Path("model/Wan2.1-T2V-1.3B")  # diffusers / original Wan2.1 folder, Hub id
+    encoder: Path | None = Path("checkpoint/DiT-Mem-1.3B.safetensors")  # folder, file or Hub id
+    encoder_weight_name: str | None = None  # a release-layout file inside a Hub repository
+    bank: Path | None = None  # a bank folder or Hub id (dit-mem bank ...); else the parts below
+    bank_subfolder: str | None = None  # the bank's folder inside a Hub repository
     index: Path | None = Path("memory_index")  # built by `dit-mem build-index`
     latents: Path | None = Path("latent")  # memory latents (`dit-mem encode-latents`)
     tokens: Path | None = None  # token cache (`dit-mem cache-tokens`), preferred over latents
-    videos: Path | None = None  # the bank's video files, only for the contact sheet
+    videos: Path | None = None  # the bank's video files, only for previews
+    embedding_model: Path | None = None  # the index's embedding model, if not where it was
+    trust_remote_code: str | None = None  # the one embedding model allowed to run its own code
     k: int = 5
     no_memory: bool = False
-    memory_mode: Literal["both", "cond"] = "both"
+    memory_mode: Literal["both", "cond"] = "both"  # both CFG branches (the paper) | cond only
     memory_strength: float = 1.0
     height: int = 480
     width: int = 832
@@ -50,12 +56,56 @@ class GenerationConfig:
     shift: float = 5.0
     guidance_scale: float = 5.0
     max_sequence_length: int = 512  # UMT5 tokens per prompt (Wan: 512)
-    scheduler: Literal["flow-euler", "unipc"] = "flow-euler"
+    scheduler: SchedulerKind = "flow-euler"
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     seed: int = 42
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     device: str = "auto"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, low: int = 1) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer ≥ {low}, got {value!r}")
+
+        for name in ("k", "height", "width", "num_frames", "fps", "steps", "max_sequence_length"):
+            positive_int(name)
+        positive_int("seed", 0)
+        if self.seed >= 2**63:
+            raise ConfigError(f"seed must be < 2**63, got {self.seed}")
+        if self.height % 16 or self.width % 16:
+            raise ConfigError(
+                f"height and width must be multiples of 16, got {self.height}×{self.width}"
+            )
+        if (self.num_frames - 1) % 4:
+            raise ConfigError(f"num_frames must be 4k+1 (e.g. 81), got {self.num_frames}")
+        for name, low, strict in (
+            ("shift", 0.0, True),
+            ("memory_strength", 0.0, True),
+            ("guidance_scale", 0.0, False),
+        ):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < low or (strict and value == low):
+                bound = f"> {low:g}" if strict else f"≥ {low:g}"
+                raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ConfigError(f"device: {self.device!r} is not a torch device") from None
+        if not self.no_memory:
+            if self.encoder is None:
+                raise ConfigError("generation with memory needs encoder=... (or no_memory=true)")
+            if self.bank is None and self.index is None:
+                raise ConfigError(
+                    "generation with memory needs a bank (bank=... or index=...), or no_memory=true"
+                )
+            if self.bank is None and self.latents is None and self.tokens is None:
+                raise ConfigError(
+                    "generation with memory needs memory latents or a token cache "
+                    "(latents=... or tokens=...), or no_memory=true"
+                )
 
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
@@ -65,14 +115,64 @@ class GenerationConfig:
             return torch.device(self.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """What produced the videos (recorded beside them and by evaluation runs)."""
+        d = to_dict(self)
+        skip = ("negative_prompt", "seed", "device", "progress", "trust_remote_code")
+        return {key: value for key, value in d.items() if key not in skip}
 
-@dataclass
-class Retrieved:
-    """The memory videos used for one prompt, in retrieval order."""
 
-    ids: list[str] = field(default_factory=list)
-    captions: list[str] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
+def load_bank(cfg: GenerationConfig):
+    """The config's memory bank: ``bank=`` (folder or Hub id), or its parts."""
+    from dit_mem.bank import MemoryBank
+
+    model = str(cfg.embedding_model) if cfg.embedding_model is not None else None
+    if cfg.bank is not None:
+        return MemoryBank.from_pretrained(
+            str(cfg.bank),
+            subfolder=cfg.bank_subfolder,
+            embedding_model=model,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    return MemoryBank(
+        cfg.index,
+        cfg.latents,
+        cfg.tokens,
+        cfg.videos,
+        embedding_model=model,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+
+
+def load_pipeline(cfg: GenerationConfig):
+    """Base model (local folder in either layout, or a Hub id) → ``DiTMemPipeline`` on the
+    config's device, with the config's scheduler and, unless ``no_memory``, memory loaded."""
+    from dit_mem.backbone import load_wan_components
+    from dit_mem.pipeline import DiTMemPipeline
+    from dit_mem.schedulers import make_scheduler
+    from dit_mem.utils.hub import resolve_folder
+
+    device, dtype = cfg.resolved_device(), cfg.torch_dtype()
+    base = resolve_folder(str(cfg.base_model))
+    parts = load_wan_components(base, torch_dtype=dtype)
+    pipe = DiTMemPipeline(
+        tokenizer=parts.tokenizer,
+        text_encoder=parts.text_encoder,
+        transformer=parts.transformer,
+        vae=parts.vae,
+        scheduler=make_scheduler(cfg.scheduler, cfg.shift),
+    ).to(device)
+    pipe.set_progress_bar_config(disable=not cfg.progress)
+    if not cfg.no_memory:
+        encoder = str(cfg.encoder)
+        pipe.load_memory(
+            encoder,
+            bank=load_bank(cfg),
+            weight_name=cfg.encoder_weight_name,
+            scale=cfg.memory_strength,
+        )
+    return pipe
 
 
 @dataclass
@@ -80,7 +180,7 @@ class GenerationResult:
     frames: np.ndarray  # uint8 [F, H, W, 3]
     prompt: str
     seed: int
-    retrieved: Retrieved
+    retrieved: RetrievalResult
     settings: dict[str, Any]
 
     def sidecar(self) -> dict[str, Any]:
@@ -88,200 +188,53 @@ class GenerationResult:
         return {
             "prompt": self.prompt,
             "seed": self.seed,
-            "retrieved": [
-                {"rank": i + 1, "id": vid, "caption": cap, "score": score}
-                for i, (vid, cap, score) in enumerate(
-                    zip(
-                        self.retrieved.ids,
-                        self.retrieved.captions,
-                        self.retrieved.scores,
-                        strict=True,
-                    )
-                )
-            ],
+            "retrieved": self.retrieved.records(),
             "settings": self.settings,
         }
 
 
-class MemorySource:
-    """Retrieval plus memory tokens: from the token cache if there is one, else latents → encoder."""
-
-    def __init__(self, cfg: GenerationConfig, encoder, device: torch.device, dtype: torch.dtype):
-        from dit_mem.data import LatentStore, TokenCache
-        from dit_mem.retrieval import Retriever
-
-        if cfg.index is None:
-            raise ValueError(
-                "generation with memory needs an index (set index=..., or no_memory=true)"
-            )
-        self.retriever = Retriever(cfg.index)
-        self.tokens = TokenCache(cfg.tokens) if cfg.tokens is not None else None
-        self.latents = LatentStore(cfg.latents) if cfg.latents is not None else None
-        if self.tokens is None and self.latents is None:
-            raise ValueError(
-                "generation with memory needs memory latents or a token cache "
-                "(set latents=... or tokens=..., or no_memory=true)"
-            )
-        self.encoder = encoder
-        self.device, self.dtype = device, dtype
-
-    def retrieve(self, prompt: str, k: int) -> Retrieved:
-        hits = self.retriever.retrieve([prompt], k=k)[0]
-        if len(hits.ids) == 0:
-            raise ValueError(f"retrieval returned no memory videos for prompt {prompt!r}")
-        return Retrieved(list(hits.ids), list(hits.captions), [float(s) for s in hits.scores])
-
-    @torch.no_grad()
-    def memory_tokens(self, ids: list[str]) -> MemoryTokens:
-        if self.tokens is not None:
-            videos = self.tokens.load(ids)
-            videos = dataclasses.replace(
-                videos,
-                high=videos.high.to(self.device, self.encoder.dtype),
-                low=videos.low.to(self.device, self.encoder.dtype),
-            )
-            return self.encoder.aggregate(videos, shuffle=False)
-        latents = self.latents.load(ids).to(self.device, self.encoder.dtype)
-        return self.encoder(latents, shuffle=False)
+def generate(
+    pipe,
+    cfg: GenerationConfig,
+    prompt: str,
+    seed: int | None = None,
+    no_memory: bool | None = None,
+    memory_mode: str | None = None,
+) -> GenerationResult:
+    """One video for ``prompt``: retrieve, encode memory, denoise, decode (the config's settings;
+    ``no_memory`` / ``memory_mode`` override them for this call)."""
+    seed = cfg.seed if seed is None else seed
+    use_memory = not (cfg.no_memory if no_memory is None else no_memory)
+    mode = memory_mode or cfg.memory_mode
+    if use_memory and getattr(pipe, "memory_bank", None) is None:
+        raise ValueError("this pipeline was loaded with no_memory=true (no bank to retrieve from)")
+    out = pipe(
+        prompt,
+        negative_prompt=cfg.negative_prompt,
+        height=cfg.height,
+        width=cfg.width,
+        num_frames=cfg.num_frames,
+        num_inference_steps=cfg.steps,
+        guidance_scale=cfg.guidance_scale,
+        generator=torch.Generator(device="cpu").manual_seed(seed),
+        output_type="np",
+        max_sequence_length=cfg.max_sequence_length,
+        memory="retrieve" if use_memory else None,
+        negative_memory=SAME if mode == "both" else None,
+        k=cfg.k,
+    )
+    frames = (np.clip(out.frames[0], 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    retrieved = out.memory[0] if out.memory else RetrievalResult([], [], [])
+    settings = {**cfg.metadata, "no_memory": not use_memory, "memory_mode": mode, "seed": seed}
+    return GenerationResult(frames, prompt, seed, retrieved, settings)
 
 
-def load_encoder(path: Path, device: torch.device, dtype: torch.dtype):
-    """``MemoryEncoder.from_path`` on ``device`` in ``dtype``, in eval mode."""
-    from dit_mem.memory import MemoryEncoder
+class PipelineGenerator:
+    """The ``VideoGenerator`` the evaluation loops take: ``gen(prompt, seed)`` → frames."""
 
-    enc = MemoryEncoder.from_path(path)
-    # nn.Module.to: diffusers' ModelMixin.to warns about fp32 modules even when there are none
-    return torch.nn.Module.to(enc, device=device, dtype=dtype).eval()
-
-
-class DiTMemGenerator:
-    """A loaded pipeline plus its memory source; see :func:`load_generator`."""
-
-    def __init__(self, cfg: GenerationConfig, pipe: DiTMemPipeline, memory: MemorySource | None):
-        self.cfg, self.pipe, self.memory = cfg, pipe, memory
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        """What produced the videos (recorded by evaluation runs)."""
-        keep = [
-            "base_model",
-            "encoder",
-            "index",
-            "tokens",
-            "latents",
-            "k",
-            "no_memory",
-            "memory_mode",
-            "memory_strength",
-            "height",
-            "width",
-            "num_frames",
-            "fps",
-            "steps",
-            "shift",
-            "guidance_scale",
-            "max_sequence_length",
-            "scheduler",
-            "dtype",
-        ]
-        d = to_dict(self.cfg)
-        return {key: d[key] for key in keep}
-
-    def generate(self, prompt: str, seed: int | None = None, no_memory: bool | None = None):
-        """One video for ``prompt``: retrieve, encode memory, denoise, decode."""
-        cfg = self.cfg
-        seed = cfg.seed if seed is None else seed
-        use_memory = not (cfg.no_memory if no_memory is None else no_memory)
-        if use_memory and self.memory is None:
-            raise ValueError("this generator was loaded with no_memory=true")
-        retrieved, memory = Retrieved(), None
-        if use_memory:
-            retrieved = self.memory.retrieve(prompt, cfg.k)
-            memory = self.memory.memory_tokens(retrieved.ids)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        video = self.pipe(
-            prompt,
-            negative_prompt=cfg.negative_prompt,
-            memory=memory,
-            memory_mode=cfg.memory_mode,
-            memory_strength=cfg.memory_strength,
-            height=cfg.height,
-            width=cfg.width,
-            num_frames=cfg.num_frames,
-            num_inference_steps=cfg.steps,
-            guidance_scale=cfg.guidance_scale,
-            generator=generator,
-            output_type="np",
-            max_sequence_length=cfg.max_sequence_length,
-            progress=cfg.progress,
-        )
-        frames = (np.clip(video[0], 0.0, 1.0) * 255.0).round().astype(np.uint8)
-        settings = {**self.metadata, "no_memory": not use_memory, "seed": seed}
-        return GenerationResult(frames, prompt, seed, retrieved, settings)
-
-    @torch.no_grad()
-    def memory_previews(self, retrieved: Retrieved, num_frames: int = 6) -> list[np.ndarray]:
-        """Frames of the retrieved videos for the contact sheet.
-
-        From the bank's video files when ``videos`` is set, else by decoding the memory latents
-        with the VAE; empty when neither is available (e.g. a token-cache-only bank).
-        """
-        from dit_mem.data import load_video
-
-        cfg, out = self.cfg, []
-        if not retrieved.ids:
-            return out
-        if cfg.videos is not None:
-            for vid in retrieved.ids:
-                path = next(
-                    (p for p in (cfg.videos / vid, cfg.videos / f"{vid}.mp4") if p.is_file()), None
-                )
-                if path is None:
-                    raise FileNotFoundError(f"memory video {vid} not found under {cfg.videos}")
-                clip = load_video(path, num_frames, cfg.height // 4, cfg.width // 4)
-                out.append(((clip.permute(1, 2, 3, 0) + 1) * 127.5).round().byte().numpy())
-            return out
-        if self.memory is None or self.memory.latents is None:
-            return out
-        for vid in retrieved.ids:
-            video = decode_latents(
-                self.pipe.vae, self.memory.latents.load([vid])[0]
-            )  # [1, 3, F, H, W]
-            frames = ((video[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().byte()
-            out.append(frames.cpu().numpy())
-        return out
+    def __init__(self, pipe, cfg: GenerationConfig):
+        self.pipe, self.cfg = pipe, cfg
+        self.metadata = cfg.metadata
 
     def __call__(self, prompt: str, seed: int) -> np.ndarray:
-        return self.generate(prompt, seed).frames
-
-
-def load_generator(cfg: GenerationConfig) -> DiTMemGenerator:
-    """Load base model, attach memory, load encoder and memory bank, as ``cfg`` says."""
-    from dit_mem.backbone import attach_memory, load_wan_components
-
-    device, dtype = cfg.resolved_device(), cfg.torch_dtype()
-    parts = load_wan_components(cfg.base_model, torch_dtype=dtype)
-    pipe = DiTMemPipeline(
-        tokenizer=parts["tokenizer"],
-        text_encoder=parts["text_encoder"],
-        transformer=parts["transformer"],
-        vae=parts["vae"],
-        scheduler=make_scheduler(cfg.scheduler, cfg.shift),
-    ).to(device)
-    attach_memory(pipe.transformer)
-    memory = None
-    if not cfg.no_memory:
-        if cfg.encoder is None:
-            raise ValueError("generation with memory needs encoder=... (or no_memory=true)")
-        encoder = load_encoder(cfg.encoder, device, dtype)
-        if (
-            encoder.config.dim
-            != pipe.transformer.config.num_attention_heads
-            * pipe.transformer.config.attention_head_dim
-        ):
-            raise ValueError(
-                f"memory encoder width {encoder.config.dim} does not match the DiT's hidden size "
-                f"{pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim}"
-            )
-        memory = MemorySource(cfg, encoder, device, dtype)
-    return DiTMemGenerator(cfg, pipe, memory)
+        return generate(self.pipe, self.cfg, prompt, seed).frames

@@ -1,25 +1,42 @@
-"""Generation with memory: a ``WanPipeline`` whose denoising loop carries memory tokens.
+"""``DiTMemPipeline``: stock ``WanPipeline`` plus memory, the way diffusers add-ons are used.
 
-``DiTMemPipeline`` is diffusers' ``WanPipeline`` (same components, same ``encode_prompt``,
-``prepare_latents`` and decoding) with its own ``__call__`` so that memory can be given to both
-CFG branches (the paper) or the conditional branch only, with a strength λ. The transformer(s)
-must have memory attached (``dit_mem.attach_memory``); with ``memory=None`` the loop is the
-stock Wan loop.
+    pipe = DiTMemPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", torch_dtype=torch.bfloat16)
+    pipe.load_memory("checkpoint/DiT-Mem-1.3B.safetensors", bank="memory_bank/")
+    out = pipe("a dog runs on the beach", memory="retrieve")    # out.frames, out.memory
 
-Stages of ``__call__``:
-    1. check inputs   2. encode prompts   3. timesteps   4. initial noise
-    5. memory per CFG branch   6. denoising loop   7. decode to frames
+``__call__`` takes the installed ``WanPipeline.__call__``'s whole signature, and runs it: the
+loop, the scheduler, guidance, callbacks and outputs are stock diffusers. Memory adds
+``memory`` (``"retrieve"``, a ``MemoryTokens``, or ``None``), ``negative_memory`` (the
+unconditional branch's memory: by default the same, as in the paper; ``None`` for the
+conditional branch only), ``memory_scale`` (λ) and ``k``. Without memory the call is stock
+``WanPipeline``'s, bit for bit.
 """
 
-from __future__ import annotations
+import inspect
+from dataclasses import dataclass
+from typing import Any
 
-from typing import Literal
-
-import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline
+from diffusers import (
+    AutoencoderKLWan,
+    FlowMatchEulerDiscreteScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
+from transformers import AutoTokenizer, UMT5EncoderModel
 
+from dit_mem.backbone.injection import (
+    MEMORY_STRENGTH_KEY,
+    MEMORY_TOKENS_KEY,
+    NEGATIVE_MEMORY_TOKENS_KEY,
+    get_attachment,
+    track_cfg_branches,
+)
+from dit_mem.loaders import MemoryLoaderMixin, check_memory_scale
+from dit_mem.memory.encoder import MemoryEncoder
 from dit_mem.memory.tokens import MemoryTokens
+from dit_mem.retrieval.retriever import RetrievalResult
 from dit_mem.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -31,162 +48,207 @@ WAN_NEGATIVE_PROMPT = (
     "毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
-SchedulerKind = Literal["flow-euler", "unipc"]
-MemoryMode = Literal["both", "cond"]
+RETRIEVE = "retrieve"
 
 
-def make_scheduler(kind: SchedulerKind = "flow-euler", shift: float = 5.0):
-    """Flow-matching Euler (the paper's sampler) or UniPC (Wan's own default), with ``shift``."""
-    if kind == "flow-euler":
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-    if kind == "unipc":
-        return UniPCMultistepScheduler(
-            num_train_timesteps=1000,
-            prediction_type="flow_prediction",
-            use_flow_sigmas=True,
-            flow_shift=shift,
-        )
-    raise ValueError(f"unknown scheduler {kind!r}; choose 'flow-euler' or 'unipc'")
+class _Same:
+    """The default of ``negative_memory``: the conditional branch's memory."""
+
+    def __repr__(self) -> str:
+        return "SAME"
 
 
-def set_paper_timesteps(scheduler, num_steps: int, device=None) -> None:
-    """The paper's schedule: σ = linspace(1, 0, steps + 1)[:-1], shifted by the scheduler.
+SAME = _Same()
+_STOCK_CALL = inspect.signature(WanPipeline.__call__)
 
-    For the Euler scheduler this gives exactly the sampler the paper used (DiffSynth's
-    ``FlowMatchScheduler(shift=5, sigma_min=0, extra_one_step=True)``); UniPC uses its own.
+
+@dataclass
+class DiTMemPipelineOutput(WanPipelineOutput):
+    """``WanPipelineOutput`` plus what memory was retrieved for each prompt (``None``: none).
+
+    ``to_tuple()`` (and ``return_dict=False``) gives ``(frames,)``, or ``(frames, memory)``.
     """
-    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        sigmas = np.linspace(1.0, 0.0, num_steps + 1)[:-1]
-        scheduler.set_timesteps(sigmas=sigmas, device=device)
-    else:
-        scheduler.set_timesteps(num_steps, device=device)
+
+    memory: list[RetrievalResult] | None = None
 
 
-@torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Normalised Wan latents ``[B, C, T, H, W]`` → video in [-1, 1] (the stock Wan arithmetic)."""
-    z = latents.to(vae.device, vae.dtype)
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z.device, z.dtype)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(z.device, z.dtype)
-    return vae.decode(z / inv_std + mean, return_dict=False)[0]
+class DiTMemPipeline(WanPipeline, MemoryLoaderMixin):
+    """``WanPipeline`` with DiT-Mem's memory (see the module docstring)."""
 
+    _optional_components = [*WanPipeline._optional_components, "memory_encoder"]
+    model_cpu_offload_seq = "text_encoder->memory_encoder->transformer->transformer_2->vae"
 
-class DiTMemPipeline(WanPipeline):
-    """``WanPipeline`` + memory tokens in the self-attention of its (memory-attached) DiT."""
+    # (no ``from __future__ import annotations`` here: diffusers' ``from_pipe`` and loaders read
+    # these annotations as classes)
+    def __init__(
+        self,
+        tokenizer: AutoTokenizer,
+        text_encoder: UMT5EncoderModel,
+        vae: AutoencoderKLWan,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        transformer: WanTransformer3DModel | None = None,
+        transformer_2: WanTransformer3DModel | None = None,
+        boundary_ratio: float | None = None,
+        expand_timesteps: bool = False,
+        memory_encoder: MemoryEncoder | None = None,
+    ):
+        super().__init__(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            scheduler=scheduler,
+            transformer=transformer,
+            transformer_2=transformer_2,
+            boundary_ratio=boundary_ratio,
+            expand_timesteps=expand_timesteps,
+        )
+        self.register_modules(memory_encoder=memory_encoder)
 
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] | None = WAN_NEGATIVE_PROMPT,
-        memory: MemoryTokens | None = None,
-        memory_mode: MemoryMode = "both",
-        memory_strength: float = 1.0,
-        height: int = 480,
-        width: int = 832,
-        num_frames: int = 81,
-        num_inference_steps: int = 40,
-        guidance_scale: float = 5.0,
-        guidance_scale_2: float | None = None,
-        generator: torch.Generator | None = None,
-        latents: torch.Tensor | None = None,
-        output_type: Literal["np", "pt", "latent"] = "np",
-        max_sequence_length: int = 512,
-        progress: bool = True,
-    ) -> np.ndarray | torch.Tensor:
-        """Generate videos; returns frames ``[B, F, H, W, 3]`` in [0, 1] (``np``), or latents."""
-        # 1. check inputs
-        self.check_inputs(prompt, negative_prompt, height, width)
-        if memory_mode not in ("both", "cond"):
-            raise ValueError(f"memory_mode must be 'both' or 'cond', got {memory_mode!r}")
-        if num_frames < 1 or (num_frames - 1) % self.vae_scale_factor_temporal:
+        *args,
+        memory: str | MemoryTokens | torch.Tensor | None = None,
+        negative_memory: Any = SAME,
+        memory_scale: float | None = None,
+        k: int = 5,
+        **kwargs,
+    ) -> DiTMemPipelineOutput | tuple:
+        """Stock ``WanPipeline.__call__`` (every argument), with memory.
+
+        Args:
+            memory: ``"retrieve"`` (the top-``k`` videos of the loaded bank for each prompt,
+                encoded by the loaded encoder), ``MemoryTokens`` (batch 1, one per prompt, or one
+                per video), a dense ``[B, L, D]`` tensor, or ``None`` (the stock pipeline).
+            negative_memory: the unconditional branch's memory; by default the same (the paper),
+                ``None`` for the conditional branch only, or other ``MemoryTokens``.
+            memory_scale: λ for this call (default: :meth:`set_memory_scale`'s, 1).
+            k: videos to retrieve per prompt.
+
+        Returns a :class:`DiTMemPipelineOutput` (``frames``, ``memory``: what was retrieved).
+        """
+        call = _STOCK_CALL.bind(self, *args, **kwargs).arguments
+        del call["self"]
+        user_kwargs = dict(call.get("attention_kwargs") or {})
+        given = [key for key in user_kwargs if "memory" in key]
+        if memory is None:
+            if negative_memory is not SAME and negative_memory is not None:
+                raise ValueError("negative_memory was given without memory")
+            if given and not self._memory_attached():
+                raise ValueError(
+                    f"attention_kwargs carry {given}, but no memory is attached to this pipeline: "
+                    "call pipe.load_memory(...) (or dit_mem.attach_memory(pipe)) first"
+                )
+            return self._output(super().__call__(**call), None, call)
+        if given:
+            raise ValueError(f"give memory as memory=..., not also in attention_kwargs ({given})")
+        if not self._memory_attached():
             raise ValueError(
-                f"num_frames must be 1 + a multiple of {self.vae_scale_factor_temporal}, got {num_frames}"
+                "memory was given, but this pipeline has none loaded: call "
+                "pipe.load_memory(encoder, bank=...) first (or dit_mem.attach_memory(pipe) "
+                "to pass MemoryTokens)"
             )
-        device = self._execution_device
+
+        # 1. memory for each prompt: retrieved, or given; broadcast like the prompts
+        batch, per_prompt = self._batch_size(call), call.get("num_videos_per_prompt") or 1
+        hits = None
+        if isinstance(memory, str):
+            if memory != RETRIEVE:
+                raise ValueError(
+                    f"memory must be {RETRIEVE!r}, MemoryTokens or None, got {memory!r}"
+                )
+            memory, hits = self._retrieve(call, k)
+        memory = self._prepare(memory, batch, per_prompt, "memory")
+        if negative_memory is SAME or negative_memory is None:
+            negative = negative_memory
+        elif isinstance(negative_memory, str):
+            raise ValueError("negative_memory must be MemoryTokens, None or the default (same)")
+        else:
+            negative = self._prepare(negative_memory, batch, per_prompt, "negative_memory")
+        scale = self._memory_scale if memory_scale is None else check_memory_scale(memory_scale)
+
+        # 2. the stock call, memory in attention_kwargs (both branches, or per branch)
+        attention_kwargs = {**user_kwargs, MEMORY_TOKENS_KEY: memory, MEMORY_STRENGTH_KEY: scale}
+        if negative is SAME:
+            output = super().__call__(**{**call, "attention_kwargs": attention_kwargs})
+        else:
+            attention_kwargs[NEGATIVE_MEMORY_TOKENS_KEY] = negative
+            with track_cfg_branches(self):
+                output = super().__call__(**{**call, "attention_kwargs": attention_kwargs})
+        return self._output(output, hits, call)
+
+    # ------------------------------------------------------------------ pieces of __call__
+    def _memory_attached(self) -> bool:
+        experts = [t for t in (self.transformer, getattr(self, "transformer_2", None)) if t]
+        return bool(experts) and all(get_attachment(t) is not None for t in experts)
+
+    @staticmethod
+    def _batch_size(call: dict) -> int:
+        prompt = call.get("prompt")
+        if isinstance(prompt, str):
+            return 1
+        if isinstance(prompt, list):
+            return len(prompt)
+        embeds = call.get("prompt_embeds")
+        if embeds is None:
+            raise ValueError("Provide either `prompt` or `prompt_embeds`.")
+        return embeds.shape[0]
+
+    def _retrieve(self, call: dict, k: int) -> tuple[MemoryTokens, list[RetrievalResult]]:
+        if self.memory_bank is None or getattr(self, "memory_encoder", None) is None:
+            raise ValueError(
+                'memory="retrieve" needs a memory bank and encoder: pipe.load_memory(encoder, '
+                "bank=...)"
+            )
+        prompt = call.get("prompt")
+        if prompt is None:
+            raise ValueError('memory="retrieve" needs the prompt text (not only prompt_embeds)')
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer ≥ 1, got {k!r}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        batch = len(prompts)
-        do_cfg = guidance_scale > 1.0
-        if self.config.boundary_ratio is not None and guidance_scale_2 is None:
-            guidance_scale_2 = guidance_scale
+        return self.memory_bank.memory(prompts, self.memory_encoder, k=k)
 
-        # 2. encode prompts (UMT5, padding positions zeroed)
-        prompt_embeds, negative_embeds = self.encode_prompt(
-            prompt=prompts,
-            negative_prompt=negative_prompt if do_cfg else None,
-            do_classifier_free_guidance=do_cfg,
-            max_sequence_length=max_sequence_length,
-            device=device,
-        )
+    def _prepare(self, memory: Any, batch: int, per_prompt: int, name: str) -> MemoryTokens:
+        """Check, broadcast over ``num_videos_per_prompt`` and cast to the transformer."""
+        if isinstance(memory, torch.Tensor):
+            if memory.ndim != 3:
+                raise ValueError(f"{name} as a tensor must be dense tokens [B, L, D]")
+            memory = MemoryTokens.from_dense(memory)
+        if not isinstance(memory, MemoryTokens):
+            raise ValueError(
+                f"{name} must be MemoryTokens, a dense [B, L, D] tensor, {RETRIEVE!r} or None, "
+                f"got {type(memory).__name__}"
+            )
+        if not bool(
+            torch.isfinite(memory.tokens).all() and torch.isfinite(memory.log_counts).all()
+        ):
+            raise ValueError(f"{name} holds NaN or infinite values")
+        if memory.batch_size == batch and per_prompt > 1:
+            memory = memory.repeat_batch(per_prompt)  # prompt-major, as the prompt embeddings
+        elif memory.batch_size not in (1, batch * per_prompt):
+            raise ValueError(
+                f"{name} has batch {memory.batch_size}; expected 1 (shared), {batch} (one per "
+                f"prompt) or {batch * per_prompt} (one per video)"
+            )
         model = self.transformer if self.transformer is not None else self.transformer_2
-        dtype = model.dtype
-        prompt_embeds = prompt_embeds.to(dtype)
-        if negative_embeds is not None:
-            negative_embeds = negative_embeds.to(dtype)
+        return memory.to(device=self._execution_device, dtype=model.dtype)
 
-        # 3. timesteps
-        set_paper_timesteps(self.scheduler, num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        boundary = (
-            self.config.boundary_ratio * self.scheduler.config.num_train_timesteps
-            if self.config.boundary_ratio is not None
-            else None
-        )
+    @staticmethod
+    def _output(output, hits, call: dict):
+        if not call.get("return_dict", True):
+            return tuple(output) if hits is None else (*output, hits)
+        return DiTMemPipelineOutput(frames=output.frames, memory=hits)
 
-        # 4. initial noise
-        latents = self.prepare_latents(
-            batch,
-            model.config.in_channels,
-            height,
-            width,
-            num_frames,
-            torch.float32,
-            device,
-            generator,
-            latents,
-        )
 
-        # 5. memory per CFG branch
-        cond_kwargs = uncond_kwargs = None
-        if memory is not None:
-            memory = memory.to(device=device, dtype=dtype)
-            cond_kwargs = {"memory_tokens": memory, "memory_strength": memory_strength}
-            uncond_kwargs = cond_kwargs if memory_mode == "both" else None
+def _signature() -> inspect.Signature:
+    """``WanPipeline.__call__``'s parameters, then the memory ones (for ``help`` and tooling)."""
+    stock = list(_STOCK_CALL.parameters.values())
+    ours = [
+        p
+        for name, p in inspect.signature(DiTMemPipeline.__call__).parameters.items()
+        if name in ("memory", "negative_memory", "memory_scale", "k")
+    ]
+    return _STOCK_CALL.replace(parameters=[*stock, *ours])
 
-        # 6. denoising loop
-        self.scheduler.set_begin_index(0)
-        for t in self.progress_bar(timesteps) if progress else timesteps:
-            if boundary is None or t >= boundary:
-                current, scale = (self.transformer or self.transformer_2), guidance_scale
-            else:
-                current, scale = self.transformer_2, guidance_scale_2
-            x = latents.to(dtype)
-            if self.config.expand_timesteps:  # Wan2.2 TI2V: one timestep per latent token
-                p = current.config.patch_size
-                n_tok = x.shape[2] * (x.shape[3] // p[1]) * (x.shape[4] // p[2])
-                timestep = t.expand(batch, n_tok)
-            else:
-                timestep = t.expand(batch)
-            noise = current(
-                hidden_states=x,
-                timestep=timestep,
-                encoder_hidden_states=prompt_embeds,
-                attention_kwargs=cond_kwargs,
-                return_dict=False,
-            )[0]
-            if do_cfg:
-                noise_uncond = current(
-                    hidden_states=x,
-                    timestep=timestep,
-                    encoder_hidden_states=negative_embeds,
-                    attention_kwargs=uncond_kwargs,
-                    return_dict=False,
-                )[0]
-                noise = noise_uncond + scale * (noise - noise_uncond)
-            latents = self.scheduler.step(noise, t, latents, return_dict=False)[0]
 
-        # 7. decode
-        if output_type == "latent":
-            return latents
-        video = decode_latents(self.vae, latents)
-        return self.video_processor.postprocess_video(video, output_type=output_type)
+DiTMemPipeline.__call__.__signature__ = _signature()

@@ -223,11 +223,12 @@ def shape_clip(
     return out
 
 
-def write_bank(folder: Path, frames: int = 17, size: int = 64) -> Path:
-    """Synthetic clips + ``memory.csv`` (``video``, ``caption``); returns the CSV path."""
+def write_bank(folder: Path, frames: int = 17, size: int = 64, videos: Path | None = None) -> Path:
+    """Synthetic clips (in ``videos``, default ``folder/video``) + ``folder/memory.csv``
+    (``video``, ``caption``); returns the CSV path."""
     from dit_mem.evaluation.video_io import write_mp4
 
-    videos = folder / "video"
+    videos = videos if videos is not None else folder / "video"
     rows = []
     for i, (colour, shape, direction) in enumerate(
         (c, s, d) for c in COLOURS for s in SHAPES for d in ("left", "right")
@@ -251,46 +252,44 @@ RANDOM_WORLD_PROMPT = "a red circle moving right"
 def run_random_world(
     out: str | Path = "outputs/demo", prompt: str = RANDOM_WORLD_PROMPT, k: int = 2, steps: int = 4
 ):
-    """A random tiny Wan + synthetic bank in ``out``, then one generation (each stage skipped if done).
+    """A random tiny Wan + a synthetic bank folder in ``out``, then one generation (each stage
+    skipped if done).
 
-    Tests use the folders it writes (``model``, ``encoder``, ``memory_index``, ``latent``,
-    ``bank/video``); the generated video is noise by construction.
+    Tests use the folders it writes: ``model`` (diffusers layout), ``encoder``, and ``bank``
+    (``index/``, ``latents/``, ``videos/``, ``bank.json``) from ``memory.csv``; the generated
+    video is noise by construction.
     """
+    from dit_mem.bank import write_bank_manifest
     from dit_mem.data import LatentJobConfig, encode_latents
-    from dit_mem.generation import GenerationConfig, load_generator
+    from dit_mem.generation import GenerationConfig, generate, load_pipeline
     from dit_mem.memory import MemoryEncoder
     from dit_mem.outputs import save_generation, slugify
     from dit_mem.retrieval import build_index
 
     out = Path(out)
     bank = out / "bank"
-    csv_path = write_bank(bank)
-    logger.info(
-        f"[1/5] memory bank: {csv_path} ({sum(1 for _ in csv_path.open()) - 1} synthetic clips)"
-    )
+    csv_path = write_bank(out, videos=bank / "videos")
+    logger.info(f"[1/5] memory bank videos: {bank / 'videos'} (listed in {csv_path})")
 
-    index = out / "memory_index"
-    if not (index / "manifest.json").is_file():
-        build_index(csv_path, index)
-    logger.info(f"[2/5] caption index (all-MiniLM-L6-v2, FAISS inner product): {index}")
+    if not (bank / "index" / "manifest.json").is_file():
+        build_index(csv_path, bank / "index")
+    logger.info(f"[2/5] caption index (all-MiniLM-L6-v2, FAISS inner product): {bank / 'index'}")
 
     model = build_tiny_wan(out / "model")
-    latents = out / "latent"
     summary = encode_latents(
         LatentJobConfig(
             csv=csv_path,
-            out=latents,
+            out=bank / "latents",
             base_model=model,
-            videos=bank / "video",
+            videos=bank / "videos",
             num_frames=17,
             height=64,
             width=64,
             num_workers=0,
         )
     )
-    logger.info(
-        f"[3/5] latents (tiny random Wan VAE): {latents} ({summary.ok} new, {summary.skipped} done)"
-    )
+    write_bank_manifest(bank)
+    logger.info(f"[3/5] latents (tiny random Wan VAE): {summary.ok} new, {summary.skipped} done")
 
     encoder_dir = out / "encoder"
     if not (encoder_dir / "config.json").is_file():
@@ -300,9 +299,7 @@ def run_random_world(
     cfg = GenerationConfig(
         base_model=model,
         encoder=encoder_dir,
-        index=index,
-        latents=latents,
-        videos=bank / "video",
+        bank=bank,
         k=k,
         height=64,
         width=64,
@@ -312,9 +309,10 @@ def run_random_world(
         device="cpu",
         progress=False,
     )
-    gen = load_generator(cfg)
-    result = gen.generate(prompt)
-    paths = save_generation(result, out, slugify(prompt), gen.memory_previews(result.retrieved))
+    pipe = load_pipeline(cfg)
+    result = generate(pipe, cfg, prompt)
+    previews = pipe.memory_bank.previews(result.retrieved.ids, vae=pipe.vae)
+    paths = save_generation(result, out, slugify(prompt), previews)
     logger.info(
         f"[5/5] generated {result.frames.shape[0]} frames with {k} memory videos for {prompt!r}"
     )

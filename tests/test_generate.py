@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from dit_mem.cli import main
-from dit_mem.config import load_config
-from dit_mem.generation import GenerationConfig, load_generator
+from dit_mem.config import ConfigError, load_config
+from dit_mem.generation import GenerationConfig, generate, load_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,7 @@ def tiny_overrides(demo: Path, **extra) -> list[str]:
     kv = {
         "base_model": demo / "model",
         "encoder": demo / "encoder",
-        "index": demo / "memory_index",
-        "latents": demo / "latent",
+        "bank": demo / "bank",
         "height": 64,
         "width": 64,
         "num_frames": 17,
@@ -73,50 +72,56 @@ def test_generate_csv_is_resumable(demo, tmp_path, capsys):
 
 def test_memory_changes_output_and_no_memory_is_explicit(demo):
     cfg = load_config(GenerationConfig, None, tiny_overrides(demo))
-    gen = load_generator(cfg)
-    with_mem = gen.generate("a red circle moving right", seed=1)
-    without = gen.generate("a red circle moving right", seed=1, no_memory=True)
+    pipe = load_pipeline(cfg)
+    with_mem = generate(pipe, cfg, "a red circle moving right", seed=1)
+    without = generate(pipe, cfg, "a red circle moving right", seed=1, no_memory=True)
     assert with_mem.retrieved.ids and not without.retrieved.ids
     assert not np.array_equal(with_mem.frames, without.frames)
-    again = gen("a red circle moving right", 1)  # VideoGenerator protocol
+    from dit_mem.generation import PipelineGenerator
+
+    again = PipelineGenerator(pipe, cfg)("a red circle moving right", 1)  # VideoGenerator
     assert np.array_equal(again, with_mem.frames)
+    cond = generate(pipe, cfg, "a red circle moving right", seed=1, memory_mode="cond")
+    assert not np.array_equal(cond.frames, with_mem.frames)
 
 
 def test_memory_from_token_cache_equals_memory_from_latents(demo, tmp_path):
-    from dit_mem.data import build_token_cache
+    import shutil
 
-    cfg = load_config(GenerationConfig, None, tiny_overrides(demo))
-    gen = load_generator(cfg)
-    ids = gen.memory.retrieve("a red circle moving right", 2).ids
-    from_latents = gen.memory.memory_tokens(ids)
+    from dit_mem.bank import MemoryBank
+    from dit_mem.data import build_token_cache
     from dit_mem.memory import MemoryEncoder
 
-    build_token_cache(
-        MemoryEncoder.from_pretrained(demo / "encoder"),
-        demo / "latent",
-        tmp_path / "tokens",
-        num_workers=0,
-    )
-    cached = load_generator(
-        load_config(GenerationConfig, None, tiny_overrides(demo, tokens=tmp_path / "tokens"))
-    )
-    from_cache = cached.memory.memory_tokens(ids)
+    encoder = MemoryEncoder.from_pretrained(demo / "encoder").eval()
+    bank = MemoryBank.from_pretrained(demo / "bank")
+    ids = [bank.retrieve(["a red circle moving right"], k=2)[0].ids]
+    from_latents = bank.encode(ids, encoder)
+    cached = tmp_path / "bank"
+    shutil.copytree(demo / "bank", cached)
+    build_token_cache(encoder, cached / "latents", cached / "tokens", num_workers=0)
+    shutil.rmtree(cached / "latents")  # tokens only
+    from_cache = MemoryBank.from_pretrained(cached).encode(ids, encoder)
     torch.testing.assert_close(from_cache.log_counts, from_latents.log_counts)
     err = (from_cache.tokens - from_latents.tokens).norm() / from_latents.tokens.norm()
     assert err < 1e-2  # the cache stores bf16
+    other = MemoryEncoder.from_preset("tiny")  # another encoder: the cache refuses it
+    with pytest.raises(ValueError, match="built with another memory encoder"):
+        MemoryBank.from_pretrained(cached).encode(ids, other)
 
 
 def test_missing_bank_is_an_error_not_a_silent_fallback(demo, tmp_path):
-    cfg = load_config(GenerationConfig, None, tiny_overrides(demo, index=tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match="not a complete index folder"):
-        load_generator(cfg)
-    cfg = load_config(GenerationConfig, None, tiny_overrides(demo, latents=tmp_path / "nolatents"))
-    with pytest.raises((FileNotFoundError, ValueError)):
-        load_generator(cfg).generate("a red circle moving right")
+    cfg = load_config(GenerationConfig, None, tiny_overrides(demo, bank=tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_pipeline(cfg)
+    with pytest.raises(ConfigError, match="needs a bank"):
+        load_config(GenerationConfig, None, tiny_overrides(demo, bank="null", index="null"))
     base_only = load_config(
-        GenerationConfig, None, tiny_overrides(demo, index="null", latents="null", no_memory="true")
+        GenerationConfig, None, tiny_overrides(demo, bank="null", index="null", no_memory="true")
     )
-    assert load_generator(base_only).generate("a red circle").settings["no_memory"] is True
+    pipe = load_pipeline(base_only)
+    assert generate(pipe, base_only, "a red circle").settings["no_memory"] is True
+    with pytest.raises(ValueError, match="no_memory=true"):
+        generate(pipe, base_only, "a red circle", no_memory=False)
 
 
 def test_benchmark_layouts_through_the_real_pipeline(demo, tmp_path, capsys):

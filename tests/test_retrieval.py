@@ -122,8 +122,10 @@ def test_cls_pooling_model_folder(tmp_path: Path) -> None:
     cfg = json.loads((folder / "config.json").read_text())
     cfg["auto_map"] = {"AutoConfig": "Alibaba-NLP/new-impl--configuration.NewConfig"}
     (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="only runs when you ask for it by name"):
+        load_embedder(folder)  # a file in the folder never turns remote code on by itself
     with pytest.raises(ValueError, match="points at another Hub repository.*configuration.py"):
-        load_embedder(folder)
+        load_embedder(folder, trust_remote_code="minilm-cls")
 
 
 def test_model_and_row_mismatch(index_dir: Path, tmp_path: Path, embedder) -> None:
@@ -141,9 +143,15 @@ def test_model_and_row_mismatch(index_dir: Path, tmp_path: Path, embedder) -> No
         ValueError, match="index.faiss: vectors are 384-d but manifest.json says 768-d"
     ):
         Retriever(bad, model=embedder)
-    (bad / "manifest.json").write_text(json.dumps(m))
     ids = pd.read_parquet(bad / "ids.parquet")
     ids.iloc[:-1].to_parquet(bad / "ids.parquet", index=False)
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"ids.parquet does not match the checksum"):
+        Retriever(bad, model=embedder)
+    from dit_mem.data.table import file_sha256
+
+    m["sha256"]["ids.parquet"] = file_sha256(bad / "ids.parquet")  # consistent, but one row short
+    (bad / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(
         ValueError, match=r"row mismatch: index.faiss has 11 vectors, ids.parquet has 10 rows"
     ):

@@ -106,16 +106,17 @@ def test_recipe_runs_every_stage_and_records_how(smoke_run):
 def test_exported_assets_are_fp16_and_load_as_float32(smoke_run):
     from safetensors.torch import load_file
 
-    from dit_mem.toyworld.evaluate import load_toy_generator
+    from dit_mem.toyworld.evaluate import load_toy_pipeline
 
     assets = smoke_run[0] / "assets"
     weights = load_file(
         str(assets / "base" / "transformer" / "diffusion_pytorch_model.safetensors")
     )
     assert {t.dtype for t in weights.values()} == {torch.float16}
-    gen = load_toy_generator(assets)
-    assert gen.pipe.transformer.dtype == torch.float32
-    assert gen.memory.encoder.dtype == torch.float32
+    pipe, _ = load_toy_pipeline(assets)
+    assert pipe.transformer.dtype == torch.float32
+    assert pipe.memory_encoder.dtype == torch.float32
+    assert len(pipe.memory_bank) == 72 * 2
 
 
 def test_recipe_rerun_skips_done_stages_and_stages_resume(smoke_run, caplog):
@@ -141,12 +142,12 @@ def test_recipe_rerun_skips_done_stages_and_stages_resume(smoke_run, caplog):
 # --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def shipped():
-    from dit_mem.toyworld.evaluate import load_toy_generator
+    from dit_mem.toyworld.evaluate import load_toy_pipeline
 
     if not (SHIPPED / "base" / "model_index.json").is_file():
         pytest.fail(f"the trained toy world is missing from {SHIPPED}")
     torch.set_num_threads(2)
-    return load_toy_generator(SHIPPED)
+    return load_toy_pipeline(SHIPPED)
 
 
 def test_shipped_manifest_records_how_the_assets_were_made():
@@ -162,7 +163,7 @@ def test_shipped_base_model_draws_seen_prompts(shipped):
     from dit_mem.toyworld.evaluate import prompt_set, score_case
 
     seen = prompt_set("seen", 1)[::2]  # 30 prompts, every colour, shape and direction
-    acc = score_case(shipped, seen, "none", seed=2024)
+    acc = score_case(*shipped, seen, "none", seed=2024)
     assert acc["colour"] >= SEEN_COLOUR_MIN and acc["direction"] >= SEEN_DIRECTION_MIN, acc
 
 
@@ -170,9 +171,9 @@ def test_shipped_memory_supplies_the_held_out_colour(shipped):
     from dit_mem.toyworld.evaluate import prompt_set, score_case
 
     targets = prompt_set("held_out", 3)  # 36 prompts
-    none = score_case(shipped, targets, "none", seed=2024)
-    cond = score_case(shipped, targets, "cond", seed=2024)
-    wrong = score_case(shipped, targets, "wrong", seed=2024)
+    none = score_case(*shipped, targets, "none", seed=2024)
+    cond = score_case(*shipped, targets, "cond", seed=2024)
+    wrong = score_case(*shipped, targets, "wrong", seed=2024)
     assert none["colour"] <= HELD_OUT_NONE_MAX, none
     assert cond["colour"] >= HELD_OUT_MEMORY_MIN, cond
     assert cond["colour"] - none["colour"] >= HELD_OUT_GAIN_MIN, (none, cond)

@@ -14,6 +14,7 @@ from dit_mem.backbone.injection import (
     get_attachment,
     is_memory_attached,
     memory_attention_kwargs,
+    track_cfg_branches,
 )
 from dit_mem.backbone.loading import (
     COMPONENTS,
@@ -47,6 +48,7 @@ __all__ = [
     "load_wan_t5",
     "memory_attention",
     "memory_attention_kwargs",
+    "track_cfg_branches",
     "transformers_t5_to_wan",
     "wan_t5_to_transformers",
 ]

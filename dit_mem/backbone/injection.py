@@ -35,11 +35,14 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
 from diffusers.models.transformers.transformer_wan import (
     WanAttnProcessor,
     WanTransformer3DModel,
@@ -54,8 +57,10 @@ from dit_mem.utils import get_logger
 logger = get_logger(__name__)
 
 MEMORY_TOKENS_KEY = "memory_tokens"
+NEGATIVE_MEMORY_TOKENS_KEY = "negative_memory_tokens"  # the unconditional branch's, if different
 MEMORY_STRENGTH_KEY = "memory_strength"
-_MEMORY_KEYS = (MEMORY_TOKENS_KEY, MEMORY_STRENGTH_KEY)
+_MEMORY_KEYS = (MEMORY_TOKENS_KEY, NEGATIVE_MEMORY_TOKENS_KEY, MEMORY_STRENGTH_KEY)
+_BRANCH_HOOK = "dit_mem_cfg_branch"
 _ATTACHMENT_ATTR = "_dit_mem_attachment"
 _EXPERT_ATTRS = ("transformer", "transformer_2")
 
@@ -307,6 +312,7 @@ class MemoryAttachment:
         self.route: Route = route
         self.memory: CallMemory | None = None
         self.temb: torch.Tensor | None = None
+        self.branch: str | None = None  # "cond" / "uncond" while track_cfg_branches is on
         self.original_processors: dict[int, Any] = {}
         self.handles = [
             transformer.register_forward_pre_hook(self.on_transformer_call, with_kwargs=True)
@@ -318,7 +324,7 @@ class MemoryAttachment:
         self.install_processors(transformer)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "memory": None, "temb": None}
+        return {**self.__dict__, "memory": None, "temb": None, "branch": None}
 
     # -- processors ------------------------------------------------------------------------
     def processors(self, transformer: nn.Module) -> list[Any]:
@@ -373,6 +379,15 @@ class MemoryAttachment:
         if unknown:
             raise ValueError(f"unknown memory option(s) {unknown}; known: {list(_MEMORY_KEYS)}")
         memory = attention_kwargs.get(MEMORY_TOKENS_KEY)
+        if NEGATIVE_MEMORY_TOKENS_KEY in attention_kwargs:  # per-branch memory
+            if self.branch not in ("cond", "uncond"):
+                raise ValueError(
+                    f"{NEGATIVE_MEMORY_TOKENS_KEY} needs to know which classifier-free guidance "
+                    "branch each call is: run the loop inside track_cfg_branches(pipe) (the loop "
+                    "must name its calls with cache_context('cond' / 'uncond'), as WanPipeline does)"
+                )
+            if self.branch == "uncond":
+                memory = attention_kwargs[NEGATIVE_MEMORY_TOKENS_KEY]
         if memory is None:
             return None
         processors = self.processors(module)
@@ -474,14 +489,76 @@ def is_memory_attached(transformer: nn.Module) -> bool:
     return get_attachment(transformer) is not None
 
 
+class _BranchState(StateManager):
+    """Receives diffusers' cache contexts and tells the attachment which branch is running."""
+
+    def __init__(self, attachment: MemoryAttachment):
+        super().__init__(BaseState)
+        self.attachment = attachment
+
+    def set_context(self, context) -> None:
+        super().set_context(context)
+        self.attachment.branch = None if context is None else context.name
+
+
+class CFGBranchTracker(ModelHook):
+    """A stateful diffusers hook: the loop's ``cache_context("cond" / "uncond")`` reaches it."""
+
+    _is_stateful = True
+
+    def __init__(self, attachment: MemoryAttachment):
+        super().__init__()
+        self.state = _BranchState(attachment)
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.state.attachment.branch = None
+        return module
+
+
+@contextlib.contextmanager
+def track_cfg_branches(model: nn.Module | Any) -> Iterator[None]:
+    """Within this block, ``attention_kwargs`` may give the unconditional branch other memory
+    (``negative_memory_tokens``; ``None``: none) than the conditional one (``memory_tokens``).
+
+    The attached transformers learn the branch of each call from the ``cache_context`` names of
+    the denoising loop (stock ``WanPipeline`` names them ``"cond"`` / ``"uncond"``). The hooks
+    that listen are removed on exit (an attached model pickles again).
+    """
+    experts = [model] if isinstance(model, nn.Module) else _experts(model)
+    registries = []
+    try:
+        for expert in experts:
+            attachment = get_attachment(expert)
+            if attachment is None:
+                raise ValueError("track_cfg_branches needs memory attached (attach_memory)")
+            registry = HookRegistry.check_if_exists_or_initialize(expert)
+            registry.register_hook(CFGBranchTracker(attachment), _BRANCH_HOOK)
+            registries.append((registry, attachment))
+        yield
+    finally:
+        for registry, attachment in registries:
+            registry.remove_hook(_BRANCH_HOOK, recurse=False)
+            attachment.branch = None
+
+
+_SAME = object()
+
+
 def memory_attention_kwargs(
     memory: MemoryTokens | None,
     strength: float = 1.0,
     attention_kwargs: dict[str, Any] | None = None,
+    negative_memory: Any = _SAME,
 ) -> dict[str, Any] | None:
-    """``attention_kwargs`` carrying ``memory`` (``None`` memory → the other kwargs only)."""
+    """``attention_kwargs`` carrying ``memory`` (``None`` memory → the other kwargs only).
+
+    ``negative_memory``: the unconditional branch's memory if it differs (``None``: none there);
+    then the call must run inside :func:`track_cfg_branches`.
+    """
     out = dict(attention_kwargs or {})
     if memory is not None:
         out[MEMORY_TOKENS_KEY] = memory
         out[MEMORY_STRENGTH_KEY] = strength
+        if negative_memory is not _SAME:
+            out[NEGATIVE_MEMORY_TOKENS_KEY] = negative_memory
     return out or None

@@ -6,10 +6,14 @@ Two layouts are recognised by the files present:
   ``text_encoder/``, ``tokenizer/``, ``scheduler/``; each component by its own ``from_pretrained``.
 * **original** (``Wan-AI/Wan2.1-T2V-1.3B``): ``diffusion_pytorch_model.safetensors`` (or its
   shards + ``.index.json``), ``Wan2.1_VAE.pth``, ``models_t5_umt5-xxl-enc-bf16.pth`` and the
-  tokenizer in ``google/umt5-xxl/``. Transformer and VAE go through diffusers'
-  ``from_single_file`` with the diffusers configs shipped in ``dit_mem/backbone/configs/``
-  (picked from the folder's ``config.json``, or given with ``config_dir=``/``preset=``); the T5
-  file is Wan's own encoder-only UMT5-XXL, mapped here onto transformers' ``UMT5EncoderModel``.
+  tokenizer in ``google/umt5-xxl/``. The transformer goes through diffusers' ``from_single_file``
+  with the diffusers configs shipped in ``dit_mem/backbone/configs/`` (picked from the folder's
+  ``config.json``, or given with ``config_dir=``/``preset=``); the VAE file is renamed with
+  diffusers' own ``convert_wan_vae_to_diffusers`` and loaded strictly; the T5 file is Wan's own
+  encoder-only UMT5-XXL, mapped here onto transformers' ``UMT5EncoderModel``.
+
+:func:`load_wan_vae` also takes a VAE folder or the ``.pth`` file on its own (the latent job).
+The VAE is loaded in one place, here.
 
 ``.pth`` files are only ever read with ``torch.load(weights_only=True)``.
 """
@@ -286,6 +290,78 @@ def detect_layout(base_model_dir: str | Path, components: Sequence[str] = COMPON
 
 
 # --------------------------------------------------------------------------------------
+# The VAE (also on its own: a VAE folder or the release's .pth file)
+# --------------------------------------------------------------------------------------
+def _load_original_vae(pth: Path, config: dict[str, Any] | None, dtype: torch.dtype):
+    """The release's ``Wan2.1_VAE.pth``, renamed with diffusers' own converter, loaded strictly.
+
+    ``config``: the ``AutoencoderKLWan`` config (default: the shipped Wan2.1 one).
+    """
+    from diffusers import AutoencoderKLWan
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    state = torch.load(pth, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{pth}: not a plain state dict of tensors")
+    state = convert_wan_vae_to_diffusers(state)
+    config = config if config is not None else preset_configs(PRESETS[0])["vae"]
+    vae = AutoencoderKLWan.from_config({k: v for k, v in config.items() if k != "_class_name"})
+    expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{pth}: does not match the Wan2.1 VAE; missing keys {missing[:3]} "
+            f"({len(missing)}), unexpected keys {unexpected[:3]} ({len(unexpected)}), "
+            f"wrong shapes {wrong[:3]} ({len(wrong)})"
+        )
+    vae.load_state_dict(state, strict=True)
+    return (vae.to(dtype=dtype) if dtype != torch.float32 else vae).eval()
+
+
+def load_wan_vae(
+    source: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    config: dict[str, Any] | None = None,
+):
+    """An ``AutoencoderKLWan`` (eval, frozen) from any of:
+
+    - a diffusers Wan folder (``vae/config.json`` + weights);
+    - a diffusers VAE folder itself (``config.json`` of an ``AutoencoderKLWan`` + weights);
+    - the original release folder holding ``Wan2.1_VAE.pth``, or that file itself: read with
+      ``torch.load(weights_only=True)`` and loaded strictly into the shipped Wan2.1 config
+      (``config`` replaces it, e.g. for a smaller VAE in the same layout).
+    """
+    from diffusers import AutoencoderKLWan
+
+    path = Path(source)
+    if path.is_file():
+        if path.suffix not in (".pth", ".pt", ".ckpt"):
+            raise ValueError(f"{path}: expected a Wan2.1 VAE .pth file or a model folder")
+        kind, vae = "original", _load_original_vae(path, config, dtype)
+    elif not path.is_dir():
+        raise FileNotFoundError(f"base model not found: {path}")
+    elif (path / "vae" / "config.json").is_file():
+        kind = "diffusers"
+        vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+    elif (path / "config.json").is_file() and (
+        json.loads((path / "config.json").read_text()).get("_class_name") == "AutoencoderKLWan"
+    ):
+        kind, vae = "diffusers", AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype)
+    elif (path / ORIGINAL_VAE).is_file():
+        kind, vae = "original", _load_original_vae(path / ORIGINAL_VAE, config, dtype)
+    else:
+        raise ValueError(
+            f"{path}: no Wan VAE found; expected a diffusers folder with vae/config.json, a VAE "
+            f"folder with config.json (AutoencoderKLWan), or {ORIGINAL_VAE}"
+        )
+    logger.info("loaded Wan VAE (%s) from %s", kind, path)
+    return vae.to(device).eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------
 def _original_transformer_weights(base: Path) -> str | dict[str, torch.Tensor]:
@@ -364,7 +440,7 @@ def load_wan_components(
 def _load_diffusers(
     base: Path, torch_dtype: torch.dtype, vae_dtype: torch.dtype, components: Sequence[str]
 ) -> WanComponents:
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from diffusers import WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     parts = WanComponents()
@@ -373,7 +449,7 @@ def _load_diffusers(
             base, subfolder="transformer", torch_dtype=torch_dtype
         )
     if "vae" in components:
-        parts.vae = AutoencoderKLWan.from_pretrained(base, subfolder="vae", torch_dtype=vae_dtype)
+        parts.vae = load_wan_vae(base, dtype=vae_dtype)
     if "text_encoder" in components:
         parts.text_encoder = UMT5EncoderModel.from_pretrained(
             base / "text_encoder", dtype=torch_dtype
@@ -395,7 +471,7 @@ def _load_original(
     config_dir: str | Path | None,
     preset: str | None,
 ) -> WanComponents:
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from diffusers import WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5Config
 
     configs = _original_configs(base, config_dir, preset)
@@ -414,14 +490,8 @@ def _load_original(
                 torch_dtype=torch_dtype,
                 local_files_only=True,
             )
-        if "vae" in components:
-            parts.vae = AutoencoderKLWan.from_single_file(
-                str(base / ORIGINAL_VAE),
-                config=tmp,
-                subfolder="vae",
-                torch_dtype=vae_dtype,
-                local_files_only=True,
-            )
+    if "vae" in components:
+        parts.vae = _load_original_vae(base / ORIGINAL_VAE, configs["vae"], vae_dtype)
     if "text_encoder" in components:
         text_config = {k: v for k, v in configs["text_encoder"].items() if not k.startswith("_")}
         parts.text_encoder = load_wan_t5(base / ORIGINAL_T5, UMT5Config(**text_config), torch_dtype)

@@ -20,16 +20,17 @@ from dit_mem.evaluation import benchmarks as B
 
 
 def make_generator(args: argparse.Namespace):
-    """The generator the ``generate`` subcommands use: ``dit_mem.generation.load_generator``.
+    """The generator the ``generate`` subcommands use: ``DiTMemPipeline`` via ``load_pipeline``.
 
     Settings come from ``--config`` YAML and ``KEY=VALUE`` overrides of ``GenerationConfig``
     (the same keys as ``dit-mem generate``); ``--no-memory`` is the baseline. The returned object
     satisfies ``VideoGenerator``: ``gen(prompt, seed) -> uint8 [F, H, W, 3]`` and ``gen.metadata``.
     """
     from dit_mem.config import load_config
-    from dit_mem.generation import GenerationConfig, load_generator
+    from dit_mem.generation import GenerationConfig, PipelineGenerator, load_pipeline
 
-    return load_generator(generation_config(args, GenerationConfig, load_config))
+    cfg = generation_config(args, GenerationConfig, load_config)
+    return PipelineGenerator(load_pipeline(cfg), cfg)
 
 
 def generation_config(args: argparse.Namespace, cls, load):

@@ -37,25 +37,42 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _jobs(args, cfg) -> list[tuple[str, int, str]]:
+    """``(prompt, seed, file stem)`` per video; every row checked before anything runs."""
     from dit_mem.outputs import slugify
 
     if args.prompt is not None:
+        if not args.prompt.strip():
+            raise ValueError("--prompt is empty")
         return [(args.prompt, cfg.seed, args.name or slugify(args.prompt))]
-    import pandas as pd
+    from dit_mem.data.table import read_csv_strict
 
-    if not args.csv.is_file():
-        raise FileNotFoundError(f"prompt CSV not found: {args.csv}")
-    table = pd.read_csv(args.csv)
-    if "prompt" not in table.columns:
-        raise ValueError(f"{args.csv}: needs a 'prompt' column, has {list(table.columns)}")
-    jobs = []
-    for i, row in table.iterrows():
-        prompt = str(row["prompt"])
-        seed = int(row["seed"]) if "seed" in table.columns and row.notna()["seed"] else cfg.seed
-        if "filename" in table.columns and row.notna()["filename"]:
-            name = Path(str(row["filename"])).stem
+    table = read_csv_strict(args.csv, required=("prompt",))
+    jobs, names = [], {}
+    for i, row in enumerate(table.to_dict("records")):
+        line = i + 2  # header is line 1
+        prompt = row["prompt"].strip()
+        if not prompt:
+            raise ValueError(f"{args.csv}, line {line}: empty prompt")
+        seed = cfg.seed
+        if row.get("seed", "").strip():
+            text = row["seed"].strip()
+            if not text.isdigit() or int(text) >= 2**63:
+                raise ValueError(
+                    f"{args.csv}, line {line}: seed must be a whole number ≥ 0, got {text!r}"
+                )
+            seed = int(text)
+        if row.get("filename", "").strip():
+            name = Path(row["filename"].strip()).stem
+            if not name or name in (".", ".."):
+                raise ValueError(f"{args.csv}, line {line}: bad filename {row['filename']!r}")
         else:
             name = f"{i:04d}_{slugify(prompt, 60)}"
+        if name in names:
+            raise ValueError(
+                f"{args.csv}, lines {names[name]} and {line}: both write {name}.mp4; give every "
+                "row its own filename"
+            )
+        names[name] = line
         jobs.append((prompt, seed, name))
     return jobs
 
@@ -63,12 +80,25 @@ def _jobs(args, cfg) -> list[tuple[str, int, str]]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from dit_mem.config import load_config, save_config
-    from dit_mem.generation import GenerationConfig, load_generator
+    from dit_mem.config import load_config, save_config, to_dict
+    from dit_mem.generation import GenerationConfig, generate, load_pipeline
     from dit_mem.outputs import save_generation
 
-    cfg = load_config(GenerationConfig, args.config, args.overrides)
+    cfg = load_config(GenerationConfig, args.config, args.overrides)  # checked here
     jobs = _jobs(args, cfg)
+    saved = args.out / "generate_config.yaml"
+    if saved.is_file():  # a folder holds one configuration: never overwritten by another
+        import yaml
+
+        old = yaml.safe_load(saved.read_text())
+        new = to_dict(cfg)
+        changed = sorted(k for k in set(old or {}) | set(new) if (old or {}).get(k) != new.get(k))
+        changed = [k for k in changed if k not in ("progress", "device", "seed")]
+        if changed:
+            raise ValueError(
+                f"{args.out} holds videos made with other settings ({', '.join(changed)} differ "
+                f"from {saved}); use another --out folder"
+            )
     todo = [
         j
         for j in jobs
@@ -79,11 +109,14 @@ def run(args: argparse.Namespace) -> int:
     )
     if not todo:
         return 0
+    pipe = load_pipeline(cfg)
     args.out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, args.out / "generate_config.yaml")
-    gen = load_generator(cfg)
+    save_config(cfg, saved)
     for prompt, seed, name in tqdm(todo, desc="generate", unit="video", disable=len(todo) == 1):
-        result = gen.generate(prompt, seed)
-        paths = save_generation(result, args.out, name, gen.memory_previews(result.retrieved))
+        result = generate(pipe, cfg, prompt, seed)
+        previews = []
+        if result.retrieved.ids:
+            previews = pipe.memory_bank.previews(result.retrieved.ids, vae=pipe.vae)
+        paths = save_generation(result, args.out, name, previews)
         print(f"{paths['video']}  ({len(result.retrieved.ids)} memory videos)")
     return 0

@@ -57,14 +57,14 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from dit_mem.toyworld.evaluate import format_table, load_toy_generator, metric_table
+    from dit_mem.toyworld.evaluate import format_table, load_toy_pipeline, metric_table
     from dit_mem.toyworld.recipe import SHIPPED
 
     assets = args.assets or SHIPPED
     if not (assets / "base" / "model_index.json").is_file():
         raise FileNotFoundError(f"{assets} is not a trained toy world (no base/model_index.json)")
-    gen = load_toy_generator(assets)
-    table = metric_table(gen, args.held_out_repeats, args.seen_repeats, args.seed)
+    pipe, cfg = load_toy_pipeline(assets)
+    table = metric_table(pipe, cfg, args.held_out_repeats, args.seen_repeats, args.seed)
     print(format_table(table))
     if args.json:
         args.json.write_text(json.dumps(table, indent=2))

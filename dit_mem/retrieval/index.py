@@ -21,8 +21,7 @@ from typing import Literal
 import numpy as np
 
 from dit_mem.data.table import file_sha256, read_video_table, source_id
-from dit_mem.utils import get_logger, write_json_atomic
-from dit_mem.utils.io import atomic_path
+from dit_mem.utils import atomic_dir, get_logger, write_json_atomic
 
 log = get_logger(__name__)
 
@@ -30,7 +29,8 @@ IndexKind = Literal["flat", "ivf", "hnsw"]
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
 MANIFEST = "manifest.json"
-FORMAT = "dit-mem-index/1"
+FORMAT = "dit-mem-index/2"  # /2: sha256 of index.faiss and ids.parquet in the manifest
+FORMATS = ("dit-mem-index/1", FORMAT)
 BLAS_THRESHOLD = 16  # batches of ≥ 16 queries use BLAS (faiss 1.15 default: 128,000 = never)
 BLAS_DATABASE_BLOCK = 16384  # rows per GEMM block (default 1,024 makes BLAS no faster than SIMD)
 
@@ -122,6 +122,22 @@ def recall_at_k(index, vectors: np.ndarray, queries: np.ndarray, k: int = 5) -> 
     return hits / truth.size
 
 
+def write_index_folder(out: Path, index, table, manifest: dict) -> None:
+    """Write ``index.faiss``, ``ids.parquet`` and ``manifest.json`` (with both files' sha256)
+    into a temporary folder, then put it in place of ``out`` whole: a reader sees the old index
+    or the new one, never a mix."""
+    import faiss
+
+    with atomic_dir(out) as tmp:
+        faiss.write_index(index, str(tmp / INDEX_FILE))
+        table.to_parquet(tmp / IDS_FILE, index=False)
+        manifest = {
+            **manifest,
+            "sha256": {name: file_sha256(tmp / name) for name in (INDEX_FILE, IDS_FILE)},
+        }
+        write_json_atomic(tmp / MANIFEST, manifest)
+
+
 def build_index(
     csv: str | Path,
     out: str | Path,
@@ -139,8 +155,9 @@ def build_index(
 ) -> dict:
     """Embed the captions of ``csv`` and write an index folder at ``out``; returns the manifest.
 
-    Everything is read and computed before anything is written, and an existing index is only
-    replaced with ``overwrite=True``.
+    Everything is read and computed before anything is written; the folder is then written
+    whole (:func:`write_index_folder`), and an existing index is only replaced with
+    ``overwrite=True``.
     """
     import faiss
 
@@ -149,11 +166,21 @@ def build_index(
     out = Path(out)
     if kind not in ("flat", "ivf", "hnsw"):
         raise ValueError(f"index kind must be 'flat', 'ivf' or 'hnsw', got {kind!r}")
-    existing = [p.name for p in (out / INDEX_FILE, out / IDS_FILE, out / MANIFEST) if p.exists()]
-    if existing and not overwrite:
-        raise ValueError(
-            f"{out} already holds an index ({', '.join(existing)}); pass --overwrite to replace it"
-        )
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"{out} exists and is not a folder")
+        present = sorted(p.name for p in out.iterdir())
+        foreign = [n for n in present if n not in (INDEX_FILE, IDS_FILE, MANIFEST)]
+        if foreign:
+            raise ValueError(
+                f"{out} holds files that are not an index ({', '.join(foreign[:5])}); the index "
+                "folder is replaced as a whole, so give it a folder of its own"
+            )
+        if present and not overwrite:
+            raise ValueError(
+                f"{out} already holds an index ({', '.join(present)}); pass --overwrite to "
+                "replace it"
+            )
     table = read_video_table(csv)
     emb = embedder if embedder is not None else load_embedder(model, device=device)
 
@@ -176,7 +203,7 @@ def build_index(
     manifest = {
         "format": FORMAT,
         "model": emb.name,
-        "model_path": emb.path,
+        "model_path": str(Path(emb.path).resolve()),
         "dim": emb.dim,
         "pooling": emb.pooling,
         "normalized": True,
@@ -194,12 +221,7 @@ def build_index(
         "faiss_version": faiss.__version__,
         "seconds": {"embed": round(t_embed, 2), "build": round(t_build, 2)},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / INDEX_FILE) as tmp:
-        faiss.write_index(index, str(tmp))
-    with atomic_path(out / IDS_FILE) as tmp:
-        meta.to_parquet(tmp, index=False)
-    write_json_atomic(out / MANIFEST, manifest)  # last: a complete manifest means a complete index
+    write_index_folder(out, index, meta, manifest)
     log.info(
         "wrote %s: %d captions, %s index, %s (%d-d, %s pooling)",
         out,

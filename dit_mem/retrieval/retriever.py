@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dit_mem.data.table import source_id
+from dit_mem.data.table import file_sha256, is_safe_id, source_id, video_id
 from dit_mem.retrieval.embedder import Embedder, load_embedder, model_name
 from dit_mem.retrieval.index import (
+    FORMATS,
     IDS_FILE,
     INDEX_FILE,
     MANIFEST,
@@ -44,16 +45,41 @@ class RetrievalResult:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def records(self) -> list[dict]:
+        """``[{"rank", "id", "caption", "score"}, ...]``, best first (what sidecars record)."""
+        return [
+            {"rank": i + 1, "id": vid, "caption": cap, "score": score}
+            for i, (vid, cap, score) in enumerate(
+                zip(self.ids, self.captions, self.scores, strict=True)
+            )
+        ]
+
 
 Exclusion = str | Iterable[str] | None
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") not in FORMATS:
+        raise ValueError(f"{path}: not an index manifest (format {FORMATS[-1]})")
+    for key, kind in (("rows", int), ("dim", int), ("model", str)):
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+            raise ValueError(f"{path}: {key!r} must be a {kind.__name__}")
+    return manifest
 
 
 class Retriever:
     """Caption index of a memory bank + the embedding model it was built with.
 
-    ``model``: ``None`` loads the model named in the manifest; a name/folder or a loaded
-    :class:`Embedder` must match the manifest's model name and dimension (``ValueError``
-    otherwise). ``nprobe`` / ``ef_search`` override the IVF / HNSW search settings.
+    ``model``: ``None`` loads the model named in the manifest (its recorded folder; a relative
+    path is taken relative to the index folder); a name/folder or a loaded :class:`Embedder`
+    must match the manifest's model name and dimension (``ValueError`` otherwise).
+    ``trust_remote_code`` names a model whose own code may run (see :func:`load_embedder`).
+    ``nprobe`` / ``ef_search`` override the IVF / HNSW search settings. The index and id map
+    must match the checksums in the manifest.
     """
 
     def __init__(
@@ -63,6 +89,7 @@ class Retriever:
         nprobe: int | None = None,
         ef_search: int | None = None,
         device: str | None = None,
+        trust_remote_code: str | None = None,
     ):
         import faiss
         import pandas as pd
@@ -74,9 +101,19 @@ class Retriever:
                 raise FileNotFoundError(
                     f"{p} not found: {self.root} is not a complete index folder"
                 )
-        self.manifest: dict = json.loads(paths[MANIFEST].read_text())
-        self.index = faiss.read_index(str(paths[INDEX_FILE]))
-        self.table = pd.read_parquet(paths[IDS_FILE])
+        self.manifest = _read_manifest(paths[MANIFEST])
+        self._verify_checksums(paths)
+        try:
+            self.index = faiss.read_index(str(paths[INDEX_FILE]))
+        except RuntimeError as e:
+            raise ValueError(f"{paths[INDEX_FILE]}: not a readable FAISS index ({e})") from None
+        try:
+            self.table = pd.read_parquet(paths[IDS_FILE])
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{paths[IDS_FILE]}: not a readable parquet id map ({e})") from None
+        missing = [c for c in ("id", "caption") if c not in self.table.columns]
+        if missing:
+            raise ValueError(f"{paths[IDS_FILE]}: missing column(s) {missing}")
         n_index, n_ids, n_manifest = self.index.ntotal, len(self.table), self.manifest["rows"]
         if not n_index == n_ids == n_manifest:
             raise ValueError(
@@ -88,29 +125,59 @@ class Retriever:
                 f"{paths[INDEX_FILE]}: vectors are {self.index.d}-d but {MANIFEST} says "
                 f"{self.manifest['dim']}-d; rebuild the index"
             )
-        self.embedder = self._load_model(model, device)
+        self.ids: list[str] = self.table["id"].astype(str).tolist()
+        bad = [v for v in self.ids if not is_safe_id(v)]
+        if bad:
+            raise ValueError(
+                f"{paths[IDS_FILE]}: {len(bad)} id(s) are not plain file names (e.g. {bad[0]!r}); "
+                "ids name files inside the bank's folders"
+            )
+        self.captions: list[str] = self.table["caption"].astype(str).tolist()
+        sources = self.table["source"] if "source" in self.table.columns else self.table["id"]
+        self.sources: list[str] = sources.astype(str).tolist()
+        self._source_size = Counter(self.sources)
+        self._row = {vid: i for i, vid in enumerate(self.ids)}
+        self.embedder = self._load_model(model, device, trust_remote_code)
         configure_search(
             self.index,
             nprobe=nprobe if nprobe is not None else self.manifest.get("nprobe"),
             ef_search=ef_search if ef_search is not None else self.manifest.get("ef_search"),
         )
         configure_faiss_blas()
-        self.ids: list[str] = self.table["id"].astype(str).tolist()
-        self.captions: list[str] = self.table["caption"].astype(str).tolist()
-        self.sources: list[str] = self.table["source"].astype(str).tolist()
-        self._source_size = Counter(self.sources)
 
-    def _load_model(self, model: str | Path | Embedder | None, device: str | None) -> Embedder:
+    def _verify_checksums(self, paths: dict[str, Path]) -> None:
+        sums = self.manifest.get("sha256")
+        if sums is None:
+            log.warning(
+                "%s: written by an older dit-mem, without checksums; rebuild it with "
+                "`dit-mem build-index --overwrite` to have the files verified",
+                self.root,
+            )
+            return
+        for name in (INDEX_FILE, IDS_FILE):
+            if sums.get(name) != file_sha256(paths[name]):
+                raise ValueError(
+                    f"{paths[name]} does not match the checksum in {paths[MANIFEST]}: the folder "
+                    "was changed after it was written (or only partly replaced); rebuild the index"
+                )
+
+    def _load_model(self, model, device, trust_remote_code) -> Embedder:
         want_name, want_dim = self.manifest["model"], self.manifest["dim"]
         if model is None:
-            path = self.manifest.get("model_path")
-            source = None if want_name == model_name(None) else path
-            if source is not None and not Path(source).is_dir():
-                raise ValueError(
-                    f"{self.root / MANIFEST}: the index was built with {want_name} from {path}, "
-                    "which is not there any more; pass the model folder explicitly"
-                )
-            emb = load_embedder(source, device=device)
+            if want_name == model_name(None):
+                emb = load_embedder(None, device=device)
+            else:
+                recorded = self.manifest.get("model_path")
+                path = Path(recorded) if recorded else None
+                if path is not None and not path.is_absolute():
+                    path = self.root / path
+                if path is None or not path.is_dir():
+                    raise ValueError(
+                        f"{self.root / MANIFEST}: the index was built with {want_name}"
+                        + (f" from {recorded}, which is not there" if recorded else "")
+                        + "; pass the model folder explicitly (--embedding-model / embedding_model=)"
+                    )
+                emb = load_embedder(path, device=device, trust_remote_code=trust_remote_code)
         elif isinstance(model, Embedder):
             emb = model
         else:
@@ -119,13 +186,18 @@ class Retriever:
                     f"{self.root / MANIFEST}: the index was built with embedding model "
                     f"{want_name!r}, not {model_name(model)!r}"
                 )
-            emb = load_embedder(model, device=device)
+            emb = load_embedder(model, device=device, trust_remote_code=trust_remote_code)
         if emb.name != want_name or emb.dim != want_dim:
             raise ValueError(
                 f"{self.root / MANIFEST}: the index was built with {want_name!r} ({want_dim}-d); "
                 f"the given model is {emb.name!r} ({emb.dim}-d)"
             )
         return emb
+
+    def row_of(self, vid: str) -> dict | None:
+        """The id map's row of bank video ``vid`` (``None`` if it is not in the bank)."""
+        i = self._row.get(vid)
+        return None if i is None else self.table.iloc[i].to_dict()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -195,7 +267,8 @@ class Retriever:
 
     @staticmethod
     def _banned_sources(entry: Exclusion) -> set[str]:
+        """Sources to drop for one prompt; ids may be given as ids or as file names."""
         if entry is None:
             return set()
         ids = [entry] if isinstance(entry, str) else list(entry)
-        return {source_id(str(v)) for v in ids}
+        return {source_id(video_id(str(v))) for v in ids}

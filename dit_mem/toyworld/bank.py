@@ -36,6 +36,7 @@ def build_bank(out: Path, vae_dir: Path, cfg: BankStageConfig) -> Path:
     import torch
     from diffusers import AutoencoderKLWan
 
+    from dit_mem.bank import write_bank_manifest
     from dit_mem.data.latents import LATENT_KEY, LatentJobConfig, _manifest_for
     from dit_mem.retrieval import build_index
     from dit_mem.toyworld.base import encode_clips
@@ -51,7 +52,7 @@ def build_bank(out: Path, vae_dir: Path, cfg: BankStageConfig) -> Path:
             writer.writerow(["video", "caption"])
             writer.writerows([c.id, c.caption] for c in items)
 
-    latent_dir = bank / "latent"
+    latent_dir = bank / "latents"
     if not (latent_dir / "manifest.json").is_file():
         t = time.time()
         vae = AutoencoderKLWan.from_pretrained(vae_dir).eval()
@@ -82,4 +83,5 @@ def build_bank(out: Path, vae_dir: Path, cfg: BankStageConfig) -> Path:
     if not (index_dir / "manifest.json").is_file():
         shutil.rmtree(index_dir, ignore_errors=True)
         build_index(csv_path, index_dir)
+    write_bank_manifest(bank)
     return bank

@@ -41,20 +41,17 @@ def wrong_colour(colour: str) -> str:
     return SEEN[(SEEN.index(colour) + 1) % len(SEEN)]
 
 
-def load_toy_generator(assets: Path, settings: ToyGenerationSettings | None = None, progress=False):
-    """The real :func:`~dit_mem.generation.load_generator` on a toy-world asset folder."""
-    from dit_mem.generation import GenerationConfig, load_generator
+def toy_config(assets: Path, settings: ToyGenerationSettings | None = None, progress=False):
+    """The :class:`~dit_mem.generation.GenerationConfig` of a toy-world asset folder."""
+    from dit_mem.generation import GenerationConfig
     from dit_mem.toyworld.base import MAX_TOKENS
     from dit_mem.toyworld.world import FRAMES, SIZE
 
     s = settings or ToyGenerationSettings()
-    cfg = GenerationConfig(
+    return GenerationConfig(
         base_model=assets / "base",
         encoder=assets / "encoder",
-        index=assets / "bank" / "index",
-        latents=assets / "bank" / "latent",
-        tokens=None,
-        videos=None,
+        bank=assets / "bank",
         k=s.k,
         memory_mode="cond",
         height=SIZE,
@@ -69,30 +66,34 @@ def load_toy_generator(assets: Path, settings: ToyGenerationSettings | None = No
         device="cpu",
         progress=progress,
     )
-    return load_generator(cfg)
+
+
+def load_toy_pipeline(assets: Path, settings: ToyGenerationSettings | None = None, progress=False):
+    """``(pipe, cfg)``: the real :func:`~dit_mem.generation.load_pipeline` on a toy-world folder."""
+    from dit_mem.generation import load_pipeline
+
+    cfg = toy_config(assets, settings, progress)
+    return load_pipeline(cfg), cfg
 
 
 def generate_batch(
-    gen, prompts: list[str], case: str, seed: int, memory_prompts: list[str] | None = None
+    pipe, cfg, prompts: list[str], case: str, seed: int, memory_prompts: list[str] | None = None
 ) -> list[np.ndarray]:
     """Videos (uint8 ``[F, H, W, 3]``) for ``prompts`` with one batch's noise from ``seed``."""
     import torch
 
-    from dit_mem.memory.tokens import MemoryTokens
+    from dit_mem.pipeline import SAME
 
     if case not in CASES:
         raise ValueError(f"case must be one of {CASES}, got {case!r}")
     memory = None
     if case != "none":
-        queries = memory_prompts or prompts
-        ids = [gen.memory.retrieve(q, gen.cfg.k).ids for q in queries]
-        memory = MemoryTokens.cat([gen.memory.memory_tokens(i) for i in ids])
-    cfg = gen.cfg
-    video = gen.pipe(
+        memory, _ = pipe.memory_bank.memory(memory_prompts or prompts, pipe.memory_encoder, cfg.k)
+    out = pipe(
         prompts,
         negative_prompt=[cfg.negative_prompt] * len(prompts),
         memory=memory,
-        memory_mode="both" if case == "both" else "cond",
+        negative_memory=SAME if case == "both" else None,
         height=cfg.height,
         width=cfg.width,
         num_frames=cfg.num_frames,
@@ -101,9 +102,8 @@ def generate_batch(
         generator=torch.Generator().manual_seed(seed),
         output_type="np",
         max_sequence_length=cfg.max_sequence_length,
-        progress=False,
     )
-    return list((np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8))
+    return list((np.clip(out.frames, 0.0, 1.0) * 255.0).round().astype(np.uint8))
 
 
 def prompt_set(name: str, repeats: int) -> list[tuple[str, str, str]]:
@@ -118,7 +118,7 @@ def prompt_set(name: str, repeats: int) -> list[tuple[str, str, str]]:
 
 
 def score_case(
-    gen, targets: list[tuple[str, str, str]], case: str, seed: int = 0, batch_size: int = 64
+    pipe, cfg, targets: list[tuple[str, str, str]], case: str, seed: int = 0, batch_size: int = 64
 ) -> dict[str, float]:
     """Colour / shape / direction accuracy of ``case`` on ``targets``."""
     videos = []
@@ -128,12 +128,13 @@ def score_case(
         memory_prompts = None
         if case == "wrong":
             memory_prompts = [caption(wrong_colour(t[0]), t[1], t[2]) for t in chunk]
-        videos += generate_batch(gen, prompts, case, seed + i, memory_prompts)
+        videos += generate_batch(pipe, cfg, prompts, case, seed + i, memory_prompts)
     return accuracy(videos, targets)
 
 
 def metric_table(
-    gen,
+    pipe,
+    cfg,
     held_out_repeats: int = 4,
     seen_repeats: int = 1,
     seed: int = 0,
@@ -150,7 +151,7 @@ def metric_table(
         table[name] = {}
         for case in cases:
             t = time.time()
-            row = score_case(gen, targets, case, seed)
+            row = score_case(pipe, cfg, targets, case, seed)
             row["seconds"] = round(time.time() - t, 2)
             table[name][case] = row
     return table

@@ -53,7 +53,7 @@ def memory_train_config(
         [
             *extra,
             f"data.train_csv={train_csv}",
-            f"data.latent_dir={bank_dir / 'latent'}",
+            f"data.latent_dir={bank_dir / 'latents'}",
             f"data.index_dir={bank_dir / 'index'}",
             f"data.k={cfg.k}",
             f"data.max_text_tokens={MAX_TOKENS}",

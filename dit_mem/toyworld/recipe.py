@@ -26,7 +26,7 @@ from dit_mem.toyworld.base import BaseStageConfig, train_base
 from dit_mem.toyworld.evaluate import (
     ToyGenerationSettings,
     format_table,
-    load_toy_generator,
+    load_toy_pipeline,
     metric_table,
 )
 from dit_mem.toyworld.memory import MemoryStageConfig, train_memory
@@ -130,8 +130,10 @@ def run_recipe(cfg: ToyWorldConfig, export: Path | None = None, command: str | N
     with timed("memory_s"):
         train_memory(out, base_dir, bank_dir, cfg.memory, cfg.progress)
     with timed("eval_s"):
-        gen = load_toy_generator(out, cfg.generation)
-        table = metric_table(gen, cfg.eval_held_out_repeats, cfg.eval_seen_repeats, cfg.eval_seed)
+        pipe, gen_cfg = load_toy_pipeline(out, cfg.generation)
+        table = metric_table(
+            pipe, gen_cfg, cfg.eval_held_out_repeats, cfg.eval_seen_repeats, cfg.eval_seed
+        )
     print(format_table(table))
     previous = {}
     if (out / "manifest.json").is_file():

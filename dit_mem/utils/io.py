@@ -9,8 +9,10 @@ destination; readers and resumable jobs only look at final names.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -35,12 +37,33 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    if sys.platform != "linux":
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:  # a libc without renameat2
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # kernel or file system says no
+        return False
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path``; put it in place of ``path`` on success.
 
-    A previous ``path`` is moved aside before the rename and deleted after it, so a reader
-    sees the old folder or the new one, whole. On an exception the temporary folder is removed.
+    An existing ``path`` is swapped with the new folder in one step (``renameat2`` exchange), so
+    a reader, or a process killed at any moment, sees the old folder or the new one, whole; the
+    old one is deleted afterwards. Where the exchange is unsupported the old folder is moved
+    aside first. On an exception the temporary folder is removed.
     """
     import shutil
 
@@ -48,17 +71,23 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
     old = path.with_name(f"{TMP_PREFIX}{path.name}-old")
     shutil.rmtree(tmp, ignore_errors=True)
+    if old.exists() and not path.exists():  # a move-aside fallback killed halfway: put it back
+        old.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
+    if not path.exists():
+        tmp.rename(path)
+    elif _exchange(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
+    else:
         path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

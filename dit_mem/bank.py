@@ -1,0 +1,296 @@
+"""``MemoryBank``: a memory bank as one folder (or Hub repository), retrieval and memory tokens.
+
+    bank = MemoryBank.from_pretrained("memory_bank/")          # or a Hub id, subfolder, revision
+    hits = bank.retrieve(["a dog runs on the beach"], k=5)     # ids, captions, scores per prompt
+    memory, hits = bank.memory(["a dog runs on the beach"], encoder, k=5)   # MemoryTokens [1, G, D]
+
+Layout of a bank folder (``dit-mem build-index / encode-latents / cache-tokens --bank DIR`` build
+into it; ``dit-mem bank import-release`` converts the release's files)::
+
+    bank.json      format, the parts present, counts
+    index/         caption index: index.faiss + ids.parquet + manifest.json (build-index)
+    latents/       <id>.safetensors VAE latents + manifest.json (encode-latents)
+    tokens/        token cache of one memory encoder (cache-tokens), optional
+    videos/        the videos themselves, optional (previews only)
+
+A bank needs an index and latents or tokens. Memory comes from the token cache when it was made
+by the given encoder (same weights and config, checked by fingerprint); a cache of another
+encoder is refused: the latents are used instead, or, without latents, it is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dit_mem.data.latents import LatentStore
+from dit_mem.data.token_cache import TokenCache
+from dit_mem.memory.tokens import MemoryTokens
+from dit_mem.retrieval.retriever import Exclusion, RetrievalResult, Retriever
+from dit_mem.utils import atomic_dir, get_logger, write_json_atomic
+
+log = get_logger(__name__)
+
+BANK_MANIFEST = "bank.json"
+FORMAT = "dit-mem-bank/1"
+PARTS = ("index", "latents", "tokens", "videos")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
+
+
+class MemoryBank:
+    """A caption index plus the memory of its videos (latents and/or a token cache).
+
+    Build one from a folder or Hub id with :meth:`from_pretrained`, or from its parts (paths or
+    loaded objects): ``MemoryBank(index="memory_index", latents="latent", tokens=None)``.
+    ``embedding_model`` / ``trust_remote_code`` go to the :class:`~dit_mem.retrieval.Retriever`
+    (the model the index was built with; remote code only when asked for by name).
+    """
+
+    def __init__(
+        self,
+        index: str | Path | Retriever,
+        latents: str | Path | LatentStore | None = None,
+        tokens: str | Path | TokenCache | None = None,
+        videos: str | Path | None = None,
+        *,
+        embedding_model: Any = None,
+        trust_remote_code: str | None = None,
+        device: str | None = None,
+    ):
+        self.retriever = (
+            index
+            if isinstance(index, Retriever)
+            else Retriever(
+                index, model=embedding_model, trust_remote_code=trust_remote_code, device=device
+            )
+        )
+        self.latents = LatentStore(latents) if isinstance(latents, str | Path) else latents
+        self.tokens = TokenCache(tokens) if isinstance(tokens, str | Path) else tokens
+        self.videos = Path(videos) if videos is not None else None
+        if self.latents is None and self.tokens is None:
+            raise ValueError(
+                f"memory bank {self.retriever.root}: needs latents or a token cache besides the "
+                "index (dit-mem encode-latents / cache-tokens)"
+            )
+        # encoder → whether the token cache was made by it (fingerprints are costly: once each)
+        self._checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | Path,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        repo_type: str = "dataset",
+        cache_dir: str | Path | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
+        embedding_model: Any = None,
+        trust_remote_code: str | None = None,
+        device: str | None = None,
+    ) -> MemoryBank:
+        """Open a bank folder, or a Hub repository holding one (``repo_type`` "dataset" by default)."""
+        from dit_mem.utils.hub import resolve_folder
+
+        folder = resolve_folder(
+            path_or_repo_id,
+            subfolder=subfolder,
+            revision=revision,
+            repo_type=repo_type,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        parts = {name: folder / name for name in PARTS if (folder / name).is_dir()}
+        if "index" not in parts:
+            raise FileNotFoundError(
+                f"{folder} is not a memory bank folder: no index/ (expected {BANK_MANIFEST}, "
+                "index/, latents/ and/or tokens/, videos/)"
+            )
+        manifest = folder / BANK_MANIFEST
+        if manifest.is_file():
+            try:
+                meta = json.loads(manifest.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{manifest}: not valid JSON ({e})") from None
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                raise ValueError(f"{manifest}: not a {FORMAT} manifest")
+        return cls(
+            parts["index"],
+            parts.get("latents"),
+            parts.get("tokens"),
+            parts.get("videos"),
+            embedding_model=embedding_model,
+            trust_remote_code=trust_remote_code,
+            device=device,
+        )
+
+    @property
+    def parts(self) -> dict[str, Path]:
+        """The folder of every part this bank has."""
+        out = {"index": self.retriever.root}
+        if self.latents is not None:
+            out["latents"] = self.latents.root
+        if self.tokens is not None:
+            out["tokens"] = self.tokens.root
+        if self.videos is not None:
+            out["videos"] = self.videos
+        return out
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write this bank as one folder (parts hard-linked where the file system allows, else
+        copied), in place whole or not at all."""
+        folder = Path(folder)
+        with atomic_dir(folder) as tmp:
+            for name, src in self.parts.items():
+                shutil.copytree(src, tmp / name, copy_function=_link_or_copy)
+            write_bank_manifest(tmp)
+        return folder
+
+    # ------------------------------------------------------------------ retrieval
+    def __len__(self) -> int:
+        return len(self.retriever)
+
+    @property
+    def ids(self) -> list[str]:
+        return self.retriever.ids
+
+    @property
+    def captions(self) -> list[str]:
+        return self.retriever.captions
+
+    def retrieve(
+        self,
+        prompts: Sequence[str],
+        k: int = 5,
+        exclude: Sequence[Exclusion] | None = None,
+    ) -> list[RetrievalResult]:
+        """Top-``k`` bank videos for each prompt (``exclude``: per prompt, ids to leave out)."""
+        return self.retriever.retrieve(prompts, k=k, exclude=exclude)
+
+    def memory(
+        self,
+        prompts: Sequence[str],
+        encoder,
+        k: int = 5,
+        exclude: Sequence[Exclusion] | None = None,
+    ) -> tuple[MemoryTokens, list[RetrievalResult]]:
+        """Retrieve for ``prompts`` and encode: ``MemoryTokens [len(prompts), G, D]`` and the hits.
+
+        Every prompt needs ``k`` hits (``ValueError`` otherwise: memory is never silently short).
+        """
+        hits = self.retrieve(prompts, k=k, exclude=exclude)
+        for prompt, hit in zip(prompts, hits, strict=True):
+            if len(hit) < k:
+                raise ValueError(
+                    f"retrieval found {len(hit)} of k={k} memory videos for prompt {prompt!r} "
+                    f"(the bank has {len(self)} videos)"
+                )
+        return self.encode([hit.ids for hit in hits], encoder), hits
+
+    @torch.no_grad()
+    def encode(self, ids: Sequence[Sequence[str]], encoder) -> MemoryTokens:
+        """Memory tokens ``[len(ids), G, D]`` of the bank videos ``ids`` (one list per prompt)."""
+        param = next(encoder.parameters())
+        if self.tokens is not None and self._cache_matches(encoder):
+            videos = self.tokens.load_batch([list(i) for i in ids], dtype=param.dtype)
+            videos = videos.to(param.device)
+            return encoder.aggregate(videos, shuffle=False)
+        if self.latents is None:
+            raise ValueError(
+                f"{self.tokens.root}: the token cache was made by another memory encoder and the "
+                "bank has no latents to encode instead; rebuild it with `dit-mem cache-tokens`"
+            )
+        latents = self.latents.load_batch([list(i) for i in ids], dtype=param.dtype)
+        return encoder(latents.to(param.device), shuffle=False)
+
+    def _cache_matches(self, encoder) -> bool:
+        if encoder not in self._checked:
+            try:
+                self.tokens.check_encoder(encoder)
+                self._checked[encoder] = True
+            except ValueError as e:
+                if self.latents is None:
+                    raise
+                log.warning("%s; encoding the bank's latents instead", e)
+                self._checked[encoder] = False
+        return self._checked[encoder]
+
+    # ------------------------------------------------------------------ previews
+    def video_path(self, vid: str) -> Path | None:
+        """The bank's video file of ``vid`` (``None`` without a videos/ part or a match)."""
+        if self.videos is None:
+            return None
+        row = self.retriever.row_of(vid)
+        if row is not None and row.get("video"):
+            candidate = (self.videos / str(row["video"])).resolve()
+            if candidate.is_file() and candidate.is_relative_to(self.videos.resolve()):
+                return candidate
+        for suffix in VIDEO_SUFFIXES:
+            candidate = self.videos / f"{vid}{suffix}"
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def previews(
+        self,
+        ids: Sequence[str],
+        num_frames: int = 8,
+        size: tuple[int, int] = (120, 208),
+        vae=None,
+    ) -> list[np.ndarray]:
+        """Frames (uint8 ``[F, H, W, 3]``) of bank videos: from their files (resized to ``size``),
+        else decoded from their latents with ``vae``; ``ValueError`` when neither is available."""
+        from dit_mem.data.vae import decode_latents
+        from dit_mem.data.video import load_video
+
+        out = []
+        for vid in ids:
+            path = self.video_path(vid)
+            if path is not None:
+                clip = load_video(path, num_frames, *size)
+                out.append(((clip.permute(1, 2, 3, 0) + 1) * 127.5).round().byte().numpy())
+                continue
+            if vae is None or self.latents is None:
+                raise ValueError(
+                    f"no preview of {vid!r}: the bank has no video file for it, and no VAE "
+                    "and latents to decode one"
+                )
+            param = next(vae.parameters())
+            video = decode_latents(vae, self.latents.load([vid], dtype=param.dtype)[0])
+            frames = ((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round().byte().cpu().numpy()
+            picks = np.linspace(0, len(frames) - 1, min(num_frames, len(frames))).round()
+            out.append(frames[picks.astype(int)])
+        return out
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def write_bank_manifest(folder: str | Path) -> dict:
+    """(Re)write ``bank.json`` from the parts present in ``folder``."""
+    folder = Path(folder)
+    parts = [name for name in PARTS if (folder / name).is_dir()]
+    manifest = {"format": FORMAT, "parts": parts}
+    index_manifest = folder / "index" / "manifest.json"
+    if index_manifest.is_file():
+        meta = json.loads(index_manifest.read_text())
+        manifest["videos"] = meta.get("rows")
+        manifest["embedding_model"] = meta.get("model")
+    write_json_atomic(folder / BANK_MANIFEST, manifest)
+    return manifest

@@ -1,0 +1,179 @@
+"""``MemoryLoaderMixin``: memory loaded into, scaled on and unloaded from a Wan pipeline.
+
+Shaped like diffusers' ``IPAdapterMixin``::
+
+    pipe.load_memory("checkpoint/DiT-Mem-1.3B.safetensors", bank="memory_bank/")   # or Hub ids
+    pipe.set_memory_scale(1.0)
+    pipe.unload_memory()                      # the stock pipeline again, bit for bit
+
+``load_memory`` registers the encoder as the pipeline component ``memory_encoder`` (it moves
+with ``pipe.to(...)`` and is saved by ``save_pretrained``), keeps the bank as ``memory_bank``,
+and attaches memory to every expert (``transformer`` and, for Wan2.2 A14B, ``transformer_2``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dit_mem.backbone.injection import attach_memory, detach_memory
+from dit_mem.utils import get_logger
+
+log = get_logger(__name__)
+
+RELEASE_WEIGHT_NAME = "DiT-Mem-1.3B.safetensors"
+
+
+def check_memory_scale(scale: Any) -> float:
+    """λ as a float; ``ValueError`` unless it is a finite number > 0."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float):
+        raise ValueError(f"memory scale must be a number, got {scale!r}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"memory scale must be a finite number > 0, got {scale!r}")
+    return float(scale)
+
+
+def load_memory_encoder(
+    encoder: Any,
+    *,
+    subfolder: str | None = None,
+    weight_name: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool | None = None,
+    token: str | bool | None = None,
+):
+    """A ``MemoryEncoder`` from a loaded one, a ``save_pretrained`` folder, the release's
+    ``DiT-Mem-1.3B.safetensors`` file, or a Hub id (a folder there, or ``weight_name`` for a
+    release-layout file)."""
+    from dit_mem.memory import MemoryEncoder
+    from dit_mem.utils.hub import resolve_file, resolve_folder
+
+    if isinstance(encoder, MemoryEncoder):
+        return encoder
+    if not isinstance(encoder, str | Path):
+        raise ValueError(
+            f"memory encoder must be a MemoryEncoder, a path or a Hub id, got {type(encoder).__name__}"
+        )
+    hub = {
+        "subfolder": subfolder,
+        "revision": revision,
+        "cache_dir": cache_dir,
+        "local_files_only": local_files_only,
+        "token": token,
+    }
+    path = Path(encoder)
+    if path.is_file():
+        return MemoryEncoder.from_path(path)
+    if weight_name is not None:
+        return MemoryEncoder.from_path(resolve_file(encoder, weight_name, **hub))
+    folder = resolve_folder(encoder, **hub)
+    if (folder / "config.json").is_file():
+        return MemoryEncoder.from_pretrained(folder)
+    release = folder / RELEASE_WEIGHT_NAME
+    if release.is_file():
+        return MemoryEncoder.from_path(release)
+    raise FileNotFoundError(
+        f"{folder}: no memory encoder here (expected config.json + weights from save_pretrained, "
+        f"or {RELEASE_WEIGHT_NAME}; pass weight_name= for another file name)"
+    )
+
+
+class MemoryLoaderMixin:
+    """``load_memory`` / ``set_memory_scale`` / ``unload_memory`` for a Wan pipeline."""
+
+    memory_bank = None
+    _memory_scale: float = 1.0
+
+    def load_memory(
+        self,
+        encoder: Any,
+        bank: Any = None,
+        *,
+        subfolder: str | None = None,
+        weight_name: str | None = None,
+        revision: str | None = None,
+        bank_subfolder: str | None = None,
+        bank_revision: str | None = None,
+        bank_repo_type: str = "dataset",
+        cache_dir: str | Path | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
+        embedding_model: Any = None,
+        trust_remote_code: str | None = None,
+        scale: float = 1.0,
+        route: str = "auto",
+        torch_dtype: torch.dtype | None = None,
+    ) -> None:
+        """Load a memory encoder (and a bank to retrieve from), and attach memory to every expert.
+
+        Args:
+            encoder: a ``MemoryEncoder``, a ``save_pretrained`` folder, the release's
+                ``DiT-Mem-1.3B.safetensors``, or a Hub id (``subfolder``, ``weight_name``,
+                ``revision``).
+            bank: a :class:`~dit_mem.bank.MemoryBank`, a bank folder or a Hub id
+                (``bank_subfolder``, ``bank_revision``, ``bank_repo_type``); needed for
+                ``memory="retrieve"``.
+            embedding_model, trust_remote_code: for the bank's caption index (its model folder if
+                the recorded one is elsewhere; remote code only for the model named here).
+            scale: memory strength λ (log λ is added to the memory logits); see
+                :meth:`set_memory_scale`.
+            route: memory attention route (``"auto"``, ``"lse"``, ``"joint"``).
+            torch_dtype: dtype of the encoder (default: the transformer's).
+        """
+        from dit_mem.bank import MemoryBank
+
+        experts = [t for t in (self.transformer, getattr(self, "transformer_2", None)) if t]
+        if not experts:
+            raise ValueError("load_memory needs a pipeline with a transformer")
+        hub = {"cache_dir": cache_dir, "local_files_only": local_files_only, "token": token}
+        model = load_memory_encoder(
+            encoder, subfolder=subfolder, weight_name=weight_name, revision=revision, **hub
+        )
+        for expert in experts:
+            width = expert.config.num_attention_heads * expert.config.attention_head_dim
+            if model.config.dim != width:
+                raise ValueError(
+                    f"memory encoder width {model.config.dim} does not match the DiT's hidden "
+                    f"size {width} (use the encoder of this backbone)"
+                )
+        if bank is not None and not isinstance(bank, MemoryBank):
+            bank = MemoryBank.from_pretrained(
+                bank,
+                subfolder=bank_subfolder,
+                revision=bank_revision,
+                repo_type=bank_repo_type,
+                embedding_model=embedding_model,
+                trust_remote_code=trust_remote_code,
+                **hub,
+            )
+        self.set_memory_scale(scale)  # checked before anything changes
+        dtype = torch_dtype or experts[0].dtype
+        device = experts[0].device
+        model = torch.nn.Module.to(model, device=device, dtype=dtype).eval().requires_grad_(False)
+        self.register_modules(memory_encoder=model)
+        self.memory_bank = bank
+        attach_memory(self, route=route)
+        log.info(
+            "memory loaded: encoder %s (%s), bank %s",
+            encoder if isinstance(encoder, str | Path) else type(encoder).__name__,
+            dtype,
+            "none" if bank is None else f"{len(bank)} videos",
+        )
+
+    def set_memory_scale(self, scale: float) -> None:
+        """Memory strength λ for the following calls: log λ is added to every memory logit
+        (λ = 2 counts every memory token twice); 1 is the paper."""
+        self._memory_scale = check_memory_scale(scale)
+
+    def unload_memory(self) -> None:
+        """Detach memory from every expert and drop the encoder and the bank."""
+        detach_memory(self)
+        if getattr(self, "memory_encoder", None) is not None:
+            self.memory_encoder = None
+            self.register_to_config(memory_encoder=[None, None])
+        self.memory_bank = None
+        self._memory_scale = 1.0
