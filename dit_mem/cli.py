@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "retrieval",
     "latents",
     "token_cache",
+    "bank",
     "train",
     "toyworld",
 )

@@ -151,10 +151,12 @@ def test_training_learns_to_use_memory(tmp_path, base_model):
     train(cfg)
     dit = load_frozen_transformer(cfg.model.base_model_dir, torch.float32)
     ids, retrieval, text = prepare_caches(cfg)
+    store = LatentStore(cfg.data.latent_dir)
     data = TrainingSamples(
         ids,
         memory_ids_by_sample(retrieval),
-        LatentStore(cfg.data.latent_dir),
+        store,
+        store,
         text,
         k=2,
         max_tokens=32,

@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="folder the CSV's relative paths start from (default: the CSV's folder)",
     )
-    p.add_argument("--out", default="latent", help="latent folder (default: latent)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", default=None, help="latent folder (default: latent)")
+    where.add_argument("--bank", default=None, help="encode into this bank folder (BANK/latents)")
     p.add_argument(
         "--base-model",
         required=True,
@@ -47,9 +49,10 @@ def _encode(args: argparse.Namespace) -> int:
 
     from dit_mem.data import LatentJobConfig, encode_latents
 
+    out = Path(args.bank) / "latents" if args.bank else Path(args.out or "latent")
     cfg = LatentJobConfig(
         csv=Path(args.csv),
-        out=Path(args.out),
+        out=out,
         base_model=Path(args.base_model),
         videos=Path(args.videos) if args.videos else None,
         num_frames=args.num_frames,
@@ -62,5 +65,9 @@ def _encode(args: argparse.Namespace) -> int:
         limit=args.limit,
     )
     s = encode_latents(cfg)
+    if args.bank and s.is_main_process:
+        from dit_mem.bank import write_bank_manifest
+
+        write_bank_manifest(args.bank)
     print(f"encoded {s.ok}, skipped {s.skipped} (already done), failed {s.failed}")
     return 0

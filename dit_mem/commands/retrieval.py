@@ -15,9 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "caption) and write index.faiss, ids.parquet and manifest.json to --out.",
     )
     p.add_argument("--csv", required=True, help="video table (columns: video|video_path, caption)")
-    p.add_argument(
-        "--out", default=DEFAULT_INDEX_DIR, help=f"index folder (default: {DEFAULT_INDEX_DIR})"
-    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", default=None, help=f"index folder (default: {DEFAULT_INDEX_DIR})")
+    where.add_argument("--bank", default=None, help="build into this bank folder (BANK/index)")
     p.add_argument(
         "--model",
         default=None,
@@ -37,15 +37,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="captions per embedding batch")
     p.add_argument("--device", default=None, help="embedding device (default: auto)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index in --out")
+    p.add_argument(
+        "--trust-remote-code",
+        default=None,
+        metavar="MODEL",
+        help="let the named embedding model run the code its folder ships (gte-base-en-v1.5)",
+    )
     p.set_defaults(func=_build)
 
     r = sub.add_parser("retrieve", help="print the top-k memory videos for prompts")
     r.add_argument("prompts", nargs="+", help="one or more text prompts")
     r.add_argument("-k", type=int, default=5, help="videos per prompt (default 5)")
-    r.add_argument(
-        "--index", default=DEFAULT_INDEX_DIR, help=f"index folder (default: {DEFAULT_INDEX_DIR})"
-    )
+    r.add_argument("--index", default=None, help=f"index folder (default: {DEFAULT_INDEX_DIR})")
+    r.add_argument("--bank", default=None, help="bank folder or Hub id (instead of --index)")
     r.add_argument("--model", default=None, help="embedding model (default: the manifest's)")
+    r.add_argument(
+        "--trust-remote-code",
+        default=None,
+        metavar="MODEL",
+        help="let the named embedding model run its own code (e.g. gte-base-en-v1.5)",
+    )
     r.add_argument(
         "--exclude",
         nargs="*",
@@ -57,11 +68,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from dit_mem.retrieval import build_index
 
+    out = Path(args.bank) / "index" if args.bank else Path(args.out or DEFAULT_INDEX_DIR)
     m = build_index(
         args.csv,
-        args.out,
+        out,
         model=args.model,
         kind=args.kind,
         nlist=args.nlist,
@@ -71,9 +85,14 @@ def _build(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         overwrite=args.overwrite,
         device=args.device,
+        trust_remote_code=args.trust_remote_code,
     )
+    if args.bank:
+        from dit_mem.bank import write_bank_manifest
+
+        write_bank_manifest(args.bank)
     print(
-        f"index {args.out}: {m['rows']} captions ({m['dropped_empty_captions']} empty dropped), "
+        f"index {out}: {m['rows']} captions ({m['dropped_empty_captions']} empty dropped), "
         f"{m['kind']}, {m['model']} {m['dim']}-d {m['pooling']} pooling, "
         f"recall@5 vs exact {m['recall_at_5']:.4f}"
     )
@@ -83,7 +102,21 @@ def _build(args: argparse.Namespace) -> int:
 def _retrieve(args: argparse.Namespace) -> int:
     from dit_mem.retrieval import Retriever
 
-    retriever = Retriever(args.index, model=args.model, nprobe=args.nprobe)
+    if args.bank and args.index:
+        raise ValueError("give --bank or --index, not both")
+    if args.bank:
+        from dit_mem.bank import MemoryBank
+
+        retriever = MemoryBank.from_pretrained(
+            args.bank, embedding_model=args.model, trust_remote_code=args.trust_remote_code
+        ).retriever
+    else:
+        retriever = Retriever(
+            args.index or DEFAULT_INDEX_DIR,
+            model=args.model,
+            nprobe=args.nprobe,
+            trust_remote_code=args.trust_remote_code,
+        )
     exclude = [args.exclude] * len(args.prompts) if args.exclude else None
     for prompt, res in zip(
         args.prompts, retriever.retrieve(args.prompts, args.k, exclude), strict=True

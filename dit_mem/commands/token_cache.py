@@ -15,8 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="memory encoder: a save_pretrained folder or the release's .safetensors",
     )
-    p.add_argument("--latents", default="latent", help="latent folder (default: latent)")
-    p.add_argument("--out", default="tokens", help="token cache folder (default: tokens)")
+    p.add_argument("--latents", default=None, help="latent folder (default: latent)")
+    p.add_argument("--out", default=None, help="token cache folder (default: tokens)")
+    p.add_argument(
+        "--bank", default=None, help="cache into this bank folder (BANK/latents → BANK/tokens)"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--shard-size", type=int, default=4096, help="videos per shard file")
     p.add_argument("--num-workers", type=int, default=2, help="latent-reading workers")
@@ -24,17 +27,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from dit_mem.data import build_token_cache
-    from dit_mem.memory import MemoryEncoder
+    from pathlib import Path
 
+    from dit_mem.data import build_token_cache
+    from dit_mem.loaders import load_memory_encoder
+
+    if args.bank and (args.latents or args.out):
+        raise ValueError("give --bank, or --latents and --out, not both")
+    bank = Path(args.bank) if args.bank else None
     s = build_token_cache(
-        MemoryEncoder.from_path(args.encoder),
-        args.latents,
-        args.out,
+        load_memory_encoder(args.encoder),
+        bank / "latents" if bank else args.latents or "latent",
+        bank / "tokens" if bank else args.out or "tokens",
         batch_size=args.batch_size,
         shard_size=args.shard_size,
         num_workers=args.num_workers,
     )
+    if bank is not None and s.is_main_process:
+        from dit_mem.bank import write_bank_manifest
+
+        write_bank_manifest(bank)
     msg = f"this process cached {s.encoded} videos; {s.skipped} were cached before; {s.total} in total"
     if s.bytes_per_video:
         msg += f"; {s.bytes_per_video:.0f} bytes per video"

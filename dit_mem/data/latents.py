@@ -169,6 +169,7 @@ class JobSummary:
     skipped: int = 0
     failed: int = 0
     failures: list[str] = field(default_factory=list)
+    is_main_process: bool = True
 
 
 def _manifest_for(cfg: LatentJobConfig, vae) -> dict:
@@ -318,7 +319,7 @@ def encode_latents(cfg: LatentJobConfig, vae=None) -> JobSummary:
 
     rows = table[["id", "video"]].to_dict("records")[state.process_index :: state.num_processes]
     todo = [r for r in rows if not (out / f"{r['id']}.safetensors").is_file()]
-    summary = JobSummary(skipped=len(rows) - len(todo))
+    summary = JobSummary(skipped=len(rows) - len(todo), is_main_process=state.is_main_process)
     log.info(
         "process %d/%d: %d videos, %d already done, %d to encode",
         state.process_index,

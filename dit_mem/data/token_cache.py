@@ -171,6 +171,7 @@ class CacheSummary:
     skipped: int = 0  # already cached when the run started (all processes)
     total: int = 0  # ids asked for
     bytes_per_video: float = 0.0  # shard bytes / cached videos (main process only)
+    is_main_process: bool = True
 
 
 class _LatentDataset(torch.utils.data.Dataset):
@@ -232,7 +233,11 @@ def build_token_cache(
     done = _scan_shards(out)
     missing = [v for v in wanted if v not in done]
     pending = missing[state.process_index :: state.num_processes]  # this process's share
-    summary = CacheSummary(skipped=len(wanted) - len(missing), total=len(wanted))
+    summary = CacheSummary(
+        skipped=len(wanted) - len(missing),
+        total=len(wanted),
+        is_main_process=state.is_main_process,
+    )
     prefix = f"tokens-r{state.process_index:02d}-"
     existing = [int(p.stem[len(prefix) :]) for p in out.glob(f"{prefix}*.safetensors")]
     next_shard = max(existing, default=-1) + 1

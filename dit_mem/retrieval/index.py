@@ -152,6 +152,7 @@ def build_index(
     overwrite: bool = False,
     device: str | None = None,
     embedder=None,
+    trust_remote_code: str | None = None,
 ) -> dict:
     """Embed the captions of ``csv`` and write an index folder at ``out``; returns the manifest.
 
@@ -182,7 +183,9 @@ def build_index(
                 "replace it"
             )
     table = read_video_table(csv)
-    emb = embedder if embedder is not None else load_embedder(model, device=device)
+    emb = embedder
+    if emb is None:
+        emb = load_embedder(model, device=device, trust_remote_code=trust_remote_code)
 
     t0 = time.perf_counter()
     vectors = emb.encode(table["caption"].tolist(), batch_size=batch_size, progress=True)

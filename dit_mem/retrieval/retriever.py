@@ -137,7 +137,9 @@ class Retriever:
         self.sources: list[str] = sources.astype(str).tolist()
         self._source_size = Counter(self.sources)
         self._row = {vid: i for i, vid in enumerate(self.ids)}
-        self.embedder = self._load_model(model, device, trust_remote_code)
+        self._model = self._model_source(model)  # checked now, loaded when first needed
+        self._device, self._trust_remote_code = device, trust_remote_code
+        self._embedder: Embedder | None = model if isinstance(model, Embedder) else None
         configure_search(
             self.index,
             nprobe=nprobe if nprobe is not None else self.manifest.get("nprobe"),
@@ -161,38 +163,51 @@ class Retriever:
                     "was changed after it was written (or only partly replaced); rebuild the index"
                 )
 
-    def _load_model(self, model, device, trust_remote_code) -> Embedder:
-        want_name, want_dim = self.manifest["model"], self.manifest["dim"]
-        if model is None:
-            if want_name == model_name(None):
-                emb = load_embedder(None, device=device)
-            else:
-                recorded = self.manifest.get("model_path")
-                path = Path(recorded) if recorded else None
-                if path is not None and not path.is_absolute():
-                    path = self.root / path
-                if path is None or not path.is_dir():
-                    raise ValueError(
-                        f"{self.root / MANIFEST}: the index was built with {want_name}"
-                        + (f" from {recorded}, which is not there" if recorded else "")
-                        + "; pass the model folder explicitly (--embedding-model / embedding_model=)"
-                    )
-                emb = load_embedder(path, device=device, trust_remote_code=trust_remote_code)
-        elif isinstance(model, Embedder):
-            emb = model
-        else:
+    def _model_source(self, model) -> str | Path | Embedder | None:
+        """Which model embeds the prompts (``None``: the bundled default); checked, not loaded."""
+        want_name = self.manifest["model"]
+        if isinstance(model, Embedder):
+            self._check_embedder(model)
+            return model
+        if model is not None:
             if model_name(model) != want_name:
                 raise ValueError(
                     f"{self.root / MANIFEST}: the index was built with embedding model "
                     f"{want_name!r}, not {model_name(model)!r}"
                 )
-            emb = load_embedder(model, device=device, trust_remote_code=trust_remote_code)
+            return model
+        if want_name == model_name(None):
+            return None
+        recorded = self.manifest.get("model_path")
+        path = Path(recorded) if recorded else None
+        if path is not None and not path.is_absolute():
+            path = self.root / path
+        if path is None or not path.is_dir():
+            raise ValueError(
+                f"{self.root / MANIFEST}: the index was built with {want_name}"
+                + (f" from {recorded}, which is not there" if recorded else "")
+                + "; pass the model folder explicitly (--embedding-model / embedding_model=)"
+            )
+        return path
+
+    def _check_embedder(self, emb: Embedder) -> None:
+        want_name, want_dim = self.manifest["model"], self.manifest["dim"]
         if emb.name != want_name or emb.dim != want_dim:
             raise ValueError(
                 f"{self.root / MANIFEST}: the index was built with {want_name!r} ({want_dim}-d); "
                 f"the given model is {emb.name!r} ({emb.dim}-d)"
             )
-        return emb
+
+    @property
+    def embedder(self) -> Embedder:
+        """The embedding model (loaded on first use: a cached retrieval needs none)."""
+        if self._embedder is None:
+            emb = load_embedder(
+                self._model, device=self._device, trust_remote_code=self._trust_remote_code
+            )
+            self._check_embedder(emb)
+            self._embedder = emb
+        return self._embedder
 
     def row_of(self, vid: str) -> dict | None:
         """The id map's row of bank video ``vid`` (``None`` if it is not in the bank)."""

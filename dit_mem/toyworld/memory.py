@@ -53,8 +53,8 @@ def memory_train_config(
         [
             *extra,
             f"data.train_csv={train_csv}",
-            f"data.latent_dir={bank_dir / 'latents'}",
-            f"data.index_dir={bank_dir / 'index'}",
+            f"data.latent_dir={bank_dir / 'latents'}",  # the samples are the bank's own clips
+            f"data.bank={bank_dir}",
             f"data.k={cfg.k}",
             f"data.max_text_tokens={MAX_TOKENS}",
             "data.text_batch_size=64",
@@ -114,7 +114,7 @@ def _write_variant_samples(tcfg, bank_csv: Path, cfg: MemoryStageConfig) -> None
     """
     import pandas as pd
 
-    from dit_mem.retrieval import Retriever
+    from dit_mem.bank import MemoryBank
     from dit_mem.toyworld.world import parse_caption
     from dit_mem.training.retrieval_cache import build_retrieval_cache
 
@@ -126,9 +126,9 @@ def _write_variant_samples(tcfg, bank_csv: Path, cfg: MemoryStageConfig) -> None
         tcfg.cache_dir,
         table["video"].tolist(),
         table["caption"].tolist(),
-        lambda: Retriever(tcfg.data.index_dir),
+        lambda: MemoryBank.from_pretrained(tcfg.data.bank),
         k=tcfg.data.k,
-        index_dir=tcfg.data.index_dir,
+        index_dir=tcfg.data.bank / "index",
     )
     if cfg.mask_colour:
         table = table.assign(caption=[f"a {shape} moving {d}" for _, shape, d in parsed])

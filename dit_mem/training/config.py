@@ -25,8 +25,11 @@ class DataConfig:
     """Where the training samples, their latents and the memory bank live."""
 
     train_csv: Path | None = None  # OpenVid-style CSV of the training videos (id, caption)
-    latent_dir: Path | None = None  # LatentStore folder holding training and memory latents
-    index_dir: Path | None = None  # retrieval index over the memory bank's captions
+    latent_dir: Path | None = None  # LatentStore of the training videos (and, without a bank,
+    #                                 of the memory videos too: the paper's one folder)
+    bank: Path | None = None  # a MemoryBank folder or Hub id: its index and latents are the memory
+    bank_subfolder: str | None = None  # the bank's folder inside a Hub repository
+    index_dir: Path | None = None  # without a bank: the memory bank's caption index
     cache_dir: Path | None = None  # text-embedding + retrieval caches; default <output_dir>/cache
     k: int = 5  # retrieved memory videos per sample
     max_text_tokens: int = 512  # UMT5 sequence length (Wan convention)
@@ -152,7 +155,7 @@ class TrainConfig:
             for name, value in (
                 ("data.train_csv", self.data.train_csv),
                 ("data.latent_dir", self.data.latent_dir),
-                ("data.index_dir", self.data.index_dir),
+                ("data.bank (or data.index_dir)", self.data.bank or self.data.index_dir),
                 ("model.base_model_dir", self.model.base_model_dir),
             )
             if value is None

