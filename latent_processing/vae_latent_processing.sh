@@ -8,7 +8,8 @@ set -euo pipefail
 
 CSV="${CSV:-data/memory.csv}"              # table with a video (or video_path) column
 VIDEOS="${VIDEOS:-data/video}"             # folder the CSV's relative video paths start from
-OUT="${OUT:-latent}"                       # latent folder
+OUT="${OUT:-latent}"                       # latent folder (ignored when BANK is set)
+BANK="${BANK:-}"                           # a bank folder: write BANK/latents and BANK/bank.json
 BASE_MODEL="${BASE_MODEL:-models/Wan2.1-T2V-1.3B-Diffusers}"  # diffusers folder, VAE folder or Wan2.1_VAE.pth
 NUM_GPUS="${NUM_GPUS:-1}"                  # >1: one process per GPU via accelerate launch
 NUM_FRAMES="${NUM_FRAMES:-81}"
@@ -19,7 +20,8 @@ BACKEND="${BACKEND:-pyav}"                 # pyav | decord
 VAE_DTYPE="${VAE_DTYPE:-float32}"          # float32 | bfloat16 | float16
 NUM_WORKERS="${NUM_WORKERS:-4}"            # decoding processes per GPU
 
-args=(encode-latents --csv "$CSV" --videos "$VIDEOS" --out "$OUT" --base-model "$BASE_MODEL"
+if [[ -n "$BANK" ]]; then where=(--bank "$BANK"); else where=(--out "$OUT"); fi
+args=(encode-latents --csv "$CSV" --videos "$VIDEOS" "${where[@]}" --base-model "$BASE_MODEL"
       --num-frames "$NUM_FRAMES" --height "$HEIGHT" --width "$WIDTH" --resize "$RESIZE"
       --backend "$BACKEND" --vae-dtype "$VAE_DTYPE" --num-workers "$NUM_WORKERS")
 

@@ -17,15 +17,25 @@ def _seed():
     yield
 
 
-@pytest.fixture(autouse=True)
-def _restore_package_logger():
-    """`dit-mem` commands configure the package logger (handlers, no propagation); undo that
-    after each test so that later tests' ``caplog`` still sees the records."""
+def _package_logger_restored():
     logger = logging.getLogger("dit_mem")
     state = (list(logger.handlers), logger.propagate, logger.level)
     yield
     logger.handlers[:] = state[0]
     logger.propagate, logger.level = state[1], state[2]
+
+
+@pytest.fixture(autouse=True)
+def _restore_package_logger():
+    """`dit-mem` commands configure the package logger (handlers, no propagation); undo that
+    after each test so that later tests' ``caplog`` still sees the records."""
+    yield from _package_logger_restored()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_package_logger_after_module():
+    """The same around a module: module-scoped fixtures may run commands too."""
+    yield from _package_logger_restored()
 
 
 @pytest.fixture
