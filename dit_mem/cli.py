@@ -43,19 +43,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (a file, a folder, an option), not a bug of ours.
+
+    ``OSError`` covers missing, unreadable or wrongly laid out files and folders (diffusers and
+    transformers raise it for model folders); ``SafetensorError`` a damaged weights file.
+    """
+    from safetensors import SafetensorError
+
+    return (ValueError, OSError, SafetensorError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
-    setup_logging(args.log_level.upper())
+    level = args.log_level.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        parser.error(f"--log-level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {level}")
+    setup_logging(level)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except _user_errors() as e:
         # User errors: one clear line, no traceback. Bugs still raise.
-        print(f"dit-mem {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"dit-mem {args.command}: error: {message or type(e).__name__}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"dit-mem {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin in (tuple, list):
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml_value(value, key)
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
@@ -99,6 +99,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _yaml_value(text: str, key: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"{key}: {text!r} is not a valid value") from None
+
+
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -144,7 +151,7 @@ def _set_path(data: dict[str, Any], cls: type, dotted: str, raw: str) -> None:
             )
         tp = _hints(node_cls)[part]
         if i == len(parts) - 1:
-            node[part] = yaml.safe_load(raw) if raw != "" else ""
+            node[part] = _yaml_value(raw, dotted) if raw != "" else ""
             if _is_text(tp):
                 # keep text verbatim ("1e-5" stays text for a str field, "no" for a Literal["no"]),
                 # "null" is None where None is allowed
@@ -180,7 +187,11 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            first = " ".join(str(e).split())
+            raise ConfigError(f"{path}: not valid YAML ({first})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         data = loaded

@@ -223,6 +223,11 @@ def generate(
         negative_memory=SAME if mode == "both" else None,
         k=cfg.k,
     )
+    if not np.isfinite(out.frames[0]).all():  # never a black video that looks like a result
+        raise FloatingPointError(
+            f"generation for {prompt!r} (seed {seed}) produced NaN/Inf frames; try dtype=float32 "
+            "or check the base model and encoder weights"
+        )
     frames = (np.clip(out.frames[0], 0.0, 1.0) * 255.0).round().astype(np.uint8)
     retrieved = out.memory[0] if out.memory else RetrievalResult([], [], [])
     settings = {**cfg.metadata, "no_memory": not use_memory, "memory_mode": mode, "seed": seed}

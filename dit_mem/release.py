@@ -28,7 +28,7 @@ from dit_mem.data.latents import FORMAT as LATENT_FORMAT
 from dit_mem.data.latents import LATENT_KEY
 from dit_mem.data.latents import MANIFEST as LATENT_MANIFEST
 from dit_mem.data.table import is_safe_id, source_id, video_id
-from dit_mem.utils import get_logger, write_json_atomic, write_safetensors_atomic
+from dit_mem.utils import folder_lock, get_logger, write_json_atomic, write_safetensors_atomic
 
 log = get_logger(__name__)
 
@@ -154,20 +154,26 @@ def import_release(
     progress: bool = True,
 ) -> ImportSummary:
     """Convert the release's ``memory_index/`` and ``<id>.pt`` latents into a bank at ``out``."""
+    out, latents_dir = Path(out), Path(latents_dir)
+    if not latents_dir.is_dir():
+        raise FileNotFoundError(f"latent folder not found: {latents_dir}")
+    known = ("index", "latents", "videos", "bank.json", ".lock")
+    if out.exists() and any(p.name not in known for p in out.iterdir()):
+        raise ValueError(f"{out} holds other files; import into a new folder")
+    index, table = read_release_index(index_dir)  # checked before anything is written
+    with folder_lock(out, "bank import-release"):
+        return _import(index, table, index_dir, latents_dir, out, videos, embedding_model, progress)
+
+
+def _import(
+    index, table, index_dir, latents_dir: Path, out: Path, videos, embedding_model, progress
+):
     from tqdm.auto import tqdm
 
     from dit_mem.retrieval.embedder import model_name
     from dit_mem.retrieval.index import FORMAT as INDEX_FORMAT
     from dit_mem.retrieval.index import write_index_folder
 
-    out, latents_dir = Path(out), Path(latents_dir)
-    if not latents_dir.is_dir():
-        raise FileNotFoundError(f"latent folder not found: {latents_dir}")
-    if out.exists() and any(
-        p.name not in ("index", "latents", "videos", "bank.json") for p in out.iterdir()
-    ):
-        raise ValueError(f"{out} holds other files; import into a new folder")
-    index, table = read_release_index(index_dir)
     summary = ImportSummary(videos=len(table))
 
     # latents first (the long part, resumable), then the index and the manifest

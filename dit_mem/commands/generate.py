@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from dit_mem.config import load_config, save_config, to_dict
     from dit_mem.generation import GenerationConfig, generate, load_pipeline
     from dit_mem.outputs import save_generation
+    from dit_mem.utils import folder_lock
 
     cfg = load_config(GenerationConfig, args.config, args.overrides)  # checked here
     jobs = _jobs(args, cfg)
@@ -110,13 +111,13 @@ def run(args: argparse.Namespace) -> int:
     if not todo:
         return 0
     pipe = load_pipeline(cfg)
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, saved)
-    for prompt, seed, name in tqdm(todo, desc="generate", unit="video", disable=len(todo) == 1):
-        result = generate(pipe, cfg, prompt, seed)
-        previews = []
-        if result.retrieved.ids:
-            previews = pipe.memory_bank.previews(result.retrieved.ids, vae=pipe.vae)
-        paths = save_generation(result, args.out, name, previews)
-        print(f"{paths['video']}  ({len(result.retrieved.ids)} memory videos)")
+    with folder_lock(args.out, "generate"):
+        save_config(cfg, saved)
+        for prompt, seed, name in tqdm(todo, desc="generate", unit="video", disable=len(todo) == 1):
+            result = generate(pipe, cfg, prompt, seed)
+            previews = []
+            if result.retrieved.ids:
+                previews = pipe.memory_bank.previews(result.retrieved.ids, vae=pipe.vae)
+            paths = save_generation(result, args.out, name, previews)
+            print(f"{paths['video']}  ({len(result.retrieved.ids)} memory videos)")
     return 0

@@ -21,14 +21,29 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from dit_mem.data.table import read_video_table
+from dit_mem.data.table import is_safe_id, read_video_table
 from dit_mem.utils import get_logger, write_json_atomic, write_safetensors_atomic
-from dit_mem.utils.io import TMP_PREFIX
+from dit_mem.utils.io import TMP_PREFIX, folder_lock, read_json_mapping
+
+# Normalised latents and memory tokens are O(1); a value this large is a broken file, and one
+# that would overflow in half precision downstream.
+MAX_ABS_VALUE = 1e4
+
+
+def check_plausible(x: torch.Tensor, path, what: str) -> None:
+    """``ValueError`` naming ``path`` if ``x`` holds NaN/Inf or implausibly large values."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{path}: the {what} holds NaN or infinite values")
+    peak = float(x.abs().max()) if x.numel() else 0.0
+    if peak > MAX_ABS_VALUE:
+        raise ValueError(f"{path}: the {what} holds values up to {peak:.3g} (> {MAX_ABS_VALUE:g})")
+
 
 log = get_logger(__name__)
 
@@ -68,13 +83,23 @@ class LatentStore:
                 f"{manifest} not found: {self.root} is not a latent folder written by "
                 "`dit-mem encode-latents` (the manifest says how latents were normalised)"
             )
-        self.manifest: dict = json.loads(manifest.read_text())
+        self.manifest: dict = read_json_mapping(manifest)
+        shape = self.manifest.get("latent_shape")
+        if shape is not None and (
+            not isinstance(shape, list)
+            or len(shape) != 4
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+        ):
+            raise ValueError(f"{manifest}: latent_shape must be [C, T, H, W], got {shape!r}")
+        self.shape: tuple[int, ...] | None = tuple(shape) if shape else None
 
     def path(self, vid: str) -> Path:
+        if not is_safe_id(vid):
+            raise ValueError(f"{vid!r} is not a video id (ids are plain file names)")
         return self.root / f"{vid}.safetensors"
 
     def __contains__(self, vid: str) -> bool:
-        return self.path(vid).is_file()
+        return is_safe_id(vid) and self.path(vid).is_file()
 
     def ids(self) -> list[str]:
         """Sorted ids of every complete latent in the folder."""
@@ -98,6 +123,14 @@ class LatentStore:
             x = load_file(str(path))[LATENT_KEY]
         except (SafetensorError, KeyError, OSError) as e:
             raise ValueError(f"{path}: unreadable latent file ({e})") from e
+        if self.shape is not None and tuple(x.shape) != self.shape:
+            raise ValueError(
+                f"{path}: latent of shape {list(x.shape)}, but {self.root / MANIFEST} says "
+                f"{list(self.shape)}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"{path}: latent of dtype {x.dtype}, expected floating point")
+        check_plausible(x, path, "latent")
         return x if dtype is None else x.to(dtype)
 
     def load(
@@ -142,6 +175,10 @@ class LatentJobConfig:
     limit: int | None = None  # only the first `limit` rows (smoke runs)
 
     def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be ≥ 1 (or none), got {self.limit}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be ≥ 0, got {self.num_workers}")
         for name in ("num_frames", "height", "width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -293,19 +330,26 @@ def encode_latents(cfg: LatentJobConfig, vae=None) -> JobSummary:
     """Run the latent job for this process's shard; returns its counts.
 
     ``vae`` may be passed in (tests); otherwise it is loaded from ``cfg.base_model`` onto this
-    process's accelerator. Safe to re-run: complete files are skipped.
+    process's accelerator. Safe to re-run: complete files are skipped; a second job on the same
+    folder is refused while one runs.
     """
-    from tqdm.auto import tqdm
-
-    from dit_mem.data.vae import encode_frames, load_wan_vae
-
     state = process_state()
     table = read_video_table(cfg.csv, require_caption=False)
     if cfg.limit is not None:
         table = table.head(cfg.limit)
     root = Path(cfg.videos) if cfg.videos is not None else Path(cfg.csv).parent
+    if not root.is_dir():
+        raise FileNotFoundError(f"video folder not found: {root}")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # one job per folder: the main process holds out/.lock until the job ends
+    with folder_lock(out, "encode-latents") if state.is_main_process else nullcontext():
+        return _encode_shard(cfg, vae, state, table, root, out)
+
+
+def _encode_shard(cfg: LatentJobConfig, vae, state, table, root: Path, out: Path) -> JobSummary:
+    from tqdm.auto import tqdm
+
+    from dit_mem.data.vae import encode_frames, load_wan_vae
 
     if vae is None:
         vae = load_wan_vae(cfg.base_model, dtype=getattr(torch, cfg.vae_dtype), device=state.device)

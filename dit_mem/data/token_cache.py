@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dit_mem.data.latents import LatentStore, process_state
+from dit_mem.data.latents import LatentStore, check_plausible, process_state
 from dit_mem.memory.tokens import VideoTokens
 from dit_mem.utils import get_logger, write_json_atomic, write_safetensors_atomic
-from dit_mem.utils.io import TMP_PREFIX, atomic_path
+from dit_mem.utils.io import TMP_PREFIX, atomic_path, folder_lock, read_json_mapping
 
 log = get_logger(__name__)
 
@@ -40,6 +42,7 @@ MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 FORMAT = "dit-mem-token-cache/1"
 SHARD_GLOB = "tokens-r*-*.safetensors"
+_SHARD_NAME = re.compile(r"tokens-r\d+-\d+\.safetensors")
 
 
 def encoder_fingerprint(encoder: torch.nn.Module) -> str:
@@ -94,12 +97,36 @@ class TokenCache:
                     f"{p} not found: {self.root} is not a complete token cache "
                     "(run `dit-mem cache-tokens`; an interrupted run resumes)"
                 )
-        self.manifest: dict = json.loads(manifest.read_text())
-        table = pd.read_parquet(index)
+        self.manifest: dict = read_json_mapping(manifest)
+        m = self.manifest
+        if m.get("format") != FORMAT or not m.get("complete"):
+            raise ValueError(f"{manifest}: not a complete token cache ({FORMAT})")
+        for key in ("num_groups", "dim"):
+            if not isinstance(m.get(key), int) or isinstance(m.get(key), bool) or m[key] < 1:
+                raise ValueError(f"{manifest}: {key!r} must be a positive integer")
+        log_counts = m.get("log_counts")
+        if not isinstance(log_counts, list) or len(log_counts) != m["num_groups"]:
+            raise ValueError(f"{manifest}: 'log_counts' must list one value per group")
+        self.log_counts = torch.tensor(log_counts, dtype=torch.float32)
+        if not bool(torch.isfinite(self.log_counts).all()):
+            raise ValueError(f"{manifest}: 'log_counts' holds NaN or infinite values")
+        try:
+            table = pd.read_parquet(index)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{index}: not a readable parquet table ({e})") from None
+        missing = [c for c in ("id", "shard", "row") if c not in table.columns]
+        if missing:
+            raise ValueError(f"{index}: missing column(s) {missing}")
+        bad = [s for s in set(table["shard"].astype(str)) if not _SHARD_NAME.fullmatch(s)]
+        if bad:
+            raise ValueError(f"{index}: {bad[0]!r} is not a shard file name of this folder")
         self._where = dict(
-            zip(table["id"], zip(table["shard"], table["row"], strict=True), strict=True)
+            zip(
+                table["id"].astype(str),
+                zip(table["shard"].astype(str), table["row"].astype(int), strict=True),
+                strict=True,
+            )
         )
-        self.log_counts = torch.tensor(self.manifest["log_counts"], dtype=torch.float32)
         self._handles: dict[str, object] = {}
         if encoder is not None:
             self.check_encoder(encoder)
@@ -123,20 +150,42 @@ class TokenCache:
         return sorted(self._where)
 
     def _handle(self, shard: str):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.root / shard), framework="pt")
+            path = self.root / shard
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found (listed in {self.root / INDEX})")
+            try:
+                self._handles[shard] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{path}: unreadable token shard ({e})") from None
         return self._handles[shard]
 
     def load_one(self, vid: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(high, low)`` of one video, each ``[G, D]`` bf16."""
+        from safetensors import SafetensorError
+
         if vid not in self._where:
             raise FileNotFoundError(f"no cached tokens for id {vid!r} in {self.root}")
         shard, row = self._where[vid]
         f = self._handle(shard)
-        row = int(row)
-        return f.get_slice("high")[row : row + 1][0], f.get_slice("low")[row : row + 1][0]
+        path = self.root / shard
+        try:
+            n = f.get_slice("high").get_shape()[0]
+            if not 0 <= row < n:
+                raise ValueError(f"{path}: row {row} of {vid!r} is outside the shard ({n} rows)")
+            high, low = (f.get_slice(k)[row : row + 1][0] for k in ("high", "low"))
+        except SafetensorError as e:
+            raise ValueError(f"{path}: unreadable token shard ({e})") from None
+        want = (self.manifest["num_groups"], self.manifest["dim"])
+        for part in (high, low):
+            if tuple(part.shape) != want:
+                raise ValueError(
+                    f"{path}: tokens of {vid!r} are {list(part.shape)}, not {list(want)}"
+                )
+            check_plausible(part, path, f"cached tokens of {vid!r}")
+        return high, low
 
     def load(
         self,
@@ -200,18 +249,33 @@ def build_token_cache(
     accelerator; process i of n takes ids i::n. Re-running skips cached ids; a cache built
     with another encoder is an error.
     """
-    import pandas as pd
-    from tqdm.auto import tqdm
-
+    for name, value, low in (("batch_size", batch_size, 1), ("shard_size", shard_size, 1)):
+        if value < low:
+            raise ValueError(f"{name} must be ≥ {low}, got {value}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be ≥ 0, got {num_workers}")
     state = process_state()
     store = LatentStore(latents)
     out = Path(out)
+    # one job per folder: the main process holds out/.lock until the job ends
+    with folder_lock(out, "cache-tokens") if state.is_main_process else nullcontext():
+        return _build_token_cache(
+            encoder, store, out, state, batch_size, shard_size, num_workers, ids
+        )
+
+
+def _build_token_cache(
+    encoder, store, out: Path, state, batch_size, shard_size, num_workers, ids
+) -> CacheSummary:
+    import pandas as pd
+    from tqdm.auto import tqdm
+
     out.mkdir(parents=True, exist_ok=True)
     encoder = encoder.eval().to(state.device)
     fingerprint = encoder_fingerprint(encoder)
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
+        old = read_json_mapping(manifest_path)
         if old.get("encoder_fingerprint") != fingerprint:
             raise ValueError(
                 f"{manifest_path}: this folder caches tokens of another memory encoder "

@@ -27,7 +27,7 @@ import numpy as np
 
 from dit_mem.evaluation.jobs import VideoJob
 from dit_mem.evaluation.video_io import check_frames, is_complete_video, write_mp4
-from dit_mem.utils import get_logger, write_json_atomic
+from dit_mem.utils import folder_lock, get_logger, write_json_atomic
 
 logger = get_logger(__name__)
 
@@ -85,14 +85,19 @@ def run_generation(
     """Generate every job's video under ``root`` (``root/<folder>/<filename>``), resumably.
 
     ``benchmark`` names the protocol ("vbench", "vbench-full", "phygenbench") in the manifest.
+    One run per folder: a second one on the same folder is refused while the first runs.
     """
-    from tqdm import tqdm
-
     root = Path(root)
     metadata = dict(getattr(generator, "metadata", {}) or {})
     json.dumps(metadata)  # fail early on a non-JSON-able description
     _check_manifest(root, benchmark, metadata)
-    root.mkdir(parents=True, exist_ok=True)
+    with folder_lock(root, f"{benchmark} generation"):
+        return _generate(jobs, generator, root, benchmark, metadata, fps, expected_frames, progress)
+
+
+def _generate(jobs, generator, root, benchmark, metadata, fps, expected_frames, progress):
+    from tqdm import tqdm
+
     write_json_atomic(root / MANIFEST, {"benchmark": benchmark, "generator": metadata, "fps": fps})
 
     report = GenerationReport()

@@ -28,6 +28,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from dit_mem.memory.checks import check_finite_state
 from dit_mem.memory.official import load_official_checkpoint
 from dit_mem.memory.tokens import MemoryTokens, VideoTokens
 
@@ -356,6 +357,13 @@ class MemoryEncoder(ModelMixin, ConfigMixin):
     @classmethod
     def from_preset(cls, name: str, **overrides) -> MemoryEncoder:
         return cls(**get_preset(name, **overrides))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> MemoryEncoder:
+        """diffusers' ``from_pretrained``; weights or statistics that are NaN/Inf are an error."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        check_finite_state(model, pretrained_model_name_or_path)
+        return model
 
     @classmethod
     def from_path(cls, path) -> MemoryEncoder:

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from dit_mem.memory.checks import check_finite_state
 from dit_mem.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -87,15 +88,18 @@ def load_official_checkpoint(
         raise ValueError(f"{path}: the official checkpoint is a .safetensors file")
     tensors: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
-    with safe_open(str(path), framework="pt") as f:
-        for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-            ours = official_to_ours(name)
-            if ours is None:
-                skipped.append(name)
-                continue
-            if ours in tensors:
-                continue  # the same tensor under both conv_block / cnn names
-            tensors[ours] = f.get_tensor(name)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                ours = official_to_ours(name)
+                if ours is None:
+                    skipped.append(name)
+                    continue
+                if ours in tensors:
+                    continue  # the same tensor under both conv_block / cnn names
+                tensors[ours] = f.get_tensor(name)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
     cfg = dict(config or _config_from_shapes({k: tuple(v.shape) for k, v in tensors.items()}))
     model = cls(**cfg)
@@ -135,6 +139,7 @@ def load_official_checkpoint(
     if skipped:
         logger.info("ignored %d unused tensors of the release (e.g. %s)", len(skipped), skipped[0])
     model.load_state_dict(tensors, strict=False)  # the only keys left out are the BN stats
+    check_finite_state(model, path)
     if torch_dtype is not None:
         model = torch.nn.Module.to(model, torch_dtype)  # skips ModelMixin's spurious warning
     return model.eval()

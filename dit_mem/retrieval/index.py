@@ -51,6 +51,25 @@ def configure_faiss_blas(
     faiss.cvar.distance_compute_blas_database_bs = database_block
 
 
+def check_index_settings(
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    hnsw_m: int | None = None,
+    ef_search: int | None = None,
+) -> None:
+    """``ValueError`` for settings FAISS would reject (or abort the process on: HNSW M < 2)."""
+    for name, value, low in (
+        ("nlist", nlist, 1),
+        ("nprobe", nprobe, 1),
+        ("hnsw_m", hnsw_m, 2),
+        ("ef_search", ef_search, 1),
+    ):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < low
+        ):
+            raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+
+
 def default_nlist(n: int) -> int:
     """IVF cell count: about 2·√n (1,300 for 423k), with at least 39 training points per cell."""
     return max(1, min(int(2 * math.sqrt(n)), n // 39))
@@ -68,6 +87,7 @@ def make_index(
     """A FAISS inner-product index of ``kind`` holding ``vectors`` ``[n, d]`` (float32)."""
     import faiss
 
+    check_index_settings(nlist, nprobe, hnsw_m, ef_search)
     n, d = vectors.shape
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
@@ -94,6 +114,7 @@ def configure_search(index, nprobe: int | None = None, ef_search: int | None = N
     """Set the search-time knobs of an IVF/HNSW index (no-op for flat)."""
     import faiss
 
+    check_index_settings(nprobe=nprobe, ef_search=ef_search)
     if nprobe is not None and isinstance(index, faiss.IndexIVF):
         index.nprobe = nprobe
     if ef_search is not None and isinstance(index, faiss.IndexHNSW):
@@ -167,6 +188,10 @@ def build_index(
     out = Path(out)
     if kind not in ("flat", "ivf", "hnsw"):
         raise ValueError(f"index kind must be 'flat', 'ivf' or 'hnsw', got {kind!r}")
+    check_index_settings(nlist, nprobe, hnsw_m, ef_search)
+    for name, value in (("batch_size", batch_size), ("recall_queries", recall_queries)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
     if out.exists():
         if not out.is_dir():
             raise ValueError(f"{out} exists and is not a folder")

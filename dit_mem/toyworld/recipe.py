@@ -31,7 +31,7 @@ from dit_mem.toyworld.evaluate import (
 )
 from dit_mem.toyworld.memory import MemoryStageConfig, train_memory
 from dit_mem.toyworld.vae import VAEStageConfig, train_vae
-from dit_mem.utils import atomic_dir, get_logger, write_json_atomic
+from dit_mem.utils import atomic_dir, folder_lock, get_logger, write_json_atomic
 
 log = get_logger(__name__)
 
@@ -105,13 +105,19 @@ def export_assets(out: Path, dest: Path) -> Path:
 
 
 def run_recipe(cfg: ToyWorldConfig, export: Path | None = None, command: str | None = None) -> dict:
-    """Run every stage (skipping finished ones), evaluate, write the manifest; returns it."""
+    """Run every stage (skipping finished ones), evaluate, write the manifest; returns it.
+
+    One run per folder: ``out/.lock`` is held until the recipe ends."""
+    with folder_lock(cfg.out, "toyworld train"):
+        return _run_recipe(cfg, export, command)
+
+
+def _run_recipe(cfg: ToyWorldConfig, export: Path | None, command: str | None) -> dict:
     from dit_mem.config import save_config, to_dict
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     times: dict[str, float] = {}
 

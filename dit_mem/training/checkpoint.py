@@ -123,6 +123,18 @@ def resolve_resume(resume: str | Path, run_dir: str | Path) -> Checkpoint:
     )
 
 
+def damaged_message(ckpt: Checkpoint, run_dir: str | Path, err: Exception) -> str:
+    """What to say when a checkpoint's files cannot be loaded, with the previous one to use."""
+    previous = [c for c in list_checkpoints(run_dir) if c.step < ckpt.step]
+    hint = (
+        f"; resume from the one before it: --resume {previous[-1].path}"
+        if previous
+        else "; no earlier checkpoint to resume from"
+    )
+    first = str(err).splitlines()[0] if str(err) else ""
+    return f"checkpoint {ckpt.path} is damaged ({type(err).__name__}: {first}){hint}"
+
+
 def remove_stale_temporaries(run_dir: str | Path) -> None:
     """Delete ``.tmp-*`` folders a killed run left behind (main process, before training)."""
     root = Path(run_dir) / CHECKPOINTS

@@ -9,6 +9,7 @@ shift 5. The resolved config is saved into the run folder and into every checkpo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -120,13 +121,24 @@ class TrainConfig:
             raise ConfigError(f"max_steps must be ≥ 1 or null, got {self.max_steps}")
         if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be ≥ 1 or null, got {self.keep_checkpoints}")
-        if self.optim.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
-        if self.optim.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay must be ≥ 0, got {self.optim.weight_decay}")
+        o = self.optim
+        for key, value in (("optim.lr", o.lr), ("optim.eps", o.eps)):
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{key} must be a finite number > 0, got {value}")
+        if not math.isfinite(o.weight_decay) or o.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be ≥ 0, got {o.weight_decay}")
+        if not all(math.isfinite(b) and 0 <= b < 1 for b in o.betas):
+            raise ConfigError(f"optim.betas must both be in [0, 1), got {list(o.betas)}")
+        if o.max_grad_norm is not None and (
+            not math.isfinite(o.max_grad_norm) or o.max_grad_norm <= 0
+        ):
+            raise ConfigError(
+                f"optim.max_grad_norm must be a finite number > 0, or null for no clipping; got "
+                f"{o.max_grad_norm} (a negative norm would turn the update around)"
+            )
         if self.optim.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps must be ≥ 0, got {self.optim.warmup_steps}")
-        if self.loss.flow_shift <= 0:
+        if not math.isfinite(self.loss.flow_shift) or self.loss.flow_shift <= 0:
             raise ConfigError(f"loss.flow_shift must be > 0, got {self.loss.flow_shift}")
         self.loggers  # noqa: B018  (validates log_with)
 
@@ -164,6 +176,20 @@ class TrainConfig:
             raise ConfigError(
                 f"training needs {', '.join(missing)}: set them in the YAML or as key=value"
             )
+        from dit_mem.utils.hub import is_repo_id
+
+        checks = [
+            ("data.train_csv", self.data.train_csv, Path.is_file),
+            ("data.latent_dir", self.data.latent_dir, Path.is_dir),
+            ("data.index_dir", self.data.index_dir, Path.is_dir),
+            ("model.base_model_dir", self.model.base_model_dir, Path.exists),
+            ("model.encoder_init", self.model.encoder_init, Path.exists),
+        ]
+        if self.data.bank is not None and not is_repo_id(str(self.data.bank)):
+            checks.append(("data.bank", self.data.bank, Path.is_dir))
+        for key, path, exists in checks:
+            if path is not None and not exists(Path(path)):
+                raise ConfigError(f"{key}: {path} does not exist")
 
 
 def load_train_config(

@@ -23,6 +23,7 @@ import gc
 import logging
 import math
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from dit_mem.training.loss import FlowMatchingObjective
 from dit_mem.training.metrics import MetricsLogger
 from dit_mem.training.retrieval_cache import build_retrieval_cache, memory_ids_by_sample
 from dit_mem.training.text_cache import TextEmbeddingCache
-from dit_mem.utils import atomic_dir, get_logger
+from dit_mem.utils import atomic_dir, folder_lock, get_logger
 
 log = get_logger(__name__)
 
@@ -222,16 +223,27 @@ def _check_resume_config(cfg: TrainConfig, ckpt: ckpt_io.Checkpoint) -> None:
 # The run
 # --------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
-    """Run (or continue) training as ``cfg`` says; returns the run's summary."""
+    """Run (or continue) training as ``cfg`` says; returns the run's summary.
+
+    The config and its paths are checked before anything loads or is written; the main process
+    holds ``<output_dir>/.lock`` for the whole run, so two runs never share a folder.
+    """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     cfg.require_paths()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
     )
+    lock = folder_lock(cfg.output_dir, "train") if accelerator.is_main_process else nullcontext()
+    with lock:
+        return _train(cfg, resume, accelerator)
+
+
+def _train(cfg: TrainConfig, resume, accelerator) -> TrainResult:
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
     rank, world, main = (
         accelerator.process_index,
         accelerator.num_processes,
@@ -313,8 +325,11 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     set_seed(cfg.seed + rank)  # dropout (global RNG), different per process
     step = 0
     if resume_ckpt is not None:
-        accelerator.load_state(str(resume_ckpt.accelerate_dir))
-        ckpt_io.load_rng_state(resume_ckpt.rng_file(rank), generator)
+        try:
+            accelerator.load_state(str(resume_ckpt.accelerate_dir))
+            ckpt_io.load_rng_state(resume_ckpt.rng_file(rank), generator)
+        except Exception as e:  # torch / safetensors raise many kinds for a damaged file
+            raise ValueError(ckpt_io.damaged_message(resume_ckpt, run_dir, e)) from e
         step = resume_ckpt.step
         log.info("resumed from %s (step %d)", resume_ckpt.path, step)
     result = TrainResult(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 TMP_PREFIX = ".tmp-"
+LOCK_FILE = ".lock"
 
 
 @contextlib.contextmanager
@@ -88,6 +89,47 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         path.rename(old)
         tmp.rename(path)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json_mapping(path: str | os.PathLike) -> dict:
+    """A JSON file that must hold an object; ``ValueError`` naming the file otherwise."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, job: str) -> Iterator[None]:
+    """Hold ``folder/.lock`` for the block; a second job on the same folder is refused.
+
+    ``fcntl.flock`` (released by the kernel when the process dies, so a killed job never leaves
+    a stale lock behind); the holder's pid and job are written in the file for the message.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise ValueError(
+                f"{folder} is in use by another job ({holder}); wait for it to finish, or use "
+                "another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{job}, pid {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

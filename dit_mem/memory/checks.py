@@ -1,0 +1,15 @@
+"""Checks shared by the encoder's loaders."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def check_finite_state(model: nn.Module, source: Any) -> None:
+    """``ValueError`` naming ``source`` if any weight or buffer of ``model`` is NaN/Inf."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{source}: the memory encoder's {name} holds NaN or infinite values")
