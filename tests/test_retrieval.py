@@ -89,8 +89,11 @@ def test_same_source_exclusion(index_dir: Path, embedder) -> None:
     assert len(multi) == 9 and "kitchenAAAA_1_0to90" not in multi.ids
     with pytest.raises(ValueError, match="one entry .* per prompt: got 1 for 2 prompts"):
         r.retrieve([fox, fox], k=3, exclude=["fox-_snow_1_1_0to120"])
-    with pytest.raises(ValueError, match="k must be ≥ 1"):
+    with pytest.raises(ValueError, match="k must be an integer ≥ 1"):
         r.retrieve([fox], k=0)
+    # an exclusion given as the CSV's file name works like the id
+    [by_file] = r.retrieve([fox], k=3, exclude=["fox-_snow_1_9_900to990.mp4"])
+    assert by_file.ids == excl.ids
 
 
 def test_approximate_indexes(tmp_path: Path, embedder) -> None:

@@ -204,6 +204,7 @@ def test_memory_latent_of_wrong_shape_is_named(tmp_path, base_model):
     write_latent_store(store, {f"bank{c}s{j}_0_0to10": bad for c in range(2) for j in range(1)})
     (store / "manifest.json").write_text(manifest)
     with pytest.raises(
-        ValueError, match=r"memory .*latent 'bank\ds0_0_0to10' has shape \(16, 5, 8, 9\)"
+        ValueError,
+        match=r"bank\ds0_0_0to10.safetensors: latent of shape \[16, 5, 8, 9\], but .*manifest",
     ):
         train(cfg)

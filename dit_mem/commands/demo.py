@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dit_mem.cli_types import count
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -18,10 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="toy-world prompt 'a <colour> <shape> moving <direction>' (repeatable)",
     )
     p.add_argument("--assets", type=Path, help="trained toy world (default: the shipped one)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=count(0), default=0)
     p.add_argument(
         "--table-repeats",
-        type=int,
+        type=count(0),
         default=2,
         help="held-out prompts per concept in the metric table (0: no table)",
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dit_mem.cli_types import count
 from dit_mem.evaluation import benchmarks as B
 
 
@@ -68,7 +69,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     )
     s = p.add_argument_group("subset (smoke tests, several GPUs)")
     s.add_argument("--prompt-filter", help="only prompts containing this text")
-    s.add_argument("--limit", type=int, help="only the first N videos (after other filters)")
+    s.add_argument("--limit", type=count(1), help="only the first N videos (after other filters)")
     s.add_argument("--shard", type=_shard, help="INDEX/COUNT: every COUNT-th video from INDEX")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

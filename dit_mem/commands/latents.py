@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from dit_mem.cli_types import count
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -39,8 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--backend", choices=("pyav", "decord"), default="pyav", help="video decoder")
     p.add_argument("--vae-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--num-workers", type=int, default=2, help="decoding workers per process")
-    p.add_argument("--limit", type=int, default=None, help="only the first N rows (smoke runs)")
+    p.add_argument("--num-workers", type=count(0), default=2, help="decoding workers per process")
+    p.add_argument(
+        "--limit", type=count(1), default=None, help="only the first N rows (smoke runs)"
+    )
     p.set_defaults(func=_encode)
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dit_mem.cli_types import count
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -31,9 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=_train)
     e = verbs.add_parser("eval", help="metric table of a trained toy world")
     e.add_argument("--assets", type=Path, help="trained folder (default: the shipped assets)")
-    e.add_argument("--held-out-repeats", type=int, default=8)
-    e.add_argument("--seen-repeats", type=int, default=1)
-    e.add_argument("--seed", type=int, default=1000)
+    e.add_argument("--held-out-repeats", type=count(0), default=8)
+    e.add_argument("--seen-repeats", type=count(0), default=1)
+    e.add_argument("--seed", type=count(0), default=1000)
     e.add_argument("--json", type=Path, help="also write the table as JSON here")
     e.set_defaults(func=_eval)
 

@@ -189,9 +189,9 @@ def build_index(
     if kind not in ("flat", "ivf", "hnsw"):
         raise ValueError(f"index kind must be 'flat', 'ivf' or 'hnsw', got {kind!r}")
     check_index_settings(nlist, nprobe, hnsw_m, ef_search)
-    for name, value in (("batch_size", batch_size), ("recall_queries", recall_queries)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
+    for name, value, low in (("batch_size", batch_size, 1), ("recall_queries", recall_queries, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
     if out.exists():
         if not out.is_dir():
             raise ValueError(f"{out} exists and is not a folder")
@@ -221,7 +221,7 @@ def build_index(
     )
     t_build = time.perf_counter() - t0
     recall = 1.0
-    if kind != "flat":
+    if kind != "flat" and recall_queries > 0:
         configure_faiss_blas()
         queries = sample_queries(vectors, min(recall_queries, len(vectors)))
         recall = recall_at_k(index, vectors, queries, k=5)

@@ -239,6 +239,11 @@ class Retriever:
             raise ValueError("retrieve() takes a list of prompts, not a single string")
         if not prompts:
             return []
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"prompt {i} is empty (retrieval needs text)")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer ≥ 1, got {k!r}")
         return self.search(self.embed(prompts, batch_size=batch_size), k, exclude)
 
     def search(
@@ -280,10 +285,10 @@ class Retriever:
             )
         return results
 
-    @staticmethod
-    def _banned_sources(entry: Exclusion) -> set[str]:
-        """Sources to drop for one prompt; ids may be given as ids or as file names."""
+    def _banned_sources(self, entry: Exclusion) -> set[str]:
+        """Sources to drop for one prompt; ids may be given as ids or as file names
+        (``abc_1_0to5.mp4``, as a CSV's ``video`` column holds them)."""
         if entry is None:
             return set()
         ids = [entry] if isinstance(entry, str) else list(entry)
-        return {source_id(video_id(str(v))) for v in ids}
+        return {source_id(v if v in self._row else video_id(v)) for v in map(str, ids)}

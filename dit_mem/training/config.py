@@ -181,10 +181,11 @@ class TrainConfig:
         checks = [
             ("data.train_csv", self.data.train_csv, Path.is_file),
             ("data.latent_dir", self.data.latent_dir, Path.is_dir),
-            ("data.index_dir", self.data.index_dir, Path.is_dir),
             ("model.base_model_dir", self.model.base_model_dir, Path.exists),
             ("model.encoder_init", self.model.encoder_init, Path.exists),
         ]
+        if not (self.cache_dir / "retrieval.csv").is_file():  # else retrieval is cached
+            checks.append(("data.index_dir", self.data.index_dir, Path.is_dir))
         if self.data.bank is not None and not is_repo_id(str(self.data.bank)):
             checks.append(("data.bank", self.data.bank, Path.is_dir))
         for key, path, exists in checks:

@@ -1,0 +1,21 @@
+"""Argument types shared by the ``dit-mem`` subcommands (argparse reports their errors)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def count(low: int = 1):
+    """An argparse type: a whole number ≥ ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be ≥ {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer ≥ {low}"
+    return parse
