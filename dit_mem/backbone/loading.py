@@ -95,6 +95,18 @@ _T5_KEY_TABLE: tuple[tuple[str, str], ...] = (
 _TIED_EMBEDDING = "encoder.embed_tokens.weight"  # the same tensor as shared.weight
 
 
+def load_tensors_file(path: Path) -> Any:
+    """A ``.pth`` of the release, with ``torch.load(weights_only=True)`` (no code runs); a file
+    that is damaged or holds anything but tensors and plain data is an error naming it."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: not a plain file of tensors ({first})") from None
+
+
 def _compile(template: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(\d+)") + "$")
 
@@ -149,7 +161,7 @@ def load_wan_t5(path: str | Path, config: Any, torch_dtype: torch.dtype = torch.
     """Wan's T5 encoder file as a transformers ``UMT5EncoderModel`` (``config``: a ``UMT5Config``)."""
     from transformers import UMT5EncoderModel
 
-    state_dict = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    state_dict = load_tensors_file(Path(path))
     converted = wan_t5_to_transformers(state_dict)
     with torch.device("meta"):
         model = UMT5EncoderModel(config)
@@ -300,7 +312,7 @@ def _load_original_vae(pth: Path, config: dict[str, Any] | None, dtype: torch.dt
     from diffusers import AutoencoderKLWan
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-    state = torch.load(pth, map_location="cpu", weights_only=True, mmap=True)
+    state = load_tensors_file(pth)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{pth}: not a plain state dict of tensors")
     state = convert_wan_vae_to_diffusers(state)

@@ -47,6 +47,8 @@ def _jobs(args, cfg) -> list[tuple[str, int, str]]:
     from dit_mem.data.table import read_csv_strict
 
     table = read_csv_strict(args.csv, required=("prompt",))
+    if table.empty:
+        raise ValueError(f"{args.csv}: no prompts (a header and no rows)")
     jobs, names = [], {}
     for i, row in enumerate(table.to_dict("records")):
         line = i + 2  # header is line 1
