@@ -17,6 +17,7 @@ from dit_mem.utils.logging import setup_logging
 # Modules under dit_mem.commands, in the order their subcommands are listed in --help.
 COMMAND_MODULES: tuple[str, ...] = (
     "demo",
+    "serve",
     "generate",
     "encoder",
     "evaluate",

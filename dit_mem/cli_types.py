@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 
-def count(low: int = 1):
-    """An argparse type: a whole number ≥ ``low``."""
+def count(low: int = 1, high: int | None = None):
+    """An argparse type: a whole number ≥ ``low`` (and ≤ ``high`` when given)."""
 
     def parse(text: str) -> int:
         try:
@@ -15,7 +15,9 @@ def count(low: int = 1):
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be ≥ {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be ≤ {high}, got {value}")
         return value
 
-    parse.__name__ = f"integer ≥ {low}"
+    parse.__name__ = f"integer ≥ {low}" if high is None else f"integer in [{low}, {high}]"
     return parse

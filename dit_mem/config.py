@@ -200,6 +200,14 @@ def load_config(
     return _from_dict(cls, data)
 
 
+def with_overrides(cfg: T, overrides: list[str] | None) -> T:
+    """A copy of config ``cfg`` with ``key=value`` overrides applied (and checked)."""
+    data = to_dict(cfg)
+    for key, raw in parse_overrides(overrides):
+        _set_path(data, type(cfg), key, raw)
+    return _from_dict(type(cfg), data)
+
+
 def to_dict(cfg: Any) -> Any:
     """Plain YAML/JSON-able form of a config (Paths as strings, tuples as lists)."""
     if dataclasses.is_dataclass(cfg):

@@ -119,7 +119,11 @@ class GenerationConfig:
     def metadata(self) -> dict[str, Any]:
         """What produced the videos (recorded beside them and by evaluation runs)."""
         d = to_dict(self)
-        skip = ("negative_prompt", "seed", "device", "progress", "trust_remote_code")
+        skip = {"negative_prompt", "seed", "device", "progress", "trust_remote_code"}
+        if self.bank is not None:  # the bank folder holds the parts
+            skip |= {"index", "latents", "tokens", "videos"}
+        else:
+            skip |= {"bank", "bank_subfolder"}
         return {key: value for key, value in d.items() if key not in skip}
 
 

@@ -29,7 +29,20 @@ def test_metrics_read_every_rendered_concept_back():
     cl = clips(concepts(), 5, seed=3)
     assert len(cl) == 6 * 3 * 4 * 5
     acc = accuracy([render(c) for c in cl], [(c.colour, c.shape, c.direction) for c in cl])
-    assert acc == {"colour": 1.0, "shape": 1.0, "direction": 1.0, "n": len(cl)}
+    assert acc == {"colour": 1.0, "shape": 1.0, "direction": 1.0, "colour_held": 1.0, "n": len(cl)}
+
+
+def test_colour_held_counts_frames_that_drift():
+    from dit_mem.toyworld.metrics import colour_held
+
+    clip = render(Clip("magenta", "circle", "right", 4))
+    assert colour_held(clip) == 1.0
+    drifted = clip.copy()
+    blue = np.array([45, 70, 235], np.uint8)
+    for f in range(6, 9):  # the last three frames turn blue
+        mask = drifted[f].max(-1) > 60
+        drifted[f][mask] = blue
+    assert colour_held(drifted) == pytest.approx(6 / 9)
 
 
 def test_metrics_on_an_empty_or_still_video_read_nothing():

@@ -28,6 +28,9 @@ class MemoryStageConfig:
     checkpoint_every: int = 500
     seed: int = 0
     tokens_per_video: int | None = None  # replaces the toyworld preset's L when set
+    # Share of samples trained with the empty caption (the toy world's unconditional text), so
+    # the encoder also learns to speak to the unconditional branch (memory in both branches).
+    caption_dropout: float = 0.0
     # Variants for the generalisation question (benchmarks/toyworld.md), off by default:
     train_colours: list[str] | None = None  # only these colours' clips are training samples
     mask_colour: bool = False  # the DiT reads captions without their colour word
@@ -56,6 +59,7 @@ def memory_train_config(
             f"data.latent_dir={bank_dir / 'latents'}",  # the samples are the bank's own clips
             f"data.bank={bank_dir}",
             f"data.k={cfg.k}",
+            f"data.caption_dropout={cfg.caption_dropout}",
             f"data.max_text_tokens={MAX_TOKENS}",
             "data.text_batch_size=64",
             f"model.base_model_dir={base_dir}",

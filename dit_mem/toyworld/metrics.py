@@ -81,6 +81,18 @@ def shape_of(frames: np.ndarray) -> str | None:
     return "triangle"
 
 
+def colour_held(frames: np.ndarray) -> float:
+    """Share of frames whose own colour reads as the clip's colour (0 with no readable colour).
+
+    Catches a colour that is right on average but drifts (e.g. magenta turning blue late).
+    """
+    clip = colour_of(frames)
+    if clip is None:
+        return 0.0
+    per_frame = [colour_of(frame[None]) for frame in frames]
+    return float(np.mean([c == clip for c in per_frame]))
+
+
 def read_concept(frames: np.ndarray) -> tuple[str | None, str | None, str | None]:
     """``(colour, shape, direction)`` as the metrics read them from ``frames``."""
     return colour_of(frames), shape_of(frames), direction_of(frames)
@@ -89,14 +101,22 @@ def read_concept(frames: np.ndarray) -> tuple[str | None, str | None, str | None
 def accuracy(
     videos: Iterable[np.ndarray], targets: Sequence[tuple[str, str, str]]
 ) -> dict[str, float]:
-    """Fraction of videos whose colour, shape and direction read back as ``targets``."""
+    """Fraction of videos whose colour, shape and direction read back as ``targets``, and the
+    mean share of frames that keep each video's colour (``colour_held``)."""
     hits = np.zeros(3)
-    n = 0
+    held, n = 0.0, 0
     for frames, target in zip(videos, targets, strict=True):
         read = read_concept(frames)
         hits += [r == t for r, t in zip(read, target, strict=True)]
+        held += colour_held(frames)
         n += 1
     if n == 0:
         raise ValueError("accuracy of no videos")
     colour, shape, direction = hits / n
-    return {"colour": float(colour), "shape": float(shape), "direction": float(direction), "n": n}
+    return {
+        "colour": float(colour),
+        "shape": float(shape),
+        "direction": float(direction),
+        "colour_held": held / n,
+        "n": n,
+    }

@@ -33,6 +33,10 @@ class DataConfig:
     index_dir: Path | None = None  # without a bank: the memory bank's caption index
     cache_dir: Path | None = None  # text-embedding + retrieval caches; default <output_dir>/cache
     k: int = 5  # retrieved memory videos per sample
+    # Share of samples whose caption is replaced by dropped_caption (the unconditional branch's
+    # text), so that memory alone is trained too: memory then counts in both CFG branches.
+    caption_dropout: float = 0.0
+    dropped_caption: str = ""
     max_text_tokens: int = 512  # UMT5 sequence length (Wan convention)
     text_batch_size: int = 8  # captions per UMT5 forward when building the cache
     retrieval_batch_size: int = 256  # prompts per retrieval query when building the cache
@@ -138,6 +142,10 @@ class TrainConfig:
             )
         if self.optim.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps must be ≥ 0, got {self.optim.warmup_steps}")
+        if not 0.0 <= self.data.caption_dropout < 1.0:
+            raise ConfigError(
+                f"data.caption_dropout must be in [0, 1), got {self.data.caption_dropout}"
+            )
         if not math.isfinite(self.loss.flow_shift) or self.loss.flow_shift <= 0:
             raise ConfigError(f"loss.flow_shift must be > 0, got {self.loss.flow_shift}")
         self.loggers  # noqa: B018  (validates log_with)

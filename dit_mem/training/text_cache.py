@@ -32,6 +32,8 @@ from dit_mem.utils.io import TMP_PREFIX
 log = get_logger(__name__)
 
 META = "meta.json"
+# Key of the caption-dropout text (not a video id: ids never contain "/").
+DROPPED_CAPTION_KEY = "dit-mem/dropped-caption"
 
 
 def clean_caption(text: str) -> str:

@@ -36,7 +36,7 @@ from dit_mem.training.data import EpochPlan, TrainingSamples, collate
 from dit_mem.training.loss import FlowMatchingObjective
 from dit_mem.training.metrics import MetricsLogger
 from dit_mem.training.retrieval_cache import build_retrieval_cache, memory_ids_by_sample
-from dit_mem.training.text_cache import TextEmbeddingCache
+from dit_mem.training.text_cache import DROPPED_CAPTION_KEY, TextEmbeddingCache
 from dit_mem.utils import atomic_dir, folder_lock, get_logger
 
 log = get_logger(__name__)
@@ -125,11 +125,15 @@ def training_loss(
     generator: torch.Generator,
     dtype: torch.dtype,
     memory_override=None,
+    caption_dropout: float = 0.0,
+    dropped_text: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One micro-batch: memory tokens, noised latents, DiT prediction, weighted loss.
 
     The draws from ``generator`` are, in order: the memory-order permutation (inside the
-    encoder, training mode only), timestep indices ``[B]``, noise like ``x0``.
+    encoder, training mode only), timestep indices ``[B]``, noise like ``x0``, and, with
+    ``caption_dropout`` > 0, which samples' captions become ``dropped_text`` ``[L, D]`` (the
+    unconditional branch's text: there the DiT must read the memory alone).
     ``memory_override`` replaces the encoder's tokens (tests: dense form, or no memory).
     """
     device = next(transformer.parameters()).device
@@ -141,11 +145,15 @@ def training_loss(
     index = objective.sample_indices(x0.shape[0], generator)
     noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device)
     x_t, t, target = objective.prepare(x0, index, noise)
+    text = batch["text"].to(device, dtype)
+    if caption_dropout > 0:
+        drop = torch.rand(x0.shape[0], generator=generator) < caption_dropout
+        text = torch.where(drop.to(device)[:, None, None], dropped_text.to(device, dtype), text)
     kwargs = None if memory is False else {"memory_tokens": memory.to(dtype)}
     pred = transformer(
         hidden_states=x_t.to(dtype),
         timestep=t,
-        encoder_hidden_states=batch["text"].to(device, dtype),
+        encoder_hidden_states=text,
         attention_kwargs=kwargs,
         return_dict=False,
     )[0]
@@ -369,6 +377,9 @@ def _train(cfg: TrainConfig, resume, accelerator) -> TrainResult:
         dynamic_ncols=True,
     )
     params = [p for p in encoder.parameters() if p.requires_grad]
+    dropped_text = None
+    if cfg.data.caption_dropout > 0:
+        dropped_text = text_cache.load([DROPPED_CAPTION_KEY], cfg.data.max_text_tokens)[0]
     cpu_bf16 = device.type == "cpu" and cfg.mixed_precision == "bf16"
     try:
         while step < total_steps:
@@ -380,7 +391,14 @@ def _train(cfg: TrainConfig, resume, accelerator) -> TrainResult:
                 with accelerator.accumulate(encoder):
                     with accelerator.autocast():
                         loss = training_loss(
-                            transformer, encoder, objective, batch, generator, dit_dtype
+                            transformer,
+                            encoder,
+                            objective,
+                            batch,
+                            generator,
+                            dit_dtype,
+                            caption_dropout=cfg.data.caption_dropout,
+                            dropped_text=dropped_text,
                         )
                     accelerator.backward(loss)
                     step_losses.append(loss.detach())
@@ -456,6 +474,9 @@ def prepare_caches(cfg: TrainConfig, accelerator=None, bank=None):
 
     table = read_video_table(cfg.data.train_csv)
     ids, captions = table["id"].astype(str).tolist(), table["caption"].astype(str).tolist()
+    texts = dict(zip(ids, captions, strict=True))
+    if cfg.data.caption_dropout > 0:  # the unconditional branch's text, cached like a caption
+        texts[DROPPED_CAPTION_KEY] = cfg.data.dropped_caption
     main = accelerator is None or accelerator.is_main_process
     first = (
         accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
@@ -463,7 +484,7 @@ def prepare_caches(cfg: TrainConfig, accelerator=None, bank=None):
     with first:
         retrieval = _retrieval(cfg, ids, captions, bank)
         text_cache = TextEmbeddingCache(cfg.cache_dir / "text")
-        if text_cache.missing(ids):
+        if text_cache.missing(list(texts)):
             if not main:
                 raise RuntimeError(
                     "text-embedding cache incomplete after the main process built it"
@@ -473,8 +494,8 @@ def prepare_caches(cfg: TrainConfig, accelerator=None, bank=None):
                 cfg.model.base_model_dir, DTYPES[cfg.model.text_encoder_dtype]
             )
             text_cache.build(
-                ids,
-                captions,
+                list(texts),
+                list(texts.values()),
                 tokenizer,
                 text_encoder.to(device),
                 max_tokens=cfg.data.max_text_tokens,

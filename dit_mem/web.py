@@ -1,0 +1,284 @@
+"""``dit-mem serve``: a web page that shows what memory retrieved, and what it did to the video.
+
+    dit-mem serve                               # the shipped toy world, offline
+    dit-mem serve --config config/generate.yaml # real weights, the same page
+
+Prompt → **Retrieve**: the k memory videos (moving previews, captions, scores, ids) → **Generate**:
+the video without memory and with memory side by side, the retrieval report, and the files to
+download. A bank browser searches the bank's captions. The page only calls the library's front
+door (``load_pipeline`` → ``DiTMemPipeline``, its ``MemoryBank``); requests run one at a time
+through Gradio's queue (the pipeline keeps per-call state), and every bad input becomes a
+message on the page while the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dit_mem.utils import get_logger
+
+log = get_logger(__name__)
+
+MODES = {
+    "both CFG branches (the paper)": "both",
+    "conditional branch only": "cond",
+    "none (the base model)": "none",
+}
+TOY_EXAMPLES = [
+    "a magenta circle moving right",
+    "a magenta triangle moving up",
+    "a magenta square moving left",
+    "a yellow square moving down",
+    "a cyan circle moving left",
+    "a red triangle moving right",
+]
+REAL_EXAMPLES = [
+    "a red fox running through fresh snow in a pine forest",
+    "a dog runs on the beach at sunset",
+    "a glass of water is knocked over on a wooden table",
+]
+PREVIEW_MAX_FRAMES = 17
+DISPLAY_MIN_SIZE = 192  # small videos (the toy world's 32×32) are shown enlarged
+
+
+def _enlarged(frames: np.ndarray) -> np.ndarray:
+    """Nearest-neighbour enlargement of ``[F, H, W, 3]`` so the short side is ≥ the display size."""
+    scale = max(1, -(-DISPLAY_MIN_SIZE // min(frames.shape[1:3])))
+    return frames.repeat(scale, axis=1).repeat(scale, axis=2) if scale > 1 else frames
+
+
+def write_gif(frames: np.ndarray, path: Path, fps: int = 8) -> Path:
+    """An animated GIF of uint8 frames ``[F, H, W, 3]`` (enlarged when small)."""
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in _enlarged(frames)]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return path
+
+
+class MemoryPage:
+    """The page's handlers around one loaded pipeline (see the module docstring)."""
+
+    def __init__(self, pipe, cfg, examples: list[str], out_dir: Path | None = None):
+        if getattr(pipe, "memory_bank", None) is None:
+            raise ValueError("the page needs a pipeline with memory loaded (no_memory=false)")
+        self.pipe, self.cfg, self.examples = pipe, cfg, examples
+        self.out = Path(out_dir or tempfile.mkdtemp(prefix="dit-mem-serve-"))
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def bank_size(self) -> int:
+        return len(self.pipe.memory_bank)
+
+    # ------------------------------------------------------------------ checks
+    def _prompt(self, prompt: Any) -> str:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("Type a prompt first.")
+        return prompt.strip()
+
+    def _k(self, k: Any) -> int:
+        if k is None or float(k) != int(k) or int(k) < 1:
+            raise ValueError(f"k must be a whole number ≥ 1, got {k}")
+        if int(k) > self.bank_size:
+            raise ValueError(f"k = {int(k)} is larger than the bank ({self.bank_size} videos)")
+        return int(k)
+
+    def _scale(self, scale: Any) -> float:
+        from dit_mem.loaders import check_memory_scale
+
+        if isinstance(scale, str):
+            try:
+                scale = float(scale)
+            except ValueError:
+                raise ValueError(f"memory scale must be a number, got {scale!r}") from None
+        return check_memory_scale(scale)
+
+    # ------------------------------------------------------------------ actions
+    def previews(self, ids: list[str], folder: Path) -> list[Path]:
+        num_frames = min(self.cfg.num_frames, PREVIEW_MAX_FRAMES)  # the whole clip, when short
+        frames = self.pipe.memory_bank.previews(ids, num_frames=num_frames, vae=self.pipe.vae)
+        return [write_gif(f, folder / f"memory-{i + 1}.gif") for i, f in enumerate(frames)]
+
+    def retrieve(self, prompt: Any, k: Any) -> tuple[list, list, dict]:
+        """The k memory videos for ``prompt``: gallery ``[(gif, label)]``, table rows, report."""
+        prompt, k = self._prompt(prompt), self._k(k)
+        hit = self.pipe.memory_bank.retrieve([prompt], k)[0]
+        folder = self.out / uuid.uuid4().hex[:12]
+        folder.mkdir()
+        gifs = self.previews(hit.ids, folder)
+        records = hit.records()
+        gallery = [
+            (str(g), f"{r['rank']}. {r['caption']} ({r['score']:.3f}, {r['id']})")
+            for g, r in zip(gifs, records, strict=True)
+        ]
+        table = [[r["rank"], r["id"], r["caption"], round(r["score"], 4)] for r in records]
+        return gallery, table, {"prompt": prompt, "retrieved": records}
+
+    def generate(
+        self,
+        prompt: Any,
+        k: Any,
+        scale: Any,
+        mode: str,
+        seed: Any,
+        steps: Any,
+        guidance: Any,
+    ) -> tuple:
+        """Without and with memory, side by side; the report and the files to download."""
+        from dit_mem.evaluation.video_io import write_mp4
+        from dit_mem.generation import generate
+
+        prompt, k, scale = self._prompt(prompt), self._k(k), self._scale(scale)
+        if mode not in MODES:
+            raise ValueError(f"unknown memory mode {mode!r}")
+        memory_mode = MODES[mode]
+        try:
+            cfg = dataclasses.replace(
+                self.cfg,
+                k=k,
+                memory_strength=scale,
+                memory_mode="both" if memory_mode == "none" else memory_mode,
+                seed=int(seed),
+                steps=int(steps),
+                guidance_scale=float(guidance),
+            )
+        except (TypeError, ValueError) as e:  # GenerationConfig checks every value
+            raise ValueError(str(e)) from None
+        folder = self.out / uuid.uuid4().hex[:12]
+        folder.mkdir()
+        without = generate(self.pipe, cfg, prompt, cfg.seed, no_memory=True)
+        files, shown = [], []
+        runs = [("no_memory", without)]
+        if memory_mode != "none":
+            runs.append(("memory", generate(self.pipe, cfg, prompt, cfg.seed)))
+        for name, result in runs:
+            files.append(write_mp4(folder / f"{name}.mp4", result.frames, fps=cfg.fps))
+            shown.append(
+                write_mp4(folder / f"{name}_shown.mp4", _enlarged(result.frames), fps=cfg.fps)
+            )
+        report = {
+            "prompt": prompt,
+            "seed": cfg.seed,
+            "memory_mode": memory_mode,
+            "memory_scale": scale,
+            "retrieved": runs[-1][1].retrieved.records() if memory_mode != "none" else [],
+            "settings": runs[-1][1].settings,
+        }
+        sidecar = folder / "memory.json"
+        sidecar.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        files.append(sidecar)
+        gallery = []
+        if memory_mode != "none":
+            ids = [r["id"] for r in report["retrieved"]]
+            gallery = [
+                (str(g), f"{r['rank']}. {r['caption']} ({r['score']:.3f})")
+                for g, r in zip(self.previews(ids, folder), report["retrieved"], strict=True)
+            ]
+        with_memory = str(shown[1]) if len(shown) > 1 else None
+        return str(shown[0]), with_memory, report, [str(f) for f in files], gallery
+
+    def search(self, query: Any, k: Any) -> tuple[list, list]:
+        """Bank browser: the captions nearest to ``query`` (no previews needed to read them)."""
+        gallery, table, _ = self.retrieve(query, k)
+        return table, gallery
+
+
+@contextlib.contextmanager
+def _message_on_page():
+    """A bad input (or a file problem) becomes a message on the page, not a stack trace."""
+    import gradio as gr
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (ValueError, OSError, SafetensorError, FloatingPointError) as e:
+        raise gr.Error(str(e)) from None
+
+
+def build_app(page: MemoryPage):
+    """The Gradio ``Blocks`` of the page (not launched)."""
+    import gradio as gr
+
+    cfg = page.cfg
+    with gr.Blocks(title="DiT-Mem: memory for video diffusion") as app:
+        gr.Markdown(
+            "# DiT-Mem: what memory retrieved, and what it did\n"
+            f"Base model `{cfg.base_model}`, memory bank of **{page.bank_size} videos**. "
+            "Type a prompt, **Retrieve** to see the memory videos it brings, **Generate** to "
+            "compare the video without and with that memory."
+        )
+        with gr.Row():
+            prompt = gr.Textbox(label="Prompt", scale=4, elem_id="prompt")
+            retrieve_btn = gr.Button("Retrieve", elem_id="retrieve")
+            generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+        gr.Examples(page.examples, inputs=[prompt], label="Example prompts")
+        with gr.Row():
+            k = gr.Slider(
+                1, min(10, page.bank_size), value=cfg.k, step=1, label="k (memory videos)"
+            )
+            scale = gr.Number(value=cfg.memory_strength, label="memory scale λ")
+            mode = gr.Radio(list(MODES), value=next(iter(MODES)), label="memory mode")
+        with gr.Row():
+            seed = gr.Number(value=cfg.seed, precision=0, label="seed")
+            steps = gr.Slider(1, 100, value=cfg.steps, step=1, label="steps")
+            guidance = gr.Slider(0.0, 12.0, value=cfg.guidance_scale, step=0.5, label="guidance")
+        memory = gr.Gallery(label="Retrieved memory", columns=5, height="auto", elem_id="memory")
+        with gr.Row():
+            without = gr.Video(label="without memory", elem_id="without", autoplay=True, loop=True)
+            with_memory = gr.Video(label="with memory", elem_id="with", autoplay=True, loop=True)
+        report = gr.JSON(label="retrieval report")
+        files = gr.File(label="download (mp4s and the JSON sidecar)", file_count="multiple")
+        with gr.Accordion("Bank browser: search the bank's captions", open=False):
+            with gr.Row():
+                query = gr.Textbox(label="search captions", scale=4, elem_id="query")
+                hits = gr.Slider(
+                    1, min(50, page.bank_size), value=min(10, page.bank_size), step=1, label="hits"
+                )
+                search_btn = gr.Button("Search", elem_id="search")
+            table = gr.Dataframe(headers=["rank", "id", "caption", "score"], label="hits")
+            found = gr.Gallery(label="previews", columns=8, height="auto")
+
+        def retrieve(prompt, k):
+            with _message_on_page():
+                gallery, _, record = page.retrieve(prompt, k)
+                return gallery, record
+
+        track = gr.Progress(track_tqdm=True)  # Gradio's way: the default marks the parameter
+
+        def generate(prompt, k, scale, mode, seed, steps, guidance, progress=track):
+            with _message_on_page():
+                return page.generate(prompt, k, scale, mode, seed, steps, guidance)
+
+        def search(query, hits):
+            with _message_on_page():
+                return page.search(query, hits)
+
+        retrieve_btn.click(retrieve, [prompt, k], [memory, report], api_name="retrieve")
+        generate_btn.click(
+            generate,
+            [prompt, k, scale, mode, seed, steps, guidance],
+            [without, with_memory, report, files, memory],
+            api_name="generate",
+        )
+        search_btn.click(search, [query, hits], [table, found], api_name="search")
+    return app
+
+
+def serve(cfg, host: str = "127.0.0.1", port: int = 7860, examples: list[str] | None = None):
+    """Load the pipeline of ``cfg`` once and serve the page (blocks until stopped)."""
+    from dit_mem.generation import load_pipeline
+
+    pipe = load_pipeline(dataclasses.replace(cfg, progress=True))  # steps feed the page's bar
+    page = MemoryPage(pipe, cfg, examples or REAL_EXAMPLES)
+    app = build_app(page)
+    app.queue(default_concurrency_limit=1)  # one request at a time: a shared pipeline
+    log.info("serving on http://%s:%d (outputs in %s)", host, port, page.out)
+    app.launch(server_name=host, server_port=port, show_error=False, allowed_paths=[str(page.out)])
