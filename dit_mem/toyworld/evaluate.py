@@ -160,8 +160,8 @@ def metric_table(
 def format_table(table: dict) -> str:
     """Markdown table of :func:`metric_table`'s result."""
     lines = [
-        "| prompts | memory | colour | shape | direction | n |",
-        "|---|---|---:|---:|---:|---:|",
+        "| prompts | memory | colour | colour held | shape | direction | n |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     label = {
         "none": "none",
@@ -171,8 +171,9 @@ def format_table(table: dict) -> str:
     }
     for name, rows in table.items():
         for case, r in rows.items():
+            held = f"{r['colour_held']:.1%}" if "colour_held" in r else "—"
             lines.append(
-                f"| {name.replace('_', '-')} | {label[case]} | {r['colour']:.1%} | {r['shape']:.1%} "
-                f"| {r['direction']:.1%} | {r['n']} |"
+                f"| {name.replace('_', '-')} | {label[case]} | {r['colour']:.1%} | {held} "
+                f"| {r['shape']:.1%} | {r['direction']:.1%} | {r['n']} |"
             )
     return "\n".join(lines)
