@@ -62,6 +62,20 @@ def test_captions_parse_and_reject_unknown_words():
         parse_caption("a dog runs on the beach")
 
 
+def test_tokenizer_without_the_held_out_word_reads_it_as_unknown():
+    from dit_mem.toyworld.base import UNKNOWN_WORD, build_tokenizer
+
+    known, unknown = build_tokenizer(), build_tokenizer(held_out_word=False)
+    unk = unknown.unk_token_id
+    ids = unknown(f"a {HELD_OUT} circle moving right").input_ids
+    assert ids[1] == unk and ids == unknown(f"a {UNKNOWN_WORD} circle moving right").input_ids
+    assert known(f"a {HELD_OUT} circle moving right").input_ids[1] != known.unk_token_id
+    # every seen colour keeps its own token, and the captions the same length
+    for colour in ("red", "yellow", "green", "cyan", "blue"):
+        assert unknown(f"a {colour} circle moving right").input_ids[1] not in (unk, *ids[2:])
+    assert len(known) == len(unknown) + 1
+
+
 # --------------------------------------------------------------------------------------
 # The recipe, at a few steps per stage: real stages, resumable, exported fp16 assets
 # --------------------------------------------------------------------------------------

@@ -71,6 +71,13 @@ def test_schedule_constants():
     assert obj.weights.sum().item() == pytest.approx(1000.0, rel=1e-5)
     peak = obj.timesteps[obj.weights.argmax()].item()
     assert abs(peak - 500) < 2  # w peaks at t = 500
+    # The noisiest tenth of the schedule (t ≥ 900; 36% of draws at shift 5) gets < 0.35 of the
+    # peak weight; weighting="none" keeps every timestep at 1.
+    assert obj.weights[obj.timesteps >= 900].max() < 0.35 * obj.weights.max()
+    flat = FlowMatchingObjective(weighting="none")
+    assert torch.equal(flat.weights, torch.ones(1000)) and torch.equal(flat.sigmas, obj.sigmas)
+    with pytest.raises(ValueError, match="loss weighting must be one of"):
+        FlowMatchingObjective(weighting="logit_normal")
 
 
 def test_loss_matches_independent_recomputation():

@@ -25,7 +25,16 @@ import numpy as np
 import torch
 
 from dit_mem.toyworld.state import load_state, save_state
-from dit_mem.toyworld.world import COLOURS, DIRECTIONS, HELD_OUT, SHAPES, Clip, concepts, render
+from dit_mem.toyworld.world import (
+    COLOURS,
+    DIRECTIONS,
+    HELD_OUT,
+    SHAPES,
+    Clip,
+    concepts,
+    parse_caption,
+    render,
+)
 from dit_mem.utils import atomic_dir, get_logger
 
 log = get_logger(__name__)
@@ -43,17 +52,26 @@ class BaseStageConfig:
     weight_decay: float = 0.01
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
+    # Share of captions whose colour word is replaced by an out-of-vocabulary word (read as
+    # <unk>), so the base model learns that an unknown colour word says nothing about colour.
+    colour_dropout: float = 0.0
+    held_out_word: bool = True  # False: the tokenizer does not know the held-out colour's word
     clips_per_concept: int = 64  # training clips per seen concept (encoded once)
     save_every: int = 250
     seed: int = 0
 
 
-def build_tokenizer():
-    """Word-level ``PreTrainedTokenizerFast``: every toy-world word, ``</s>`` appended."""
+UNKNOWN_WORD = "something"  # not in the vocabulary: one <unk> token
+
+
+def build_tokenizer(held_out_word: bool = True):
+    """Word-level ``PreTrainedTokenizerFast``: every toy-world word (without the held-out
+    colour's unless ``held_out_word``), ``</s>`` appended; other words read as ``<unk>``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = ["a", "moving", *COLOURS, *SHAPES, *DIRECTIONS]
+    colours = [c for c in COLOURS if held_out_word or c != HELD_OUT]
+    words = ["a", "moving", *colours, *SHAPES, *DIRECTIONS]
     vocab = {tok: i for i, tok in enumerate(SPECIAL + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -175,7 +193,11 @@ def train_base(out: Path, vae_dir: Path, cfg: BaseStageConfig, progress: bool = 
         write_safetensors_atomic(cache, {"latents": latents})
         log.info("encoded %d training clips in %.1f s", len(train_clips), time.time() - t)
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(cfg.held_out_word)
+    colourless = [
+        f"a {UNKNOWN_WORD} {shape} moving {direction}"
+        for _, shape, direction in map(parse_caption, captions)
+    ]
     text_encoder = build_text_encoder(len(tokenizer), cfg.seed)
     transformer = build_transformer(cfg.seed)
     ema_text, ema_dit = copy.deepcopy(text_encoder).eval(), copy.deepcopy(transformer).eval()
@@ -198,7 +220,15 @@ def train_base(out: Path, vae_dir: Path, cfg: BaseStageConfig, progress: bool = 
     while step < cfg.steps:
         idx = rng.integers(0, len(latents), cfg.batch_size)
         x0 = latents[idx]
-        caps = ["" if rng.random() < cfg.caption_dropout else captions[i] for i in idx]
+        caps = []
+        for i in idx:
+            draw = rng.random()
+            if draw < cfg.caption_dropout:
+                caps.append("")
+            elif draw < cfg.caption_dropout + cfg.colour_dropout:
+                caps.append(colourless[i])
+            else:
+                caps.append(captions[i])
         text = embed_text(tokenizer, text_encoder, caps)
         index = objective.sample_indices(len(idx), gen)
         noise = torch.randn(x0.shape, generator=gen)

@@ -31,6 +31,7 @@ class MemoryStageConfig:
     # Share of samples trained with the empty caption (the toy world's unconditional text), so
     # the encoder also learns to speak to the unconditional branch (memory in both branches).
     caption_dropout: float = 0.0
+    loss_weighting: str = "wan"  # "none": every timestep counts (see FlowMatchingObjective)
     # Variants for the generalisation question (benchmarks/toyworld.md), off by default:
     train_colours: list[str] | None = None  # only these colours' clips are training samples
     mask_colour: bool = False  # the DiT reads captions without their colour word
@@ -60,6 +61,7 @@ def memory_train_config(
             f"data.bank={bank_dir}",
             f"data.k={cfg.k}",
             f"data.caption_dropout={cfg.caption_dropout}",
+            f"loss.weighting={cfg.loss_weighting}",
             f"data.max_text_tokens={MAX_TOKENS}",
             "data.text_batch_size=64",
             f"model.base_model_dir={base_dir}",

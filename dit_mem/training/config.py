@@ -75,6 +75,7 @@ class LossConfig:
 
     num_train_timesteps: int = 1000
     flow_shift: float = 5.0
+    weighting: Literal["wan", "none"] = "wan"  # Wan's bell over timesteps | uniform
 
 
 @dataclass

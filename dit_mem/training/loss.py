@@ -7,6 +7,9 @@ i   ~ uniform{0, …, 999}                   one index per sample
 x_t = (1 − s'_i)·x0 + s'_i·ε,   target = ε − x0
 loss = mean((pred − target)²) · w(t_i),    w ∝ exp(−2·((t − 500)/1000)²),
                                            shifted to min 0, scaled to sum 1000
+
+``weighting="none"`` keeps every timestep at weight 1 (the shifted bell gives the noisiest
+timesteps, t → 1000, almost no weight: where a small model decides a clip's colour).
 """
 
 from __future__ import annotations
@@ -16,14 +19,20 @@ from dataclasses import dataclass
 import torch
 
 
+WEIGHTINGS = ("wan", "none")
+
+
 @dataclass
 class FlowMatchingObjective:
     """Timesteps, noising, target and weighted loss of Wan's flow-matching training."""
 
     num_train_timesteps: int = 1000
     shift: float = 5.0
+    weighting: str = "wan"  # "wan" (the bell above) | "none" (uniform)
 
     def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"loss weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be ≥ 2, got {self.num_train_timesteps}")
         if self.shift <= 0:
@@ -33,7 +42,7 @@ class FlowMatchingObjective:
         sigmas = self.shift * s / (1 + (self.shift - 1) * s)
         timesteps = sigmas * 1000
         w = torch.exp(-2 * ((timesteps - n / 2) / n) ** 2)
-        w = w - w.min()
+        w = w - w.min() if self.weighting == "wan" else torch.ones_like(w)
         self.sigmas = sigmas.float()  # [n], s'
         self.timesteps = timesteps.float()  # [n], t = 1000·s'
         self.weights = (w * (n / w.sum())).float()  # [n], sums to n

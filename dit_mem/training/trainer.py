@@ -328,7 +328,9 @@ def _train(cfg: TrainConfig, resume, accelerator) -> TrainResult:
         weight_decay=cfg.optim.weight_decay,
     )
     encoder, optimizer = accelerator.prepare(encoder, optimizer)
-    objective = FlowMatchingObjective(cfg.loss.num_train_timesteps, cfg.loss.flow_shift)
+    objective = FlowMatchingObjective(
+        cfg.loss.num_train_timesteps, cfg.loss.flow_shift, cfg.loss.weighting
+    )
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     set_seed(cfg.seed + rank)  # dropout (global RNG), different per process
     step = 0

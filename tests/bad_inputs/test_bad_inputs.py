@@ -824,6 +824,8 @@ CASES: list[Case] = [
                 r"unknown memory encoder field\(s\) \['bogus'\]",
             ),
             ("flow-shift", "loss.flow_shift=-5", r"loss\.flow_shift must be > 0"),
+            ("weighting", "loss.weighting=logit_normal", r"loss\.weighting: 'logit_normal'"),
+            ("caption-dropout", "data.caption_dropout=1", r"data\.caption_dropout must be in"),
         )
     ],
     train_case(
