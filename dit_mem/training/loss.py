@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 WEIGHTINGS = ("wan", "none")
 
 
