@@ -6,7 +6,8 @@ bank (latents + all-MiniLM-L6-v2 FAISS index) and our memory encoder, trained by
 train``. The demo loads them with the same loader as ``dit-mem generate`` and
 
 1. asks for a held-out-colour prompt without memory (the base model cannot draw the colour)
-   and with memory (retrieved clips of it supply the colour), and a seen prompt both ways;
+   and with memory, in both CFG branches (the paper's mode) and in the conditional branch only
+   (retrieved clips of it supply the colour), and a seen prompt the same three ways;
 2. writes each video (mp4 + JSON), and one contact sheet: the retrieved memory, then outputs;
 3. reads colour, shape and direction back out of every video and prints the metric table.
 """
@@ -19,7 +20,12 @@ from dit_mem.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-HELD_OUT_PROMPT = "a magenta circle moving right"
+HELD_OUT_PROMPT = "a magenta circle moving left"
+LABELS = {
+    "no_memory": "no memory",
+    "memory": "with memory (both CFG branches)",
+    "memory_cond": "with memory (conditional branch)",
+}
 SEEN_PROMPT = "a yellow square moving down"
 
 
@@ -63,16 +69,18 @@ def run_demo(
     )
     rows, written = [], {}
     for prompt in prompts:
-        with_memory = generate(pipe, cfg, prompt, seed=seed)
         without = generate(pipe, cfg, prompt, seed=seed, no_memory=True)
+        both = generate(pipe, cfg, prompt, seed=seed, no_memory=False, memory_mode="both")
+        cond = generate(pipe, cfg, prompt, seed=seed, no_memory=False, memory_mode="cond")
+        with_memory = both
         previews = pipe.memory_bank.previews(with_memory.retrieved.ids, vae=pipe.vae)
         for i, (vid, frames) in enumerate(zip(with_memory.retrieved.ids, previews, strict=True)):
             rows.append((f"memory {i + 1} for '{prompt}': {vid}", frames))
         slug = slugify(prompt)
-        for tag, result in (("no_memory", without), ("memory", with_memory)):
+        for tag, result in (("no_memory", without), ("memory", both), ("memory_cond", cond)):
             paths = save_generation(result, out, f"{slug}__{tag}")
             written[f"{slug}__{tag}"] = paths["video"]
-            label = "with memory" if tag == "memory" else "no memory"
+            label = LABELS[tag]
             rows.append(
                 (f"'{prompt}', {label} -> reads as: {_describe(result.frames)}", result.frames)
             )
@@ -81,8 +89,9 @@ def run_demo(
             zip(with_memory.retrieved.ids, with_memory.retrieved.scores, strict=True)
         ):
             print(f"  memory {i + 1}: {vid} (score {score:.3f})")
-        print(f"  no memory   -> {_describe(without.frames)}")
-        print(f"  with memory -> {_describe(with_memory.frames)}")
+        print(f"  no memory                      -> {_describe(without.frames)}")
+        print(f"  with memory, both CFG branches -> {_describe(both.frames)}")
+        print(f"  with memory, conditional only  -> {_describe(cond.frames)}")
     sheet = contact_sheet(rows, out / "contact_sheet.png", columns=9, cell=96)
     written["contact_sheet"] = sheet
 
@@ -93,13 +102,13 @@ def run_demo(
             table_repeats,
             seen_repeats=1,
             seed=1000,
-            cases=("none", "cond"),
+            cases=("none", "both", "cond"),
             seen_every=2,
         )
         print(
-            f"\naccuracy read back from generated videos (held-out colour: {12 * table_repeats} "
-            "prompts, seen colours: 30; memory in the conditional CFG branch; the full table, with\n"
-            "memory in both branches and wrong memory: `dit-mem toyworld eval`, "
+            f"\naccuracy read back from generated videos ({12 * table_repeats} held-out-colour "
+            "prompts, 30 seen; memory in both CFG branches = the paper's mode, or in the\n"
+            "conditional branch only; the full table, with wrong memory: `dit-mem toyworld eval`, "
             "benchmarks/toyworld.md):\n"
         )
         print(format_table(table))

@@ -33,8 +33,8 @@ MODES = {
     "none (the base model)": "none",
 }
 TOY_EXAMPLES = [
-    "a magenta circle moving right",
-    "a magenta triangle moving up",
+    "a magenta circle moving left",
+    "a magenta triangle moving down",
     "a magenta square moving left",
     "a yellow square moving down",
     "a cyan circle moving left",

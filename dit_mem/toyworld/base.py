@@ -46,7 +46,7 @@ SPECIAL = ["<pad>", "</s>", "<unk>"]
 
 @dataclass
 class BaseStageConfig:
-    steps: int = 4000
+    steps: int = 6000
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.01

@@ -21,7 +21,7 @@ log = get_logger(__name__)
 
 @dataclass
 class MemoryStageConfig:
-    steps: int = 10000
+    steps: int = 3000
     batch_size: int = 16
     lr: float = 1e-3
     k: int = 2

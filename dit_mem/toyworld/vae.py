@@ -28,12 +28,12 @@ log = get_logger(__name__)
 
 @dataclass
 class VAEStageConfig:
-    steps: int = 1800  # joint encoder + decoder steps
-    decoder_steps: int = 1500  # decoder-only fine-tuning steps
-    batch_size: int = 4
+    steps: int = 5000  # joint encoder + decoder steps
+    decoder_steps: int = 2000  # decoder-only fine-tuning steps
+    batch_size: int = 8
     lr: float = 1e-3
     decoder_lr: float = 5e-4
-    min_lr: float | None = None  # cosine decay to this within each phase (None: constant)
+    min_lr: float | None = 2e-5  # cosine decay to this within each phase (None: constant)
     object_weight: float = 5.0
     save_every: int = 250
     seed: int = 0
