@@ -19,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-PROMPT = "a magenta circle moving right"
+PROMPT = "a magenta circle moving left"
 
 
 def wait_for(url: str, proc: subprocess.Popen, seconds: float = 240) -> None:
