@@ -21,12 +21,12 @@ from dit_mem.utils.logging import get_logger
 logger = get_logger(__name__)
 
 HELD_OUT_PROMPT = "a magenta circle moving left"
+SEEN_PROMPT = "a yellow square moving down"
 LABELS = {
     "no_memory": "no memory",
     "memory": "with memory (both CFG branches)",
     "memory_cond": "with memory (conditional branch)",
 }
-SEEN_PROMPT = "a yellow square moving down"
 
 
 def _describe(frames) -> str:
@@ -72,9 +72,8 @@ def run_demo(
         without = generate(pipe, cfg, prompt, seed=seed, no_memory=True)
         both = generate(pipe, cfg, prompt, seed=seed, no_memory=False, memory_mode="both")
         cond = generate(pipe, cfg, prompt, seed=seed, no_memory=False, memory_mode="cond")
-        with_memory = both
-        previews = pipe.memory_bank.previews(with_memory.retrieved.ids, vae=pipe.vae)
-        for i, (vid, frames) in enumerate(zip(with_memory.retrieved.ids, previews, strict=True)):
+        previews = pipe.memory_bank.previews(both.retrieved.ids, vae=pipe.vae)
+        for i, (vid, frames) in enumerate(zip(both.retrieved.ids, previews, strict=True)):
             rows.append((f"memory {i + 1} for '{prompt}': {vid}", frames))
         slug = slugify(prompt)
         for tag, result in (("no_memory", without), ("memory", both), ("memory_cond", cond)):
@@ -86,7 +85,7 @@ def run_demo(
             )
         print(f"prompt: {prompt!r}")
         for i, (vid, score) in enumerate(
-            zip(with_memory.retrieved.ids, with_memory.retrieved.scores, strict=True)
+            zip(both.retrieved.ids, both.retrieved.scores, strict=True)
         ):
             print(f"  memory {i + 1}: {vid} (score {score:.3f})")
         print(f"  no memory                      -> {_describe(without.frames)}")
