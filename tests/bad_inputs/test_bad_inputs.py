@@ -81,6 +81,11 @@ class Env:
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
         return path
 
+    def index(self, *extra: str, csv: Path | None = None, out: Path | None = None) -> list[str]:
+        """``dit-mem build-index`` from ``csv`` (the world's memory CSV) into ``out`` (``i``)."""
+        csv = self.world / "memory.csv" if csv is None else csv
+        return ["build-index", "--csv", str(csv), "--out", str(out or self.case / "i"), *extra]
+
     def gen(self, *extra: str, out: str = "out") -> list[str]:
         """``dit-mem generate`` on the tiny world (cheap settings) plus ``extra`` overrides."""
         w = self.world
@@ -120,13 +125,7 @@ class Case:
 def csv_case(name: str, text: str | bytes, expect: str) -> Case:
     return Case(
         f"csv/{name}",
-        lambda env: [
-            "build-index",
-            "--csv",
-            str(env.write("bank.csv", text)),
-            "--out",
-            str(env.case / "idx"),
-        ],
+        lambda env: env.index(csv=env.write("bank.csv", text), out=env.case / "idx"),
         expect,
     )
 
@@ -372,13 +371,7 @@ CASES: list[Case] = [
     # ---- video tables (build-index) ----
     Case(
         "csv/missing",
-        lambda env: [
-            "build-index",
-            "--csv",
-            str(env.case / "nope.csv"),
-            "--out",
-            str(env.case / "i"),
-        ],
+        lambda env: env.index(csv=env.case / "nope.csv"),
         r"nope\.csv",
     ),
     csv_case("empty", "", r"bank\.csv: the CSV is empty"),
@@ -419,24 +412,16 @@ CASES: list[Case] = [
     csv_case("dot-dot-video", "video,caption\n..,x\n", r"bank\.csv: video .* gives no usable id"),
     Case(
         "csv/a-folder",
-        lambda env: ["build-index", "--csv", str(env.case), "--out", str(env.case / "i")],
+        lambda env: env.index(csv=env.case),
         r"video table not found: .*case$",
     ),
     # ---- build-index options ----
     *[
         Case(
             f"build-index/{opt}={value}",
-            lambda env, opt=opt, value=value, kind=kind: [
-                "build-index",
-                "--csv",
-                str(env.world / "memory.csv"),
-                "--out",
-                str(env.case / "i"),
-                "--kind",
-                kind,
-                f"--{opt}",
-                value,
-            ],
+            lambda env, opt=opt, value=value, kind=kind: env.index(
+                "--kind", kind, f"--{opt}", value
+            ),
             rf"{opt.replace('-', '_')} must be an integer ≥ {low}",
         )
         for opt, value, kind, low in (
@@ -450,67 +435,30 @@ CASES: list[Case] = [
     ],
     Case(
         "build-index/foreign-files-in-out",
-        lambda env: [
-            "build-index",
-            "--csv",
-            str(env.world / "memory.csv"),
-            "--out",
-            str(env.case),
-            "--overwrite",
-        ],
+        lambda env: env.index("--overwrite", out=env.case),
         r"holds files that are not an index .*give it a folder of its own",
         lambda env: env.write("precious.txt", "keep me"),
     ),
     Case(
         "build-index/existing-without-overwrite",
-        lambda env: [
-            "build-index",
-            "--csv",
-            str(env.world / "memory.csv"),
-            "--out",
-            str(env.copy("bank/index")),
-        ],
+        lambda env: env.index(out=env.copy("bank/index")),
         r"already holds an index .*pass --overwrite",
     ),
     Case(
         "build-index/model-not-a-folder",
-        lambda env: [
-            "build-index",
-            "--csv",
-            str(env.world / "memory.csv"),
-            "--out",
-            str(env.case / "i"),
-            "--model",
-            str(env.case / "gte"),
-        ],
+        lambda env: env.index("--model", str(env.case / "gte")),
         r"embedding model .*gte.* is not a local folder",
     ),
     Case(
         "build-index/model-with-code-not-named",
-        lambda env: [
-            "build-index",
-            "--csv",
-            str(env.world / "memory.csv"),
-            "--out",
-            str(env.case / "i"),
-            "--model",
-            str(remote_code_folder(env)),
-        ],
+        lambda env: env.index("--model", str(remote_code_folder(env))),
         r"evil-model: the embedding model ships its own Python code .*--trust-remote-code evil-model",
     ),
     Case(
         "build-index/model-with-code-other-named",
-        lambda env: [
-            "build-index",
-            "--csv",
-            str(env.world / "memory.csv"),
-            "--out",
-            str(env.case / "i"),
-            "--model",
-            str(remote_code_folder(env)),
-            "--trust-remote-code",
-            "gte-base-en-v1.5",
-        ],
+        lambda env: env.index(
+            "--model", str(remote_code_folder(env)), "--trust-remote-code", "gte-base-en-v1.5"
+        ),
         r"only runs when you ask for it by name",
     ),
     # ---- index folders (retrieve) ----
@@ -920,33 +868,15 @@ def test_bad_input_is_one_clear_line(case: Case, world, world_snapshot, tmp_path
 ACCEPTED = [
     (
         "csv/empty-caption-rows-dropped",  # a few captionless rows in a 400k list are normal:
-        lambda env: [
-            "build-index",
-            "--csv",
-            str(env.write("b.csv", "video,caption\na.mp4,x\nb.mp4,\n")),
-            "--out",
-            str(env.case / "i"),
-        ],
+        lambda env: env.index(csv=env.write("b.csv", "video,caption\na.mp4,x\nb.mp4,\n")),
     ),  # they are dropped with a logged count that the manifest keeps
     (
         "csv/extra-columns",  # OpenVid CSVs carry scores and more: kept as id-map columns
-        lambda env: [
-            "build-index",
-            "--csv",
-            str(env.write("b.csv", "video,caption,score,misc\na.mp4,x,5,q\n")),
-            "--out",
-            str(env.case / "i"),
-        ],
+        lambda env: env.index(csv=env.write("b.csv", "video,caption,score,misc\na.mp4,x,5,q\n")),
     ),
     (
         "csv/video-named-null",  # a file may be called null / NaN: it is text, never a missing value
-        lambda env: [
-            "build-index",
-            "--csv",
-            str(env.write("b.csv", "video,caption\nnull,x\nNaN,y\n")),
-            "--out",
-            str(env.case / "i"),
-        ],
+        lambda env: env.index(csv=env.write("b.csv", "video,caption\nnull,x\nNaN,y\n")),
     ),
 ]
 
