@@ -58,7 +58,8 @@ import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
 from dit_mem.backbone import attach_memory, detach_memory
-from dit_mem.backbone.injection import MemoryAttnProcessor, get_attachment
+from dit_mem.backbone.families.wan import WanMemoryProcessor
+from dit_mem.backbone.injection import get_attachment
 from dit_mem.backbone.reference import PaperFormMemory
 from dit_mem.memory import MemoryEncoder, MemoryTokens
 from dit_mem.training.loss import FlowMatchingObjective
@@ -96,7 +97,7 @@ class Size:
 
 
 def _shipped_configs() -> dict[str, dict[str, Any]]:
-    text = resources.files("dit_mem.backbone.configs").joinpath("wan2.1-t2v-1.3b.json").read_text()
+    text = resources.files("dit_mem.loaders.configs").joinpath("wan2.1-t2v-1.3b.json").read_text()
     data = json.loads(text)
     strip = {"_class_name", "architectures", "model_type", "tokenizer_class"}
     return {k: {n: v for n, v in data[k].items() if n not in strip} for k in data if k[0] != "_"}
@@ -185,14 +186,7 @@ class PaperForm:
         self.transformer = transformer
         self.memory: PaperFormMemory | None = None
 
-    @property
-    def tokens(self) -> torch.Tensor | None:
-        return None if self.memory is None else self.memory.transformer.blocks[0].memory
-
-    @tokens.setter
-    def tokens(self, dense: torch.Tensor | None) -> None:
-        if self.memory is not None:
-            self.memory.set_memory(dense)
+    tokens: torch.Tensor | None = None
 
     @contextmanager
     def installed(self) -> Iterator[PaperForm]:
@@ -244,6 +238,7 @@ def paper_training_loss(
         hidden_states=x_t.to(dtype),
         timestep=t,
         encoder_hidden_states=batch["text"].to(device, dtype),
+        attention_kwargs={"memory_tokens": paper.tokens},
         return_dict=False,
     )[0]
     return objective.loss(pred, target, index)
@@ -252,7 +247,7 @@ def paper_training_loss(
 # --------------------------------------------------------------------------------------
 # Other exact routes for our compact tokens, written here for comparison
 # --------------------------------------------------------------------------------------
-class AltMemoryAttnProcessor(MemoryAttnProcessor):
+class AltMemoryAttnProcessor(WanMemoryProcessor):
     """Our injection (video queries only) through one plain SDPA, by ``mode``:
 
     ``"float-mask"``  keys ``[video ; G memory]``, the log-multiplicity bias as a float attention
@@ -262,8 +257,8 @@ class AltMemoryAttnProcessor(MemoryAttnProcessor):
                       unchanged, differentiable; exact only for integer multiplicities (λ = 1).
     """
 
-    def __init__(self, attachment, block, mode: str):
-        super().__init__(attachment, block)
+    def __init__(self, attachment, block, stock, mode: str):
+        super().__init__(attachment, block, stock, "auto")
         if mode not in ALT_ROUTES:
             raise ValueError(f"unknown mode {mode!r}")
         self.mode = mode
@@ -301,10 +296,8 @@ def ours_installed(transformer: WanTransformer3DModel, route: str) -> Iterator[N
         if route in ALT_ROUTES:
             attachment = get_attachment(transformer)
             for block in transformer.blocks:
-                old = block.attn1.processor
-                new = AltMemoryAttnProcessor(attachment, block, route)
-                new._attention_backend = old._attention_backend
-                block.attn1.set_processor(new)
+                stock = block.attn1.processor.stock
+                block.attn1.set_processor(AltMemoryAttnProcessor(attachment, block, stock, route))
         yield
     finally:
         detach_memory(transformer)  # restores the stock processors
@@ -658,8 +651,7 @@ def main(args: argparse.Namespace) -> Result:
         ]
 
     def paper_forward() -> torch.Tensor:
-        paper.tokens = dense
-        return forward()
+        return forward({"memory_tokens": dense})
 
     ours_kwargs = {"memory_tokens": memory, "memory_strength": 1.0}
     cases = [
@@ -685,8 +677,7 @@ def main(args: argparse.Namespace) -> Result:
 
     # correctness: paper form == ours (every route), and memory does change the output
     with paper.installed():
-        paper.tokens = dense
-        out_paper = forward()
+        out_paper = forward({"memory_tokens": dense})
     out_none = forward()
     checks = {"memory effect (rel. diff none vs paper)": _rel_diff(out_none, out_paper)}
     for route in args.routes:

@@ -13,15 +13,19 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
+    "DiTMemHunyuanVideo15Pipeline": "dit_mem.pipeline",
+    "DiTMemLTXPipeline": "dit_mem.pipeline",
     "DiTMemPipeline": "dit_mem.pipeline",
     "DiTMemPipelineOutput": "dit_mem.pipeline",
+    "DiTMemWanImageToVideoPipeline": "dit_mem.pipeline",
+    "DiTMemWanVACEPipeline": "dit_mem.pipeline",
     "MemoryBank": "dit_mem.bank",
     "MemoryEncoder": "dit_mem.memory",
     "MemoryTokens": "dit_mem.memory",
     "PaperEulerScheduler": "dit_mem.schedulers",
     "attach_memory": "dit_mem.backbone",
     "detach_memory": "dit_mem.backbone",
-    "track_cfg_branches": "dit_mem.backbone",
+    "family_of": "dit_mem.backbone",
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]

@@ -82,7 +82,7 @@ class GenerationConfig:
             raise ConfigError(f"num_frames must be 4k+1 (e.g. 81), got {self.num_frames}")
         for name, low, strict in (
             ("shift", 0.0, True),
-            ("memory_strength", 0.0, True),
+            ("memory_strength", 0.0, False),  # 0: memory off (the stock model's video)
             ("guidance_scale", 0.0, False),
         ):
             value = getattr(self, name)
@@ -152,7 +152,7 @@ def load_bank(cfg: GenerationConfig):
 def load_pipeline(cfg: GenerationConfig):
     """Base model (local folder in either layout, or a Hub id) → ``DiTMemPipeline`` on the
     config's device, with the config's scheduler and, unless ``no_memory``, memory loaded."""
-    from dit_mem.backbone import load_wan_components
+    from dit_mem.loaders.wan import load_wan_components
     from dit_mem.pipeline import DiTMemPipeline
     from dit_mem.schedulers import make_scheduler
     from dit_mem.utils.hub import resolve_folder

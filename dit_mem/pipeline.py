@@ -1,41 +1,46 @@
-"""``DiTMemPipeline``: stock ``WanPipeline`` plus memory, the way diffusers add-ons are used.
+"""Memory in the stock diffusers pipelines of every family, the way diffusers add-ons are used.
 
     pipe = DiTMemPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", torch_dtype=torch.bfloat16)
     pipe.load_memory("checkpoint/DiT-Mem-1.3B.safetensors", bank="memory_bank/")
     out = pipe("a dog runs on the beach", memory="retrieve")    # out.frames, out.memory
 
-``__call__`` takes the installed ``WanPipeline.__call__``'s whole signature, and runs it: the
-loop, the scheduler, guidance, callbacks and outputs are stock diffusers. Memory adds
+Each pipeline here is a stock one plus :class:`MemoryPipelineMixin`: ``DiTMemPipeline``
+(``WanPipeline``: Wan2.1 / Wan2.2 T2V, TI2V, A14B), ``DiTMemWanImageToVideoPipeline``,
+``DiTMemWanVACEPipeline``, ``DiTMemLTXPipeline`` and ``DiTMemHunyuanVideo15Pipeline``.
+``__call__`` takes the stock ``__call__``'s whole signature and runs it: the loop, the scheduler,
+guidance (a diffusers guider included), callbacks and outputs are stock diffusers. Memory adds
 ``memory`` (``"retrieve"``, a ``MemoryTokens``, or ``None``), ``negative_memory`` (the
-unconditional branch's memory: by default the same, as in the paper; ``None`` for the
-conditional branch only), ``memory_scale`` (λ) and ``k``. Without memory the call is stock
-``WanPipeline``'s, bit for bit.
+unconditional rows' memory: by default the same, as in the paper; ``None`` for the conditional
+rows only), ``memory_scale`` (λ; 0 turns memory off) and ``k``. Without memory the call is the
+stock pipeline's, bit for bit. ``DiTMemPipeline.from_pretrained`` picks the flavour from the
+folder's ``model_index.json``, as diffusers' ``AutoPipelineFor*`` classes do.
 """
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_type_hints
 
 import torch
 from diffusers import (
-    AutoencoderKLWan,
-    FlowMatchEulerDiscreteScheduler,
+    DiffusionPipeline,
+    HunyuanVideo15Pipeline,
+    LTXPipeline,
+    WanImageToVideoPipeline,
     WanPipeline,
-    WanTransformer3DModel,
+    WanVACEPipeline,
 )
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
-from transformers import AutoTokenizer, UMT5EncoderModel
 
 from dit_mem.backbone.injection import (
     MEMORY_STRENGTH_KEY,
     MEMORY_TOKENS_KEY,
     NEGATIVE_MEMORY_TOKENS_KEY,
+    experts,
     get_attachment,
-    track_cfg_branches,
 )
-from dit_mem.loaders import MemoryLoaderMixin, check_memory_scale
+from dit_mem.loaders import MemoryLoaderMixin
 from dit_mem.memory.encoder import MemoryEncoder
-from dit_mem.memory.tokens import MemoryTokens
+from dit_mem.memory.tokens import MemoryTokens, as_memory_tokens, check_memory_scale
 from dit_mem.retrieval.retriever import RetrievalResult
 from dit_mem.utils.logging import get_logger
 
@@ -49,97 +54,70 @@ WAN_NEGATIVE_PROMPT = (
 )
 
 RETRIEVE = "retrieve"
+MEMORY_ARGUMENTS = ("memory", "negative_memory", "memory_scale", "k")
 
 
 class _Same:
-    """The default of ``negative_memory``: the conditional branch's memory."""
+    """The default of ``negative_memory``: the conditional rows' memory."""
 
     def __repr__(self) -> str:
         return "SAME"
 
 
 SAME = _Same()
-_STOCK_CALL = inspect.signature(WanPipeline.__call__)
 
 
 @dataclass
 class DiTMemPipelineOutput(WanPipelineOutput):
-    """``WanPipelineOutput`` plus what memory was retrieved for each prompt (``None``: none).
-
-    ``to_tuple()`` (and ``return_dict=False``) gives ``(frames,)``, or ``(frames, memory)``.
+    """The stock output (``frames``) plus what memory was retrieved for each prompt (``None``:
+    none). ``to_tuple()`` (and ``return_dict=False``) gives ``(frames,)``, or ``(frames, memory)``.
     """
 
     memory: list[RetrievalResult] | None = None
 
 
-class DiTMemPipeline(WanPipeline, MemoryLoaderMixin):
-    """``WanPipeline`` with DiT-Mem's memory (see the module docstring)."""
+class MemoryPipelineMixin(MemoryLoaderMixin):
+    """``__call__`` with memory around a stock pipeline's (see the module docstring)."""
 
-    _optional_components = [*WanPipeline._optional_components, "memory_encoder"]
-    model_cpu_offload_seq = "text_encoder->memory_encoder->transformer->transformer_2->vae"
+    _stock: type[DiffusionPipeline]  # the stock pipeline this flavour extends
 
-    # (no ``from __future__ import annotations`` here: diffusers' ``from_pipe`` and loaders read
-    # these annotations as classes)
-    def __init__(
-        self,
-        tokenizer: AutoTokenizer,
-        text_encoder: UMT5EncoderModel,
-        vae: AutoencoderKLWan,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        transformer: WanTransformer3DModel | None = None,
-        transformer_2: WanTransformer3DModel | None = None,
-        boundary_ratio: float | None = None,
-        expand_timesteps: bool = False,
-        memory_encoder: MemoryEncoder | None = None,
-    ):
-        super().__init__(
-            tokenizer=tokenizer,
-            text_encoder=text_encoder,
-            vae=vae,
-            scheduler=scheduler,
-            transformer=transformer,
-            transformer_2=transformer_2,
-            boundary_ratio=boundary_ratio,
-            expand_timesteps=expand_timesteps,
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``from_pretrained``, as the flavour the folder's ``model_index.json`` names
+        (a ``WanVACEPipeline`` folder gives a ``DiTMemWanVACEPipeline``, and so on)."""
+        hub = {
+            k: kwargs[k]
+            for k in ("cache_dir", "revision", "token", "local_files_only")
+            if k in kwargs
+        }
+        config = DiffusionPipeline.load_config(pretrained_model_name_or_path, **hub)
+        flavour = FLAVOURS.get(config.get("_class_name"), cls)
+        if flavour is not cls:
+            logger.info(
+                "%s holds a %s: loading %s",
+                pretrained_model_name_or_path,
+                config["_class_name"],
+                flavour.__name__,
+            )
+        return super(MemoryPipelineMixin, flavour).from_pretrained(
+            pretrained_model_name_or_path, **kwargs
         )
-        self.register_modules(memory_encoder=memory_encoder)
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        *args,
-        memory: str | MemoryTokens | torch.Tensor | None = None,
-        negative_memory: Any = SAME,
-        memory_scale: float | None = None,
-        k: int = 5,
-        **kwargs,
-    ) -> DiTMemPipelineOutput | tuple:
-        """Stock ``WanPipeline.__call__`` (every argument), with memory.
-
-        Args:
-            memory: ``"retrieve"`` (the top-``k`` videos of the loaded bank for each prompt,
-                encoded by the loaded encoder), ``MemoryTokens`` (batch 1, one per prompt, or one
-                per video), a dense ``[B, L, D]`` tensor, or ``None`` (the stock pipeline).
-            negative_memory: the unconditional branch's memory; by default the same (the paper),
-                ``None`` for the conditional branch only, or other ``MemoryTokens``.
-            memory_scale: λ for this call (default: :meth:`set_memory_scale`'s, 1).
-            k: videos to retrieve per prompt.
-
-        Returns a :class:`DiTMemPipelineOutput` (``frames``, ``memory``: what was retrieved).
-        """
-        call = _STOCK_CALL.bind(self, *args, **kwargs).arguments
+    def _call_with_memory(self, args, kwargs, memory, negative_memory, memory_scale, k):
+        call = inspect.signature(self._stock.__call__).bind(self, *args, **kwargs).arguments
         del call["self"]
         user_kwargs = dict(call.get("attention_kwargs") or {})
         given = [key for key in user_kwargs if "memory" in key]
-        if memory is None:
-            if negative_memory is not SAME and negative_memory is not None:
+        scale = self._memory_scale if memory_scale is None else check_memory_scale(memory_scale)
+        if memory is None or scale == 0:
+            if memory is None and negative_memory is not SAME and negative_memory is not None:
                 raise ValueError("negative_memory was given without memory")
             if given and not self._memory_attached():
                 raise ValueError(
                     f"attention_kwargs carry {given}, but no memory is attached to this pipeline: "
                     "call pipe.load_memory(...) (or dit_mem.attach_memory(pipe)) first"
                 )
-            return self._output(super().__call__(**call), None, call)
+            return self._output(self._stock.__call__(self, **call), None, call)
         if given:
             raise ValueError(f"give memory as memory=..., not also in attention_kwargs ({given})")
         if not self._memory_attached():
@@ -159,28 +137,23 @@ class DiTMemPipeline(WanPipeline, MemoryLoaderMixin):
                 )
             memory, hits = self._retrieve(call, k)
         memory = self._prepare(memory, batch, per_prompt, "memory")
-        if negative_memory is SAME or negative_memory is None:
-            negative = negative_memory
-        elif isinstance(negative_memory, str):
+        if isinstance(negative_memory, str):
             raise ValueError("negative_memory must be MemoryTokens, None or the default (same)")
-        else:
-            negative = self._prepare(negative_memory, batch, per_prompt, "negative_memory")
-        scale = self._memory_scale if memory_scale is None else check_memory_scale(memory_scale)
-
-        # 2. the stock call, memory in attention_kwargs (both branches, or per branch)
         attention_kwargs = {**user_kwargs, MEMORY_TOKENS_KEY: memory, MEMORY_STRENGTH_KEY: scale}
-        if negative is SAME:
-            output = super().__call__(**{**call, "attention_kwargs": attention_kwargs})
-        else:
+        if negative_memory is not SAME:  # the unconditional rows' own memory (or none)
+            negative = negative_memory
+            if negative is not None:
+                negative = self._prepare(negative, batch, per_prompt, "negative_memory")
             attention_kwargs[NEGATIVE_MEMORY_TOKENS_KEY] = negative
-            with track_cfg_branches(self):
-                output = super().__call__(**{**call, "attention_kwargs": attention_kwargs})
+
+        # 2. the stock call, memory in attention_kwargs (the transformer's hook takes it)
+        output = self._stock.__call__(self, **{**call, "attention_kwargs": attention_kwargs})
         return self._output(output, hits, call)
 
     # ------------------------------------------------------------------ pieces of __call__
     def _memory_attached(self) -> bool:
-        experts = [t for t in (self.transformer, getattr(self, "transformer_2", None)) if t]
-        return bool(experts) and all(get_attachment(t) is not None for t in experts)
+        models = experts(self) if getattr(self, "transformer", None) is not None else []
+        return bool(models) and all(get_attachment(t) is not None for t in models)
 
     @staticmethod
     def _batch_size(call: dict) -> int:
@@ -210,19 +183,11 @@ class DiTMemPipeline(WanPipeline, MemoryLoaderMixin):
 
     def _prepare(self, memory: Any, batch: int, per_prompt: int, name: str) -> MemoryTokens:
         """Check, broadcast over ``num_videos_per_prompt`` and cast to the transformer."""
-        if isinstance(memory, torch.Tensor):
-            if memory.ndim != 3:
-                raise ValueError(f"{name} as a tensor must be dense tokens [B, L, D]")
-            memory = MemoryTokens.from_dense(memory)
-        if not isinstance(memory, MemoryTokens):
+        if isinstance(memory, str):
             raise ValueError(
-                f"{name} must be MemoryTokens, a dense [B, L, D] tensor, {RETRIEVE!r} or None, "
-                f"got {type(memory).__name__}"
+                f"{name} must be MemoryTokens, a dense [B, L, D] tensor, {RETRIEVE!r} or None"
             )
-        if not bool(
-            torch.isfinite(memory.tokens).all() and torch.isfinite(memory.log_counts).all()
-        ):
-            raise ValueError(f"{name} holds NaN or infinite values")
+        memory = as_memory_tokens(memory, name)
         if memory.batch_size == batch and per_prompt > 1:
             memory = memory.repeat_batch(per_prompt)  # prompt-major, as the prompt embeddings
         elif memory.batch_size not in (1, batch * per_prompt):
@@ -230,7 +195,7 @@ class DiTMemPipeline(WanPipeline, MemoryLoaderMixin):
                 f"{name} has batch {memory.batch_size}; expected 1 (shared), {batch} (one per "
                 f"prompt) or {batch * per_prompt} (one per video)"
             )
-        model = self.transformer if self.transformer is not None else self.transformer_2
+        model = experts(self)[0]
         return memory.to(device=self._execution_device, dtype=model.dtype)
 
     @staticmethod
@@ -240,15 +205,90 @@ class DiTMemPipeline(WanPipeline, MemoryLoaderMixin):
         return DiTMemPipelineOutput(frames=output.frames, memory=hits)
 
 
-def _signature() -> inspect.Signature:
-    """``WanPipeline.__call__``'s parameters, then the memory ones (for ``help`` and tooling)."""
-    stock = list(_STOCK_CALL.parameters.values())
-    ours = [
-        p
-        for name, p in inspect.signature(DiTMemPipeline.__call__).parameters.items()
-        if name in ("memory", "negative_memory", "memory_scale", "k")
-    ]
-    return _STOCK_CALL.replace(parameters=[*stock, *ours])
+# --------------------------------------------------------------------------------------
+# The flavours: a stock pipeline + the mixin + an optional ``memory_encoder`` component
+# --------------------------------------------------------------------------------------
+def _memory_flavour(stock: type[DiffusionPipeline], name: str) -> type:
+    init = inspect.signature(stock.__init__)
+    encoder = inspect.Parameter(
+        "memory_encoder",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        default=None,
+        annotation=MemoryEncoder | None,
+    )
+
+    def __init__(self, *args, memory_encoder: MemoryEncoder | None = None, **kwargs):
+        stock.__init__(self, *args, **kwargs)
+        self.register_modules(memory_encoder=memory_encoder)
+
+    __init__.__signature__ = init.replace(parameters=[*init.parameters.values(), encoder])
+    try:  # diffusers reads the component types with get_type_hints (from_pipe, from_pretrained)
+        hints = get_type_hints(stock.__init__)
+    except Exception:  # unresolvable string annotations: the signature's objects
+        hints = {n: p.annotation for n, p in init.parameters.items() if p.annotation is not p.empty}
+    __init__.__annotations__ = {**hints, "memory_encoder": MemoryEncoder | None}
+
+    @torch.no_grad()
+    def __call__(self, *args, memory=None, negative_memory=SAME, memory_scale=None, k=5, **kwargs):
+        """The stock ``__call__`` (every argument), with memory.
+
+        Args:
+            memory: ``"retrieve"`` (the top-``k`` videos of the loaded bank for each prompt,
+                encoded by the loaded encoder), ``MemoryTokens`` (batch 1, one per prompt, or one
+                per video), a dense ``[B, L, D]`` tensor, or ``None`` (the stock pipeline).
+            negative_memory: the unconditional rows' memory; by default the same (the paper),
+                ``None`` for the conditional rows only, or other ``MemoryTokens``.
+            memory_scale: λ for this call (default: :meth:`set_memory_scale`'s, 1); 0: off.
+            k: videos to retrieve per prompt.
+
+        Returns a :class:`DiTMemPipelineOutput` (``frames``, ``memory``: what was retrieved).
+        """
+        return self._call_with_memory(args, kwargs, memory, negative_memory, memory_scale, k)
+
+    stock_call = inspect.signature(stock.__call__)
+    ours = [p for n, p in inspect.signature(__call__).parameters.items() if n in MEMORY_ARGUMENTS]
+    __call__.__signature__ = stock_call.replace(parameters=[*stock_call.parameters.values(), *ours])
+    seq = stock.model_cpu_offload_seq.replace("transformer", "memory_encoder->transformer", 1)
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": name,
+        "__doc__": f"``{stock.__name__}`` with DiT-Mem's memory (see :mod:`dit_mem.pipeline`).",
+        "_stock": stock,
+        "_optional_components": [*getattr(stock, "_optional_components", []), "memory_encoder"],
+        "model_cpu_offload_seq": seq,
+        "__init__": __init__,
+        "__call__": __call__,
+    }
+    return type(name, (MemoryPipelineMixin, stock), namespace)
 
 
-DiTMemPipeline.__call__.__signature__ = _signature()
+DiTMemPipeline = _memory_flavour(WanPipeline, "DiTMemPipeline")
+DiTMemWanImageToVideoPipeline = _memory_flavour(
+    WanImageToVideoPipeline, "DiTMemWanImageToVideoPipeline"
+)
+DiTMemWanVACEPipeline = _memory_flavour(WanVACEPipeline, "DiTMemWanVACEPipeline")
+DiTMemLTXPipeline = _memory_flavour(LTXPipeline, "DiTMemLTXPipeline")
+DiTMemHunyuanVideo15Pipeline = _memory_flavour(
+    HunyuanVideo15Pipeline, "DiTMemHunyuanVideo15Pipeline"
+)
+
+# stock and saved class names (model_index.json's "_class_name") → flavour
+FLAVOURS: dict[str, type] = {
+    name: flavour
+    for flavour in (
+        DiTMemPipeline,
+        DiTMemWanImageToVideoPipeline,
+        DiTMemWanVACEPipeline,
+        DiTMemLTXPipeline,
+        DiTMemHunyuanVideo15Pipeline,
+    )
+    for name in (flavour.__name__, flavour._stock.__name__)
+}
+
+
+def flavour_of(stock_name: str) -> type:
+    """The memory pipeline for a stock pipeline class name (``ValueError`` if none)."""
+    if stock_name not in FLAVOURS:
+        known = sorted({f._stock.__name__ for f in FLAVOURS.values()})
+        raise ValueError(f"no memory pipeline for {stock_name!r}; supported: {', '.join(known)}")
+    return FLAVOURS[stock_name]

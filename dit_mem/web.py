@@ -92,7 +92,7 @@ class MemoryPage:
         return int(k)
 
     def _scale(self, scale: Any) -> float:
-        from dit_mem.loaders import check_memory_scale
+        from dit_mem.memory.tokens import check_memory_scale
 
         if isinstance(scale, str):
             try:

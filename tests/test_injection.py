@@ -19,13 +19,7 @@ import torch
 from torch import nn
 
 from dit_mem import attach_memory, detach_memory
-from dit_mem.backbone import (
-    attach_memory_to_pipeline,
-    detach_memory_from_pipeline,
-    is_memory_attached,
-    memory_attention,
-    memory_attention_kwargs,
-)
+from dit_mem.backbone import get_attachment, memory_attention
 from dit_mem.backbone.reference import PaperFormMemory
 from dit_mem.memory import MemoryEncoder, MemoryTokens
 from dit_mem.testing import tiny_pipeline, tiny_transformer
@@ -36,14 +30,17 @@ DIM = 32  # 2 heads × 16
 # --------------------------------------------------------------------------------------
 # The paper's dense form (dit_mem.backbone.reference), on a copy of the model
 # --------------------------------------------------------------------------------------
-def dense_reference(transformer, memory_dense, strength: float = 1.0, noisy=None):
-    """A copy of ``transformer`` that takes ``memory_dense [B, L, D]`` the paper's way."""
+def dense_reference(transformer):
+    """A copy of ``transformer`` that takes memory the paper's way (dense tokens as queries and
+    keys, ``attention_kwargs`` as the fast path)."""
     ref = copy.deepcopy(transformer)
     detach_memory(ref)
-    paper = PaperFormMemory(ref)
-    paper.set_memory(memory_dense, strength, noisy)
-    ref.paper = paper
+    PaperFormMemory(ref)
     return ref
+
+
+def is_memory_attached(model) -> bool:
+    return get_attachment(model) is not None
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -111,6 +108,8 @@ def test_attached_without_memory_and_detached_are_bit_exact(per_token):
     hooks = [model._forward_pre_hooks, model._forward_hooks, model.rope._forward_hooks]
     hooks += [b._forward_pre_hooks for b in model.blocks]
     assert all(len(h) == 0 for h in hooks)
+    registries = [getattr(m, "_diffusers_hook", None) for m in [model, *model.blocks]]
+    assert all(r is None or not r.hooks for r in registries)  # diffusers' registry: no hook left
     assert "forward" not in vars(model)
     assert all("forward" not in vars(b) for b in model.blocks)
 
@@ -137,7 +136,7 @@ def test_equals_dense_form_inference(route, latent_shape):
         memory = enc(torch.randn(1, 5, 16, *latent_shape))
         dense = memory.dense()
         assert dense.shape[1] == 1000
-        expected = run(dense_reference(model, dense), x, t, text)
+        expected = run(dense_reference(model), x, t, text, memory_tokens=dense)
         attach_memory(model, route=route)
         got = run(model, x, t, text, memory_tokens=memory)
     assert rel_err(got, expected) <= 1e-5
@@ -151,7 +150,7 @@ def test_training_equals_dense_form_and_grads_reach_encoder(route, checkpointing
     enc = tiny_encoder()
     x, t, text = inputs()
     latents = torch.randn(1, 5, 16, 4, 8, 8)
-    ref = dense_reference(model, None)
+    ref = dense_reference(model)
     attach_memory(model, route=route)
     if checkpointing:
         model.enable_gradient_checkpointing()
@@ -167,8 +166,7 @@ def test_training_equals_dense_form_and_grads_reach_encoder(route, checkpointing
         return run(model, x, t, text, memory_tokens=enc(latents, shuffle=False))
 
     def paper():
-        ref.paper.set_memory(enc(latents, shuffle=False).dense())
-        return run(ref, x, t, text)
+        return run(ref, x, t, text, memory_tokens=enc(latents, shuffle=False).dense())
 
     out, grads = encoder_grads(ours)
     ref_out, ref_grads = encoder_grads(paper)
@@ -184,7 +182,7 @@ def test_strength_is_log_lambda_on_memory_logits():
     memory = random_memory()
     x, t, text = inputs()
     with torch.no_grad():
-        expected = run(dense_reference(model, memory.dense(), strength=2.0), x, t, text)
+        expected = run(dense_reference(model), x, t, text, memory_tokens=memory, memory_strength=2)
         attach_memory(model)
         got = run(model, x, t, text, memory_tokens=memory, memory_strength=2.0)
         # λ = 2 is also every multiplicity doubled
@@ -204,10 +202,10 @@ def test_cond_only_memory_in_our_cfg_loop():
     uncond_text = torch.randn_like(cond_text)
     with torch.no_grad():
         stock_uncond = run(model, x, t, uncond_text)
-        expected_cond = run(dense_reference(model, memory.dense()), x, t, cond_text)
+        expected_cond = run(dense_reference(model), x, t, cond_text, memory_tokens=memory.dense())
         attach_memory(model)
-        cond = run(model, x, t, cond_text, **memory_attention_kwargs(memory))
-        uncond = run(model, x, t, uncond_text, **(memory_attention_kwargs(None) or {}))
+        cond = run(model, x, t, cond_text, memory_tokens=memory, memory_strength=1.0)
+        uncond = run(model, x, t, uncond_text, memory_tokens=None)
     assert torch.equal(uncond, stock_uncond)
     assert rel_err(cond, expected_cond) <= 1e-5
 
@@ -253,9 +251,8 @@ def test_ti2v_per_token_timesteps_use_the_noisy_modulation():
     s = 3 * 4 * 4
     per_token = t[:, None].expand(-1, s).clone()
     per_token[:, :16] = 0.0  # first latent frame: clean conditioning (t = 0)
-    noisy = torch.full((2,), 16)
-    with torch.no_grad():
-        expected = run(dense_reference(model, memory.dense(), noisy=noisy), x, per_token, text)
+    with torch.no_grad():  # the reference finds the noisiest token itself (16: after the first)
+        expected = run(dense_reference(model), x, per_token, text, memory_tokens=memory.dense())
         attach_memory(model)
         got = run(model, x, per_token, text, memory_tokens=memory)
         # all tokens at the same t: same as the plain (Wan2.1-style) timestep
@@ -294,12 +291,14 @@ def test_stock_wan_pipeline_carries_memory(family):
     # the paper's dense form in every expert, through the same stock pipeline
     originals = {n: getattr(pipe, n) for n in experts}
     for n in experts:
-        setattr(pipe, n, dense_reference(originals[n], memory.dense(), noisy=torch.zeros(1).long()))
-    expected = _pipeline_latents(pipe, **prompts)
+        setattr(pipe, n, dense_reference(originals[n]))
+    expected = _pipeline_latents(
+        pipe, **prompts, attention_kwargs={"memory_tokens": memory.dense()}
+    )
     for n in experts:
         setattr(pipe, n, originals[n])
 
-    assert attach_memory_to_pipeline(pipe) == experts
+    assert attach_memory(pipe) == [getattr(pipe, n) for n in experts]
     calls = {n: 0 for n in experts}  # every expert runs, with memory (cond and uncond)
     for n in experts:
 
@@ -322,7 +321,7 @@ def test_stock_wan_pipeline_carries_memory(family):
     assert rel_err(got, expected) <= 1e-5
     assert rel_err(got, stock) > 1e-4
 
-    detach_memory_from_pipeline(pipe)
+    detach_memory(pipe)
     assert torch.equal(_pipeline_latents(pipe, **prompts), stock)
 
 
@@ -402,8 +401,8 @@ def test_bad_inputs_raise_clear_errors():
     for memory, match in cases:
         with pytest.raises(ValueError, match=match):
             run(model, x, t, text, memory_tokens=memory)
-    with pytest.raises(ValueError, match="finite number > 0"):
-        run(model, x, t, text, memory_tokens=random_memory(), memory_strength=0.0)
+    with pytest.raises(ValueError, match="finite number ≥ 0"):
+        run(model, x, t, text, memory_tokens=random_memory(), memory_strength=-1.0)
     with pytest.raises(ValueError, match="unknown memory option"):
         run(model, x, t, text, memory_tokens=random_memory(), memory_strenght=2.0)
     with pytest.raises(ValueError, match="WanTransformer3DModel"):

@@ -24,9 +24,9 @@ from dit_mem.data import (
     encode_frames,
     encode_latents,
     load_video,
-    load_wan_vae,
     sample_frame_indices,
 )
+from dit_mem.loaders.vae import load_vae
 
 SIZE = {"num_frames": 17, "height": 64, "width": 64}  # latent [16, 5, 8, 8]
 GOOD = ["aaaaaaaaaaa_1_0to40", "aaaaaaaaaaa_2_40to80", "b-b_bbbbbbb_1_0to9", "ccccccccccc_1_0to30"]
@@ -214,11 +214,11 @@ def test_original_pth_checkpoint(bank: dict, tmp_path: Path) -> None:
     pth = tmp_path / "Wan2.1_VAE.pth"
     torch.save(to_original_wan_layout(vae.state_dict()), pth)
     cfg = {**dict(vae.config), **TINY_VAE}
-    loaded = load_wan_vae(tmp_path, config=cfg)  # folder holding Wan2.1_VAE.pth
+    loaded = load_vae(tmp_path, config=cfg)  # folder holding Wan2.1_VAE.pth
     x = torch.rand(1, 3, 17, 64, 64) * 2 - 1
     assert torch.equal(encode_frames(loaded, x), encode_frames(vae, x))
     with pytest.raises(ValueError, match="does not match the Wan2.1 VAE.*wrong shapes"):
-        load_wan_vae(pth)  # tiny weights vs the shipped full-size Wan2.1 config
+        load_vae(pth)  # tiny weights vs the shipped full-size Wan2.1 config
 
 
 def test_bad_inputs(bank: dict, tmp_path: Path, capsys) -> None:
@@ -250,8 +250,8 @@ def test_bad_inputs(bank: dict, tmp_path: Path, capsys) -> None:
     assert "empty.csv: the CSV is empty" in capsys.readouterr().err
     with pytest.raises(ValueError, match="num_frames must be 4k\\+1"):
         LatentJobConfig(csv=bank["csv"], out=tmp_path, base_model=bank["base"], num_frames=16)
-    with pytest.raises(ValueError, match="no Wan VAE found"):
-        load_wan_vae(tmp_path)
+    with pytest.raises(ValueError, match="no VAE found"):
+        load_vae(tmp_path)
     # A folder made with other settings is refused before anything is written.
     out = tmp_path / "latent"
     encode_latents(_cfg(bank, out), vae=bank["vae"])

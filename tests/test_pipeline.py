@@ -154,12 +154,13 @@ def test_negative_memory_decides_the_unconditional_branch(attached):
     """Per call of the transformer: which branch ran with which memory."""
     seen: list[tuple[str | None, int | None]] = []
 
-    def record(module, args, kwargs):
-        att = get_attachment(module)
-        memory = att.memory
-        seen.append((att.branch, None if memory is None else int(memory.tokens[0, 0, 0] * 1e4)))
+    hook = attached.transformer._diffusers_hook.get_hook("dit_mem.memory")
 
-    attached.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    def record(module, args, output):  # after the call: the memory it ran with
+        memory, context = get_attachment(module).memory, hook.contexts._context
+        seen.append((context.name, None if memory is None else int(memory.tokens[0, 0, 0] * 1e4)))
+
+    attached.transformer.register_forward_hook(record)
     mem, other = memory_of(1, seed=1), memory_of(1, seed=2)
     key = {int(m.tokens[0, 0, 0] * 1e4): name for m, name in ((mem, "mem"), (other, "other"))}
     for negative, expected in ((SAME, {"mem"}), (None, {None}), (other, {"other"})):
@@ -169,7 +170,8 @@ def test_negative_memory_decides_the_unconditional_branch(attached):
         cond = {key.get(m) for b, m in seen[0::2]}
         uncond = {key.get(m) for b, m in seen[1::2]}
         assert cond == {"mem"} and uncond == expected, (negative, cond, uncond)
-    assert get_attachment(attached.transformer).branch is None  # tracking ends with the call
+        assert {b for b, _ in seen} == {"cond", "uncond"}
+    assert hook.contexts._context is None  # the loop's context ends with the call
 
 
 def test_memory_scale_and_outputs(attached):
@@ -180,7 +182,12 @@ def test_memory_scale_and_outputs(attached):
     attached.set_memory_scale(2.0)
     two_again = run(attached, memory=mem, output_type="latent").frames
     assert torch.equal(two, two_again) and not torch.equal(one, two) and not torch.equal(base, one)
-    for bad in (0, -1.0, float("nan"), "2"):
+    attached.set_memory_scale(0)  # memory off, as an IP-Adapter scale of 0
+    assert torch.equal(run(attached, memory=mem, output_type="latent").frames, base)
+    assert torch.equal(
+        run(attached, memory=mem, memory_scale=0.0, output_type="latent").frames, base
+    )
+    for bad in (-1.0, float("nan"), "2"):
         with pytest.raises(ValueError, match="memory scale"):
             run(attached, memory=mem, memory_scale=bad)
 

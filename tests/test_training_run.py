@@ -127,6 +127,28 @@ def test_sigkill_leaves_last_checkpoint_loadable(tmp_path, base_model):
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
 
 
+@torch.no_grad()
+def average_loss(transformer, encoder, objective, dataset, memory: bool, draws: int = 4) -> float:
+    """Mean training loss over ``draws`` (timestep, noise) draws per sample, encoder in eval mode;
+    the draws depend only on the seed, so with and without memory see the same noised inputs."""
+    from dit_mem.training.data import collate
+
+    encoder.eval()
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(draws):
+        for i in range(len(dataset)):
+            batch = collate([dataset[i]])
+            tokens = encoder(batch["memory"], shuffle=False) if memory else None
+            index = objective.sample_indices(1, generator)
+            noise = torch.randn(batch["x0"].shape, generator=generator)
+            x_t, t, target = objective.prepare(batch["x0"], index, noise)
+            kwargs = {"memory_tokens": tokens} if memory else None
+            pred = transformer(x_t, t, batch["text"], attention_kwargs=kwargs, return_dict=False)[0]
+            losses.append(objective.loss(pred, target, index).item())
+    return sum(losses) / len(losses)
+
+
 def test_training_learns_to_use_memory(tmp_path, base_model):
     """Targets predictable only from memory: the trained encoder beats no memory and beats
     memory of the other class, on the same frozen DiT and the same (t, noise) draws.
@@ -138,7 +160,7 @@ def test_training_learns_to_use_memory(tmp_path, base_model):
     from dit_mem.training.data import TrainingSamples
     from dit_mem.training.loss import FlowMatchingObjective
     from dit_mem.training.retrieval_cache import memory_ids_by_sample
-    from dit_mem.training.trainer import average_loss, load_frozen_transformer, prepare_caches
+    from dit_mem.training.trainer import load_frozen_transformer, prepare_caches
 
     cfg = synthetic(
         tmp_path,

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import UMT5Config, UMT5EncoderModel
 
-from dit_mem.backbone.loading import (
+from dit_mem.loaders.wan import (
     ORIGINAL_T5,
     ORIGINAL_TOKENIZER,
     ORIGINAL_TRANSFORMER,
@@ -29,7 +29,6 @@ from dit_mem.backbone.loading import (
     match_preset,
     preset_configs,
     transformer_config_from_original,
-    transformers_t5_to_wan,
     wan_t5_to_transformers,
 )
 from dit_mem.testing import tiny_tokenizer, tiny_transformer
@@ -255,6 +254,44 @@ def test_t5_mapping_matches_wan_encoder_forward(tmp_path):
     assert torch.allclose(got[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
 
 
+# transformers' UMT5EncoderModel key → Wan's T5 key (the table in ENVIRONMENT-NOTES, written
+# independently of the package's own)
+_HF_TO_WAN = [
+    (r"shared\.weight", "token_embedding.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight", r"blocks.\1.norm1.weight"),
+    (
+        r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\.weight",
+        r"blocks.\1.attn.\2.weight",
+    ),
+    (
+        r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.weight",
+        r"blocks.\1.pos_embedding.embedding.weight",
+    ),
+    (r"encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight", r"blocks.\1.norm2.weight"),
+    (
+        r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\.weight",
+        r"blocks.\1.ffn.gate.0.weight",
+    ),
+    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\.weight", r"blocks.\1.ffn.fc1.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo\.weight", r"blocks.\1.ffn.fc2.weight"),
+    (r"encoder\.final_layer_norm\.weight", "norm.weight"),
+]
+
+
+def transformers_t5_to_wan(state_dict: dict) -> dict:
+    out = {}
+    for key, value in state_dict.items():
+        if key == "encoder.embed_tokens.weight":  # tied to shared.weight
+            continue
+        for pattern, template in _HF_TO_WAN:
+            if re.fullmatch(pattern, key):
+                out[re.sub(pattern, template, key)] = value
+                break
+        else:
+            raise AssertionError(f"no Wan name for {key}")
+    return out
+
+
 def test_t5_mapping_covers_every_key_both_ways():
     text = {k: v for k, v in preset_configs("wan2.1-t2v-1.3b")["text_encoder"].items()}
     with torch.device("meta"):
@@ -345,8 +382,13 @@ def test_original_layout_loads_tiny_twins(tmp_path):
     assert detect_layout(base) == "original"
     parts = load_wan_components(base, torch.float32, config_dir=configs)
     assert parts.layout == "original"
-    loaded_transformer, loaded_vae, text_encoder, loaded_tokenizer, scheduler = parts
-    assert parts["vae"] is loaded_vae and scheduler["_class_name"] == "UniPCMultistepScheduler"
+    loaded_transformer, loaded_vae = parts.transformer, parts.vae
+    text_encoder, loaded_tokenizer, scheduler = (
+        parts.text_encoder,
+        parts.tokenizer,
+        parts.scheduler_config,
+    )
+    assert scheduler["_class_name"] == "UniPCMultistepScheduler"
 
     x = torch.randn(1, 16, 2, 8, 8)
     t = torch.tensor([300.0])
@@ -384,7 +426,7 @@ def test_diffusers_layout_and_clear_errors(tmp_path):
     x, t, text = torch.randn(1, 16, 2, 8, 8), torch.tensor([10.0]), torch.randn(1, 4, 32)
     with torch.no_grad():  # equal weights; outputs agree to float32 rounding (not bit-exact here)
         assert torch.allclose(
-            parts["transformer"](x, t, text, return_dict=False)[0],
+            parts.transformer(x, t, text, return_dict=False)[0],
             transformer(x, t, text, return_dict=False)[0],
             atol=1e-5,
         )

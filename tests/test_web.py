@@ -108,13 +108,13 @@ def test_bad_retrieve_input_is_a_message(server, args, message):
     assert len(client.predict("a red circle moving left", 1, api_name="/retrieve")[0]) == 1
 
 
-@pytest.mark.parametrize("scale", [0.0, -1.0])
+@pytest.mark.parametrize("scale", [-1.0, -0.5])
 def test_bad_scale_is_a_message_and_the_server_keeps_serving(server, scale):
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
     client = Client(server, verbose=False)
-    with pytest.raises(AppError, match="memory scale must be a finite number > 0"):
+    with pytest.raises(AppError, match="memory scale must be a finite number ≥ 0"):
         client.predict(
             "a red circle", 2, scale, "conditional branch only", 0, 2, 4.0, api_name="/generate"
         )

@@ -23,7 +23,9 @@ or the default ``native``), with its context-parallel configuration. Two exact r
             lowered by ``log P`` (P ranks hold a copy each), so they count once. Differentiable
             wherever the backend is.
 ``"auto"``  ``"lse"`` where the backend gives a log-sum-exp (and, when gradients are needed,
-            its backward); else ``"joint"``.
+            its backward); else ``"joint"``. A masked attention (HunyuanVideo-1.5's joint
+            attention with its text padding mask) always takes ``"joint"``, the mask extended
+            to the memory keys.
 
 Tensors use diffusers' attention layout ``[B, S, H, Dh]``; log-sum-exps ``[B, S, H]`` float32.
 """
@@ -225,8 +227,10 @@ def attend(
     parallel_config: Any = None,
     scale: float | None = None,
     return_lse: bool = False,
+    attn_mask: torch.Tensor | None = None,
 ):
-    """Plain attention on ``backend`` (``None``: the active one), with ``parallel_config``.
+    """Plain attention on ``backend`` (``None``: the active one), with ``parallel_config``
+    (``attn_mask``: a boolean ``[B, 1 | H, S, Sk]`` mask, without a log-sum-exp).
 
     ``return_lse=True`` returns ``(out, lse [B, S, H])``; ``ValueError`` where the backend has
     no log-sum-exp. Calls go through ``dispatch_attention_fn``, except where diffusers' own path
@@ -235,6 +239,10 @@ def attend(
     are driven through diffusers' templated attention.
     """
     name = resolve_backend(backend)
+    if attn_mask is not None:
+        return dispatch_attention_fn(
+            query, key, value, attn_mask=attn_mask, scale=scale, backend=AttentionBackendName(name)
+        )
     pair = kernel_pair(name, query) if name in ("native", "_native_flash") else None
     if pair is not None and parallel_config is not None and pair.backward is not None:
         return dispatch._templated_context_parallel_attention(
@@ -296,6 +304,8 @@ def memory_attention(
     backend: Any = None,
     parallel_config: Any = None,
     scale: float | None = None,
+    attention_mask: torch.Tensor | None = None,
+    memory_visible: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``softmax([q·kᵀ ; q·k_mᵀ + bias] · scale) · [v ; v_m]`` for the video queries only.
 
@@ -308,6 +318,9 @@ def memory_attention(
         backend: diffusers attention backend (``None``: the active one).
         parallel_config: the processor's ``_parallel_config`` (context parallelism) or ``None``.
         scale: softmax scale; default ``1/√Dh``.
+        attention_mask: boolean ``[B, 1 | H, S, Sk]``, which keys each query may see (a joint
+            attention's text padding); then the ``"joint"`` route, without context parallelism.
+        memory_visible: boolean ``[B, S]``, which queries see the memory keys (default: all).
 
     Returns ``[B, S, H, Dh]`` in ``query``'s dtype.
     """
@@ -330,6 +343,13 @@ def memory_attention(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     tensors = (query, key, value, memory_key, memory_value, memory_bias)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if attention_mask is not None or memory_visible is not None:
+        if route == "lse":
+            raise ValueError("the 'lse' memory route is not available here: a masked attention")
+        if parallel_config is not None:
+            raise ValueError("memory in a masked attention does not run under context parallelism")
+        mask = _memory_mask(attention_mask, memory_visible, query, key, memory_key)
+        return _joint_attention(*tensors, scale, backend, None, mask)
     if route != "joint":
         lse_reason = _lse_unavailable(backend, parallel_config, query, needs_grad)
         if lse_reason is None:
@@ -439,6 +459,18 @@ class _MemoryMerge(torch.autograd.Function):
         )
 
 
+def _memory_mask(attention_mask, memory_visible, query, key, memory_key) -> torch.Tensor:
+    """Boolean ``[B, 1 | H, S, Sk + G]``: the video keys' mask, then the memory keys'."""
+    b, s, h = query.shape[:3]
+    if attention_mask is None:
+        attention_mask = query.new_ones(b, 1, s, key.shape[1], dtype=torch.bool)
+    if memory_visible is None:
+        memory_visible = query.new_ones(b, s, dtype=torch.bool)
+    heads = attention_mask.shape[1]
+    memory = memory_visible.bool()[:, None, :, None].expand(b, heads, s, memory_key.shape[1])
+    return torch.cat([attention_mask.bool().expand(b, heads, s, key.shape[1]), memory], dim=-1)
+
+
 def _joint_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -449,6 +481,7 @@ def _joint_attention(
     scale: float,
     backend: Any,
     parallel_config: Any,
+    attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     b, s, h, d = query.shape
     g = memory_key.shape[1]
@@ -477,5 +510,7 @@ def _joint_attention(
         # Ulysses' backward reshapes key gradients like query gradients: G idle queries make the
         # local query and key lengths equal (their outputs are dropped, so they get no gradient)
         q = torch.cat([q, q.new_zeros(b, g, h, q.shape[-1])], dim=1)
-    out = attend(q, k, v, backend=backend, parallel_config=parallel_config, scale=scale)
+    out = attend(
+        q, k, v, backend=backend, parallel_config=parallel_config, scale=scale, attn_mask=attn_mask
+    )
     return out[:, :s, :, :d]

@@ -1,91 +1,77 @@
-"""The paper's form of memory injection, written plainly as the specification (SPEC §4).
+"""The paper's form of memory injection, as the specification (SPEC §4, §9), for any family.
 
 The release concatenates the 1,000 dense memory tokens to the video tokens inside every block's
-self-attention, as queries *and* keys: they get the block's ``norm1`` and shift/scale modulation
-and the same q/k/v projections and q/k RMSNorm, no rotary embedding (identity rotation), and
-their outputs are sliced off after the attention (flux's append-then-slice). Nothing else of the
-block sees them. The fast path in :mod:`dit_mem.backbone.injection` must equal this; tests and
-``benchmarks/memory_overhead.py`` compare against it.
+self-attention, as queries *and* keys: they get the block's pre-attention norm and modulation and
+the same q/k/v projections and q/k norms, no rotary embedding (identity rotation), and their
+outputs are sliced off after the attention (flux's append-then-slice). Nothing else of the block
+sees them. Each family writes that block plainly (:meth:`Family.dense_block`); the fast path of
+:mod:`dit_mem.backbone.injection` must equal it. Tests and ``benchmarks/memory_overhead.py``
+compare against it.
 
     paper = PaperFormMemory(transformer)          # wraps every block (in place)
-    paper.set_memory(memory.dense(), strength=1.0)
-    out = transformer(x, t, text)                 # the paper's computation
+    out = transformer(..., attention_kwargs={"memory_tokens": memory, "memory_strength": 1})
     paper.remove()                                # the stock blocks back
+
+It takes memory the way the fast path does (``attention_kwargs``; ``MemoryTokens`` are used in
+their dense layout, λ must be a whole number: each token counted λ times), so the same call runs
+both. With per-token timesteps the memory takes the noisiest token's modulation.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch import nn
+
+from dit_mem.backbone.families import Family, family_of
+from dit_mem.memory.tokens import as_memory_tokens
 
 
 class PaperFormBlock(nn.Module):
-    """A stock Wan block run the paper's way: ``[video ; memory]`` tokens in self-attention."""
+    """A stock block run the paper's way when memory is set (else the stock block)."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, family: Family):
         super().__init__()
-        self.block = block
+        self.block, self.family = block, family
         self.memory: torch.Tensor | None = None  # [Bm, L, D] dense memory tokens
-        self.log_strength = 0.0  # log λ added to the memory keys' logits
+        self.repeats = 1  # copies of each memory token (λ)
         self.noisy_token: torch.Tensor | None = None  # [B], per-token timesteps only
 
-    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
-        blk = self.block
+    def forward(self, *args, **kwargs):
         if self.memory is None:
-            return blk(hidden_states, encoder_hidden_states, temb, rotary_emb)
-        b, s, d = hidden_states.shape
-        memory = self.memory.to(hidden_states.device, hidden_states.dtype).expand(b, -1, -1)
-        n = memory.shape[1]
-        x = torch.cat([hidden_states, memory], dim=1)  # [B, S + L, D]
-
-        # modulation: memory rows take the (noisiest token's) timestep modulation
-        if temb.ndim == 4:  # per-token timesteps (Wan2.2 TI2V): [B, S, 6, D]
-            noisy = temb[torch.arange(b), self.noisy_token][:, None].expand(b, n, 6, d)
-            mod = blk.scale_shift_table.unsqueeze(0) + torch.cat([temb, noisy], 1).float()
-            shift, scale, gate, c_shift, c_scale, c_gate = (t.squeeze(2) for t in mod.chunk(6, 2))
-            gate, c_shift, c_scale, c_gate = (t[:, :s] for t in (gate, c_shift, c_scale, c_gate))
-        else:
-            mod = blk.scale_shift_table + temb.float()
-            shift, scale, gate, c_shift, c_scale, c_gate = mod.chunk(6, dim=1)
-        normed = (blk.norm1(x.float()) * (1 + scale) + shift).type_as(x)
-
-        # self-attention over [video ; memory]: identity rotation (cos 1, sin 0) for memory
-        cos, sin = rotary_emb
-        cos = torch.cat([cos, cos.new_ones(1, n, 1, cos.shape[-1])], dim=1)
-        sin = torch.cat([sin, sin.new_zeros(1, n, 1, sin.shape[-1])], dim=1)
-        mask = None
-        if self.log_strength:
-            mask = torch.zeros(1, 1, 1, s + n, device=x.device)
-            mask[..., s:] = self.log_strength
-        attn = WanAttnProcessor()(blk.attn1, normed, None, mask, (cos, sin))[:, :s]  # slice off
-
-        # the rest of the block sees the video tokens only
-        h = (hidden_states.float() + attn * gate).type_as(hidden_states)
-        h = h + blk.attn2(blk.norm2(h.float()).type_as(h), encoder_hidden_states, None, None)
-        ff = blk.ffn((blk.norm3(h.float()) * (1 + c_scale) + c_shift).type_as(h))
-        return (h.float() + ff.float() * c_gate).type_as(h)
+            return self.block(*args, **kwargs)
+        return self.family.dense_block(
+            self.block, self.memory, self.repeats, self.noisy_token, args, kwargs
+        )
 
 
 class PaperFormMemory:
-    """Wraps a Wan transformer's blocks in :class:`PaperFormBlock` (in place) until ``remove``."""
+    """Wraps a transformer's blocks in :class:`PaperFormBlock` (in place) until ``remove``."""
 
     def __init__(self, transformer: nn.Module):
         self.transformer = transformer
-        transformer.blocks = nn.ModuleList(PaperFormBlock(b) for b in transformer.blocks)
+        self.family = family_of(transformer)
+        self.attribute = self.family.blocks_attribute
+        blocks = [PaperFormBlock(b, self.family) for b in self.family.blocks(transformer)]
+        setattr(transformer, self.attribute, nn.ModuleList(blocks))
+        self.handle = transformer.register_forward_pre_hook(self.take_memory, with_kwargs=True)
 
-    def set_memory(
-        self,
-        memory: torch.Tensor | None,
-        strength: float = 1.0,
-        noisy_token: torch.Tensor | None = None,
-    ) -> None:
-        """Dense memory ``[Bm, L, D]`` for the following calls (``None``: the stock model)."""
-        for block in self.transformer.blocks:
-            block.memory, block.log_strength = memory, math.log(strength)
-            block.noisy_token = noisy_token
+    @property
+    def blocks(self) -> list[PaperFormBlock]:
+        return list(getattr(self.transformer, self.attribute))
+
+    def take_memory(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """This call's dense memory (``memory_tokens``, ``memory_strength``), or none."""
+        arguments = self.family.arguments(module)
+        options = arguments.get("attention_kwargs", args, kwargs) or {}
+        memory, strength = options.get("memory_tokens"), options.get("memory_strength", 1)
+        if memory is not None:
+            memory = as_memory_tokens(memory).dense()
+            if float(strength) != int(strength) or strength < 1:
+                raise ValueError(f"the paper's form takes λ as a whole number ≥ 1, got {strength}")
+        noisy, _ = self.family.noisy_token(arguments.get("timestep", args, kwargs))
+        for block in self.blocks:
+            block.memory, block.repeats, block.noisy_token = memory, int(strength), noisy
 
     def remove(self) -> None:
-        self.transformer.blocks = nn.ModuleList(b.block for b in self.transformer.blocks)
+        self.handle.remove()
+        setattr(self.transformer, self.attribute, nn.ModuleList(b.block for b in self.blocks))

@@ -9,7 +9,7 @@ Readers other modules call:
 from dit_mem.data.latents import LatentJobConfig, LatentStore, encode_latents
 from dit_mem.data.table import read_video_table, source_id, video_id
 from dit_mem.data.token_cache import TokenCache, build_token_cache, encoder_fingerprint
-from dit_mem.data.vae import encode_frames, load_wan_vae
+from dit_mem.data.vae import decode_latents, encode_frames
 from dit_mem.data.video import VideoDecodeError, load_video, sample_frame_indices
 
 __all__ = [
@@ -18,11 +18,11 @@ __all__ = [
     "TokenCache",
     "VideoDecodeError",
     "build_token_cache",
+    "decode_latents",
     "encode_frames",
     "encode_latents",
     "encoder_fingerprint",
     "load_video",
-    "load_wan_vae",
     "read_video_table",
     "sample_frame_indices",
     "source_id",

@@ -8,8 +8,9 @@ existence alone, and a reader opens exactly the N files it needs):
       <id>.safetensors         tensor ``latent`` bf16 [C, T, H, W], e.g. [16, 21, 60, 104]
       failures.jsonl           one JSON line per video that could not be encoded (appended)
 
-Latents are normalised, ``(mode(z) - latents_mean) / latents_std``: what the Wan DiT (and
-therefore the memory encoder) consumes; the manifest records it.
+Latents are the mode of the VAE's posterior, normalised as the family's pipeline normalises them
+(Wan: ``(z - latents_mean) / latents_std``; :mod:`dit_mem.data.vae`): what the DiT (and therefore
+the memory encoder) consumes; the manifest records how.
 
 The job shards rows across ``accelerate`` processes (process i of n takes rows i::n), skips
 ids whose file exists, writes every file atomically, and logs a corrupt or missing video to
@@ -28,22 +29,9 @@ from pathlib import Path
 import torch
 
 from dit_mem.data.table import is_safe_id, read_video_table
+from dit_mem.memory.tokens import check_plausible
 from dit_mem.utils import get_logger, write_json_atomic, write_safetensors_atomic
 from dit_mem.utils.io import TMP_PREFIX, folder_lock, read_json_mapping
-
-# Normalised latents and memory tokens are O(1); a value this large is a broken file, and one
-# that would overflow in half precision downstream.
-MAX_ABS_VALUE = 1e4
-
-
-def check_plausible(x: torch.Tensor, path, what: str) -> None:
-    """``ValueError`` naming ``path`` if ``x`` holds NaN/Inf or implausibly large values."""
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{path}: the {what} holds NaN or infinite values")
-    peak = float(x.abs().max()) if x.numel() else 0.0
-    if peak > MAX_ABS_VALUE:
-        raise ValueError(f"{path}: the {what} holds values up to {peak:.3g} (> {MAX_ABS_VALUE:g})")
-
 
 log = get_logger(__name__)
 
@@ -59,9 +47,12 @@ _COMPARED = (
     "resize",
     "normalized",
     "latent_shape",
+    "distribution",
+    "vae_class",
+    "normalization",
     "latents_mean",
     "latents_std",
-    "distribution",
+    "scaling_factor",
 )
 
 
@@ -210,18 +201,10 @@ class JobSummary:
 
 
 def _manifest_for(cfg: LatentJobConfig, vae) -> dict:
-    from dit_mem.data.vae import latent_stats
+    from dit_mem.backbone.families import family_of_vae
 
-    mean, std = latent_stats(vae)
-    vc = vae.config
-    t_scale = getattr(vc, "scale_factor_temporal", None) or 4
-    s_scale = getattr(vc, "scale_factor_spatial", None) or 8
-    shape = [
-        vc.z_dim,
-        (cfg.num_frames - 1) // t_scale + 1,
-        cfg.height // s_scale,
-        cfg.width // s_scale,
-    ]
+    family = family_of_vae(vae)
+    shape = family.latent_shape(vae, cfg.num_frames, cfg.height, cfg.width)
     return {
         "format": FORMAT,
         "layout": "<id>.safetensors holding tensor 'latent' [C, T, H, W]",
@@ -235,9 +218,9 @@ def _manifest_for(cfg: LatentJobConfig, vae) -> dict:
         "pixel_range": [-1.0, 1.0],
         "distribution": "mode",
         "normalized": True,
-        "normalization": "(z - latents_mean) / latents_std",
-        "latents_mean": [round(float(v), 6) for v in mean],
-        "latents_std": [round(float(v), 6) for v in std],
+        "family": family.name,
+        "vae_class": type(vae).__name__,
+        **family.latent_record(vae),
         "vae": str(cfg.base_model),
         "vae_dtype": cfg.vae_dtype,
     }
@@ -349,10 +332,11 @@ def encode_latents(cfg: LatentJobConfig, vae=None) -> JobSummary:
 def _encode_shard(cfg: LatentJobConfig, vae, state, table, root: Path, out: Path) -> JobSummary:
     from tqdm.auto import tqdm
 
-    from dit_mem.data.vae import encode_frames, load_wan_vae
+    from dit_mem.data.vae import encode_frames
+    from dit_mem.loaders.vae import load_vae
 
     if vae is None:
-        vae = load_wan_vae(cfg.base_model, dtype=getattr(torch, cfg.vae_dtype), device=state.device)
+        vae = load_vae(cfg.base_model, dtype=getattr(torch, cfg.vae_dtype), device=state.device)
     manifest = _manifest_for(cfg, vae)
     if state.is_main_process:
         stale = _remove_stale_tmp(out)

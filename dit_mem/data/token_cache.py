@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from dit_mem.data.latents import LatentStore, check_plausible, process_state
-from dit_mem.memory.tokens import VideoTokens
+from dit_mem.data.latents import LatentStore, process_state
+from dit_mem.memory.tokens import VideoTokens, check_plausible
 from dit_mem.utils import get_logger, write_json_atomic, write_safetensors_atomic
 from dit_mem.utils.io import TMP_PREFIX, atomic_path, folder_lock, read_json_mapping
 

@@ -28,6 +28,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from dit_mem.backbone.families import encoder_presets
 from dit_mem.memory.checks import check_finite_state
 from dit_mem.memory.official import load_official_checkpoint
 from dit_mem.memory.tokens import MemoryTokens, VideoTokens
@@ -36,16 +37,11 @@ Mode = Literal["high", "low"]
 
 
 # --------------------------------------------------------------------------------------
-# Presets: the fields of MemoryEncoder.__init__ that differ from its defaults (the paper's 1.3B)
+# Presets: the fields of MemoryEncoder.__init__ that differ from its defaults (the paper's 1.3B).
+# Each DiT family lists the presets of its real sizes (dit_mem.backbone.families); these two are
+# the tiny worlds'.
 # --------------------------------------------------------------------------------------
-PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's encoder (released as DiT-Mem-1.3B): the __init__ defaults.
-    "wan2.1-1.3b": {},
-    "wan2.1-14b": {"dim": 5120},
-    # Wan2.2: TI2V-5B has a 48-channel VAE (16× spatial); A14B keeps Wan2.1's VAE.
-    # Latent shapes are those of a 480×832, 81-frame memory bank.
-    "wan2.2-ti2v-5b": {"in_channels": 48, "dim": 3072, "latent_shape": (21, 30, 52)},
-    "wan2.2-a14b": {"dim": 5120},
+_TINY_WORLDS: dict[str, dict[str, Any]] = {
     # For tests and the offline demo: latents [16, 5, 8, 8] (17 frames at 64×64), a DiT of width 32.
     "tiny": {
         "conv_channels": (8, 16),
@@ -70,6 +66,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "latent_shape": (3, 8, 8),
     },
 }
+PRESETS: dict[str, dict[str, Any]] = {**encoder_presets(), **_TINY_WORLDS}
 
 
 def get_preset(name: str, **overrides) -> dict[str, Any]:

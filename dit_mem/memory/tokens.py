@@ -15,8 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+# Memory tokens (and normalised latents) are O(1): a value this large is broken input, and one
+# that overflows in half precision inside the DiT (a NaN video, not an error).
+MAX_ABS_VALUE = 1e4
 
 
 @dataclass
@@ -81,9 +86,12 @@ class MemoryTokens:
         return torch.repeat_interleave(self.tokens, counts[0].to(self.tokens.device), dim=1)
 
     def attention_bias(self, strength: float = 1.0) -> torch.Tensor:
-        """Additive logit bias ``[B, G]`` (float32): log-multiplicity plus log(strength)."""
+        """Additive logit bias ``[B, G]`` (float32): log-multiplicity plus log(strength).
+
+        ``strength`` comes checked (:func:`check_memory_scale`); 0, memory off, never gets here.
+        """
         if strength <= 0:
-            raise ValueError(f"memory strength must be > 0, got {strength}")
+            raise ValueError(f"memory strength must be > 0 here (0 is memory off), got {strength}")
         bias = self.log_counts.float()
         return bias + math.log(strength) if strength != 1.0 else bias
 
@@ -102,6 +110,56 @@ class MemoryTokens:
             self.tokens.repeat_interleave(times, dim=0),
             self.log_counts.repeat_interleave(times, dim=0),
         )
+
+
+def check_memory_scale(scale: Any) -> float:
+    """λ as a float; ``ValueError`` unless it is a finite number ≥ 0 (0: memory off, as an
+    IP-Adapter scale of 0 turns that add-on off)."""
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = float(scale)
+    if isinstance(scale, bool) or not isinstance(scale, int | float):
+        raise ValueError(f"memory scale must be a number, got {scale!r}")
+    if not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"memory scale must be a finite number ≥ 0, got {scale!r}")
+    return float(scale)
+
+
+def check_plausible(x: torch.Tensor, where: Any, what: str) -> None:
+    """``ValueError`` naming ``where`` if ``x`` holds NaN/Inf or values beyond ±1e4."""
+    x = x.detach()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{where}: the {what} holds NaN or infinite values")
+    peak = float(x.abs().max()) if x.numel() else 0.0
+    if peak > MAX_ABS_VALUE:
+        raise ValueError(f"{where}: the {what} holds values up to {peak:.3g} (> {MAX_ABS_VALUE:g})")
+
+
+def as_memory_tokens(memory: Any, name: str = "memory") -> MemoryTokens:
+    """User memory (``MemoryTokens`` or dense ``[B, L, D]`` tokens) as checked ``MemoryTokens``.
+
+    The one check wherever memory enters (the pipeline's ``memory=``, the transformer's
+    ``attention_kwargs``): the type, non-empty, finite, and plausible in size. Inside a
+    ``torch.compile`` trace the values are not read (that would break the graph): there they
+    were checked where they entered, outside the compiled model.
+    """
+    if isinstance(memory, torch.Tensor):
+        if memory.ndim != 3:
+            raise ValueError(
+                f"{name} as a tensor must be dense tokens [B, L, D], got {tuple(memory.shape)}"
+            )
+        memory = MemoryTokens.from_dense(memory)
+    if not isinstance(memory, MemoryTokens):
+        raise ValueError(
+            f"{name} must be a MemoryTokens (or a dense [B, L, D] tensor), "
+            f"got {type(memory).__name__}"
+        )
+    if memory.num_distinct == 0:
+        raise ValueError(f"{name} is empty (G = 0); pass no memory instead")
+    if not torch.compiler.is_compiling():
+        check_plausible(memory.tokens, name, "memory tokens")
+        if not bool(torch.isfinite(memory.log_counts).all()):
+            raise ValueError(f"{name}: the log-multiplicities hold NaN or infinite values")
+    return memory
 
 
 @dataclass

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from dit_mem.backbone.injection import check_width
 from dit_mem.config import ConfigError, save_config, to_dict
 from dit_mem.training import checkpoint as ckpt_io
 from dit_mem.training.config import TrainConfig
@@ -72,7 +73,7 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------
-# Pieces (also used by the tests)
+# Pieces
 # --------------------------------------------------------------------------------------
 def freeze(module: torch.nn.Module) -> torch.nn.Module:
     """No gradients, eval mode (no dropout, fixed statistics)."""
@@ -99,7 +100,8 @@ def build_encoder(cfg: TrainConfig):
 
 def load_frozen_transformer(base_dir: Path, dtype: torch.dtype):
     """The base model's Wan transformer, frozen, with memory attached."""
-    from dit_mem.backbone import attach_memory, load_wan_components
+    from dit_mem.backbone import attach_memory
+    from dit_mem.loaders.wan import load_wan_components
 
     parts = load_wan_components(base_dir, torch_dtype=dtype, components=("transformer",))
     transformer = freeze(parts.transformer)
@@ -109,7 +111,7 @@ def load_frozen_transformer(base_dir: Path, dtype: torch.dtype):
 
 def load_text_encoder(base_dir: Path, dtype: torch.dtype):
     """The base model's tokenizer and UMT5 encoder, frozen."""
-    from dit_mem.backbone import load_wan_components
+    from dit_mem.loaders.wan import load_wan_components
 
     parts = load_wan_components(
         base_dir, torch_dtype=dtype, components=("tokenizer", "text_encoder")
@@ -124,7 +126,6 @@ def training_loss(
     batch: dict,
     generator: torch.Generator,
     dtype: torch.dtype,
-    memory_override=None,
     caption_dropout: float = 0.0,
     dropped_text: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -134,14 +135,10 @@ def training_loss(
     encoder, training mode only), timestep indices ``[B]``, noise like ``x0``, and, with
     ``caption_dropout`` > 0, which samples' captions become ``dropped_text`` ``[L, D]`` (the
     unconditional branch's text: there the DiT must read the memory alone).
-    ``memory_override`` replaces the encoder's tokens (tests: dense form, or no memory).
     """
     device = next(transformer.parameters()).device
     x0 = batch["x0"].to(device, torch.float32)
-    if memory_override is None:
-        memory = encoder(batch["memory"].to(device), generator=generator)
-    else:
-        memory = memory_override
+    memory = encoder(batch["memory"].to(device), generator=generator)
     index = objective.sample_indices(x0.shape[0], generator)
     noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device)
     x_t, t, target = objective.prepare(x0, index, noise)
@@ -149,48 +146,14 @@ def training_loss(
     if caption_dropout > 0:
         drop = torch.rand(x0.shape[0], generator=generator) < caption_dropout
         text = torch.where(drop.to(device)[:, None, None], dropped_text.to(device, dtype), text)
-    kwargs = None if memory is False else {"memory_tokens": memory.to(dtype)}
     pred = transformer(
         hidden_states=x_t.to(dtype),
         timestep=t,
         encoder_hidden_states=text,
-        attention_kwargs=kwargs,
+        attention_kwargs={"memory_tokens": memory.to(dtype)},
         return_dict=False,
     )[0]
     return objective.loss(pred, target, index)
-
-
-@torch.no_grad()
-def average_loss(
-    transformer,
-    encoder,
-    objective: FlowMatchingObjective,
-    dataset,
-    dtype: torch.dtype = torch.float32,
-    memory: bool = True,
-    draws: int = 4,
-    seed: int = 0,
-) -> float:
-    """Mean training loss over ``draws`` (timestep, noise) draws per sample, encoder in eval mode.
-
-    The draws depend only on ``seed``, so ``memory=True`` and ``memory=False`` see the same
-    noised inputs: the difference is what the memory contributes.
-    """
-    was_training = encoder.training
-    encoder.eval()
-    generator = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(draws):
-        for i in range(len(dataset)):
-            batch = collate([dataset[i]])
-            override = None if memory else False
-            losses.append(
-                training_loss(
-                    transformer, encoder, objective, batch, generator, dtype, override
-                ).item()
-            )
-    encoder.train(was_training)
-    return sum(losses) / len(losses)
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
@@ -309,12 +272,10 @@ def _train(cfg: TrainConfig, resume, accelerator) -> TrainResult:
 
     # 4. frozen DiT ------------------------------------------------------------------------
     transformer = load_frozen_transformer(cfg.model.base_model_dir, dit_dtype).to(device)
-    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    if encoder.config.dim != width:
-        raise ConfigError(
-            f"memory encoder width {encoder.config.dim} does not match the DiT's hidden size "
-            f"{width} (choose the encoder preset of this backbone)"
-        )
+    try:
+        check_width(encoder.config.dim, transformer)
+    except ValueError as e:
+        raise ConfigError(f"model.encoder_preset: {e}") from None
     if cfg.model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
 

@@ -12,8 +12,7 @@ Two layouts are recognised by the files present:
   diffusers' own ``convert_wan_vae_to_diffusers`` and loaded strictly; the T5 file is Wan's own
   encoder-only UMT5-XXL, mapped here onto transformers' ``UMT5EncoderModel``.
 
-:func:`load_wan_vae` also takes a VAE folder or the ``.pth`` file on its own (the latent job).
-The VAE is loaded in one place, here.
+:func:`dit_mem.loaders.vae.load_vae` reads ``Wan2.1_VAE.pth`` through :func:`load_original_vae`.
 
 ``.pth`` files are only ever read with ``torch.load(weights_only=True)``.
 """
@@ -23,8 +22,8 @@ from __future__ import annotations
 import json
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -50,8 +49,7 @@ ORIGINAL_TOKENIZER = "google/umt5-xxl"
 # --------------------------------------------------------------------------------------
 @dataclass
 class WanComponents:
-    """Loaded parts; unpacks as ``transformer, vae, text_encoder, tokenizer, scheduler_config``
-    and is indexable by name (``parts["vae"]``). Parts not asked for are ``None``."""
+    """Loaded parts (those not asked for are ``None``) and the layout they came from."""
 
     transformer: Any = None
     vae: Any = None
@@ -59,16 +57,6 @@ class WanComponents:
     tokenizer: Any = None
     scheduler_config: dict[str, Any] | None = None
     layout: str = ""
-
-    def __iter__(self) -> Iterator[Any]:
-        yield from (self.transformer, self.vae, self.text_encoder, self.tokenizer)
-        yield self.scheduler_config
-
-    def __getitem__(self, name: str) -> Any:
-        name = "scheduler_config" if name == "scheduler" else name
-        if name not in {f.name for f in fields(self)}:
-            raise KeyError(name)
-        return getattr(self, name)
 
 
 # --------------------------------------------------------------------------------------
@@ -112,7 +100,6 @@ def _compile(template: str) -> re.Pattern[str]:
 
 
 _WAN_TO_HF = [(_compile(w), h) for w, h in _T5_KEY_TABLE]
-_HF_TO_WAN = [(_compile(h), w) for w, h in _T5_KEY_TABLE]
 
 
 def _rename(key: str, table: list[tuple[re.Pattern[str], str]]) -> str | None:
@@ -137,23 +124,6 @@ def wan_t5_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
         raise ValueError(f"not a Wan UMT5 encoder state dict; unknown keys: {unknown[:8]}")
     if "shared.weight" in out:
         out[_TIED_EMBEDDING] = out["shared.weight"]
-    return out
-
-
-def transformers_t5_to_wan(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``UMT5EncoderModel`` keys → Wan's T5 layout (the inverse; for tests and export)."""
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in state_dict.items():
-        if key == _TIED_EMBEDDING:
-            continue
-        new = _rename(key, _HF_TO_WAN)
-        if new is None:
-            unknown.append(key)
-        else:
-            out[new] = value
-    if unknown:
-        raise ValueError(f"keys without a Wan T5 name: {unknown[:8]}")
     return out
 
 
@@ -192,7 +162,7 @@ def preset_configs(preset: str) -> dict[str, dict[str, Any]]:
     """Diffusers configs (transformer, vae, text_encoder, scheduler) of a shipped preset."""
     if preset not in PRESETS:
         raise ValueError(f"unknown Wan preset {preset!r}; known: {PRESETS}")
-    text = resources.files("dit_mem.backbone.configs").joinpath(f"{preset}.json").read_text()
+    text = resources.files("dit_mem.loaders.configs").joinpath(f"{preset}.json").read_text()
     data = json.loads(text)
     return {k: data[k] for k in ("transformer", "vae", "text_encoder", "scheduler")}
 
@@ -302,9 +272,9 @@ def detect_layout(base_model_dir: str | Path, components: Sequence[str] = COMPON
 
 
 # --------------------------------------------------------------------------------------
-# The VAE (also on its own: a VAE folder or the release's .pth file)
+# The release's VAE file
 # --------------------------------------------------------------------------------------
-def _load_original_vae(pth: Path, config: dict[str, Any] | None, dtype: torch.dtype):
+def load_original_vae(pth: Path, config: dict[str, Any] | None, dtype: torch.dtype):
     """The release's ``Wan2.1_VAE.pth``, renamed with diffusers' own converter, loaded strictly.
 
     ``config``: the ``AutoencoderKLWan`` config (default: the shipped Wan2.1 one).
@@ -330,47 +300,6 @@ def _load_original_vae(pth: Path, config: dict[str, Any] | None, dtype: torch.dt
         )
     vae.load_state_dict(state, strict=True)
     return (vae.to(dtype=dtype) if dtype != torch.float32 else vae).eval()
-
-
-def load_wan_vae(
-    source: str | Path,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    config: dict[str, Any] | None = None,
-):
-    """An ``AutoencoderKLWan`` (eval, frozen) from any of:
-
-    - a diffusers Wan folder (``vae/config.json`` + weights);
-    - a diffusers VAE folder itself (``config.json`` of an ``AutoencoderKLWan`` + weights);
-    - the original release folder holding ``Wan2.1_VAE.pth``, or that file itself: read with
-      ``torch.load(weights_only=True)`` and loaded strictly into the shipped Wan2.1 config
-      (``config`` replaces it, e.g. for a smaller VAE in the same layout).
-    """
-    from diffusers import AutoencoderKLWan
-
-    path = Path(source)
-    if path.is_file():
-        if path.suffix not in (".pth", ".pt", ".ckpt"):
-            raise ValueError(f"{path}: expected a Wan2.1 VAE .pth file or a model folder")
-        kind, vae = "original", _load_original_vae(path, config, dtype)
-    elif not path.is_dir():
-        raise FileNotFoundError(f"base model not found: {path}")
-    elif (path / "vae" / "config.json").is_file():
-        kind = "diffusers"
-        vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
-    elif (path / "config.json").is_file() and (
-        json.loads((path / "config.json").read_text()).get("_class_name") == "AutoencoderKLWan"
-    ):
-        kind, vae = "diffusers", AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype)
-    elif (path / ORIGINAL_VAE).is_file():
-        kind, vae = "original", _load_original_vae(path / ORIGINAL_VAE, config, dtype)
-    else:
-        raise ValueError(
-            f"{path}: no Wan VAE found; expected a diffusers folder with vae/config.json, a VAE "
-            f"folder with config.json (AutoencoderKLWan), or {ORIGINAL_VAE}"
-        )
-    logger.info("loaded Wan VAE (%s) from %s", kind, path)
-    return vae.to(device).eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------
@@ -461,7 +390,9 @@ def _load_diffusers(
             base, subfolder="transformer", torch_dtype=torch_dtype
         )
     if "vae" in components:
-        parts.vae = load_wan_vae(base, dtype=vae_dtype)
+        from dit_mem.loaders.vae import load_vae
+
+        parts.vae = load_vae(base, dtype=vae_dtype)
     if "text_encoder" in components:
         parts.text_encoder = UMT5EncoderModel.from_pretrained(
             base / "text_encoder", dtype=torch_dtype
@@ -503,7 +434,7 @@ def _load_original(
                 local_files_only=True,
             )
     if "vae" in components:
-        parts.vae = _load_original_vae(base / ORIGINAL_VAE, configs["vae"], vae_dtype)
+        parts.vae = load_original_vae(base / ORIGINAL_VAE, configs["vae"], vae_dtype)
     if "text_encoder" in components:
         text_config = {k: v for k, v in configs["text_encoder"].items() if not k.startswith("_")}
         parts.text_encoder = load_wan_t5(base / ORIGINAL_T5, UMT5Config(**text_config), torch_dtype)

@@ -1,4 +1,6 @@
-"""``MemoryLoaderMixin``: memory loaded into, scaled on and unloaded from a Wan pipeline.
+"""How models are loaded: memory into a pipeline (``MemoryLoaderMixin``), base models and VAEs.
+
+``MemoryLoaderMixin``: memory loaded into, scaled on and unloaded from a pipeline of any family.
 
 Shaped like diffusers' ``IPAdapterMixin``::
 
@@ -9,31 +11,25 @@ Shaped like diffusers' ``IPAdapterMixin``::
 ``load_memory`` registers the encoder as the pipeline component ``memory_encoder`` (it moves
 with ``pipe.to(...)`` and is saved by ``save_pretrained``), keeps the bank as ``memory_bank``,
 and attaches memory to every expert (``transformer`` and, for Wan2.2 A14B, ``transformer_2``).
+
+Base models: :mod:`dit_mem.loaders.wan` (diffusers or the original Wan2.1 release layout),
+:mod:`dit_mem.loaders.vae` (the VAE of any family, on its own).
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dit_mem.backbone.injection import attach_memory, detach_memory
+from dit_mem.backbone.injection import attach_memory, check_width, detach_memory, experts
+from dit_mem.memory.tokens import check_memory_scale
 from dit_mem.utils import get_logger
 
 log = get_logger(__name__)
 
 RELEASE_WEIGHT_NAME = "DiT-Mem-1.3B.safetensors"
-
-
-def check_memory_scale(scale: Any) -> float:
-    """λ as a float; ``ValueError`` unless it is a finite number > 0."""
-    if isinstance(scale, bool) or not isinstance(scale, int | float):
-        raise ValueError(f"memory scale must be a number, got {scale!r}")
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"memory scale must be a finite number > 0, got {scale!r}")
-    return float(scale)
 
 
 def load_memory_encoder(
@@ -83,7 +79,7 @@ def load_memory_encoder(
 
 
 class MemoryLoaderMixin:
-    """``load_memory`` / ``set_memory_scale`` / ``unload_memory`` for a Wan pipeline."""
+    """``load_memory`` / ``set_memory_scale`` / ``unload_memory`` for a pipeline."""
 
     memory_bank = None
     _memory_scale: float = 1.0
@@ -126,20 +122,13 @@ class MemoryLoaderMixin:
         """
         from dit_mem.bank import MemoryBank
 
-        experts = [t for t in (self.transformer, getattr(self, "transformer_2", None)) if t]
-        if not experts:
-            raise ValueError("load_memory needs a pipeline with a transformer")
+        models = experts(self)
         hub = {"cache_dir": cache_dir, "local_files_only": local_files_only, "token": token}
         model = load_memory_encoder(
             encoder, subfolder=subfolder, weight_name=weight_name, revision=revision, **hub
         )
-        for expert in experts:
-            width = expert.config.num_attention_heads * expert.config.attention_head_dim
-            if model.config.dim != width:
-                raise ValueError(
-                    f"memory encoder width {model.config.dim} does not match the DiT's hidden "
-                    f"size {width} (use the encoder of this backbone)"
-                )
+        for expert in models:
+            check_width(model.config.dim, expert)
         if bank is not None and not isinstance(bank, MemoryBank):
             bank = MemoryBank.from_pretrained(
                 bank,
@@ -151,8 +140,8 @@ class MemoryLoaderMixin:
                 **hub,
             )
         self.set_memory_scale(scale)  # checked before anything changes
-        dtype = torch_dtype or experts[0].dtype
-        device = experts[0].device
+        dtype = torch_dtype or models[0].dtype
+        device = models[0].device
         model = torch.nn.Module.to(model, device=device, dtype=dtype).eval().requires_grad_(False)
         self.register_modules(memory_encoder=model)
         self.memory_bank = bank
@@ -166,7 +155,7 @@ class MemoryLoaderMixin:
 
     def set_memory_scale(self, scale: float) -> None:
         """Memory strength λ for the following calls: log λ is added to every memory logit
-        (λ = 2 counts every memory token twice); 1 is the paper."""
+        (λ = 2 counts every memory token twice); 1 is the paper, 0 turns memory off."""
         self._memory_scale = check_memory_scale(scale)
 
     def unload_memory(self) -> None:

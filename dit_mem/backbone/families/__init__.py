@@ -1,0 +1,55 @@
+"""The DiT families memory attaches to, one module each (:class:`~.base.Family`).
+
+    family = family_of(pipe.transformer)        # picked from the model's class
+    family.blocks(transformer), family.modulate(...), family.dense_block(...)
+
+Adding a family is one module with a :class:`~.base.Family` subclass and its memory processor,
+listed in :data:`FAMILY_MODULES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+from typing import Any
+
+from dit_mem.backbone.families.base import Family, names
+
+FAMILY_MODULES: tuple[str, ...] = ("wan",)
+
+
+@cache
+def families() -> tuple[Family, ...]:
+    """Every family, in :data:`FAMILY_MODULES` order."""
+    return tuple(
+        importlib.import_module(f"{__name__}.{module}").FAMILY for module in FAMILY_MODULES
+    )
+
+
+def family_of(model: Any) -> Family:
+    """The family of a diffusers transformer; ``ValueError`` naming the supported classes."""
+    for family in families():
+        if family.matches(model):
+            return family
+    supported = names([c for f in families() for c in f.transformer_classes])
+    raise ValueError(
+        f"memory attaches to a diffusers {supported} (or a pipeline holding one), "
+        f"got {type(model).__name__}"
+    )
+
+
+def family_of_vae(vae: Any) -> Family:
+    """The family whose latent space a VAE encodes into."""
+    for family in families():
+        if isinstance(vae, family.vae_classes):
+            return family
+    supported = names([c for f in families() for c in f.vae_classes])
+    raise ValueError(f"no DiT family uses a {type(vae).__name__} (known VAEs: {supported})")
+
+
+def encoder_presets() -> dict[str, dict[str, Any]]:
+    """Every family's memory-encoder presets (name → ``MemoryEncoder`` fields)."""
+    return {name: fields for f in families() for name, fields in f.encoder_presets.items()}
+
+
+__all__ = ["FAMILY_MODULES", "Family", "encoder_presets", "families", "family_of", "family_of_vae"]

@@ -1,0 +1,249 @@
+"""What a DiT family is: the one place that knows a diffusers transformer's structure.
+
+Memory joins the block's own self-attention (or the video stream of its joint attention) the same
+way in every family (SPEC §4, §9). What differs, and what a family module says:
+
+* which model classes it is (:attr:`Family.transformer_classes`), where its blocks and their
+  attention are, which stock processor they run, and which pipeline attributes hold experts;
+* the forward arguments the hooks read, *by name* (:class:`Arguments`);
+* the memory tokens' modulation inside the block (:meth:`Family.modulate`) and the memory
+  processor for the block's attention (a :class:`MemoryProcessor`);
+* the paper's dense form of one block (:meth:`Family.dense_block`), for the tests and benchmarks;
+* the latent space of its VAE, its flow-matching settings for training and its encoder presets.
+
+Everything else (the call state, the exact merge, context parallelism, loaders, bank, trainer,
+CLI) is family-blind and reaches a family only through these methods.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from dit_mem.backbone.attention import Route, check_route
+
+if TYPE_CHECKING:
+    from dit_mem.backbone.injection import CallMemory, MemoryAttachment
+
+
+class Arguments:
+    """A forward's parameters by name (read only), as diffusers' ``TransformerBlockMetadata``
+    reads them: a keyword if given so, else the positional slot of that parameter."""
+
+    def __init__(self, function: Any):
+        names = list(inspect.signature(function).parameters)
+        self.index = {name: i - 1 for i, name in enumerate(names) if i > 0}  # skip self
+
+    def get(self, name: str, args: tuple, kwargs: dict, default: Any = None) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        i = self.index[name]
+        return args[i] if i < len(args) else default
+
+
+class MemoryProcessor:
+    """Base of a family's memory processor: composes the stock processor it replaces.
+
+    Without memory in the running call it *is* the stock processor (it calls it). The attention
+    backend and context-parallel configuration diffusers sets on it are the stock processor's,
+    so ``set_attention_backend`` / ``enable_parallelism`` reach both.
+    """
+
+    def __init__(self, attachment: MemoryAttachment, block: nn.Module, stock: Any, route: Route):
+        check_route(route)
+        self.attachment, self.block, self.stock, self.route = attachment, block, stock, route
+
+    @property
+    def _attention_backend(self):
+        return self.stock._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, value) -> None:
+        self.stock._attention_backend = value
+
+    @property
+    def _parallel_config(self):
+        return self.stock._parallel_config
+
+    @_parallel_config.setter
+    def _parallel_config(self, value) -> None:
+        self.stock._parallel_config = value
+
+    def memory_inputs(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running call's memory through this block's modulation: ``(tokens [B, G, D] in the
+        hidden dtype, bias [B, G] float32)``."""
+        attachment = self.attachment
+        call = attachment.memory
+        tokens = attachment.family.modulate(self.block, call, attachment.temb, hidden_states)
+        bias = call.bias.to(hidden_states.device).expand(hidden_states.shape[0], -1)
+        return tokens, bias
+
+
+def project(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of self-attention, fused projections or not."""
+    if getattr(attn, "fused_projections", False):
+        return attn.to_qkv(x).chunk(3, dim=-1)
+    return attn.to_q(x), attn.to_k(x), attn.to_v(x)
+
+
+def noisiest(temb: torch.Tensor, call: CallMemory) -> torch.Tensor:
+    """Per-token ``temb`` ``[B, S, ...]`` reduced to each row's noisiest token, ``[B, 1, ...]``.
+
+    Memory takes the modulation of the token with the largest timestep: the current noisy
+    timestep, not a clean conditioning frame's ``t = 0`` (Wan2.2 TI2V, LTX conditioning).
+    """
+    if call.noisy_token is None or temb.shape[1] != call.num_tokens:
+        raise NotImplementedError(
+            "memory with per-token timesteps needs every token's timestep in each block "
+            f"(got temb for {temb.shape[1]} tokens, timesteps for {call.num_tokens}); "
+            "context parallelism with per-token timesteps is not supported"
+        )
+    rows = torch.arange(temb.shape[0], device=temb.device)
+    return temb[rows, call.noisy_token.to(temb.device)][:, None]
+
+
+class Family:
+    """One DiT family (subclassed once per module in :mod:`dit_mem.backbone.families`)."""
+
+    name: ClassVar[str]
+    transformer_classes: ClassVar[tuple[type, ...]]
+    block_classes: ClassVar[tuple[type, ...]]
+    stock_processors: ClassVar[tuple[type, ...]]  # what the memory processor may replace
+    processor: ClassVar[type[MemoryProcessor]]
+    vae_classes: ClassVar[tuple[type, ...]] = ()
+    expert_names: ClassVar[tuple[str, ...]] = ("transformer",)
+    blocks_attribute: ClassVar[str] = "transformer_blocks"
+    attention_attribute: ClassVar[str] = "attn1"
+    # cache_context names of one transformer call whose rows hold several CFG branches, with
+    # the branches in row order (e.g. LTXPipeline's batched "cond_uncond" is [uncond ; cond])
+    batched_branches: ClassVar[dict[str, tuple[str, ...]]] = {}
+    encoder_presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(self) -> None:
+        self._forward_args: dict[type, Arguments] = {}
+
+    # -- structure ---------------------------------------------------------------------------
+    def matches(self, model: Any) -> bool:
+        return isinstance(model, self.transformer_classes)
+
+    def hidden_size(self, transformer: nn.Module) -> int:
+        return transformer.config.num_attention_heads * transformer.config.attention_head_dim
+
+    def blocks(self, transformer: nn.Module) -> list[nn.Module]:
+        return list(getattr(transformer, self.blocks_attribute))
+
+    def attention(self, block: nn.Module) -> nn.Module:
+        return getattr(block, self.attention_attribute)
+
+    def check(self, transformer: nn.Module) -> None:
+        for i, block in enumerate(self.blocks(transformer)):
+            if not isinstance(block, self.block_classes):
+                raise ValueError(
+                    f"block {i} is a {type(block).__name__}, not a stock "
+                    f"{' / '.join(c.__name__ for c in self.block_classes)}; cannot attach memory"
+                )
+
+    def arguments(self, module: nn.Module) -> Arguments:
+        """The forward parameters of ``module``'s class, by name (cached per class)."""
+        cls = type(module)
+        if cls not in self._forward_args:
+            self._forward_args[cls] = Arguments(cls.forward)
+        return self._forward_args[cls]
+
+    def branch_layout(self, context: str | None) -> tuple[str, ...] | None:
+        """The CFG branches of a call's rows, from its ``cache_context`` name (``None``: unknown).
+
+        A name of one branch covers every row: ``"uncond"`` / ``"pred_uncond"`` (unconditional),
+        ``"cond"`` / ``"pred_cond"`` / ``"pred_cond_skip"`` (conditional, perturbed or not); a
+        call holding several branches is known only by name (:attr:`batched_branches`).
+        """
+        if context is None:
+            return None
+        if context in self.batched_branches:
+            return self.batched_branches[context]
+        words = set(context.split("_"))
+        if "uncond" in words and "cond" not in words:
+            return ("uncond",)
+        if "cond" in words and "uncond" not in words:
+            return ("cond",)
+        return None
+
+    # -- per call ----------------------------------------------------------------------------
+    def noisy_token(self, timestep: Any) -> tuple[torch.Tensor | None, int | None]:
+        """Per-token timesteps ``[B, S]``: index of each row's noisiest token, and S."""
+        if isinstance(timestep, torch.Tensor) and timestep.ndim == 2:
+            return timestep.argmax(dim=1), timestep.shape[1]
+        return None, None
+
+    def modulate(
+        self, block: nn.Module, call: CallMemory, temb: torch.Tensor, hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        """Memory tokens ``[B, G, D]`` through the block's pre-attention norm + modulation, in
+        the block's own arithmetic (the video stream's, for joint attention)."""
+        raise NotImplementedError
+
+    def dense_block(
+        self,
+        block: nn.Module,
+        memory: torch.Tensor,
+        repeats: int,
+        noisy: torch.Tensor | None,
+        args: tuple,
+        kwargs: dict,
+    ) -> Any:
+        """The paper's form of one block: the stock block's forward with the dense memory
+        ``[B, L, D]`` appended after its pre-attention modulation, as queries and keys (no RoPE),
+        each memory token counted ``repeats`` times (λ), outputs sliced off. ``noisy``: each
+        row's noisiest token, for per-token timesteps."""
+        raise NotImplementedError
+
+    # -- latents -----------------------------------------------------------------------------
+    def normalize_latents(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        """``z`` of the VAE encoder ``[B, C, T, H, W]`` → the space the DiT denoises in."""
+        raise NotImplementedError
+
+    def denormalize_latents(self, vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        """De-normalised latents → frames in [-1, 1] (the VAE's own ``decode``)."""
+        return vae.decode(z, return_dict=False)[0]
+
+    def latent_geometry(self, vae: nn.Module) -> tuple[int, int, int]:
+        """``(channels, temporal compression, spatial compression)`` of the family's VAE."""
+        raise NotImplementedError
+
+    def latent_record(self, vae: nn.Module) -> dict[str, Any]:
+        """How latents are normalised, as a latent folder's manifest records it."""
+        raise NotImplementedError
+
+    def latent_shape(self, vae: nn.Module, num_frames: int, height: int, width: int) -> list[int]:
+        """``[C, T, H, W]`` of a clip's latent; ``ValueError`` for a geometry the VAE cannot take."""
+        channels, t, s = self.latent_geometry(vae)
+        if (num_frames - 1) % t or height % s or width % s:
+            raise ValueError(
+                f"the {type(vae).__name__} takes {t}k+1 frames of a height and width that are "
+                f"multiples of {s}; got {num_frames} frames of {height}×{width}"
+            )
+        return [channels, (num_frames - 1) // t + 1, height // s, width // s]
+
+    def __repr__(self) -> str:
+        return f"<{self.name} family>"
+
+
+def expand_memory(memory: torch.Tensor, batch: int) -> torch.Tensor:
+    """Dense memory ``[1 | B, L, D]`` for ``batch`` rows."""
+    return memory.expand(batch, -1, -1) if memory.shape[0] == 1 else memory
+
+
+def repeat_tokens(memory: torch.Tensor, repeats: int) -> torch.Tensor:
+    """Every dense token ``repeats`` times (the reference's λ: integer multiplicities)."""
+    return memory.repeat_interleave(repeats, dim=1) if repeats != 1 else memory
+
+
+def names(classes: Sequence[type]) -> str:
+    return " / ".join(c.__name__ for c in classes)

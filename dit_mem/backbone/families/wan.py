@@ -1,0 +1,176 @@
+"""Wan (2.1, 2.2 TI2V / A14B, I2V, VACE): memory in every ``WanTransformerBlock``'s ``attn1``.
+
+A Wan block computes ``x + gate · attn1(modulate(norm1(x), shift, scale), RoPE)``, then
+cross-attention to the text, then the FFN (``temb`` ``[B, 6, D]``, or ``[B, S, 6, D]`` with
+per-token timesteps). Memory tokens get ``norm1`` and the self-attention shift/scale (float32, as
+the block computes them), the same q/k/v projections and q/k RMSNorm, no RoPE; the video tokens
+are the only queries. ``WanVACETransformer3DModel``: memory joins the main ``blocks`` (the video
+stream); the VACE control blocks stay stock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.models.transformers.transformer_wan import (
+    WanAttnProcessor,
+    WanTransformer3DModel,
+    WanTransformerBlock,
+)
+from diffusers.models.transformers.transformer_wan_vace import WanVACETransformer3DModel
+
+from dit_mem.backbone.attention import memory_attention
+from dit_mem.backbone.families.base import (
+    Family,
+    MemoryProcessor,
+    expand_memory,
+    noisiest,
+    project,
+    repeat_tokens,
+)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding on interleaved channel pairs (the stock arithmetic), ``[B, S, H, Dh]``."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class WanMemoryProcessor(MemoryProcessor):
+    """``attn1`` of one Wan block with the memory tokens as extra keys/values."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if self.attachment.memory is None or encoder_hidden_states is not None:
+            return self.stock(
+                attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
+            )
+        if attention_mask is not None:
+            raise ValueError("memory tokens only go into self-attention without a mask")
+        memory, bias = self.memory_inputs(hidden_states)
+        query, key, value = project(attn, hidden_states)
+        _, memory_key, memory_value = project(attn, memory)
+        query, key, memory_key = attn.norm_q(query), attn.norm_k(key), attn.norm_k(memory_key)
+        query, key, value, memory_key, memory_value = (
+            t.unflatten(2, (attn.heads, -1)) for t in (query, key, value, memory_key, memory_value)
+        )
+        if rotary_emb is not None:
+            query, key = apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb)
+        out = memory_attention(
+            query,
+            key,
+            value,
+            memory_key,
+            memory_value,
+            bias,
+            route=self.route,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(query)))
+
+
+class WanFamily(Family):
+    name = "wan"
+    transformer_classes = (WanTransformer3DModel, WanVACETransformer3DModel)
+    block_classes = (WanTransformerBlock,)
+    stock_processors = (WanAttnProcessor,)
+    processor = WanMemoryProcessor
+    vae_classes = (AutoencoderKLWan,)
+    expert_names = ("transformer", "transformer_2")  # Wan2.2 A14B: two experts
+    blocks_attribute = "blocks"
+    # Fields of MemoryEncoder.__init__ that differ from its defaults (the paper's 1.3B); latent
+    # shapes are those of a 480×832, 81-frame bank.
+    encoder_presets = {
+        "wan2.1-1.3b": {},  # the paper's encoder (released as DiT-Mem-1.3B): the defaults
+        "wan2.1-14b": {"dim": 5120},
+        # Wan2.2: TI2V-5B has a 48-channel VAE (16× spatial); A14B keeps Wan2.1's VAE.
+        "wan2.2-ti2v-5b": {"in_channels": 48, "dim": 3072, "latent_shape": (21, 30, 52)},
+        "wan2.2-a14b": {"dim": 5120},
+    }
+
+    def modulate(self, block, call, temb, hidden_states):
+        b = hidden_states.shape[0]
+        if temb.ndim == 4:  # per-token timesteps [B, S, 6, D]
+            temb = noisiest(temb, call)[:, 0]
+        shift, scale = (block.scale_shift_table + temb.float()).chunk(6, dim=1)[:2]
+        tokens = call.tokens.to(device=hidden_states.device).expand(b, -1, -1)
+        return (block.norm1(tokens.float()) * (1 + scale) + shift).type_as(hidden_states)
+
+    def dense_block(self, block, memory, repeats, noisy, args, kwargs):
+        a = self.arguments(block)
+        hidden_states = a.get("hidden_states", args, kwargs)
+        encoder_hidden_states = a.get("encoder_hidden_states", args, kwargs)
+        temb, rotary_emb = a.get("temb", args, kwargs), a.get("rotary_emb", args, kwargs)
+        b, s, d = hidden_states.shape
+        memory = repeat_tokens(expand_memory(memory.to(hidden_states), b), repeats)
+        n = memory.shape[1]
+        x = torch.cat([hidden_states, memory], dim=1)  # [B, S + L, D]
+
+        # modulation: memory rows take the (noisiest token's) timestep modulation
+        if temb.ndim == 4:  # per-token timesteps (Wan2.2 TI2V): [B, S, 6, D]
+            rows = temb[torch.arange(b), noisy][:, None].expand(b, n, 6, d)
+            mod = block.scale_shift_table.unsqueeze(0) + torch.cat([temb, rows], 1).float()
+            shift, scale, gate, c_shift, c_scale, c_gate = (t.squeeze(2) for t in mod.chunk(6, 2))
+            gate, c_shift, c_scale, c_gate = (t[:, :s] for t in (gate, c_shift, c_scale, c_gate))
+        else:
+            mod = block.scale_shift_table + temb.float()
+            shift, scale, gate, c_shift, c_scale, c_gate = mod.chunk(6, dim=1)
+        normed = (block.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+
+        # self-attention over [video ; memory]: identity rotation (cos 1, sin 0) for memory
+        cos, sin = rotary_emb
+        cos = torch.cat([cos, cos.new_ones(1, n, 1, cos.shape[-1])], dim=1)
+        sin = torch.cat([sin, sin.new_zeros(1, n, 1, sin.shape[-1])], dim=1)
+        attn = WanAttnProcessor()(block.attn1, normed, None, None, (cos, sin))[:, :s]  # slice off
+
+        # the rest of the block sees the video tokens only
+        h = (hidden_states.float() + attn * gate).type_as(hidden_states)
+        h = h + block.attn2(block.norm2(h.float()).type_as(h), encoder_hidden_states, None, None)
+        ff = block.ffn((block.norm3(h.float()) * (1 + c_scale) + c_shift).type_as(h))
+        return (h.float() + ff.float() * c_gate).type_as(h)
+
+    def normalize_latents(self, vae, z):
+        mean, std = _stats(vae, z)
+        return (z - mean) / std
+
+    def denormalize_latents(self, vae, x):
+        mean, std = _stats(vae, x)
+        return x * std + mean
+
+    def latent_geometry(self, vae):
+        cfg = vae.config
+        return cfg.z_dim, cfg.scale_factor_temporal or 4, cfg.scale_factor_spatial or 8
+
+    def latent_record(self, vae):
+        mean, std = (s.flatten().tolist() for s in _stats(vae, torch.zeros(())))
+        return {
+            "normalization": "(z - latents_mean) / latents_std",
+            "latents_mean": [round(float(v), 6) for v in mean],
+            "latents_std": [round(float(v), 6) for v in std],
+        }
+
+
+def _stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(mean, std)`` of a Wan VAE's latent space, shaped for ``[B, C, T, H, W]``."""
+    cfg = vae.config
+    if cfg.latents_mean is None or cfg.latents_std is None:
+        raise ValueError("the VAE config has no latents_mean/latents_std to normalise with")
+    return tuple(
+        torch.tensor(s, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
+        for s in (cfg.latents_mean, cfg.latents_std)
+    )
+
+
+FAMILY = WanFamily()
