@@ -1,18 +1,20 @@
-"""Test scaffolding: tiny random Wan stacks, random worlds and a synthetic training set.
+"""Test scaffolding: one tiny config per model, tiny stacks of every family, a random world.
 
 Nothing on the runtime path of training, generation or the toy world imports this module; the
 test suite, the benchmarks and smoke runs do. Everything builds offline in seconds, and the
 weights are random, so what comes out is noise by construction.
 
-* tiny components (``tiny_transformer``, ``tiny_vae``, ``tiny_text_encoder``,
-  ``tiny_tokenizer``, ``tiny_pipeline``): the real diffusers / transformers classes at toy widths,
-  for the families ``"wan2.1"``, ``"wan2.2-ti2v"`` (per-token timesteps) and ``"wan2.2-a14b"``
-  (two experts switched at ``boundary_ratio``);
-* ``build_tiny_wan(folder)``: such a stack saved in diffusers layout, read back by the real
-  loading code;
-* ``run_random_world(out)``: a synthetic bank of shape clips, its real index and latents, a
-  random encoder, and one generation through the pipeline;
-* ``make_synthetic_run(root)``: a training set whose targets are predictable from their memory.
+* :data:`TINY` — one tiny config per model (diffusers' own tester configs are the model), every
+  DiT of width 32 so the ``"tiny"`` memory-encoder preset fits them all, every VAE taking
+  17×32×32 clips (Wan: 17×64×64) to ``[16, 5, 8, 8]`` latents;
+* :func:`tiny_transformer` / :func:`tiny_inputs` — one family's transformer and a forward call;
+* :func:`tiny_components` / :func:`tiny_pipeline` — a whole stock pipeline of a flavour
+  (``"wan2.1"``, ``"wan2.2-ti2v"``, ``"wan2.2-a14b"``, ``"ltx"``, ``"hunyuan15"``), text encoders
+  and tokenizers included (the toy world's word-level tokenizer, built offline);
+* :func:`build_tiny_model` — such a stack saved in diffusers layout, read back by the real loaders;
+* :func:`run_random_world` — a bank of toy-world clips, its real index and latents, a random
+  encoder, and one generation through the pipeline;
+* :func:`make_synthetic_run` — a training set whose targets are predictable from their memory.
 """
 
 from __future__ import annotations
@@ -20,9 +22,8 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -31,213 +32,346 @@ from dit_mem.utils import get_logger, write_json_atomic, write_safetensors_atomi
 logger = get_logger(__name__)
 
 # ======================================================================================
-# Tiny random components
+# One tiny config per model
 # ======================================================================================
-Family = Literal["wan2.1", "wan2.2-ti2v", "wan2.2-a14b"]
-FAMILIES: tuple[str, ...] = ("wan2.1", "wan2.2-ti2v", "wan2.2-a14b")
-
-TINY_TEXT_DIM = 32
-_CAPTIONS = (
-    "a red fox jumps over a sleeping dog in the snow",
-    "waves roll onto a sandy beach at sunset",
-    "a cat sits on a mat next to a window",
-    "a city street at night with cars and neon lights",
-    "a person rides a bicycle through a green park",
+TEXT_DIM = 32
+TINY: dict[str, dict[str, Any]] = {
+    "wan": {
+        "patch_size": (1, 2, 2),
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "in_channels": 16,
+        "out_channels": 16,
+        "text_dim": TEXT_DIM,
+        "freq_dim": 32,
+        "ffn_dim": 64,
+        "num_layers": 2,
+        "rope_max_seq_len": 64,
+    },
+    "ltx": {
+        "in_channels": 16,
+        "out_channels": 16,
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "cross_attention_dim": 32,
+        "num_layers": 2,
+        "caption_channels": TEXT_DIM,
+    },
+    "hunyuan15": {
+        "in_channels": 33,  # latents, conditioning latents and their mask (2 · 16 + 1)
+        "out_channels": 16,
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "num_layers": 2,
+        "num_refiner_layers": 1,
+        "mlp_ratio": 2.0,
+        "patch_size": 1,
+        "patch_size_t": 1,
+        "text_embed_dim": TEXT_DIM,
+        "text_embed_2_dim": TEXT_DIM,
+        "image_embed_dim": 12,
+        "rope_axes_dim": (4, 4, 8),
+        "target_size": 32,
+        "task_type": "t2v",
+    },
+    # VAEs: [16, 5, 8, 8] latents of 17×64×64 (Wan, 8× spatial) or 17×32×32 clips (4×)
+    "wan-vae": {"base_dim": 2, "num_res_blocks": 1, "z_dim": 16},
+    "ltx-vae": {
+        "latent_channels": 16,
+        "block_out_channels": (8, 8, 8, 8),
+        "decoder_block_out_channels": (8, 8, 8, 8),
+        "layers_per_block": (1, 1, 1, 1, 1),
+        "decoder_layers_per_block": (1, 1, 1, 1, 1),
+        "spatio_temporal_scaling": (True, True, False, False),
+        "decoder_spatio_temporal_scaling": (True, True, False, False),
+        "decoder_inject_noise": (False,) * 5,
+        "upsample_residual": (False,) * 4,
+        "upsample_factor": (1,) * 4,
+        "timestep_conditioning": False,
+        "patch_size": 1,
+        "patch_size_t": 1,
+        "encoder_causal": True,
+        "decoder_causal": False,
+    },
+    "hunyuan15-vae": {
+        "latent_channels": 16,
+        "block_out_channels": (32, 32),
+        "layers_per_block": 1,
+        "spatial_compression_ratio": 4,
+        "temporal_compression_ratio": 4,
+        "downsample_match_channel": False,
+        "upsample_match_channel": False,
+    },
+    "t5": {"d_model": TEXT_DIM, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4},
+    "qwen2.5-vl-text": {
+        "hidden_size": TEXT_DIM,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "rope_scaling": {"mrope_section": [2, 2, 4], "rope_type": "default", "type": "default"},
+        "rope_theta": 1000000.0,
+    },
+}
+FLAVOURS: tuple[str, ...] = ("wan2.1", "wan2.2-ti2v", "wan2.2-a14b", "ltx", "hunyuan15")
+FAMILY_OF_FLAVOUR = {"wan2.1": "wan", "wan2.2-ti2v": "wan", "wan2.2-a14b": "wan"}
+# Geometry of a tiny generation per family (frames, height, width): [16, 5, 8, 8] latents
+TINY_GEOMETRY = {"wan": (17, 64, 64), "ltx": (17, 32, 32), "hunyuan15": (17, 32, 32)}
+# Words the tests' prompts and captions use, besides the toy world's (one tokenizer for all)
+WORDS = tuple(
+    [
+        "the",
+        "of",
+        "and",
+        "in",
+        "on",
+        "at",
+        "to",
+        "with",
+        "is",
+        "blurry",
+        "dark",
+        "dog",
+        "runs",
+        "beach",
+        "sunset",
+        "person",
+        "walking",
+        "city",
+        "night",
+        "cat",
+        "sits",
+        "mat",
+        "next",
+        "window",
+        "fox",
+        "jumps",
+        "over",
+        "sleeping",
+        "snow",
+        "waves",
+        "roll",
+        "onto",
+        "sandy",
+        "street",
+        "cars",
+        "neon",
+        "lights",
+        "rides",
+        "bicycle",
+        "through",
+        "park",
+        "monkey",
+        "dance",
+    ]
 )
 
 
-def tiny_transformer(
-    seed: int = 0,
-    num_layers: int = 2,
-    heads: int = 2,
-    head_dim: int = 16,
-    in_channels: int = 16,
-    text_dim: int = TINY_TEXT_DIM,
-):
-    """A ``WanTransformer3DModel`` of ``num_layers`` blocks, ``heads × head_dim`` wide (float32)."""
-    from diffusers import WanTransformer3DModel
+def family_of_flavour(flavour: str) -> str:
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown tiny flavour {flavour!r}; known: {FLAVOURS}")
+    return FAMILY_OF_FLAVOUR.get(flavour, flavour)
 
+
+def tiny_transformer(family: str = "wan", seed: int = 0, **overrides):
+    """A family's transformer at its tiny config (float32, eval)."""
+    from dit_mem.backbone.families import families
+
+    cls = {f.name: f.transformer_classes[0] for f in families()}[family]
     torch.manual_seed(seed)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=heads,
-        attention_head_dim=head_dim,
-        in_channels=in_channels,
-        out_channels=in_channels,
-        text_dim=text_dim,
-        freq_dim=32,
-        ffn_dim=64,
-        num_layers=num_layers,
-        rope_max_seq_len=64,
-    )
-    return model.eval()
+    return cls(**{**TINY[family], **overrides}).eval()
 
 
-def tiny_vae(seed: int = 0, z_dim: int = 16):
-    """An ``AutoencoderKLWan`` with base_dim 2 (temporal ×4, spatial ×8 like the real one)."""
-    from diffusers import AutoencoderKLWan
-
-    torch.manual_seed(seed)
-    return AutoencoderKLWan(base_dim=2, num_res_blocks=1, z_dim=z_dim).eval()
-
-
-def tiny_text_encoder(
-    vocab_size: int, seed: int = 0, d_model: int = TINY_TEXT_DIM, d_kv: int = 8, d_ff: int = 64
-):
-    """A 2-layer ``UMT5EncoderModel`` with the real model's structure (gated GELU, per-layer bias)."""
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    torch.manual_seed(seed)
-    config = UMT5Config(
-        vocab_size=vocab_size,
-        d_model=d_model,
-        d_kv=d_kv,
-        d_ff=d_ff,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        tie_word_embeddings=False,
-    )
-    return UMT5EncoderModel(config).eval()
-
-
-def tiny_tokenizer(texts: tuple[str, ...] | list[str] = _CAPTIONS, vocab_size: int = 64):
-    """A ``T5Tokenizer`` (Unigram, trained on ``texts``); pad 0, eos 1, unk 2 as in UMT5."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import T5Tokenizer
-
-    tok = Tokenizer(models.Unigram())
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"
-    )
-    tok.train_from_iterator(list(texts), trainer)
-    vocab = [(piece, float(score)) for piece, score in json.loads(tok.to_str())["model"]["vocab"]]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
-
-
-def tiny_pipeline(family: Family = "wan2.1", seed: int = 0) -> Any:
-    """A stock diffusers ``WanPipeline`` of tiny random components for ``family``."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-
-    if family not in FAMILIES:
-        raise ValueError(f"unknown tiny Wan family {family!r}; known: {FAMILIES}")
-    tokenizer = tiny_tokenizer()
-    kwargs: dict[str, Any] = {}
-    if family == "wan2.2-a14b":
-        kwargs = {"transformer_2": tiny_transformer(seed + 1), "boundary_ratio": 0.875}
-    elif family == "wan2.2-ti2v":
-        kwargs = {"expand_timesteps": True}
-    return WanPipeline(
-        tokenizer=tokenizer,
-        text_encoder=tiny_text_encoder(len(tokenizer), seed),
-        vae=tiny_vae(seed),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
-        transformer=tiny_transformer(seed),
-        **kwargs,
-    )
-
-
-# ======================================================================================
-# A tiny Wan stack on disk and a random world around it
-# ======================================================================================
-# Words the demo captions and tests use; the tokenizer is trained on them (offline).
-_TOKENIZER_CORPUS = [
-    "a red circle moving left",
-    "a green square moving right",
-    "a blue triangle moving up",
-    "a yellow circle moving down",
-    "a magenta square moving left",
-    "a cyan triangle moving right",
-    "a dog runs on the beach at sunset",
-    "a person walking in the city",
-]
-
-
-def build_tiny_components(seed: int = 0) -> dict:
-    """Random tiny transformer (2 layers, 2×16), VAE, UMT5 encoder, tokenizer, Euler scheduler.
-
-    The tokenizer knows the demo's caption words.
-    """
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    tokenizer = tiny_tokenizer(_TOKENIZER_CORPUS * 4)
+def tiny_inputs(family: str = "wan", batch: int = 2, seed: int = 0) -> dict[str, Any]:
+    """Keyword arguments of one forward of :func:`tiny_transformer` (two timesteps, a padded
+    text for the families that take a mask)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.tensor([500.0, 730.0, 260.0, 900.0][:batch])
+    if family == "wan":
+        return {
+            "hidden_states": torch.randn(batch, 16, 3, 8, 8, generator=g),
+            "timestep": t,
+            "encoder_hidden_states": torch.randn(batch, 7, TEXT_DIM, generator=g),
+        }
+    mask = torch.ones(batch, 6)
+    mask[-1, 4:] = 0  # the last row's text is padded
+    if family == "ltx":
+        return {
+            "hidden_states": torch.randn(batch, 2 * 4 * 4, 16, generator=g),
+            "encoder_hidden_states": torch.randn(batch, 6, TEXT_DIM, generator=g),
+            "timestep": t,
+            "encoder_attention_mask": mask.bool(),
+            "num_frames": 2,
+            "height": 4,
+            "width": 4,
+        }
+    mask_2 = torch.ones(batch, 4)
+    mask_2[0, 2:] = 0
     return {
-        "transformer": tiny_transformer(seed),
-        "vae": tiny_vae(seed),
-        "text_encoder": tiny_text_encoder(len(tokenizer), seed),
-        "tokenizer": tokenizer,
-        "scheduler": FlowMatchEulerDiscreteScheduler(shift=5.0),
+        "hidden_states": torch.randn(batch, 33, 2, 4, 4, generator=g),
+        "timestep": t,
+        "encoder_hidden_states": torch.randn(batch, 6, TEXT_DIM, generator=g),
+        "encoder_attention_mask": mask,
+        "encoder_hidden_states_2": torch.randn(batch, 4, TEXT_DIM, generator=g),
+        "encoder_attention_mask_2": mask_2,
+        "image_embeds": torch.zeros(batch, 3, 12),
     }
 
 
-def build_tiny_wan(folder: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random Wan model in diffusers layout to ``folder`` (skipped if complete)."""
-    from diffusers import WanPipeline
+def tiny_vae(family: str = "wan", seed: int = 0):
+    from diffusers import AutoencoderKLHunyuanVideo15, AutoencoderKLLTXVideo, AutoencoderKLWan
 
+    cls = {
+        "wan": AutoencoderKLWan,
+        "ltx": AutoencoderKLLTXVideo,
+        "hunyuan15": AutoencoderKLHunyuanVideo15,
+    }[family]
+    torch.manual_seed(seed)
+    vae = cls(**TINY[f"{family}-vae"]).eval()
+    if family == "ltx":  # encode and decode whole clips, as the tiny tester does
+        vae.use_framewise_encoding = vae.use_framewise_decoding = False
+    return vae
+
+
+def tiny_tokenizer():
+    """The toy world's word-level tokenizer, knowing the tests' words too."""
+    from dit_mem.toyworld.base import build_tokenizer
+
+    return build_tokenizer(extra_words=WORDS)
+
+
+def _t5(vocab_size: int, seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=vocab_size, dropout_rate=0.0, **TINY["t5"])
+    return T5EncoderModel(config).eval()
+
+
+# A chat template of the Qwen family's shape (system, user, then the assistant's turn)
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+
+
+def tiny_components(flavour: str = "wan2.1", seed: int = 0) -> dict[str, Any]:
+    """The components of a tiny stock pipeline of ``flavour`` (its class: :func:`tiny_pipeline`)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    family = family_of_flavour(flavour)
+    tokenizer = tiny_tokenizer()
+    parts: dict[str, Any] = {
+        "transformer": tiny_transformer(family, seed),
+        "vae": tiny_vae(family, seed),
+        "tokenizer": tokenizer,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=5.0),
+    }
+    if family == "wan":
+        from dit_mem.toyworld.base import build_text_encoder
+
+        parts["text_encoder"] = build_text_encoder(len(tokenizer), seed, d_model=TEXT_DIM)
+        if flavour == "wan2.2-a14b":
+            parts |= {"transformer_2": tiny_transformer("wan", seed + 1), "boundary_ratio": 0.875}
+        elif flavour == "wan2.2-ti2v":
+            parts["expand_timesteps"] = True
+    elif family == "ltx":
+        parts["text_encoder"] = _t5(len(tokenizer), seed)
+        parts["scheduler"] = FlowMatchEulerDiscreteScheduler()
+    else:
+        from diffusers.guiders import ClassifierFreeGuidance
+        from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+        from dit_mem.toyworld.base import build_tokenizer
+
+        chat = build_tokenizer(extra_words=(*WORDS, "<|im_start|>", "<|im_end|>", "system", "user"))
+        chat.chat_template, chat.model_max_length = _CHAT_TEMPLATE, 4096
+        torch.manual_seed(seed)
+        config = Qwen2_5_VLTextConfig(
+            vocab_size=len(chat), bos_token_id=None, eos_token_id=1, **TINY["qwen2.5-vl-text"]
+        )
+        byt5 = ByT5Tokenizer()
+        parts |= {
+            "tokenizer": chat,
+            "text_encoder": Qwen2_5_VLTextModel(config).eval(),
+            "tokenizer_2": byt5,
+            "text_encoder_2": _t5(len(byt5), seed),
+            "guider": ClassifierFreeGuidance(guidance_scale=5.0),
+            "scheduler": FlowMatchEulerDiscreteScheduler(shift=7.0),
+        }
+    return parts
+
+
+def pipeline_class(flavour: str):
+    from diffusers import HunyuanVideo15Pipeline, LTXPipeline, WanPipeline
+
+    family = family_of_flavour(flavour)
+    return {"wan": WanPipeline, "ltx": LTXPipeline, "hunyuan15": HunyuanVideo15Pipeline}[family]
+
+
+def tiny_pipeline(flavour: str = "wan2.1", seed: int = 0, cls=None) -> Any:
+    """A stock diffusers pipeline (or ``cls``, e.g. a memory flavour) of tiny random components."""
+    pipe = (cls or pipeline_class(flavour))(**tiny_components(flavour, seed))
+    if flavour == "hunyuan15":  # the tiny chat template's prefix, not Qwen's 108 tokens
+        prefix = pipe.tokenizer.apply_chat_template(
+            [[{"role": "system", "content": pipe.system_message}, {"role": "user", "content": ""}]],
+            tokenize=True,
+        )
+        pipe.prompt_template_encode_start_idx = len(prefix[0]) - 4
+        pipe.tokenizer_max_length = 16
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_call(flavour: str = "wan2.1", steps: int = 2) -> dict[str, Any]:
+    """Call arguments of a tiny generation (its geometry, ``steps`` steps, CFG on)."""
+    frames, height, width = TINY_GEOMETRY[family_of_flavour(flavour)]
+    call = {"height": height, "width": width, "num_frames": frames, "num_inference_steps": steps}
+    if flavour != "hunyuan15":  # the guider holds its scale
+        call["guidance_scale"] = 5.0
+    if flavour == "ltx":
+        call["max_sequence_length"] = 16
+    return call
+
+
+def build_tiny_model(folder: str | Path, flavour: str = "wan2.1", seed: int = 0) -> Path:
+    """Write a tiny random stack of ``flavour`` in diffusers layout (skipped if complete)."""
     from dit_mem.utils import atomic_dir
 
     folder = Path(folder)
     if (folder / "model_index.json").is_file():
         return folder
     with atomic_dir(folder) as tmp:
-        WanPipeline(**build_tiny_components(seed)).save_pretrained(tmp)
-    logger.info("wrote a tiny random Wan model to %s", folder)
+        pipeline_class(flavour)(**tiny_components(flavour, seed)).save_pretrained(tmp)
+    logger.info("wrote a tiny random %s model to %s", flavour, folder)
     return folder
 
 
-# --------------------------------------------------------------------------------------
-# A random tiny world: synthetic bank, real index and latents, random models (for tests)
-# --------------------------------------------------------------------------------------
-COLOURS = {
-    "red": (230, 40, 40),
-    "green": (40, 200, 60),
-    "blue": (50, 80, 235),
-    "yellow": (240, 220, 40),
-    "magenta": (220, 50, 220),
-    "cyan": (40, 220, 220),
-}
-SHAPES = ("circle", "square")
-DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+def build_tiny_wan(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny random Wan2.1 model in diffusers layout (:func:`build_tiny_model`)."""
+    return build_tiny_model(folder, "wan2.1", seed)
 
 
-def shape_clip(
-    colour: str, shape: str, direction: str, frames: int = 17, size: int = 64
-) -> np.ndarray:
-    """A dark clip ``[F, size, size, 3]`` of one ``colour`` ``shape`` moving in ``direction``."""
-    yy, xx = np.mgrid[0:size, 0:size]
-    dx, dy = DIRECTIONS[direction]
-    r = size // 8
-    out = np.full((frames, size, size, 3), 16, dtype=np.uint8)
-    for f in range(frames):
-        travel = (f / max(frames - 1, 1) - 0.5) * (size - 4 * r)
-        cx, cy = size / 2 + dx * travel, size / 2 + dy * travel
-        if shape == "circle":
-            mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r**2
-        else:
-            mask = (abs(xx - cx) <= r) & (abs(yy - cy) <= r)
-        out[f][mask] = COLOURS[colour]
-    return out
-
-
-def write_bank(folder: Path, frames: int = 17, size: int = 64, videos: Path | None = None) -> Path:
-    """Synthetic clips (in ``videos``, default ``folder/video``) + ``folder/memory.csv``
-    (``video``, ``caption``); returns the CSV path."""
+# ======================================================================================
+# A random world: toy-world clips as a bank, real index and latents, random models
+# ======================================================================================
+def write_bank(folder: Path, videos: Path | None = None) -> Path:
+    """Toy-world clips of two shapes moving left or right in every colour (in ``videos``,
+    default ``folder/video``) + ``folder/memory.csv`` (``video``, ``caption``); returns the CSV."""
     from dit_mem.evaluation.video_io import write_mp4
+    from dit_mem.toyworld.world import COLOURS, Clip, render
 
     videos = videos if videos is not None else folder / "video"
     rows = []
     for i, (colour, shape, direction) in enumerate(
-        (c, s, d) for c in COLOURS for s in SHAPES for d in ("left", "right")
+        (c, s, d) for c in COLOURS for s in ("circle", "square") for d in ("left", "right")
     ):
         name = f"synth{i:03d}_0_0to1.mp4"
         path = videos / name
+        clip = Clip(colour, shape, direction)
         if not path.is_file():
-            write_mp4(path, shape_clip(colour, shape, direction, frames, size), fps=16)
-        rows.append({"video": name, "caption": f"a {colour} {shape} moving {direction}"})
+            write_mp4(path, render(clip), fps=16)
+        rows.append({"video": name, "caption": clip.caption})
     csv_path = folder / "memory.csv"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["video", "caption"])
@@ -252,8 +386,8 @@ RANDOM_WORLD_PROMPT = "a red circle moving right"
 def run_random_world(
     out: str | Path = "outputs/demo", prompt: str = RANDOM_WORLD_PROMPT, k: int = 2, steps: int = 4
 ):
-    """A random tiny Wan + a synthetic bank folder in ``out``, then one generation (each stage
-    skipped if done).
+    """A random tiny Wan + a bank folder of toy-world clips in ``out``, then one generation
+    (each stage skipped if done).
 
     Tests use the folders it writes: ``model`` (diffusers layout), ``encoder``, and ``bank``
     (``index/``, ``latents/``, ``videos/``, ``bank.json``) from ``memory.csv``; the generated
@@ -276,15 +410,16 @@ def run_random_world(
     logger.info(f"[2/5] caption index (all-MiniLM-L6-v2, FAISS inner product): {bank / 'index'}")
 
     model = build_tiny_wan(out / "model")
+    frames, height, width = TINY_GEOMETRY["wan"]
     summary = encode_latents(
         LatentJobConfig(
             csv=csv_path,
             out=bank / "latents",
             base_model=model,
             videos=bank / "videos",
-            num_frames=17,
-            height=64,
-            width=64,
+            num_frames=frames,
+            height=height,
+            width=width,
             num_workers=0,
         )
     )
@@ -301,9 +436,9 @@ def run_random_world(
         encoder=encoder_dir,
         bank=bank,
         k=k,
-        height=64,
-        width=64,
-        num_frames=17,
+        height=height,
+        width=width,
+        num_frames=frames,
         steps=steps,
         dtype="float32",
         device="cpu",
@@ -322,15 +457,7 @@ def run_random_world(
 # ======================================================================================
 # A synthetic training set
 # ======================================================================================
-LATENT_SHAPE = (16, 5, 8, 8)
-TINY_ENCODER = {
-    "conv_channels": [8, 16],
-    "kernel_sizes": [3, 3],
-    "strides": [1, 1],
-    "dim": 32,
-    "num_heads": 2,
-    "latent_shape": [5, 8, 8],
-}
+LATENT_SHAPE = (16, 5, 8, 8)  # what the "tiny" encoder preset is configured for
 CAPTION = "a person walking in the city"
 
 
@@ -380,6 +507,7 @@ def make_synthetic_run(
     scale: float = 1.5,
     seed: int = 0,
     overrides: list[str] | None = None,
+    flavour: str = "wan2.1",
 ) -> Any:
     """Write the synthetic set under ``root`` (base model reused if present); return its
     ``TrainConfig``."""
@@ -409,12 +537,12 @@ def make_synthetic_run(
         memory[vid] = [bank[c][j] for j in perm]
         rows.append({"video": f"videos/{vid}.mp4", "caption": CAPTION})
 
-    build_tiny_wan(root / "base")
+    base = "base" if flavour == "wan2.1" else f"base-{flavour}"
+    build_tiny_model(root / base, flavour)
     write_latent_store(root / "latents", latents)
     pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
     write_retrieval_cache(root / "cache", root / "index", memory)
-    encoder = "{" + ", ".join(f"{k_}: {v}" for k_, v in TINY_ENCODER.items()) + "}"
-    base = [
+    settings = [
         f"output_dir={root / 'run'}",
         f"data.train_csv={root / 'train.csv'}",
         f"data.latent_dir={root / 'latents'}",
@@ -422,8 +550,8 @@ def make_synthetic_run(
         f"data.cache_dir={root / 'cache'}",
         f"data.k={k}",
         "data.max_text_tokens=32",
-        f"model.base_model_dir={root / 'base'}",
-        f"model.encoder_overrides={encoder}",
+        f"model.base_model_dir={root / base}",
+        "model.encoder_preset=tiny",
         "model.dit_dtype=fp32",
         "model.text_encoder_dtype=fp32",
         "model.gradient_checkpointing=true",
@@ -436,4 +564,9 @@ def make_synthetic_run(
         "progress_bar=false",
         "seed=0",
     ]
-    return load_train_config(None, base + list(overrides or []))
+    return load_train_config(None, settings + list(overrides or []))
+
+
+def tiny_model_index(folder: Path) -> dict:
+    """The ``model_index.json`` of a tiny model folder."""
+    return json.loads((Path(folder) / "model_index.json").read_text())

@@ -20,14 +20,14 @@ from dit_mem import MemoryBank, MemoryEncoder, MemoryTokens
 from dit_mem.backbone import get_attachment
 from dit_mem.pipeline import SAME, DiTMemPipeline, DiTMemPipelineOutput
 from dit_mem.schedulers import PaperEulerScheduler, make_scheduler
-from dit_mem.testing import build_tiny_components, run_random_world, tiny_pipeline
+from dit_mem.testing import run_random_world, tiny_components, tiny_pipeline
 
 CALL = dict(height=32, width=32, num_frames=5, num_inference_steps=3, guidance_scale=5.0)
 
 
 @pytest.fixture
 def parts():
-    return build_tiny_components(seed=0)  # fresh per test: load_memory changes the transformer
+    return tiny_components(seed=0)  # fresh per test: load_memory changes the transformer
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_paper_scheduler_grid():
 # --------------------------------------------------------------------------------------
 @pytest.fixture
 def attached():
-    pipe = make(DiTMemPipeline, build_tiny_components(seed=0), "flow-euler")
+    pipe = make(DiTMemPipeline, tiny_components(seed=0), "flow-euler")
     pipe.load_memory(MemoryEncoder.from_preset("tiny"))
     return pipe
 

@@ -139,8 +139,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode", ["ulysses", "ring"])
-def test_context_parallelism_two_processes(mode, tmp_path):
+@pytest.mark.parametrize(
+    ("mode", "family"), [("ulysses", "wan"), ("ring", "wan"), ("ulysses", "ltx")]
+)  # LTX: stock diffusers 0.42.1 runs it under Ulysses at inference only (cp_worker.py)
+def test_context_parallelism_two_processes(mode, family, tmp_path):
     out = tmp_path / "result.json"
     cmd = [
         sys.executable,
@@ -151,6 +153,8 @@ def test_context_parallelism_two_processes(mode, tmp_path):
         str(TESTS / "cp_worker.py"),
         "--mode",
         mode,
+        "--family",
+        family,
         "--out",
         str(out),
     ]
@@ -159,8 +163,9 @@ def test_context_parallelism_two_processes(mode, tmp_path):
     result = json.loads(out.read_text())
     assert result["memory_effect"] > 1e-2  # memory matters, so a dropped half would show
     assert result["memory"] <= 1e-5  # inference (the lse route)
-    assert result["memory_with_grad"] <= 1e-5  # training forward (the joint route)
-    assert result["grad"] <= 1e-5  # the ranks' gradient shares sum to one process's gradient
+    if family == "wan":
+        assert result["memory_with_grad"] <= 1e-5  # training forward (the joint route)
+        assert result["grad"] <= 1e-5  # the ranks' gradient shares sum to one process's gradient
     if mode == "ulysses":
         assert result["no_memory"] == 0.0
 
@@ -270,6 +275,7 @@ def test_first_block_cache(call, want):
 
 def test_torch_compile_fullgraph(call, want):
     model = attached()
+    torch._dynamo.reset()  # other tests compiled the same code objects for other models
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     assert rel_err(run(compiled, call), want[0]) <= 1e-6
     assert rel_err(run(compiled, call, memory=False), want[1]) <= 1e-6
@@ -277,5 +283,6 @@ def test_torch_compile_fullgraph(call, want):
 
 def test_compile_repeated_blocks(call, want):
     model = attached()
+    torch._dynamo.reset()
     model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
     assert rel_err(run(model, call), want[0]) <= 1e-6

@@ -15,7 +15,6 @@ import torch
 
 from dit_mem.config import ConfigError
 from dit_mem.memory import MemoryEncoder, MemoryTokens
-from dit_mem.testing import TINY_ENCODER
 from dit_mem.training import (
     FlowMatchingObjective,
     TextEmbeddingCache,
@@ -41,14 +40,13 @@ def tiny_dit(seed: int = 0):
     from dit_mem.testing import tiny_transformer
     from dit_mem.training.trainer import freeze
 
-    dit = freeze(tiny_transformer(seed))
+    dit = freeze(tiny_transformer(seed=seed))
     attach_memory(dit)
     return dit
 
 
 def tiny_encoder() -> MemoryEncoder:
-    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in TINY_ENCODER.items()}
-    return MemoryEncoder.from_preset("wan2.1-1.3b", **cfg)
+    return MemoryEncoder.from_preset("tiny")
 
 
 def batch(b: int = 1, k: int = 2, seed: int = 0) -> dict:

@@ -64,14 +64,16 @@ class BaseStageConfig:
 UNKNOWN_WORD = "something"  # not in the vocabulary: one <unk> token
 
 
-def build_tokenizer(held_out_word: bool = True):
+def build_tokenizer(held_out_word: bool = True, extra_words: tuple[str, ...] = ()):
     """Word-level ``PreTrainedTokenizerFast``: every toy-world word (without the held-out
-    colour's unless ``held_out_word``), ``</s>`` appended; other words read as ``<unk>``."""
+    colour's unless ``held_out_word``) and ``extra_words``, ``</s>`` appended; other words read
+    as ``<unk>``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     colours = [c for c in COLOURS if held_out_word or c != HELD_OUT]
     words = ["a", "moving", *colours, *SHAPES, *DIRECTIONS]
+    words += [w for w in dict.fromkeys(extra_words) if w not in words and w not in SPECIAL]
     vocab = {tok: i for i, tok in enumerate(SPECIAL + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -87,17 +89,17 @@ def build_tokenizer(held_out_word: bool = True):
     )
 
 
-def build_text_encoder(vocab_size: int, seed: int = 0):
-    """A 2-layer ``UMT5EncoderModel`` of width 64 (the real one's structure: gated GELU, a
-    relative-position bias per layer)."""
+def build_text_encoder(vocab_size: int, seed: int = 0, d_model: int = TEXT_DIM):
+    """A 2-layer ``UMT5EncoderModel`` of width ``d_model`` (the real one's structure: gated GELU,
+    a relative-position bias per layer)."""
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
     config = UMT5Config(
         vocab_size=vocab_size,
-        d_model=TEXT_DIM,
-        d_kv=16,
-        d_ff=128,
+        d_model=d_model,
+        d_kv=d_model // 4,
+        d_ff=2 * d_model,
         num_layers=2,
         num_heads=4,
         relative_attention_num_buckets=8,

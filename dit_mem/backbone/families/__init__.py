@@ -15,7 +15,7 @@ from typing import Any
 
 from dit_mem.backbone.families.base import Family, names
 
-FAMILY_MODULES: tuple[str, ...] = ("wan",)
+FAMILY_MODULES: tuple[str, ...] = ("wan", "ltx", "hunyuan15")
 
 
 @cache

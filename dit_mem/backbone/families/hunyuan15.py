@@ -1,0 +1,178 @@
+"""HunyuanVideo-1.5: memory in the video stream of every dual-stream block's joint attention.
+
+A ``HunyuanVideo15TransformerBlock`` normalises and modulates each stream with its own
+``AdaLayerNormZero`` (``norm1`` for video, ``norm1_context`` for text, both from ``temb``
+``[B, D]``) and runs one attention over ``[video ; text]``: per-head q/k RMSNorm, RoPE on the
+video part only, a boolean mask that lets a query and a key meet only when both are valid (the
+text padding), then ``to_out`` / ``to_add_out`` per stream. Memory joins the *video stream*:
+the joint sequence is ``[video ; memory ; text]`` in the paper's form, memory tokens get the
+video stream's modulation, projections and q/k norms, no RoPE, and every valid query (video and
+text) sees them. The fast path keeps the video and text queries, with the memory keys appended
+to the masked attention (the ``"joint"`` route). The model has no ``_cp_plan``: memory under
+context parallelism is an error, never a silently wrong result.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLHunyuanVideo15
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_hunyuan_video15 import (
+    HunyuanVideo15AttnProcessor2_0,
+    HunyuanVideo15Transformer3DModel,
+    HunyuanVideo15TransformerBlock,
+)
+
+from dit_mem.backbone.attention import memory_attention
+from dit_mem.backbone.families.base import Family, MemoryProcessor, expand_memory, repeat_tokens
+
+
+def _heads(attn, x: torch.Tensor) -> torch.Tensor:
+    return x.unflatten(2, (attn.heads, -1))
+
+
+class HunyuanVideo15MemoryProcessor(MemoryProcessor):
+    """The joint attention of one HunyuanVideo-1.5 block, memory in its video stream."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.attachment.memory is None:
+            return self.stock(
+                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
+            )
+        if self._parallel_config is not None:
+            raise NotImplementedError(
+                "memory under context parallelism is not supported for HunyuanVideo-1.5 (diffusers "
+                "gives HunyuanVideo15Transformer3DModel no _cp_plan); run it without parallelism"
+            )
+        if encoder_hidden_states is None:
+            raise ValueError("HunyuanVideo-1.5 memory needs the block's text stream")
+        memory, bias = self.memory_inputs(hidden_states)
+        # video stream: projections, per-head q/k norm, RoPE (memory: the same, no RoPE)
+        query, key, value = (
+            _heads(attn, f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        memory_key = attn.norm_k(_heads(attn, attn.to_k(memory)))
+        memory_value = _heads(attn, attn.to_v(memory))
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        # text stream
+        text_query, text_key, text_value = (
+            _heads(attn, f(encoder_hidden_states))
+            for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        )
+        if attn.norm_added_q is not None:
+            text_query = attn.norm_added_q(text_query)
+        if attn.norm_added_k is not None:
+            text_key = attn.norm_added_k(text_key)
+        query, key = torch.cat([query, text_query], 1), torch.cat([key, text_key], 1)
+        value = torch.cat([value, text_value], 1)
+        # a query and a key meet only when both are valid; valid queries see the memory
+        b, s = query.shape[:2]
+        if attention_mask is None:
+            valid = query.new_ones(b, s, dtype=torch.bool)
+        else:
+            valid = F.pad(attention_mask, (s - attention_mask.shape[1], 0), value=True).bool()
+        mask = valid[:, None, None, :] & valid[:, None, :, None]
+        out = memory_attention(
+            query,
+            key,
+            value,
+            memory_key,
+            memory_value,
+            bias,
+            route=self.route,
+            backend=self._attention_backend,
+            attention_mask=mask,
+            memory_visible=valid,
+        )
+        out = out.flatten(2, 3).to(query.dtype)
+        n = encoder_hidden_states.shape[1]
+        video, text = out[:, :-n], out[:, -n:]
+        return attn.to_out[1](attn.to_out[0](video)), attn.to_add_out(text)
+
+
+class HunyuanVideo15Family(Family):
+    name = "hunyuan15"
+    transformer_classes = (HunyuanVideo15Transformer3DModel,)
+    block_classes = (HunyuanVideo15TransformerBlock,)
+    stock_processors = (HunyuanVideo15AttnProcessor2_0,)
+    processor = HunyuanVideo15MemoryProcessor
+    vae_classes = (AutoencoderKLHunyuanVideo15,)
+    attention_attribute = "attn"
+    # a diffusers guider that batches its conditions stacks them in its input order [cond ; uncond]
+    batched_branches = {"pred_cond_uncond": ("cond", "uncond")}
+    # HunyuanVideo-1.5: 32 latent channels (16× spatial, 4× temporal), width 16 heads × 128 =
+    # 2048. The bank's latents at the pipeline's defaults (121 frames, 480×848: [32, 31, 30, 53]).
+    encoder_presets = {
+        "hunyuanvideo-1.5": {"in_channels": 32, "dim": 2048, "latent_shape": (31, 30, 53)},
+    }
+
+    def modulate(self, block, call, temb, hidden_states):
+        b = hidden_states.shape[0]
+        tokens = call.tokens.to(device=hidden_states.device, dtype=hidden_states.dtype)
+        return block.norm1(tokens.expand(b, -1, -1), emb=temb)[0]
+
+    def dense_block(self, block, memory, repeats, noisy, args, kwargs):
+        a = self.arguments(block)
+        hidden_states = a.get("hidden_states", args, kwargs)
+        encoder_hidden_states = a.get("encoder_hidden_states", args, kwargs)
+        temb, mask = a.get("temb", args, kwargs), a.get("attention_mask", args, kwargs)
+        cos, sin = a.get("freqs_cis", args, kwargs)
+        b, s, _ = hidden_states.shape
+        memory = repeat_tokens(expand_memory(memory.to(hidden_states), b), repeats)
+        n = memory.shape[1]
+
+        # each stream's modulation; memory takes the video stream's
+        x = torch.cat([hidden_states, memory], dim=1)  # [B, S + L, D]
+        normed, gate, shift_mlp, scale_mlp, gate_mlp = block.norm1(x, emb=temb)
+        text, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(
+            encoder_hidden_states, emb=temb
+        )
+
+        # joint attention over [video ; memory ; text]: identity rotation for memory, memory
+        # valid in the mask (the processor pads the text mask with True for the video stream)
+        cos = torch.cat([cos, cos.new_ones(n, cos.shape[-1])])
+        sin = torch.cat([sin, sin.new_zeros(n, sin.shape[-1])])
+        attn, text_attn = HunyuanVideo15AttnProcessor2_0()(
+            block.attn, normed, text, mask, (cos, sin)
+        )
+        attn = attn[:, :s]  # slice off
+
+        # the rest of the block sees the video and text tokens only
+        h = hidden_states + attn * gate.unsqueeze(1)
+        c = encoder_hidden_states + text_attn * c_gate.unsqueeze(1)
+        h_ff = block.norm2(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        c_ff = block.norm2_context(c) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+        h = h + gate_mlp.unsqueeze(1) * block.ff(h_ff)
+        c = c + c_gate_mlp.unsqueeze(1) * block.ff_context(c_ff)
+        return h, c
+
+    # -- latents: HunyuanVideo15Pipeline scales by the VAE's scaling_factor ------------------
+    def normalize_latents(self, vae, z):
+        return z * vae.config.scaling_factor
+
+    def denormalize_latents(self, vae, x):
+        return x / vae.config.scaling_factor
+
+    def latent_geometry(self, vae):
+        cfg = vae.config
+        return cfg.latent_channels, cfg.temporal_compression_ratio, cfg.spatial_compression_ratio
+
+    def latent_record(self, vae):
+        return {
+            "normalization": "z * scaling_factor",
+            "scaling_factor": float(vae.config.scaling_factor),
+        }
+
+
+FAMILY = HunyuanVideo15Family()

@@ -1,0 +1,185 @@
+"""LTX-Video: memory in every ``LTXVideoTransformerBlock``'s ``attn1`` (self-attention).
+
+An LTX block computes ``x + gate · attn1(norm1(x) · (1 + scale) + shift, RoPE)`` with RMSNorm
+``norm1`` (no affine) and adaLN-single modulation ``scale_shift_table [6, D] + temb`` (``temb``
+``[B, S_t, 6·D]``: S_t = 1 with one timestep per sample, S_t = S with per-token timesteps, as
+the conditioning pipelines give), then cross-attention ``attn2`` to the text, then the FFN. The
+attention normalises q and k with RMSNorm across all heads and rotates them (RoPE on the whole
+width, before the head split). Memory tokens get ``norm1`` and the self-attention shift/scale in
+the block's own dtype, the same projections and q/k norms, no RoPE; video tokens are the only
+queries. The model has a ``_cp_plan``: under context parallelism the video tokens are split and
+every rank holds the whole memory (:mod:`dit_mem.backbone.attention` counts it once).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLLTXVideo
+from diffusers.models.transformers.transformer_ltx import (
+    LTXVideoAttnProcessor,
+    LTXVideoTransformer3DModel,
+    LTXVideoTransformerBlock,
+    apply_rotary_emb,
+)
+
+from dit_mem.backbone.attention import memory_attention
+from dit_mem.backbone.families.base import (
+    Family,
+    MemoryProcessor,
+    expand_memory,
+    noisiest,
+    project,
+    repeat_tokens,
+)
+
+
+class LTXMemoryProcessor(MemoryProcessor):
+    """``attn1`` of one LTX block with the memory tokens as extra keys/values."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if self.attachment.memory is None or encoder_hidden_states is not None:
+            return self.stock(
+                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
+            )
+        if attention_mask is not None:
+            raise ValueError("memory tokens only go into self-attention without a mask")
+        memory, bias = self.memory_inputs(hidden_states)
+        query, key, value = project(attn, hidden_states)
+        _, memory_key, memory_value = project(attn, memory)
+        query, key, memory_key = attn.norm_q(query), attn.norm_k(key), attn.norm_k(memory_key)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb)
+            key = apply_rotary_emb(key, image_rotary_emb)
+        query, key, value, memory_key, memory_value = (
+            t.unflatten(2, (attn.heads, -1)) for t in (query, key, value, memory_key, memory_value)
+        )
+        out = memory_attention(
+            query,
+            key,
+            value,
+            memory_key,
+            memory_value,
+            bias,
+            route=self.route,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(query.dtype)))
+
+
+def _modulation(block, temb: torch.Tensor, batch: int) -> torch.Tensor:
+    """``[B, S_t, 6, D]``: the block's ``scale_shift_table`` + ``temb``, as the block adds them."""
+    table = block.scale_shift_table
+    return table[None, None].to(temb.device) + temb.reshape(batch, temb.size(1), table.shape[0], -1)
+
+
+class LTXFamily(Family):
+    name = "ltx"
+    transformer_classes = (LTXVideoTransformer3DModel,)
+    block_classes = (LTXVideoTransformerBlock,)
+    stock_processors = (LTXVideoAttnProcessor,)
+    processor = LTXMemoryProcessor
+    vae_classes = (AutoencoderKLLTXVideo,)
+    # LTXPipeline runs both guidance branches in one call, rows [uncond ; cond]
+    batched_branches = {"cond_uncond": ("uncond", "cond")}
+    # LTX-Video 2B: 128 latent channels (32× spatial, 8× temporal), width 32 heads × 64 = 2048.
+    # The bank's latents at LTXPipeline's defaults (161 frames, 512×704: [128, 21, 16, 22]);
+    # stride 2 in the first block leaves a 2×2×2 grid there (stride 4 would leave 1×1×1).
+    encoder_presets = {
+        "ltx-video-2b": {
+            "in_channels": 128,
+            "strides": (2, 1),
+            "dim": 2048,
+            "latent_shape": (21, 16, 22),
+        },
+    }
+
+    def modulate(self, block, call, temb, hidden_states):
+        b = hidden_states.shape[0]
+        if temb.shape[1] > 1:  # per-token timesteps
+            temb = noisiest(temb, call)
+        shift, scale = _modulation(block, temb, b).unbind(dim=2)[:2]  # [B, 1, D]
+        tokens = call.tokens.to(device=hidden_states.device, dtype=hidden_states.dtype)
+        return block.norm1(tokens.expand(b, -1, -1)) * (1 + scale) + shift
+
+    def dense_block(self, block, memory, repeats, noisy, args, kwargs):
+        a = self.arguments(block)
+        hidden_states = a.get("hidden_states", args, kwargs)
+        encoder_hidden_states = a.get("encoder_hidden_states", args, kwargs)
+        temb, rotary = a.get("temb", args, kwargs), a.get("image_rotary_emb", args, kwargs)
+        encoder_attention_mask = a.get("encoder_attention_mask", args, kwargs)
+        b, s, d = hidden_states.shape
+        memory = repeat_tokens(expand_memory(memory.to(hidden_states), b), repeats)
+        n = memory.shape[1]
+        x = torch.cat([hidden_states, memory], dim=1)  # [B, S + L, D]
+
+        # modulation: memory rows take the (noisiest token's) timestep modulation
+        shift, scale, gate, c_shift, c_scale, c_gate = _modulation(block, temb, b).unbind(dim=2)
+        if temb.shape[1] > 1:  # per-token timesteps: [B, S, D] each
+            rows = torch.arange(b)
+            shift, scale = (
+                torch.cat([t, t[rows, noisy][:, None].expand(b, n, d)], 1) for t in (shift, scale)
+            )
+        normed = block.norm1(x) * (1 + scale) + shift
+
+        # self-attention over [video ; memory]: identity rotation (cos 1, sin 0) for memory
+        cos, sin = rotary
+        cos = torch.cat([cos, cos.new_ones(cos.shape[0], n, cos.shape[-1])], dim=1)
+        sin = torch.cat([sin, sin.new_zeros(sin.shape[0], n, sin.shape[-1])], dim=1)
+        attn = LTXVideoAttnProcessor()(block.attn1, normed, None, None, (cos, sin))[:, :s]
+
+        # the rest of the block sees the video tokens only
+        h = hidden_states + attn * gate
+        h = h + block.attn2(
+            h,
+            encoder_hidden_states=encoder_hidden_states,
+            image_rotary_emb=None,
+            attention_mask=encoder_attention_mask,
+        )
+        return h + block.ff(block.norm2(h) * (1 + c_scale) + c_shift) * c_gate
+
+    # -- latents: LTXPipeline._normalize_latents / _denormalize_latents ----------------------
+    @staticmethod
+    def _stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        mean, std = (t.view(1, -1, 1, 1, 1).to(like) for t in (vae.latents_mean, vae.latents_std))
+        return mean, std, float(vae.config.scaling_factor)
+
+    def normalize_latents(self, vae, z):
+        mean, std, scaling = self._stats(vae, z)
+        return (z - mean) * scaling / std
+
+    def denormalize_latents(self, vae, x):
+        mean, std, scaling = self._stats(vae, x)
+        return x * std / scaling + mean
+
+    def decode(self, vae, z):
+        # VAEs with timestep conditioning (LTX-Video 0.9.1+) decode at timestep 0 here
+        temb = None
+        if vae.config.timestep_conditioning:
+            temb = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
+        return vae.decode(z, temb, return_dict=False)[0]
+
+    def latent_geometry(self, vae):
+        return (
+            vae.config.latent_channels,
+            vae.temporal_compression_ratio,
+            vae.spatial_compression_ratio,
+        )
+
+    def latent_record(self, vae):
+        return {
+            "normalization": "(z - latents_mean) * scaling_factor / latents_std",
+            "latents_mean": [round(float(v), 6) for v in vae.latents_mean],
+            "latents_std": [round(float(v), 6) for v in vae.latents_std],
+            "scaling_factor": float(vae.config.scaling_factor),
+        }
+
+
+FAMILY = LTXFamily()
