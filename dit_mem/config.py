@@ -36,6 +36,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:  # X | None: X's own message
+            return _coerce(value, members[0], key)
         errors = []
         for arg in args:
             if arg is type(None):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dit_mem.config import ConfigError, to_dict
-from dit_mem.pipeline import SAME, WAN_NEGATIVE_PROMPT
+from dit_mem.pipeline import SAME
 from dit_mem.retrieval.retriever import RetrievalResult
 from dit_mem.schedulers import SchedulerKind
 from dit_mem.utils.logging import get_logger
@@ -33,7 +33,9 @@ logger = get_logger(__name__)
 class GenerationConfig:
     """Everything generation needs; defaults are the paper's (SPEC §6). Checked when built."""
 
-    base_model: Path = Path("model/Wan2.1-T2V-1.3B")  # diffusers / original Wan2.1 folder, Hub id
+    base_model: Path = Path("model/Wan2.1-T2V-1.3B")  # a diffusers folder of any supported
+    #  pipeline (Wan T2V / I2V / VACE, LTX-Video, HunyuanVideo-1.5), the original Wan2.1 folder,
+    #  or a Hub id
     encoder: Path | None = Path("checkpoint/DiT-Mem-1.3B.safetensors")  # folder, file or Hub id
     encoder_weight_name: str | None = None  # a release-layout file inside a Hub repository
     bank: Path | None = None  # a bank folder or Hub id (dit-mem bank ...); else the parts below
@@ -55,9 +57,9 @@ class GenerationConfig:
     steps: int = 40
     shift: float = 5.0
     guidance_scale: float = 5.0
-    max_sequence_length: int = 512  # UMT5 tokens per prompt (Wan: 512)
-    scheduler: SchedulerKind = "flow-euler"
-    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    max_sequence_length: int | None = None  # text tokens per prompt (None: the pipeline's; Wan 512)
+    scheduler: SchedulerKind | None = None  # None: the family's (Wan: flow-euler, the paper's)
+    negative_prompt: str | None = None  # None: the family's (Wan: Wan's standard one)
     seed: int = 42
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     device: str = "auto"
@@ -69,8 +71,10 @@ class GenerationConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer ≥ {low}, got {value!r}")
 
-        for name in ("k", "height", "width", "num_frames", "fps", "steps", "max_sequence_length"):
+        for name in ("k", "height", "width", "num_frames", "fps", "steps"):
             positive_int(name)
+        if self.max_sequence_length is not None:
+            positive_int("max_sequence_length")
         positive_int("seed", 0)
         if self.seed >= 2**63:
             raise ConfigError(f"seed must be < 2**63, got {self.seed}")
@@ -150,23 +154,44 @@ def load_bank(cfg: GenerationConfig):
 
 
 def load_pipeline(cfg: GenerationConfig):
-    """Base model (local folder in either layout, or a Hub id) → ``DiTMemPipeline`` on the
-    config's device, with the config's scheduler and, unless ``no_memory``, memory loaded."""
+    """Base model (local folder or Hub id) → the memory pipeline of its flavour on the config's
+    device, with the config's scheduler and, unless ``no_memory``, memory loaded.
+
+    A Wan text-to-video model loads from either layout (diffusers or the original release); any
+    other supported pipeline (Wan I2V / VACE, LTX-Video, HunyuanVideo-1.5) from its diffusers
+    folder, picked from ``model_index.json``.
+    """
+    import json
+
+    from dit_mem.backbone import family_of
     from dit_mem.loaders.wan import load_wan_components
-    from dit_mem.pipeline import DiTMemPipeline
+    from dit_mem.pipeline import FLAVOURS, DiTMemPipeline
     from dit_mem.schedulers import make_scheduler
     from dit_mem.utils.hub import resolve_folder
 
     device, dtype = cfg.resolved_device(), cfg.torch_dtype()
     base = resolve_folder(str(cfg.base_model))
-    parts = load_wan_components(base, torch_dtype=dtype)
-    pipe = DiTMemPipeline(
-        tokenizer=parts.tokenizer,
-        text_encoder=parts.text_encoder,
-        transformer=parts.transformer,
-        vae=parts.vae,
-        scheduler=make_scheduler(cfg.scheduler, cfg.shift),
-    ).to(device)
+    index = base / "model_index.json"
+    stock = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    if stock is None or FLAVOURS.get(stock) is DiTMemPipeline:
+        parts = load_wan_components(base, torch_dtype=dtype)
+        components = {
+            k: getattr(parts, k) for k in ("tokenizer", "text_encoder", "transformer", "vae")
+        }
+        pipe = DiTMemPipeline(**components, scheduler=make_scheduler("flow-euler", cfg.shift))
+    elif stock in FLAVOURS:
+        pipe = FLAVOURS[stock].from_pretrained(base, torch_dtype=dtype)
+    else:
+        raise ValueError(
+            f"{base}: model_index.json names a {stock}; memory pipelines exist for "
+            f"{', '.join(sorted({f._stock.__name__ for f in FLAVOURS.values()}))}"
+        )
+    kind = cfg.scheduler or family_of(pipe.transformer).default_scheduler
+    if kind != "model":
+        pipe.scheduler = make_scheduler(kind, cfg.shift)
+    elif stock is None or FLAVOURS.get(stock) is DiTMemPipeline:  # the folder's own scheduler
+        pipe.scheduler = _scheduler_from_config(parts.scheduler_config)
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=not cfg.progress)
     if not cfg.no_memory:
         encoder = str(cfg.encoder)
@@ -177,6 +202,15 @@ def load_pipeline(cfg: GenerationConfig):
             scale=cfg.memory_strength,
         )
     return pipe
+
+
+def _scheduler_from_config(config: dict[str, Any] | None):
+    """The scheduler a base model's ``scheduler_config.json`` describes (a diffusers class)."""
+    import diffusers
+
+    if not config or not isinstance(getattr(diffusers, config.get("_class_name", ""), None), type):
+        raise ConfigError("scheduler=model: the base model has no diffusers scheduler config")
+    return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
 @dataclass
@@ -212,21 +246,7 @@ def generate(
     mode = memory_mode or cfg.memory_mode
     if use_memory and getattr(pipe, "memory_bank", None) is None:
         raise ValueError("this pipeline was loaded with no_memory=true (no bank to retrieve from)")
-    out = pipe(
-        prompt,
-        negative_prompt=cfg.negative_prompt,
-        height=cfg.height,
-        width=cfg.width,
-        num_frames=cfg.num_frames,
-        num_inference_steps=cfg.steps,
-        guidance_scale=cfg.guidance_scale,
-        generator=torch.Generator(device="cpu").manual_seed(seed),
-        output_type="np",
-        max_sequence_length=cfg.max_sequence_length,
-        memory="retrieve" if use_memory else None,
-        negative_memory=SAME if mode == "both" else None,
-        k=cfg.k,
-    )
+    out = pipe(prompt, **call_arguments(pipe, cfg, seed, use_memory, mode))
     if not np.isfinite(out.frames[0]).all():  # never a black video that looks like a result
         raise FloatingPointError(
             f"generation for {prompt!r} (seed {seed}) produced NaN/Inf frames; try dtype=float32 "
@@ -236,6 +256,40 @@ def generate(
     retrieved = out.memory[0] if out.memory else RetrievalResult([], [], [])
     settings = {**cfg.metadata, "no_memory": not use_memory, "memory_mode": mode, "seed": seed}
     return GenerationResult(frames, prompt, seed, retrieved, settings)
+
+
+def call_arguments(pipe, cfg: GenerationConfig, seed: int, use_memory: bool, mode: str) -> dict:
+    """The pipeline call of one generation: the config's settings, as this flavour takes them
+    (the family's negative prompt by default; a guider pipeline's scale set on its guider)."""
+    import inspect
+
+    from dit_mem.backbone import family_of
+
+    family = family_of(pipe.transformer)
+    negative = (
+        family.default_negative_prompt if cfg.negative_prompt is None else cfg.negative_prompt
+    )
+    call = {
+        "negative_prompt": negative,
+        "height": cfg.height,
+        "width": cfg.width,
+        "num_frames": cfg.num_frames,
+        "num_inference_steps": cfg.steps,
+        "guidance_scale": cfg.guidance_scale,
+        "max_sequence_length": cfg.max_sequence_length,
+        "generator": torch.Generator(device="cpu").manual_seed(seed),
+        "output_type": "np",
+    }
+    accepted = inspect.signature(pipe._stock.__call__).parameters
+    if "guidance_scale" not in accepted and getattr(pipe, "guider", None) is not None:
+        pipe.guider = pipe.guider.new(guidance_scale=cfg.guidance_scale)
+    call = {k: v for k, v in call.items() if k in accepted and v is not None}
+    return {
+        **call,
+        "memory": "retrieve" if use_memory else None,
+        "negative_memory": SAME if mode == "both" else None,
+        "k": cfg.k,
+    }
 
 
 class PipelineGenerator:

@@ -31,6 +31,7 @@ from diffusers import (
 )
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
+from dit_mem.backbone.families.wan import WAN_NEGATIVE_PROMPT  # noqa: F401 (re-exported)
 from dit_mem.backbone.injection import (
     MEMORY_STRENGTH_KEY,
     MEMORY_TOKENS_KEY,
@@ -45,13 +46,6 @@ from dit_mem.retrieval.retriever import RetrievalResult
 from dit_mem.utils.logging import get_logger
 
 logger = get_logger(__name__)
-
-# Wan2.1's standard negative prompt (``sample_neg_prompt`` in Wan's shared config).
-WAN_NEGATIVE_PROMPT = (
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，"
-    "低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，"
-    "毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
-)
 
 RETRIEVE = "retrieve"
 MEMORY_ARGUMENTS = ("memory", "negative_memory", "memory_scale", "k")

@@ -6,6 +6,8 @@
   the release sampled with; diffusers' stock Euler spaces its N steps from σ = 1 to σ_min instead.
 * ``"unipc"``: Wan's own default, diffusers' ``UniPCMultistepScheduler`` with flow sigmas.
 * ``"euler"``: diffusers' stock ``FlowMatchEulerDiscreteScheduler`` with ``shift``.
+* ``"model"``: the base model's own scheduler (its ``scheduler/`` config); the default for the
+  families other than Wan (``Family.default_scheduler``).
 
 The schedule lives in the scheduler object; the pipeline's loop is stock ``WanPipeline``'s.
 """
@@ -17,8 +19,8 @@ from typing import Literal
 import numpy as np
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-SchedulerKind = Literal["flow-euler", "unipc", "euler"]
-SCHEDULERS: tuple[str, ...] = ("flow-euler", "unipc", "euler")
+SchedulerKind = Literal["flow-euler", "unipc", "euler", "model"]
+SCHEDULERS: tuple[str, ...] = ("flow-euler", "unipc", "euler", "model")
 
 
 class PaperEulerScheduler(FlowMatchEulerDiscreteScheduler):
@@ -54,4 +56,7 @@ def make_scheduler(kind: SchedulerKind = "flow-euler", shift: float = 5.0):
             use_flow_sigmas=True,
             flow_shift=shift,
         )
-    raise ValueError(f"unknown scheduler {kind!r}; choose one of {', '.join(SCHEDULERS)}")
+    raise ValueError(
+        f"unknown scheduler {kind!r}; choose one of {', '.join(SCHEDULERS[:-1])} (or 'model': "
+        "the base model's own, when a pipeline is loaded)"
+    )

@@ -113,8 +113,17 @@ TINY: dict[str, dict[str, Any]] = {
         "rope_theta": 1000000.0,
     },
 }
-FLAVOURS: tuple[str, ...] = ("wan2.1", "wan2.2-ti2v", "wan2.2-a14b", "ltx", "hunyuan15")
-FAMILY_OF_FLAVOUR = {"wan2.1": "wan", "wan2.2-ti2v": "wan", "wan2.2-a14b": "wan"}
+FLAVOURS: tuple[str, ...] = (
+    "wan2.1",  # WanPipeline, text to video
+    "wan2.2-ti2v",  # WanPipeline, per-token timesteps (expand_timesteps)
+    "wan2.2-a14b",  # WanPipeline, two experts switched at boundary_ratio
+    "wan-i2v",  # WanImageToVideoPipeline, image latents concatenated (in_channels 36)
+    "wan2.2-ti2v-i2v",  # WanImageToVideoPipeline, first frame given, per-token timesteps
+    "wan-vace",  # WanVACEPipeline (WanVACETransformer3DModel)
+    "ltx",  # LTXPipeline
+    "hunyuan15",  # HunyuanVideo15Pipeline (with its guider)
+)
+FAMILY_OF_FLAVOUR = {f: "wan" for f in FLAVOURS if f.startswith("wan")}
 # Geometry of a tiny generation per family (frames, height, width): [16, 5, 8, 8] latents
 TINY_GEOMETRY = {"wan": (17, 64, 64), "ltx": (17, 32, 32), "hunyuan15": (17, 32, 32)}
 # Words the tests' prompts and captions use, besides the toy world's (one tokenizer for all)
@@ -262,7 +271,7 @@ def tiny_components(flavour: str = "wan2.1", seed: int = 0) -> dict[str, Any]:
     family = family_of_flavour(flavour)
     tokenizer = tiny_tokenizer()
     parts: dict[str, Any] = {
-        "transformer": tiny_transformer(family, seed),
+        "transformer": _flavour_transformer(flavour, seed),
         "vae": tiny_vae(family, seed),
         "tokenizer": tokenizer,
         "scheduler": FlowMatchEulerDiscreteScheduler(shift=5.0),
@@ -273,8 +282,10 @@ def tiny_components(flavour: str = "wan2.1", seed: int = 0) -> dict[str, Any]:
         parts["text_encoder"] = build_text_encoder(len(tokenizer), seed, d_model=TEXT_DIM)
         if flavour == "wan2.2-a14b":
             parts |= {"transformer_2": tiny_transformer("wan", seed + 1), "boundary_ratio": 0.875}
-        elif flavour == "wan2.2-ti2v":
+        elif flavour in ("wan2.2-ti2v", "wan2.2-ti2v-i2v"):
             parts["expand_timesteps"] = True
+        if flavour in ("wan-i2v", "wan2.2-ti2v-i2v"):
+            parts |= {"image_encoder": None, "image_processor": None}
     elif family == "ltx":
         parts["text_encoder"] = _t5(len(tokenizer), seed)
         parts["scheduler"] = FlowMatchEulerDiscreteScheduler()
@@ -302,16 +313,42 @@ def tiny_components(flavour: str = "wan2.1", seed: int = 0) -> dict[str, Any]:
     return parts
 
 
-def pipeline_class(flavour: str):
-    from diffusers import HunyuanVideo15Pipeline, LTXPipeline, WanPipeline
+def _flavour_transformer(flavour: str, seed: int):
+    family = family_of_flavour(flavour)
+    if flavour == "wan-i2v":  # latents + mask + image latents
+        return tiny_transformer("wan", seed, in_channels=36)
+    if flavour == "wan-vace":
+        from diffusers import WanVACETransformer3DModel
 
+        torch.manual_seed(seed)
+        config = {**TINY["wan"], "num_layers": 3, "vace_layers": [0, 2], "vace_in_channels": 96}
+        return WanVACETransformer3DModel(**config).eval()
+    return tiny_transformer(family, seed)
+
+
+def pipeline_class(flavour: str):
+    from diffusers import (
+        HunyuanVideo15Pipeline,
+        LTXPipeline,
+        WanImageToVideoPipeline,
+        WanPipeline,
+        WanVACEPipeline,
+    )
+
+    if flavour in ("wan-i2v", "wan2.2-ti2v-i2v"):
+        return WanImageToVideoPipeline
+    if flavour == "wan-vace":
+        return WanVACEPipeline
     family = family_of_flavour(flavour)
     return {"wan": WanPipeline, "ltx": LTXPipeline, "hunyuan15": HunyuanVideo15Pipeline}[family]
 
 
-def tiny_pipeline(flavour: str = "wan2.1", seed: int = 0, cls=None) -> Any:
-    """A stock diffusers pipeline (or ``cls``, e.g. a memory flavour) of tiny random components."""
-    pipe = (cls or pipeline_class(flavour))(**tiny_components(flavour, seed))
+def tiny_pipeline(
+    flavour: str = "wan2.1", seed: int = 0, cls=None, components: dict | None = None
+) -> Any:
+    """A stock diffusers pipeline (or ``cls``, e.g. a memory flavour) of tiny random components
+    (or the given ``components``)."""
+    pipe = (cls or pipeline_class(flavour))(**(components or tiny_components(flavour, seed)))
     if flavour == "hunyuan15":  # the tiny chat template's prefix, not Qwen's 108 tokens
         prefix = pipe.tokenizer.apply_chat_template(
             [[{"role": "system", "content": pipe.system_message}, {"role": "user", "content": ""}]],
@@ -324,13 +361,21 @@ def tiny_pipeline(flavour: str = "wan2.1", seed: int = 0, cls=None) -> Any:
 
 
 def tiny_call(flavour: str = "wan2.1", steps: int = 2) -> dict[str, Any]:
-    """Call arguments of a tiny generation (its geometry, ``steps`` steps, CFG on)."""
+    """Call arguments of a tiny generation (its geometry, ``steps`` steps, CFG on; an image or a
+    control video where the flavour takes one)."""
+    from PIL import Image
+
     frames, height, width = TINY_GEOMETRY[family_of_flavour(flavour)]
     call = {"height": height, "width": width, "num_frames": frames, "num_inference_steps": steps}
     if flavour != "hunyuan15":  # the guider holds its scale
         call["guidance_scale"] = 5.0
-    if flavour == "ltx":
+    if flavour in ("ltx", "wan-i2v", "wan2.2-ti2v-i2v", "wan-vace"):
         call["max_sequence_length"] = 16
+    if flavour in ("wan-i2v", "wan2.2-ti2v-i2v"):
+        call["image"] = Image.new("RGB", (width, height), (200, 40, 40))
+    if flavour == "wan-vace":
+        call["video"] = [Image.new("RGB", (width, height), (40, 40, 200))] * frames
+        call["mask"] = [Image.new("L", (width, height), 0)] * frames
     return call
 
 

@@ -165,24 +165,35 @@ def test_per_token_timesteps_give_memory_the_noisiest_modulation(family):
 # --------------------------------------------------------------------------------------
 # Classifier-free guidance: per-branch memory, separate or batched calls
 # --------------------------------------------------------------------------------------
-def test_batched_guidance_rows_get_their_branch_memory():
-    """LTXPipeline batches [uncond ; cond] under cache_context("cond_uncond")."""
-    model, inputs = attached("ltx"), tiny_inputs("ltx", batch=4)
+@pytest.mark.parametrize(
+    ("family", "context", "order"),
+    [
+        ("ltx", "cond_uncond", ("uncond", "cond")),
+        ("hunyuan15", "pred_cond_uncond", ("cond", "uncond")),
+    ],
+)
+def test_batched_guidance_rows_get_their_branch_memory(family, context, order):
+    """One call holding both branches: LTXPipeline's [uncond ; cond] under "cond_uncond"; a
+    diffusers guider that stacks its conditions, [cond ; uncond]."""
+    model, inputs = attached(family), tiny_inputs(family, batch=4)
     mem, other = memory(seed=3), memory(seed=4)
+    rows_of = {"cond": [mem, mem], "uncond": [other, other]}
     with torch.no_grad():
-        with model.cache_context("cond_uncond"):
+        with model.cache_context(context):
             got = run(model, inputs, memory_tokens=mem, negative_memory_tokens=other)
             none = run(model, inputs, memory_tokens=mem, negative_memory_tokens=None)
             same = run(model, inputs, memory_tokens=mem)
-        rows = MemoryTokens.cat([other, other, mem, mem])
+        rows = MemoryTokens.cat([m for branch in order for m in rows_of[branch]])
         assert rel_err(got, run(model, inputs, memory_tokens=rows)) <= 1e-5
-        stock = run(model, inputs)
-        assert rel_err(none[:2], stock[:2]) <= 1e-6  # uncond rows: no memory
-        assert rel_err(none[2:], run(model, inputs, memory_tokens=mem)[2:]) <= 1e-5
-        assert rel_err(same, run(model, inputs, memory_tokens=mem)) <= 1e-6
+        stock, with_memory = run(model, inputs), run(model, inputs, memory_tokens=mem)
+        uncond = slice(0, 2) if order[0] == "uncond" else slice(2, 4)
+        cond = slice(2, 4) if order[0] == "uncond" else slice(0, 2)
+        assert rel_err(none[uncond], stock[uncond]) <= 1e-6  # uncond rows: no memory
+        assert rel_err(none[cond], with_memory[cond]) <= 1e-5
+        assert rel_err(same, with_memory) <= 1e-6
         with model.cache_context("uncond"):
-            uncond = run(model, inputs, memory_tokens=mem, negative_memory_tokens=None)
-        assert torch.equal(uncond, stock)
+            alone = run(model, inputs, memory_tokens=mem, negative_memory_tokens=None)
+        assert torch.equal(alone, stock)
     with pytest.raises(ValueError, match="needs to know which classifier-free guidance branch"):
         run(model, inputs, memory_tokens=mem, negative_memory_tokens=other)  # no context
 

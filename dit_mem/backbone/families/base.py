@@ -122,6 +122,10 @@ class Family:
     # the branches in row order (e.g. LTXPipeline's batched "cond_uncond" is [uncond ; cond])
     batched_branches: ClassVar[dict[str, tuple[str, ...]]] = {}
     encoder_presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # generation defaults where the config leaves them open: the sampler (a
+    # dit_mem.schedulers kind; "model": the base model's own) and the negative prompt
+    default_scheduler: ClassVar[str] = "model"
+    default_negative_prompt: ClassVar[str | None] = None
 
     def __init__(self) -> None:
         self._forward_args: dict[type, Arguments] = {}

@@ -31,6 +31,13 @@ from dit_mem.backbone.families.base import (
     repeat_tokens,
 )
 
+# Wan2.1's standard negative prompt (``sample_neg_prompt`` in Wan's shared config).
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，"
+    "低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，"
+    "毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Wan's rotary embedding on interleaved channel pairs (the stock arithmetic), ``[B, S, H, Dh]``."""
@@ -90,6 +97,8 @@ class WanFamily(Family):
     vae_classes = (AutoencoderKLWan,)
     expert_names = ("transformer", "transformer_2")  # Wan2.2 A14B: two experts
     blocks_attribute = "blocks"
+    default_scheduler = "flow-euler"  # the paper's sampler (SPEC §6)
+    default_negative_prompt = WAN_NEGATIVE_PROMPT
     # Fields of MemoryEncoder.__init__ that differ from its defaults (the paper's 1.3B); latent
     # shapes are those of a 480×832, 81-frame bank.
     encoder_presets = {
