@@ -1,80 +1,61 @@
-"""What memory costs per denoising step and per training step: the paper's form vs ours (issue 7).
+"""What memory costs per denoising step and per training step: the paper's form vs ours.
 
-    python benchmarks/memory_overhead.py --device cuda --size full          # the real numbers
-    python benchmarks/memory_overhead.py --device cpu --size reduced        # CPU smoke (~seconds)
+    python benchmarks/memory_overhead.py --device cuda --size full                 # Wan2.1-1.3B
+    python benchmarks/memory_overhead.py --device cuda --size full --family ltx    # LTX-Video 2B
+    python benchmarks/memory_overhead.py --device cpu --size reduced               # CPU smoke
 
-Builds the real-size Wan2.1-T2V-1.3B ``WanTransformer3DModel`` from the shipped config (random
-weights: speed needs no trained ones) and the paper-size ``MemoryEncoder``, and times in one
-process, interleaved round by round:
+Builds a family's transformer at its real size (random weights: speed needs no trained ones;
+Wan2.1-T2V-1.3B from the shipped config, LTX-Video 2B and HunyuanVideo-1.5 from the diffusers
+class defaults) and the memory encoder of its preset, and times in one process, round by round:
 
-1. a denoising step (one transformer forward) with no memory;
-2. the paper's form: the 1,000 dense memory tokens concatenated into every block's
-   self-attention as queries *and* keys, their outputs sliced off (the package's
-   :class:`~dit_mem.backbone.reference.PaperFormMemory`);
-3. our injection (``attach_memory``): the 10 distinct tokens as extra keys/values only, with a
-   log-multiplicity bias, per route: the package's ``auto``, ``lse`` (the video attention's
-   log-sum-exp merged with the memory part) and ``joint`` (one attention, bias in extra head
-   channels); and two exact routes written here (:class:`AltMemoryAttnProcessor`):
-   ``float-mask``, the naive one ("before": one SDPA with a float attention mask, which can
-   push SDPA off its fastest kernel), and ``repeat-kv`` (the distinct keys/values repeated by
-   multiplicity: mask-free at the stock head dim);
-4. one training step (encoder forward, DiT forward and backward into the encoder with gradient
-   checkpointing, ``FlowMatchingObjective`` loss, AdamW step): the paper's form (dense encoder
-   attention + dense tokens; the release re-encodes the caption with UMT5-XXL every step) and
-   ours (compact tokens, ``dit_mem.training.trainer.training_loss``) per route, with cached text
-   embeddings and with the caption encoded by a UMT5 encoder of the real size every step.
+1. a denoising step (one transformer forward, through the package's ``FrozenDiT``), no memory;
+2. the paper's form (``dit_mem.backbone.reference.PaperFormMemory``): the 1,000 dense memory
+   tokens in every block's attention as queries *and* keys, outputs sliced off;
+3. ours (``attach_memory``): the distinct tokens as extra keys/values with a log-multiplicity
+   bias, per route (``auto``, ``lse``, ``joint``; HunyuanVideo-1.5's masked attention: ``joint``);
+4. a training step (``dit_mem.training.trainer.training_loss``: encoder forward, DiT forward and
+   backward into the encoder with gradient checkpointing, AdamW step), ours and the paper's form
+   (``reference.paper_encode`` + ``PaperFormMemory``), with cached text; for Wan also with the
+   caption encoded by a UMT5-XXL-size encoder every step, as the release does.
 
-``--attention-backend`` runs the DiT on another diffusers attention backend (``flash``,
-``_native_cudnn``, ...): memory then goes through that backend too.
-
-Reported: median ms over ``--repeats`` after ``--warmup`` rounds (CUDA events on GPU,
-``perf_counter`` on CPU), overhead over (1) in percent, training throughput relative to the
-paper's form, and peak memory per case (``torch.cuda.max_memory_allocated`` on GPU, sampled RSS
-on CPU; both include every model built, so "+peak" gives the part above what was resident when
-the case started). It also checks that the paper's form and ours give the same transformer
-output. ``--size reduced`` shrinks depth, widths and the latent so the whole run takes seconds
-on a CPU (the test suite runs it); its ratios say nothing about the full size, where the 1,000
-memory tokens are 3% of 32,760 video tokens instead of 3× the 320 video tokens.
+Everything is the package's; this script holds timing and tables. Reported: median ms over
+``--repeats`` after ``--warmup`` rounds (CUDA events on GPU, ``perf_counter`` on CPU), overhead
+over (1), training throughput relative to the paper's form, peak memory per case (CUDA allocator
+peak, or sampled RSS on CPU; "+peak" is the part above what was resident when the case started),
+and checks that the paper's form equals ours on every route. ``--size reduced`` shrinks depth,
+widths and latents so a CPU runs it in seconds (the tests do); its ratios say nothing about the
+full size, where 1,000 memory tokens are ~3% of Wan's 32,760 video tokens.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import math
 import os
 import platform
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
 from dit_mem.backbone import attach_memory, detach_memory
-from dit_mem.backbone.families.wan import WanMemoryProcessor
-from dit_mem.backbone.injection import get_attachment
-from dit_mem.backbone.reference import PaperFormMemory
+from dit_mem.backbone.families import families
+from dit_mem.backbone.reference import PaperFormMemory, paper_encode
 from dit_mem.memory import MemoryEncoder, MemoryTokens
 from dit_mem.training.loss import FlowMatchingObjective
-from dit_mem.training.trainer import training_loss
+from dit_mem.training.trainer import FrozenDiT, training_loss
 
-PACKAGE_ROUTES = ("auto", "lse", "joint")  # dit_mem.backbone.attention
-ALT_ROUTES = ("float-mask", "repeat-kv")  # written here (AltMemoryAttnProcessor)
-ROUTE_CHOICES = PACKAGE_ROUTES + ALT_ROUTES
-DEFAULT_ROUTES = "auto,joint,float-mask,repeat-kv"
-ROUTE_LABELS = {
-    "auto": "auto (→ lse)",
-    "lse": "lse",
-    "joint": "joint",
-    "float-mask": "float mask (before)",
-    "repeat-kv": "repeat-kv",
+FAMILIES = {f.name: f for f in families()}
+ROUTES = {
+    "wan": ("auto", "lse", "joint"),
+    "ltx": ("auto", "lse", "joint"),
+    "hunyuan15": ("auto", "joint"),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -84,223 +65,61 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Size:
-    """Everything whose size differs between ``full`` and ``reduced``."""
+    """A family's transformer, encoder and latents at one size."""
 
     name: str
-    transformer: dict[str, Any]  # WanTransformer3DModel kwargs
-    encoder: dict[str, Any]  # MemoryEncoder.from_preset("wan2.1-1.3b", **overrides)
-    text_encoder: dict[str, Any]  # UMT5Config kwargs
+    transformer: dict[str, Any]  # constructor kwargs (over the class defaults)
+    encoder_preset: str
+    encoder: dict[str, Any]  # preset fields replaced
     latent: tuple[int, int, int, int]  # [C, T, H, W] of the generated video
-    memory_latent: tuple[int, int, int, int]  # [C, T, H, W] of each retrieved memory video
-    text_tokens: int = 512
-    caption_tokens: int = 120  # non-padding tokens of the caption (the rest is zeroed)
+    text_tokens: tuple[int, ...]  # valid tokens per text stream
+    text_encoder: dict[str, Any] | None = None  # Wan: UMT5 config, for "text every step"
 
 
-def _shipped_configs() -> dict[str, dict[str, Any]]:
-    text = resources.files("dit_mem.loaders.configs").joinpath("wan2.1-t2v-1.3b.json").read_text()
-    data = json.loads(text)
-    strip = {"_class_name", "architectures", "model_type", "tokenizer_class"}
-    return {k: {n: v for n, v in data[k].items() if n not in strip} for k in data if k[0] != "_"}
+def get_size(family: str, name: str) -> Size:
+    """``full``: the real models (Wan2.1-T2V-1.3B at 480×832×81; LTX-Video 2B at 512×704×161;
+    HunyuanVideo-1.5 at 480×848×121), the family's encoder preset. ``reduced``: 2 blocks of width
+    128, an encoder of that width, small latents, a 2-layer UMT5 of width 384."""
+    from dit_mem.loaders.wan import preset_configs
 
-
-def get_size(name: str, latent: tuple[int, int, int] | None = None) -> Size:
-    """``full``: the shipped Wan2.1-T2V-1.3B config, the paper's encoder, UMT5-XXL, 480×832×81.
-
-    ``reduced``: 2 blocks of width 128 (4 heads × 32), an encoder of the same width, a UMT5 of
-    2 layers × 384 (widths ≈ 1/12 of the real ones), latent ``[16, 5, 16, 16]`` (320 tokens).
-    """
-    shipped = _shipped_configs()
-    if name == "full":
-        size = Size(
-            "full",
-            transformer=shipped["transformer"],
-            encoder={},
-            text_encoder={**shipped["text_encoder"], "dropout_rate": 0.0},
-            latent=(16, 21, 60, 104),
-            memory_latent=(16, 21, 60, 104),
-        )
-    elif name == "reduced":
-        text = {
-            **shipped["text_encoder"],
-            "d_model": 384,
-            "num_layers": 2,
-            "num_decoder_layers": 2,
-            "d_ff": 960,
-            "num_heads": 6,
-            "vocab_size": 21376,
-            "dropout_rate": 0.0,
-        }
-        size = Size(
-            "reduced",
-            transformer={
-                **shipped["transformer"],
-                "num_layers": 2,
-                "num_attention_heads": 4,
-                "attention_head_dim": 32,
-                "ffn_dim": 768,
-                "text_dim": text["d_model"],
-            },
-            encoder={
-                "conv_channels": (32, 64),
-                "kernel_sizes": (3, 3),
-                "strides": (1, 1),
-                "dim": 128,
-                "latent_shape": (5, 16, 16),
-            },
-            text_encoder=text,
-            latent=(16, 5, 16, 16),
-            memory_latent=(16, 5, 16, 16),
-        )
+    if family == "wan":
+        shipped = preset_configs("wan2.1-t2v-1.3b")
+        strip = {"_class_name", "_diffusers_version", "architectures", "model_type"}
+        transformer = {k: v for k, v in shipped["transformer"].items() if k not in strip}
+        text = {k: v for k, v in shipped["text_encoder"].items() if k not in strip}
+        text |= {"dropout_rate": 0.0}
+        full = Size("full", transformer, "wan2.1-1.3b", {}, (16, 21, 60, 104), (120,), text)
+    elif family == "ltx":
+        full = Size("full", {}, "ltx-video-2b", {}, (128, 21, 16, 22), (60,))
     else:
+        full = Size("full", {}, "hunyuanvideo-1.5", {}, (32, 31, 30, 53), (120, 10))
+    if name == "full":
+        return full
+    if name != "reduced":
         raise ValueError(f"unknown size {name!r}; use full or reduced")
-    if latent is not None:
-        size = Size(
-            f"{size.name}, latent {list(latent)}",
-            size.transformer,
-            size.encoder,
-            size.text_encoder,
-            (size.latent[0], *latent),
-            size.memory_latent,
-        )
-    return size
-
-
-def video_tokens(size: Size) -> int:
-    """Tokens the DiT sees for one latent (after its 1×2×2 patching)."""
-    pt, ph, pw = size.transformer["patch_size"]
-    _, t, h, w = size.latent
-    return (t // pt) * (h // ph) * (w // pw)
-
-
-# --------------------------------------------------------------------------------------
-# The paper's form: dense memory tokens as queries and keys in every self-attention
-# --------------------------------------------------------------------------------------
-class PaperForm:
-    """The package's :class:`~dit_mem.backbone.reference.PaperFormMemory`, installed on demand.
-
-    Set ``tokens`` (dense ``[B, M, D]``) before a forward and keep them until its backward is
-    done (gradient checkpointing recomputes the blocks then).
-    """
-
-    def __init__(self, transformer: WanTransformer3DModel):
-        self.transformer = transformer
-        self.memory: PaperFormMemory | None = None
-
-    tokens: torch.Tensor | None = None
-
-    @contextmanager
-    def installed(self) -> Iterator[PaperForm]:
-        self.memory = PaperFormMemory(self.transformer)
-        try:
-            yield self
-        finally:
-            self.memory.remove()
-            self.memory = None
-
-
-def paper_encode(
-    encoder: MemoryEncoder, latents: torch.Tensor, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """The paper's encoder output: the shared attention over all 2·N·L dense tokens."""
-    videos = encoder.encode_videos(latents)
-    if encoder.training:  # the same draw as MemoryEncoder.aggregate
-        perm = torch.randperm(videos.num_videos, generator=generator)
-        videos = videos.select(perm.to(videos.high.device))
-    b, n, g, d = videos.high.shape
-    counts = videos.log_counts.exp().round().long().repeat(n).to(videos.high.device)
-    outs = []
-    for t in (videos.high, videos.low):
-        outs.append(
-            encoder.attention(torch.repeat_interleave(t.reshape(b, n * g, d), counts, dim=1))
-        )
-    return torch.cat(outs, dim=1)  # [B, 2·N·L, D]
-
-
-def paper_training_loss(
-    paper: PaperForm,
-    encoder: MemoryEncoder,
-    objective: FlowMatchingObjective,
-    batch: dict,
-    generator: torch.Generator,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """``dit_mem.training.trainer.training_loss`` with the paper's memory (same draws, in order:
-    memory permutation, timestep indices, noise). ``paper`` must be installed; its tokens stay
-    set for the backward (cleared by the caller)."""
-    transformer = paper.transformer
-    device = next(transformer.parameters()).device
-    x0 = batch["x0"].to(device, torch.float32)
-    paper.tokens = paper_encode(encoder, batch["memory"].to(device), generator)
-    index = objective.sample_indices(x0.shape[0], generator)
-    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device)
-    x_t, t, target = objective.prepare(x0, index, noise)
-    pred = transformer(
-        hidden_states=x_t.to(dtype),
-        timestep=t,
-        encoder_hidden_states=batch["text"].to(device, dtype),
-        attention_kwargs={"memory_tokens": paper.tokens},
-        return_dict=False,
-    )[0]
-    return objective.loss(pred, target, index)
-
-
-# --------------------------------------------------------------------------------------
-# Other exact routes for our compact tokens, written here for comparison
-# --------------------------------------------------------------------------------------
-class AltMemoryAttnProcessor(WanMemoryProcessor):
-    """Our injection (video queries only) through one plain SDPA, by ``mode``:
-
-    ``"float-mask"``  keys ``[video ; G memory]``, the log-multiplicity bias as a float attention
-                      mask (in the query dtype, as SDPA requires): the naive route, "before".
-    ``"repeat-kv"``   keys ``[video ; memory]`` with each distinct memory key/value repeated by
-                      its multiplicity (the G tokens are projected once): mask-free, head dim
-                      unchanged, differentiable; exact only for integer multiplicities (λ = 1).
-    """
-
-    def __init__(self, attachment, block, stock, mode: str):
-        super().__init__(attachment, block, stock, "auto")
-        if mode not in ALT_ROUTES:
-            raise ValueError(f"unknown mode {mode!r}")
-        self.mode = mode
-
-    def attend(self, query, key, value, memory_key, memory_value, memory_bias):
-        query, key, value, memory_key, memory_value = (
-            t.transpose(1, 2) for t in (query, key, value, memory_key, memory_value)
-        )  # [B, H, S, Dh]
-        mask = None
-        if self.mode == "float-mask":
-            b, s = query.shape[0], query.shape[2]
-            mask = torch.cat([memory_bias.new_zeros(b, s), memory_bias], dim=1)
-            mask = mask.to(query.dtype)[:, None, None, :]
-        else:
-            counts = memory_bias[0].exp().round()
-            if not torch.allclose(counts.log(), memory_bias[0], atol=1e-4):
-                raise ValueError("repeat-kv needs integer multiplicities (memory_strength 1)")
-            counts = counts.long()
-            memory_key = memory_key.repeat_interleave(counts, dim=2)
-            memory_value = memory_value.repeat_interleave(counts, dim=2)
-        out = F.scaled_dot_product_attention(
-            query,
-            torch.cat([key, memory_key.to(key.dtype)], dim=2),
-            torch.cat([value, memory_value.to(value.dtype)], dim=2),
-            attn_mask=mask,
-        )
-        return out.transpose(1, 2)
-
-
-@contextmanager
-def ours_installed(transformer: WanTransformer3DModel, route: str) -> Iterator[None]:
-    """``attach_memory`` with a package route, or with :class:`AltMemoryAttnProcessor`."""
-    attach_memory(transformer, route="auto" if route in ALT_ROUTES else route)
-    try:
-        if route in ALT_ROUTES:
-            attachment = get_attachment(transformer)
-            for block in transformer.blocks:
-                stock = block.attn1.processor.stock
-                block.attn1.set_processor(AltMemoryAttnProcessor(attachment, block, stock, route))
-        yield
-    finally:
-        detach_memory(transformer)  # restores the stock processors
+    small = {"num_layers": 2, "num_attention_heads": 4, "attention_head_dim": 32}
+    c = full.latent[0]
+    if family == "wan":
+        transformer = {**full.transformer, **small, "ffn_dim": 768, "text_dim": 384}
+        text = {**full.text_encoder, "d_model": 384, "num_layers": 2, "num_decoder_layers": 2}
+        text |= {"d_ff": 960, "num_heads": 6, "vocab_size": 21376}
+    elif family == "ltx":
+        transformer, text = {**small, "cross_attention_dim": 128, "caption_channels": 64}, None
+    else:
+        transformer = {**small, "num_refiner_layers": 1, "rope_axes_dim": (8, 12, 12)}
+        transformer |= {"text_embed_dim": 64, "text_embed_2_dim": 32, "image_embed_dim": 32}
+        text = None
+    encoder = {"conv_channels": (32, 64), "kernel_sizes": (3, 3), "strides": (1, 1), "dim": 128}
+    encoder |= {"latent_shape": (5, 16, 16)}
+    return Size(
+        "reduced",
+        transformer,
+        full.encoder_preset,
+        encoder,
+        (c, 5, 16, 16),
+        (16, 4)[: len(full.text_tokens)],
+        text,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -390,29 +209,29 @@ def time_cases(cases: list[Case], device: torch.device, warmup: int, repeats: in
 
 
 # --------------------------------------------------------------------------------------
-# Building the models and inputs
+# Models and inputs
 # --------------------------------------------------------------------------------------
-def build_transformer(size: Size, device: torch.device, dtype: torch.dtype):
-    """Random-weight ``WanTransformer3DModel`` of ``size`` (initialised on ``device``), frozen.
-
-    Cast like ``from_pretrained(torch_dtype=dtype)``: the ``_keep_in_fp32_modules`` (rope, time
-    embedder, modulation tables, norms) stay float32.
-    """
+def build_dit(family: str, size: Size, device: torch.device, dtype: torch.dtype) -> FrozenDiT:
+    """A random-weight transformer of ``size`` (initialised on ``device``), frozen, cast like
+    ``from_pretrained(dtype=...)`` (``_keep_in_fp32_modules`` stay float32)."""
+    cls = FAMILIES[family].transformer_classes[0]
     torch.manual_seed(0)
     with torch.device(device):
-        model = WanTransformer3DModel(**size.transformer)
-    keep = set(model._keep_in_fp32_modules or ())
+        model = cls(**size.transformer)
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_floating_point() and not keep.intersection(name.split(".")):
             t.data = t.data.to(dtype)
-    return model.requires_grad_(False).eval()
+    model.requires_grad_(False).eval()
+    max_tokens = 512 if family == "wan" else max(size.text_tokens)
+    return FrozenDiT(model, dtype, max_text_tokens=max_tokens)
 
 
 def build_encoder(size: Size, device: torch.device) -> MemoryEncoder:
-    """The paper-size encoder (float32 weights, as trained under bf16 autocast)."""
+    """The family's encoder (float32 weights, as trained under bf16 autocast)."""
     torch.manual_seed(1)
     with torch.device(device):
-        return MemoryEncoder.from_preset("wan2.1-1.3b", **size.encoder).eval()
+        return MemoryEncoder.from_preset(size.encoder_preset, **size.encoder).eval()
 
 
 def build_text_encoder(size: Size, device: torch.device, dtype: torch.dtype):
@@ -425,20 +244,26 @@ def build_text_encoder(size: Size, device: torch.device, dtype: torch.dtype):
     return model.requires_grad_(False).eval()
 
 
-def caption_inputs(size: Size, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask ``[1, text_tokens]`` of one padded caption."""
+def texts(dit: FrozenDiT, size: Size, device: torch.device) -> list[dict]:
+    """One caption's text streams: random valid rows of each stream's width."""
     g = torch.Generator().manual_seed(3)
-    ids = torch.randint(3, size.text_encoder["vocab_size"], (1, size.text_tokens), generator=g)
-    mask = torch.zeros(1, size.text_tokens, dtype=torch.long)
-    mask[:, : size.caption_tokens] = 1
-    return (ids * mask).to(device), mask.to(device)
+    dims = dit.family.text_dims(dit.transformer)
+    return [
+        {
+            s: torch.randn(n, dims[s], generator=g).to(device)
+            for s, n in zip(dims, size.text_tokens, strict=True)
+        }
+    ]
 
 
-def encode_caption(text_encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Wan's convention: encode with the mask, zero the padding positions."""
-    with torch.no_grad():
-        hidden = text_encoder(ids, mask).last_hidden_state
-    return hidden * mask[..., None].to(hidden.dtype)
+def video_tokens(dit: FrozenDiT, size: Size) -> int:
+    cfg = dit.transformer.config
+    patch = cfg.get("patch_size", 1)
+    pt, ph, pw = (
+        patch if isinstance(patch, list | tuple) else (cfg.get("patch_size_t", 1), patch, patch)
+    )
+    _, t, h, w = size.latent
+    return (t // pt) * (h // ph) * (w // pw)
 
 
 # --------------------------------------------------------------------------------------
@@ -454,10 +279,6 @@ class Result:
     table: str
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f}"
-
-
 def format_table(cases: list[Case], device: torch.device) -> str:
     """Markdown: median ms, overhead over (1) / throughput relative to the paper's training step
     (the first case of each group), peak memory."""
@@ -467,19 +288,18 @@ def format_table(cases: list[Case], device: torch.device) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     ref: dict[str, Case] = {}
-    for c in cases:  # the first case of each group is its reference
+    for c in cases:
         ref.setdefault(c.group, c)
     for c in cases:
-        base = ref.get(c.group)
-        if base is None or c is base:
+        base = ref[c.group]
+        if c is base:
             rel = "reference"
         elif c.group == "inference":
             rel = f"{(c.median_ms / base.median_ms - 1) * 100:+.2f}%"
         else:
             rel = f"{base.median_ms / c.median_ms:.2f}× throughput"
-        lines.append(
-            f"| {c.label} | {c.median_ms:.2f} | {rel} | {_gib(c.peak)} | {_gib(c.peak_above_start)} |"
-        )
+        gib = f"{c.peak / 2**30:.2f} | {c.peak_above_start / 2**30:.2f}"
+        lines.append(f"| {c.label} | {c.median_ms:.2f} | {rel} | {gib} |")
     return "\n".join(lines)
 
 
@@ -487,7 +307,7 @@ def summary_lines(cases: dict[str, Case]) -> list[str]:
     """The targets in one place: overheads over (1), ours vs the paper at the same text mode."""
     lines = []
     none = cases.get("none")
-    for key in ("paper", "ours-auto", "ours-lse"):
+    for key in ("paper", "ours-auto", "ours-lse", "ours-joint"):
         if none and key in cases:
             pct = (cases[key].median_ms / none.median_ms - 1) * 100
             lines.append(f"overhead per denoising step, {cases[key].label}: {pct:+.2f}%")
@@ -497,9 +317,6 @@ def summary_lines(cases: dict[str, Case]) -> list[str]:
             lines.append(
                 f"training throughput, {cases[ours].label} / {cases[paper].label}: {ratio:.2f}×"
             )
-    if "train-ours" in cases and "train-paper" in cases:
-        ratio = cases["train-paper"].median_ms / cases["train-ours"].median_ms
-        lines.append(f"training throughput, ours (cached text) / paper as released: {ratio:.2f}×")
     return lines
 
 
@@ -527,33 +344,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    ap.add_argument("--family", choices=tuple(FAMILIES), default="wan")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--size", choices=("full", "reduced"), default="full")
-    ap.add_argument(
-        "--latent",
-        default=None,
-        help="T,H,W of the video latent instead of the size's (e.g. 5,30,52 for a CPU run at full width)",
-    )
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--k", type=int, default=5, help="retrieved memory videos")
     ap.add_argument(
-        "--dtype",
-        choices=tuple(DTYPES),
-        default=None,
-        help="DiT dtype (default: bf16 on GPU, fp32 on CPU)",
+        "--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU"
     )
     ap.add_argument(
-        "--routes",
-        default=DEFAULT_ROUTES,
-        help=f"memory routes, a comma list of {', '.join(ROUTE_CHOICES)} (or 'all'); the first "
-        "is used for training",
+        "--routes", default=None, help="memory routes, a comma list (default: all of the family's)"
     )
     ap.add_argument(
-        "--attention-backend",
-        default=None,
-        help="diffusers attention backend of the DiT (set_attention_backend), e.g. flash, "
-        "_native_cudnn; default: the active one (native)",
+        "--attention-backend", default=None, help="diffusers attention backend of the DiT"
     )
     ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--skip-text-encoder", action="store_true")
@@ -566,23 +370,19 @@ def _validate_args(args: argparse.Namespace) -> argparse.Namespace:
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no CUDA device is available")
-    if args.dtype is None:
-        args.dtype = "bfloat16" if args.device.type == "cuda" else "float32"
-    names = ROUTE_CHOICES if args.routes == "all" else args.routes.split(",")
-    unknown = [n for n in names if n not in ROUTE_CHOICES]
+    args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
+    known = ROUTES[args.family]
+    names = list(known) if args.routes in (None, "all") else args.routes.split(",")
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise SystemExit(f"--routes: unknown {unknown}; choose from {ROUTE_CHOICES}")
+        raise SystemExit(f"--routes: unknown {unknown} for {args.family}; choose from {known}")
     args.routes = list(dict.fromkeys(names))
     if args.attention_backend is not None:
         from diffusers.models.attention_dispatch import AttentionBackendName
 
-        known = [b.value for b in AttentionBackendName]
-        if args.attention_backend not in known:
-            raise SystemExit(f"--attention-backend: unknown {args.attention_backend!r}; {known}")
-    if args.latent is not None:
-        args.latent = tuple(int(x) for x in args.latent.split(","))
-        if len(args.latent) != 3:
-            raise SystemExit("--latent is T,H,W")
+        backends = [b.value for b in AttentionBackendName]
+        if args.attention_backend not in backends:
+            raise SystemExit(f"--attention-backend: unknown {args.attention_backend!r}; {backends}")
     if args.repeats < 1 or args.warmup < 0 or args.k < 1:
         raise SystemExit("--repeats ≥ 1, --warmup ≥ 0, --k ≥ 1")
     return args
@@ -596,48 +396,57 @@ def main(args: argparse.Namespace) -> Result:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = args.device, DTYPES[args.dtype]
-    size = get_size(args.size, args.latent)
+    size = get_size(args.family, args.size)
     use_amp = device.type == "cuda" and dtype != torch.float32  # as accelerate's bf16 training
 
     def autocast():
         return torch.autocast("cuda", dtype=dtype) if use_amp else nullcontext()
 
     # 1. models and inputs ---------------------------------------------------------------
-    transformer = build_transformer(size, device, dtype)
+    dit = build_dit(args.family, size, device, dtype)
+    transformer = dit.transformer
     if args.attention_backend is not None:
         transformer.set_attention_backend(args.attention_backend)
     encoder = build_encoder(size, device)
     text_encoder = None
-    if not (args.skip_training or args.skip_text_encoder):
+    if size.text_encoder and not (args.skip_training or args.skip_text_encoder):
         text_encoder = build_text_encoder(size, device, dtype)
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(1, *size.latent, generator=g).to(device, dtype)
-    memory_latents = torch.randn(1, args.k, *size.memory_latent, generator=g).to(device)
-    text = torch.randn(1, size.text_tokens, size.transformer["text_dim"], generator=g)
-    text[:, size.caption_tokens :] = 0
-    text = text.to(device, dtype)
+    x = torch.randn(1, *size.latent, generator=g).to(device)
+    memory_latents = torch.randn(
+        1, args.k, size.latent[0], *encoder.config.latent_shape, generator=g
+    ).to(device)
+    text = texts(dit, size, device)
     timestep = torch.tensor([500.0], device=device)
     with torch.no_grad(), autocast():
-        memory: MemoryTokens = encoder(memory_latents).to(dtype)  # same for every step
-    dense = memory.dense()
-    paper = PaperForm(transformer)
+        memory: MemoryTokens = encoder(memory_latents)  # the same for every step
+    dense = MemoryTokens.from_dense(memory.dense())
 
+    @contextmanager
+    def paper_form():
+        paper = PaperFormMemory(transformer)
+        try:
+            yield
+        finally:
+            paper.remove()
+
+    @contextmanager
+    def ours(route: str):
+        attach_memory(transformer, route=route)
+        try:
+            yield
+        finally:
+            detach_memory(transformer)
+
+    params = sum(p.numel() for p in transformer.parameters())
     header = [
         f"device: {_device_name(device)}",
         f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}",
-        f"size {size.name}: DiT {size.transformer['num_layers']} layers × width "
-        f"{size.transformer['num_attention_heads'] * size.transformer['attention_head_dim']} "
-        f"({sum(p.numel() for p in transformer.parameters()) / 1e6:.1f} M params, {args.dtype}), "
-        f"latent {list(size.latent)} → {video_tokens(size):,} video tokens; encoder "
-        f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.1f} M params, k={args.k}: "
-        f"{dense.shape[1]:,} dense / {memory.num_distinct} distinct memory tokens; text "
-        f"{size.text_tokens} tokens"
-        + (
-            f"; UMT5 {size.text_encoder['num_layers']} layers × {size.text_encoder['d_model']} "
-            f"({sum(p.numel() for p in text_encoder.parameters()) / 1e9:.2f} B params)"
-            if text_encoder is not None
-            else ""
-        ),
+        f"family {args.family}, size {size.name}: {type(transformer).__name__} "
+        f"({params / 1e6:.1f} M params, {args.dtype}), latent {list(size.latent)} → "
+        f"{video_tokens(dit, size):,} video tokens; encoder {size.encoder_preset} "
+        f"({sum(p.numel() for p in encoder.parameters()) / 1e6:.1f} M params), k={args.k}: "
+        f"{dense.num_distinct:,} dense / {memory.num_distinct} distinct memory tokens",
         f"medians of {args.repeats} after {args.warmup} warm-up round(s), "
         + ("CUDA events" if device.type == "cuda" else "perf_counter")
         + f"; attention backend {args.attention_backend or 'native (default)'}",
@@ -645,46 +454,32 @@ def main(args: argparse.Namespace) -> Result:
 
     # 2. inference cases: (1) none, (2) paper, (3) ours per route --------------------------
     @torch.no_grad()
-    def forward(attention_kwargs=None) -> torch.Tensor:
-        return transformer(x, timestep, text, attention_kwargs=attention_kwargs, return_dict=False)[
-            0
-        ]
+    def step(mem=None) -> torch.Tensor:
+        return dit(x, timestep, text, mem)
 
-    def paper_forward() -> torch.Tensor:
-        return forward({"memory_tokens": dense})
-
-    ours_kwargs = {"memory_tokens": memory, "memory_strength": 1.0}
     cases = [
-        Case("none", "(1) no memory", "inference", forward),
-        Case(
-            "paper",
-            f"(2) paper: {dense.shape[1]:,} dense tokens as queries + keys",
-            "inference",
-            paper_forward,
-            paper.installed,
-        ),
-    ]
+        Case("none", "(1) no memory", "inference", step),
+        Case("paper", f"(2) paper: {dense.num_distinct:,} dense tokens as queries + keys", "inference",
+             lambda: step(dense), paper_form),
+    ]  # fmt: skip
     for route in args.routes:
+        label = (
+            "(3) ours, auto (→ lse)"
+            if route == "auto" and args.family != "hunyuan15"
+            else f"(3) ours, {route}"
+        )
         cases.append(
-            Case(
-                f"ours-{route}",
-                f"(3) ours, {ROUTE_LABELS[route]}",
-                "inference",
-                lambda: forward(ours_kwargs),
-                lambda r=route: ours_installed(transformer, r),
-            )
+            Case(f"ours-{route}", label, "inference", lambda: step(memory), lambda r=route: ours(r))
         )
 
-    # correctness: paper form == ours (every route), and memory does change the output
-    with paper.installed():
-        out_paper = forward({"memory_tokens": dense})
-    out_none = forward()
+    # correctness: the paper's form == ours on every route, and memory changes the output
+    with paper_form():
+        out_paper = step(dense)
+    out_none = step()
     checks = {"memory effect (rel. diff none vs paper)": _rel_diff(out_none, out_paper)}
     for route in args.routes:
-        with ours_installed(transformer, route):
-            checks[f"paper vs ours {route} (rel. diff)"] = _rel_diff(
-                forward(ours_kwargs), out_paper
-            )
+        with ours(route):
+            checks[f"paper vs ours {route} (rel. diff)"] = _rel_diff(step(memory), out_paper)
     checks["outputs finite"] = float(bool(out_paper.isfinite().all() and out_none.isfinite().all()))
     del out_paper, out_none
 
@@ -692,32 +487,32 @@ def main(args: argparse.Namespace) -> Result:
     train_cases: list[Case] = []
     if not args.skip_training:
         transformer.enable_gradient_checkpointing()
-        objective = FlowMatchingObjective()
+        objective = FlowMatchingObjective()  # (the shift does not change the time of a step)
         optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-5, weight_decay=0.0)
         generator = torch.Generator().manual_seed(5)
-        ids, mask = caption_inputs(size, device)
-        # every route trains (auto: lse with its backward where the backend has one, else joint)
-        train_routes = [r for r in args.routes if not (r == "lse" and "auto" in args.routes)]
-        train_route = train_routes[0]
+        caption = None
+        if text_encoder is not None:
+            vocab = size.text_encoder["vocab_size"]
+            ids = torch.randint(3, vocab, (1, 512), generator=g)
+            mask = torch.zeros(1, 512, dtype=torch.long)
+            mask[:, : size.text_tokens[0]] = 1
+            caption = ((ids * mask).to(device), mask.to(device))
 
-        def text_for(step_text: bool) -> torch.Tensor:
-            return encode_caption(text_encoder, ids, mask) if step_text else text
+        def batch_text(every_step: bool) -> list[dict]:
+            if not every_step:
+                return text
+            with torch.no_grad():  # the release re-encodes the caption with UMT5 every step
+                hidden = text_encoder(*caption).last_hidden_state
+            return [{"encoder_hidden_states": hidden[0, : size.text_tokens[0]]}]
 
-        def paper_loss(batch: dict) -> torch.Tensor:
-            return paper_training_loss(paper, encoder, objective, batch, generator, dtype)
-
-        def ours_loss(batch: dict) -> torch.Tensor:
-            return training_loss(transformer, encoder, objective, batch, generator, dtype)
-
-        def step(loss_fn, step_text: bool) -> Callable[[], None]:
+        def train_step(model_encoder, every_step: bool) -> Callable[[], None]:
             def run() -> None:
-                batch = {"x0": x, "memory": memory_latents, "text": text_for(step_text)}
+                batch = {"x0": x, "memory": memory_latents, "text": batch_text(every_step)}
                 with autocast():
-                    loss = loss_fn(batch)
+                    loss = training_loss(dit, model_encoder, objective, batch, generator)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                paper.tokens = None
 
             return run
 
@@ -730,34 +525,25 @@ def main(args: argparse.Namespace) -> Result:
             finally:
                 encoder.eval()
 
-        def ours_setup(route: str = train_route):
-            return ours_installed(transformer, route)
-
-        name = ROUTE_LABELS[train_route]
-        variants = [  # (key, label, loss, install, UMT5 every step)
-            ("train-paper", "(4) paper form, UMT5 every step (as released)", paper_loss,
-             paper.installed, True),
-            ("train-paper-cached", "(4) paper form, cached text", paper_loss, paper.installed,
-             False),
-            ("train-ours", f"(4) ours, {name}, cached text", ours_loss, ours_setup, False),
-            ("train-ours-umt5", f"(4) ours, {name}, UMT5 every step", ours_loss, ours_setup, True),
+        paper_encoder = functools.partial(paper_encode, encoder)
+        route = args.routes[0]
+        name = "auto (→ lse)" if route == "auto" and args.family != "hunyuan15" else route
+        variants = [  # (key, label, encoder, install, text every step)
+            ("train-paper", "(4) paper form, UMT5 every step (as released)", paper_encoder, paper_form, True),
+            ("train-paper-cached", "(4) paper form, cached text", paper_encoder, paper_form, False),
+            ("train-ours", f"(4) ours, {name}, cached text", encoder, lambda: ours(route), False),
+            ("train-ours-umt5", f"(4) ours, {name}, UMT5 every step", encoder, lambda: ours(route), True),
         ]  # fmt: skip
-        for route in train_routes[1:]:
-            variants.append(
-                (
-                    f"train-ours-{route}",
-                    f"(4) ours, {ROUTE_LABELS[route]}, cached text",
-                    ours_loss,
-                    lambda r=route: ours_setup(r),
-                    False,
-                )
-            )
-        for key, label, loss_fn, install, step_text in variants:
-            if step_text and text_encoder is None:
+        for key, label, enc, install, every_step in variants:
+            if every_step and text_encoder is None:
                 continue
             train_cases.append(
                 Case(
-                    key, label, "training", step(loss_fn, step_text), lambda i=install: training(i)
+                    key,
+                    label,
+                    "training",
+                    train_step(enc, every_step),
+                    lambda i=install: training(i),
                 )
             )
 

@@ -180,7 +180,7 @@ def load_pipeline(cfg: GenerationConfig):
         }
         pipe = DiTMemPipeline(**components, scheduler=make_scheduler("flow-euler", cfg.shift))
     elif stock in FLAVOURS:
-        pipe = FLAVOURS[stock].from_pretrained(base, torch_dtype=dtype)
+        pipe = FLAVOURS[stock].from_pretrained(base, dtype=dtype)
     else:
         raise ValueError(
             f"{base}: model_index.json names a {stock}; memory pipelines exist for "

@@ -1,6 +1,6 @@
 """Memory in the stock diffusers pipelines of every family, the way diffusers add-ons are used.
 
-    pipe = DiTMemPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", torch_dtype=torch.bfloat16)
+    pipe = DiTMemPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", dtype=torch.bfloat16)
     pipe.load_memory("checkpoint/DiT-Mem-1.3B.safetensors", bank="memory_bank/")
     out = pipe("a dog runs on the beach", memory="retrieve")    # out.frames, out.memory
 

@@ -113,6 +113,14 @@ TINY: dict[str, dict[str, Any]] = {
         "rope_theta": 1000000.0,
     },
 }
+# LTX-Video's scheduler config (shift from the token count)
+LTX_SCHEDULER = {
+    "use_dynamic_shifting": True,
+    "base_shift": 0.95,
+    "max_shift": 2.05,
+    "base_image_seq_len": 1024,
+    "max_image_seq_len": 4096,
+}
 FLAVOURS: tuple[str, ...] = (
     "wan2.1",  # WanPipeline, text to video
     "wan2.2-ti2v",  # WanPipeline, per-token timesteps (expand_timesteps)
@@ -288,7 +296,7 @@ def tiny_components(flavour: str = "wan2.1", seed: int = 0) -> dict[str, Any]:
             parts |= {"image_encoder": None, "image_processor": None}
     elif family == "ltx":
         parts["text_encoder"] = _t5(len(tokenizer), seed)
-        parts["scheduler"] = FlowMatchEulerDiscreteScheduler()
+        parts["scheduler"] = FlowMatchEulerDiscreteScheduler(**LTX_SCHEDULER)
     else:
         from diffusers.guiders import ClassifierFreeGuidance
         from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel

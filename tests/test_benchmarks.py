@@ -54,16 +54,12 @@ EXPECTED_ROWS = {
     "none": "(1) no memory",
     "paper": "(2) paper",
     "ours-auto": "(3) ours, auto",
+    "ours-lse": "(3) ours, lse",
     "ours-joint": "(3) ours, joint",
-    "ours-float-mask": "(3) ours, float mask (before)",
-    "ours-repeat-kv": "(3) ours, repeat-kv",
     "train-paper": "(4) paper form, UMT5 every step",
     "train-paper-cached": "(4) paper form, cached text",
     "train-ours": "(4) ours, auto (→ lse), cached text",
     "train-ours-umt5": "(4) ours, auto (→ lse), UMT5 every step",
-    "train-ours-joint": "(4) ours, joint, cached text",
-    "train-ours-float-mask": "(4) ours, float mask (before), cached text",
-    "train-ours-repeat-kv": "(4) ours, repeat-kv, cached text",
 }
 
 
@@ -85,51 +81,65 @@ def test_paper_form_equals_ours(result):
     checks = result.checks
     assert checks["outputs finite"] == 1.0
     assert checks["memory effect (rel. diff none vs paper)"] > 1e-3  # memory matters here
-    for route in ("auto", "joint", "float-mask", "repeat-kv"):
+    for route in ("auto", "lse", "joint"):
         assert checks[f"paper vs ours {route} (rel. diff)"] < 1e-5, route
+
+
+@pytest.mark.parametrize("family", ["ltx", "hunyuan15"])
+def test_every_family_runs_and_the_paper_form_equals_ours(bench, family):
+    args = bench.parse_args(
+        ["--family", family, "--device", "cpu", "--size", "reduced", "--repeats", "1"]
+        + ["--warmup", "0", "--threads", "2", "--skip-training"]
+    )
+    out = bench.main(args)
+    assert {"none", "paper", "ours-auto", "ours-joint"} <= set(out.cases)
+    assert all(v < 1e-5 for k, v in out.checks.items() if k.startswith("paper vs ours"))
 
 
 def test_bad_route_or_backend_is_rejected(bench):
     with pytest.raises(SystemExit):
         bench.parse_args(["--device", "cpu", "--routes", "flash"])
     with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", "--family", "hunyuan15", "--routes", "lse"])
+    with pytest.raises(SystemExit):
         bench.parse_args(["--device", "cpu", "--attention-backend", "fast"])
 
 
 def test_training_gradients_match(bench):
-    """Both training steps give the encoder the same gradients (gradient checkpointing on)."""
+    """Both training steps (the package's training_loss with the paper's encoder and blocks, and
+    with ours) give the encoder the same gradients (gradient checkpointing on)."""
+    import functools
+
+    from dit_mem import attach_memory, detach_memory
+    from dit_mem.backbone.reference import PaperFormMemory, paper_encode
     from dit_mem.training.loss import FlowMatchingObjective
     from dit_mem.training.trainer import training_loss
 
-    size = bench.get_size("reduced")
+    size = bench.get_size("wan", "reduced")
     device, dtype = torch.device("cpu"), torch.float32
-    transformer = bench.build_transformer(size, device, dtype)
-    transformer.enable_gradient_checkpointing()
+    dit = bench.build_dit("wan", size, device, dtype)
+    dit.transformer.enable_gradient_checkpointing()
     encoder = bench.build_encoder(size, device)  # eval: no dropout, no shuffling
     g = torch.Generator().manual_seed(0)
     batch = {
         "x0": torch.randn(1, *size.latent, generator=g),
         "memory": torch.randn(1, 2, *size.latent, generator=g),
-        "text": torch.randn(1, 16, size.transformer["text_dim"], generator=g),
+        "text": bench.texts(dit, size, device),
     }
     objective = FlowMatchingObjective()
 
-    def grads(loss_fn, install):
+    def grads(model_encoder):
         encoder.zero_grad(set_to_none=True)
-        with install():
-            loss = loss_fn(torch.Generator().manual_seed(7))
-            loss.backward()
+        loss = training_loss(dit, model_encoder, objective, batch, torch.Generator().manual_seed(7))
+        loss.backward()
         return loss.item(), [p.grad.clone() for p in encoder.parameters()]
 
-    paper = bench.PaperForm(transformer)
-    loss_p, grads_p = grads(
-        lambda gen: bench.paper_training_loss(paper, encoder, objective, batch, gen, dtype),
-        paper.installed,
-    )
-    loss_o, grads_o = grads(
-        lambda gen: training_loss(transformer, encoder, objective, batch, gen, dtype),
-        lambda: bench.ours_installed(transformer, "auto"),
-    )
+    paper = PaperFormMemory(dit.transformer)
+    loss_p, grads_p = grads(functools.partial(paper_encode, encoder))
+    paper.remove()
+    attach_memory(dit.transformer)
+    loss_o, grads_o = grads(encoder)
+    detach_memory(dit.transformer)
     assert loss_p == pytest.approx(loss_o, rel=1e-5)
     num = sum((a - b).pow(2).sum() for a, b in zip(grads_p, grads_o, strict=True))
     den = sum(b.pow(2).sum() for b in grads_o)

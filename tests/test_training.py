@@ -38,11 +38,11 @@ YAML = REPO / "config" / "train_dit_mem.yaml"
 def tiny_dit(seed: int = 0):
     from dit_mem.backbone import attach_memory
     from dit_mem.testing import tiny_transformer
-    from dit_mem.training.trainer import freeze
+    from dit_mem.training.trainer import FrozenDiT, freeze
 
-    dit = freeze(tiny_transformer(seed=seed))
-    attach_memory(dit)
-    return dit
+    transformer = freeze(tiny_transformer(seed=seed))
+    attach_memory(transformer)
+    return FrozenDiT(transformer, torch.float32, max_text_tokens=12)
 
 
 def tiny_encoder() -> MemoryEncoder:
@@ -54,8 +54,12 @@ def batch(b: int = 1, k: int = 2, seed: int = 0) -> dict:
     return {
         "x0": torch.randn(b, 16, 5, 8, 8, generator=g),
         "memory": torch.randn(b, k, 16, 5, 8, 8, generator=g),
-        "text": torch.randn(b, 12, 32, generator=g),
+        "text": [{"encoder_hidden_states": t} for t in torch.randn(b, 12, 32, generator=g)],
     }
+
+
+def text_tensor(data: dict) -> torch.Tensor:
+    return torch.stack([t["encoder_hidden_states"] for t in data["text"]])
 
 
 def loss_with_memory(dit, objective, data, generator, memory) -> torch.Tensor:
@@ -63,10 +67,10 @@ def loss_with_memory(dit, objective, data, generator, memory) -> torch.Tensor:
     x0 = data["x0"]
     index = objective.sample_indices(x0.shape[0], generator)
     x_t, t, target = objective.prepare(x0, index, torch.randn(x0.shape, generator=generator))
-    pred = dit(
+    pred = dit.transformer(
         hidden_states=x_t,
         timestep=t,
-        encoder_hidden_states=data["text"],
+        encoder_hidden_states=text_tensor(data),
         attention_kwargs={"memory_tokens": memory},
         return_dict=False,
     )[0]
@@ -99,7 +103,7 @@ def test_loss_matches_independent_recomputation():
     data = batch(b=2)
     obj = FlowMatchingObjective()
     with torch.no_grad():
-        got = training_loss(dit, enc, obj, data, torch.Generator().manual_seed(7), torch.float32)
+        got = training_loss(dit, enc, obj, data, torch.Generator().manual_seed(7))
 
         # Independent: same draws in the documented order (timestep indices [B], then noise).
         g = torch.Generator().manual_seed(7)
@@ -116,10 +120,10 @@ def test_loss_matches_independent_recomputation():
         ] * eps
         memory = enc(data["memory"], shuffle=False)
         pred = (
-            dit(
+            dit.transformer(
                 hidden_states=torch.from_numpy(x_t).float(),
                 timestep=torch.from_numpy(t[idx]).float(),
-                encoder_hidden_states=data["text"],
+                encoder_hidden_states=text_tensor(data),
                 attention_kwargs={"memory_tokens": memory},
                 return_dict=False,
             )[0]
@@ -135,7 +139,7 @@ def test_compact_memory_gives_dense_loss_and_grads():
     """Training sees the same loss and encoder gradients with compact and dense memory."""
     torch.manual_seed(0)
     dit, enc = tiny_dit(), tiny_encoder().train()
-    dit.enable_gradient_checkpointing()
+    dit.transformer.enable_gradient_checkpointing()
     data = batch(b=1, k=3)
     obj = FlowMatchingObjective()
     params = [p for p in enc.parameters() if p.requires_grad]
@@ -154,26 +158,30 @@ def test_compact_memory_gives_dense_loss_and_grads():
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * norm)
-    assert all(p.grad is None and not p.requires_grad for p in dit.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in dit.transformer.parameters())
 
 
 # --------------------------------------------------------------------------------------
 # Caches
 # --------------------------------------------------------------------------------------
 def test_text_cache_matches_wan_pipeline_and_resumes(tmp_path):
+    from dit_mem.backbone.families.wan import FAMILY as WAN
     from dit_mem.testing import tiny_pipeline
 
     pipe = tiny_pipeline()
     caps = ["a cat sits on a mat", "  waves &amp; a   beach ", "a red fox", "a city at night"]
     ids = ["a", "b", "c", "d"]
+
+    def encode(captions):
+        return WAN.encode_text((pipe.tokenizer, pipe.text_encoder), captions, 32)
+
+    meta = {"max_tokens": 32, "streams": ["encoder_hidden_states"]}
     cache = TextEmbeddingCache(tmp_path / "text")
-    assert (
-        cache.build(ids[:2], caps[:2], pipe.tokenizer, pipe.text_encoder, 32, progress=False) == 2
-    )
+    assert cache.build(ids[:2], caps[:2], encode, meta, progress=False) == 2
     (tmp_path / "text" / ".tmp-shard-00009.safetensors.x").write_bytes(b"partial")  # killed write
     cache = TextEmbeddingCache(tmp_path / "text")  # reopen: resumes from the shards on disk
     assert cache.missing(ids) == ["c", "d"]
-    assert cache.build(ids, caps, pipe.tokenizer, pipe.text_encoder, 32, progress=False) == 2
+    assert cache.build(ids, caps, encode, meta, progress=False) == 2
     assert len(list((tmp_path / "text").glob("shard-*.safetensors"))) == 2
     got = TextEmbeddingCache(tmp_path / "text").load(ids, 32)
     with torch.no_grad():
@@ -182,7 +190,34 @@ def test_text_cache_matches_wan_pipeline_and_resumes(tmp_path):
     n = len(pipe.tokenizer(caps[0]).input_ids)
     assert n < 32 and (got[0, n:] == 0).all() and (got[0, :n] != 0).any()  # padding zeroed
     with pytest.raises(ValueError, match="other settings"):
-        cache.build(["e"], ["x"], pipe.tokenizer, pipe.text_encoder, 64, progress=False)
+        cache.build(["e"], ["x"], encode, {**meta, "max_tokens": 64}, progress=False)
+
+
+@pytest.mark.parametrize("flavour", ["ltx", "hunyuan15"])
+def test_cached_text_gives_the_transformer_the_pipelines_prompt(flavour, tmp_path):
+    """Valid rows cached, padded and masked again by the family: the transformer's output is the
+    one the stock pipeline's own prompt embeddings (and masks) give."""
+    from dit_mem.backbone import family_of
+    from dit_mem.testing import tiny_inputs, tiny_pipeline
+
+    pipe = tiny_pipeline(flavour)
+    family = family_of(pipe.transformer)
+    caps = ['a cat sits on a mat "neon"', "a red fox"]  # quoted text: a ByT5 stream too
+    meta = {"max_tokens": 16, "streams": list(family.text_streams)}
+    cache = TextEmbeddingCache(tmp_path / "text")
+    cache.build(["a", "b"], caps, lambda c: family.encode_text(pipe, c, 16), meta, progress=False)
+    ours = family.text_kwargs(cache.load_texts(["a", "b"]), 16)
+    with torch.no_grad():
+        if flavour == "ltx":
+            embeds, mask = pipe._get_t5_prompt_embeds(caps, max_sequence_length=16, device="cpu")
+            stock = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+        else:
+            e, m, e2, m2 = pipe.encode_prompt(caps, device="cpu", batch_size=2)
+            stock = dict(zip(family.text_streams + family.text_masks, (e, e2, m, m2), strict=True))
+        call = {k: v for k, v in tiny_inputs(flavour).items() if k not in stock}
+        a = pipe.transformer(**call, **stock, return_dict=False)[0]
+        b = pipe.transformer(**call, **ours, return_dict=False)[0]
+    assert ((a - b).norm() / a.norm()).item() <= 1e-5
 
 
 class FakeRetriever:

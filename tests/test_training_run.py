@@ -128,7 +128,7 @@ def test_sigkill_leaves_last_checkpoint_loadable(tmp_path, base_model):
 
 
 @torch.no_grad()
-def average_loss(transformer, encoder, objective, dataset, memory: bool, draws: int = 4) -> float:
+def average_loss(dit, encoder, objective, dataset, memory: bool, draws: int = 4) -> float:
     """Mean training loss over ``draws`` (timestep, noise) draws per sample, encoder in eval mode;
     the draws depend only on the seed, so with and without memory see the same noised inputs."""
     from dit_mem.training.data import collate
@@ -143,8 +143,7 @@ def average_loss(transformer, encoder, objective, dataset, memory: bool, draws: 
             index = objective.sample_indices(1, generator)
             noise = torch.randn(batch["x0"].shape, generator=generator)
             x_t, t, target = objective.prepare(batch["x0"], index, noise)
-            kwargs = {"memory_tokens": tokens} if memory else None
-            pred = transformer(x_t, t, batch["text"], attention_kwargs=kwargs, return_dict=False)[0]
+            pred = dit(x_t, t, batch["text"], tokens)
             losses.append(objective.loss(pred, target, index).item())
     return sum(losses) / len(losses)
 
@@ -160,7 +159,7 @@ def test_training_learns_to_use_memory(tmp_path, base_model):
     from dit_mem.training.data import TrainingSamples
     from dit_mem.training.loss import FlowMatchingObjective
     from dit_mem.training.retrieval_cache import memory_ids_by_sample
-    from dit_mem.training.trainer import load_frozen_transformer, prepare_caches
+    from dit_mem.training.trainer import FrozenDiT, prepare_caches
 
     cfg = synthetic(
         tmp_path,
@@ -171,7 +170,7 @@ def test_training_learns_to_use_memory(tmp_path, base_model):
         num_train=16,
     )
     train(cfg)
-    dit = load_frozen_transformer(cfg.model.base_model_dir, torch.float32)
+    dit = FrozenDiT.from_pretrained(cfg.model.base_model_dir, torch.float32, 32)
     ids, retrieval, text = prepare_caches(cfg)
     store = LatentStore(cfg.data.latent_dir)
     data = TrainingSamples(
@@ -181,7 +180,6 @@ def test_training_learns_to_use_memory(tmp_path, base_model):
         store,
         text,
         k=2,
-        max_tokens=32,
         channels=16,
     )
     enc = MemoryEncoder.from_pretrained(str(cfg.output_dir / "encoder"))

@@ -48,7 +48,8 @@ Route = Literal["auto", "lse", "joint"]
 ROUTES: tuple[str, ...] = ("auto", "lse", "joint")
 _BIAS_CHANNELS = 3  # hi / mid / lo parts of the bias in the input dtype
 
-# Backends whose diffusers function returns ``(out, lse)`` for ``return_lse=True`` (0.42).
+# Backends whose diffusers function returns ``(out, lse)`` for ``return_lse=True`` (diffusers
+# 0.42.x, as pyproject.toml bounds it; tests/test_dependencies.py checks the private names read here).
 _LSE_BACKENDS = frozenset(
     {
         "flash",

@@ -26,6 +26,25 @@ from dit_mem.backbone.families import Family, family_of
 from dit_mem.memory.tokens import as_memory_tokens
 
 
+def paper_encode(encoder, latents: torch.Tensor, generator: torch.Generator | None = None):
+    """The memory encoder the paper's way: the shared attention over all 2·N·L dense tokens (the
+    same draw of the video order as ``MemoryEncoder.aggregate`` in training); dense
+    ``MemoryTokens`` ``[B, 2·N·L, D]``. Use as the encoder ``functools.partial(paper_encode, enc)``."""
+    from dit_mem.memory.tokens import MemoryTokens
+
+    videos = encoder.encode_videos(latents)
+    if encoder.training:
+        perm = torch.randperm(videos.num_videos, generator=generator)
+        videos = videos.select(perm.to(videos.high.device))
+    b, n, g, d = videos.high.shape
+    counts = videos.log_counts.exp().round().long().repeat(n).to(videos.high.device)
+    dense = [
+        encoder.attention(torch.repeat_interleave(t.reshape(b, n * g, d), counts, dim=1))
+        for t in (videos.high, videos.low)
+    ]
+    return MemoryTokens.from_dense(torch.cat(dense, dim=1))
+
+
 class PaperFormBlock(nn.Module):
     """A stock block run the paper's way when memory is set (else the stock block)."""
 

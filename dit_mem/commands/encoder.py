@@ -10,7 +10,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmds = p.add_subparsers(dest="encoder_command", metavar="ACTION", required=True)
 
     info = cmds.add_parser("info", help="print a preset's config, grid and parameter count")
-    info.add_argument("--preset", default="wan2.1-1.3b")
+    info.add_argument(
+        "--preset",
+        default="wan2.1-1.3b",
+        help="wan2.1-1.3b (the paper's), wan2.1-14b, wan2.2-ti2v-5b, wan2.2-a14b, ltx-video-2b, "
+        "hunyuanvideo-1.5, tiny, toyworld",
+    )
     info.set_defaults(func=_info)
 
     conv = cmds.add_parser(
@@ -23,10 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from dit_mem.backbone.families import families
     from dit_mem.memory import MemoryEncoder
 
     model = MemoryEncoder.from_preset(args.preset)
-    print(f"preset {args.preset}: {dict(model.config)}")
+    family = next((f.name for f in families() if args.preset in f.encoder_presets), "tiny worlds")
+    print(f"preset {args.preset} ({family}): {dict(model.config)}")
     print(f"CNN grid (T', H', W') at latent {model.config.latent_shape}: {model.grid}")
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
     return 0

@@ -93,15 +93,14 @@ def run(args: argparse.Namespace) -> int:
     if saved.is_file():  # a folder holds one configuration: never overwritten by another
         import yaml
 
-        old = yaml.safe_load(saved.read_text())
-        new = to_dict(cfg)
-        changed = sorted(k for k in set(old or {}) | set(new) if (old or {}).get(k) != new.get(k))
-        changed = [k for k in changed if k not in ("progress", "device", "seed")]
-        if changed:
-            raise ValueError(
-                f"{args.out} holds videos made with other settings ({', '.join(changed)} differ "
-                f"from {saved}); use another --out folder"
-            )
+        from dit_mem.utils.io import changed_settings, refuse_other_settings
+
+        changes = changed_settings(
+            yaml.safe_load(saved.read_text()) or {},
+            to_dict(cfg),
+            ignore={"progress", "device", "seed"},
+        )
+        refuse_other_settings(args.out, f"videos ({saved})", changes, "use another --out folder")
     todo = [
         j
         for j in jobs

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +29,13 @@ import torch
 
 from dit_mem.data.table import is_safe_id, read_video_table
 from dit_mem.memory.tokens import check_plausible
-from dit_mem.utils import get_logger, write_json_atomic, write_safetensors_atomic
-from dit_mem.utils.io import TMP_PREFIX, folder_lock, read_json_mapping
+from dit_mem.utils import get_logger, write_safetensors_atomic
+from dit_mem.utils.io import (
+    TMP_PREFIX,
+    changed_settings,
+    read_json_mapping,
+    refuse_other_settings,
+)
 
 log = get_logger(__name__)
 
@@ -226,32 +230,6 @@ def _manifest_for(cfg: LatentJobConfig, vae) -> dict:
     }
 
 
-def _check_or_write_manifest(out: Path, manifest: dict, is_main: bool) -> None:
-    path = out / MANIFEST
-    if path.is_file():
-        old = json.loads(path.read_text())
-        diff = [k for k in _COMPARED if old.get(k) != manifest.get(k)]
-        if diff:
-            details = "; ".join(
-                f"{k}: folder {old.get(k)!r} vs run {manifest.get(k)!r}" for k in diff
-            )
-            raise ValueError(
-                f"{out} already holds latents made with other settings ({details}); "
-                "use another --out folder"
-            )
-    elif is_main:
-        write_json_atomic(path, manifest)
-
-
-def _remove_stale_tmp(out: Path) -> int:
-    """Delete temporary files a killed run left behind (never a final file)."""
-    n = 0
-    for p in out.glob(f"{TMP_PREFIX}*"):
-        p.unlink(missing_ok=True)
-        n += 1
-    return n
-
-
 def append_failure(path: Path, record: dict) -> None:
     """Append one JSON line; a single O_APPEND write, so concurrent processes never interleave."""
     line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
@@ -260,17 +238,6 @@ def append_failure(path: Path, record: dict) -> None:
         os.write(fd, line)
     finally:
         os.close(fd)
-
-
-def process_state():
-    """This process's ``accelerate.PartialState`` (rank, world size, device).
-
-    Without CUDA the state is built with ``cpu=True`` so that a CPU multi-process launch
-    (``torchrun`` / ``accelerate launch --cpu``) still shards the work.
-    """
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
 
 
 class _VideoDataset(torch.utils.data.Dataset):
@@ -310,48 +277,43 @@ def _worker_init(_: int) -> None:
 
 
 def encode_latents(cfg: LatentJobConfig, vae=None) -> JobSummary:
-    """Run the latent job for this process's shard; returns its counts.
+    """Run the latent job for this process's share of the rows; returns its counts.
 
     ``vae`` may be passed in (tests); otherwise it is loaded from ``cfg.base_model`` onto this
     process's accelerator. Safe to re-run: complete files are skipped; a second job on the same
     folder is refused while one runs.
     """
-    state = process_state()
+    from dit_mem.data.jobs import FolderJob
+
     table = read_video_table(cfg.csv, require_caption=False)
     if cfg.limit is not None:
         table = table.head(cfg.limit)
     root = Path(cfg.videos) if cfg.videos is not None else Path(cfg.csv).parent
     if not root.is_dir():
         raise FileNotFoundError(f"video folder not found: {root}")
-    out = Path(cfg.out)
-    # one job per folder: the main process holds out/.lock until the job ends
-    with folder_lock(out, "encode-latents") if state.is_main_process else nullcontext():
-        return _encode_shard(cfg, vae, state, table, root, out)
+    with FolderJob(cfg.out, "encode-latents") as job:
+        return _encode_share(cfg, vae, job, table[["id", "video"]].to_dict("records"), root)
 
 
-def _encode_shard(cfg: LatentJobConfig, vae, state, table, root: Path, out: Path) -> JobSummary:
-    from tqdm.auto import tqdm
-
-    from dit_mem.data.vae import encode_frames
-    from dit_mem.loaders.vae import load_vae
+def _encode_share(cfg: LatentJobConfig, vae, job, rows: list[dict], root: Path) -> JobSummary:
+    from dit_mem.loaders.models import load_vae
 
     if vae is None:
-        vae = load_vae(cfg.base_model, dtype=getattr(torch, cfg.vae_dtype), device=state.device)
-    manifest = _manifest_for(cfg, vae)
-    if state.is_main_process:
-        stale = _remove_stale_tmp(out)
-        if stale:
-            log.info("removed %d temporary file(s) left by an interrupted run", stale)
-    _check_or_write_manifest(out, manifest, state.is_main_process)
-    state.wait_for_everyone()
+        vae = load_vae(cfg.base_model, dtype=getattr(torch, cfg.vae_dtype), device=job.device)
+    out = job.out
 
-    rows = table[["id", "video"]].to_dict("records")[state.process_index :: state.num_processes]
+    def compare(old: dict) -> None:
+        changes = changed_settings(old, manifest, keys=_COMPARED)
+        refuse_other_settings(out, "latents", changes, "use another --out folder")
+
+    manifest = _manifest_for(cfg, vae)
+    job.claim(manifest, compare)
+    rows = job.share(rows)
     todo = [r for r in rows if not (out / f"{r['id']}.safetensors").is_file()]
-    summary = JobSummary(skipped=len(rows) - len(todo), is_main_process=state.is_main_process)
+    summary = JobSummary(skipped=len(rows) - len(todo), is_main_process=job.is_main)
     log.info(
-        "process %d/%d: %d videos, %d already done, %d to encode",
-        state.process_index,
-        state.num_processes,
+        "process %d: %d videos, %d already done, %d to encode",
+        job.rank,
         len(rows),
         summary.skipped,
         len(todo),
@@ -363,54 +325,46 @@ def _encode_shard(cfg: LatentJobConfig, vae, state, table, root: Path, out: Path
         worker_init_fn=_worker_init if cfg.num_workers else None,
         prefetch_factor=2 if cfg.num_workers else None,
     )
-    failures = out / FAILURES
-    bar = tqdm(
-        total=len(rows),
-        initial=summary.skipped,
-        desc=f"latents[{state.process_index}]",
-        position=state.process_index,
-        unit="video",
-        dynamic_ncols=True,
-    )
+    bar = job.bar(len(rows), summary.skipped)
     bar.set_postfix(ok=0, skip=summary.skipped, fail=0)
     for item in loader:
-        error = item.get("error")
+        error = item.get("error") or _encode_one(vae, item, out)
         if error is None:
-            try:
-                z = encode_frames(vae, item["frames"][None])[0]
-                write_safetensors_atomic(
-                    out / f"{item['id']}.safetensors",
-                    {LATENT_KEY: z.to(torch.bfloat16).cpu()},
-                    metadata={"id": item["id"], "video": item["video"]},
-                )
-                summary.ok += 1
-            except (RuntimeError, ValueError, OSError) as e:  # e.g. out of memory on one video
-                error = f"{item['video']}: encoding failed ({type(e).__name__}: {e})"
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-        if error is not None:
+            summary.ok += 1
+        else:
             summary.failed += 1
             summary.failures.append(item["id"])
             log.warning("skipping %s: %s", item["id"], error)
-            append_failure(
-                failures,
-                {
-                    "id": item["id"],
-                    "video": item["video"],
-                    "error": error,
-                    "process": state.process_index,
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                },
-            )
+            record = {"id": item["id"], "video": item["video"], "error": error}
+            record |= {"process": job.rank, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            append_failure(out / FAILURES, record)
         bar.update(1)
         bar.set_postfix(ok=summary.ok, skip=summary.skipped, fail=summary.failed)
     bar.close()
     log.info(
         "process %d: %d encoded, %d skipped (already done), %d failed%s",
-        state.process_index,
+        job.rank,
         summary.ok,
         summary.skipped,
         summary.failed,
-        f" (see {failures})" if summary.failed else "",
+        f" (see {out / FAILURES})" if summary.failed else "",
     )
     return summary
+
+
+def _encode_one(vae, item: dict, out: Path) -> str | None:
+    """Encode one decoded video into ``out/<id>.safetensors``; the error, if it fails."""
+    from dit_mem.data.vae import encode_frames
+
+    try:
+        z = encode_frames(vae, item["frames"][None])[0]
+        write_safetensors_atomic(
+            out / f"{item['id']}.safetensors",
+            {LATENT_KEY: z.to(torch.bfloat16).cpu()},
+            metadata={"id": item["id"], "video": item["video"]},
+        )
+    except (RuntimeError, ValueError, OSError) as e:  # e.g. out of memory on one video
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return f"{item['video']}: encoding failed ({type(e).__name__}: {e})"
+    return None

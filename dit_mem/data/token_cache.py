@@ -25,16 +25,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dit_mem.data.latents import LatentStore, process_state
+from dit_mem.data.latents import LatentStore
 from dit_mem.memory.tokens import VideoTokens, check_plausible
 from dit_mem.utils import get_logger, write_json_atomic, write_safetensors_atomic
-from dit_mem.utils.io import TMP_PREFIX, atomic_path, folder_lock, read_json_mapping
+from dit_mem.utils.io import TMP_PREFIX, atomic_path, read_json_mapping
 
 log = get_logger(__name__)
 
@@ -249,159 +248,147 @@ def build_token_cache(
     accelerator; process i of n takes ids i::n. Re-running skips cached ids; a cache built
     with another encoder is an error.
     """
+    from dit_mem.data.jobs import FolderJob
+
     for name, value, low in (("batch_size", batch_size, 1), ("shard_size", shard_size, 1)):
         if value < low:
             raise ValueError(f"{name} must be ≥ {low}, got {value}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be ≥ 0, got {num_workers}")
-    state = process_state()
     store = LatentStore(latents)
-    out = Path(out)
-    # one job per folder: the main process holds out/.lock until the job ends
-    with folder_lock(out, "cache-tokens") if state.is_main_process else nullcontext():
-        return _build_token_cache(
-            encoder, store, out, state, batch_size, shard_size, num_workers, ids
-        )
-
-
-def _build_token_cache(
-    encoder, store, out: Path, state, batch_size, shard_size, num_workers, ids
-) -> CacheSummary:
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    out.mkdir(parents=True, exist_ok=True)
-    encoder = encoder.eval().to(state.device)
-    fingerprint = encoder_fingerprint(encoder)
-    manifest_path = out / MANIFEST
-    if manifest_path.is_file():
-        old = read_json_mapping(manifest_path)
-        if old.get("encoder_fingerprint") != fingerprint:
-            raise ValueError(
-                f"{manifest_path}: this folder caches tokens of another memory encoder "
-                "(fingerprint differs); use another --out folder"
-            )
-    if state.is_main_process:
-        for p in out.glob(f"{TMP_PREFIX}*"):
-            p.unlink(missing_ok=True)
-        if not manifest_path.is_file():  # claim the folder for this encoder before writing shards
-            write_json_atomic(
-                manifest_path,
-                {"format": FORMAT, "encoder_fingerprint": fingerprint, "complete": False},
-            )
-    state.wait_for_everyone()
-
     wanted = store.ids() if ids is None else list(ids)
     if not wanted:
         raise ValueError(f"{store.root}: no latents to cache")
-    done = _scan_shards(out)
-    missing = [v for v in wanted if v not in done]
-    pending = missing[state.process_index :: state.num_processes]  # this process's share
-    summary = CacheSummary(
-        skipped=len(wanted) - len(missing),
-        total=len(wanted),
-        is_main_process=state.is_main_process,
-    )
-    prefix = f"tokens-r{state.process_index:02d}-"
-    existing = [int(p.stem[len(prefix) :]) for p in out.glob(f"{prefix}*.safetensors")]
-    next_shard = max(existing, default=-1) + 1
+    with FolderJob(out, "cache-tokens") as job:
+        encoder = encoder.eval().to(job.device)
+        fingerprint = encoder_fingerprint(encoder)
 
-    buf_ids: list[str] = []
-    buf_high: list[torch.Tensor] = []
-    buf_low: list[torch.Tensor] = []
-    log_counts: torch.Tensor | None = None
+        def compare(old: dict) -> None:
+            if old.get("encoder_fingerprint") != fingerprint:
+                raise ValueError(
+                    f"{job.out / MANIFEST}: this folder caches tokens of another memory encoder "
+                    "(fingerprint differs); use another --out folder"
+                )
 
-    def flush() -> None:
-        nonlocal next_shard
-        if not buf_ids:
+        # claim the folder for this encoder before writing shards
+        job.claim(
+            {"format": FORMAT, "encoder_fingerprint": fingerprint, "complete": False}, compare
+        )
+        done = _scan_shards(job.out)
+        missing = [v for v in wanted if v not in done]
+        summary = CacheSummary(skipped=len(wanted) - len(missing), total=len(wanted))
+        summary.is_main_process = job.is_main
+        with torch.no_grad():
+            summary.encoded = _encode_share(
+                encoder, store, job, job.share(missing), batch_size, shard_size, num_workers
+            )
+        job.wait()
+        if job.is_main:
+            summary.bytes_per_video = _finish_cache(encoder, store, job.out, fingerprint, wanted[0])
+            log.info(
+                "token cache %s: %.0f bytes per video (%d encoded by process 0 in this run, %d "
+                "cached before)",
+                job.out,
+                summary.bytes_per_video,
+                summary.encoded,
+                summary.skipped,
+            )
+        job.wait()
+    return summary
+
+
+class _ShardWriter:
+    """This process's next shards ``tokens-r<rank>-<k>.safetensors``, ``shard_size`` videos each."""
+
+    def __init__(self, out: Path, rank: int, shard_size: int):
+        self.out, self.shard_size = out, shard_size
+        self.prefix = f"tokens-r{rank:02d}-"
+        existing = [
+            int(p.stem[len(self.prefix) :]) for p in out.glob(f"{self.prefix}*.safetensors")
+        ]
+        self.next = max(existing, default=-1) + 1
+        self.ids: list[str] = []
+        self.high: list[torch.Tensor] = []
+        self.low: list[torch.Tensor] = []
+
+    def add(self, ids: list[str], high: torch.Tensor, low: torch.Tensor) -> None:
+        self.ids += ids
+        self.high.append(high.to(torch.bfloat16).cpu())
+        self.low.append(low.to(torch.bfloat16).cpu())
+        if len(self.ids) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.ids:
             return
         write_safetensors_atomic(
-            out / f"{prefix}{next_shard:06d}.safetensors",
-            {"high": torch.cat(buf_high), "low": torch.cat(buf_low)},
-            metadata={"ids": json.dumps(buf_ids)},
+            self.out / f"{self.prefix}{self.next:06d}.safetensors",
+            {"high": torch.cat(self.high), "low": torch.cat(self.low)},
+            metadata={"ids": json.dumps(self.ids)},
         )
-        next_shard += 1
-        buf_ids.clear(), buf_high.clear(), buf_low.clear()
+        self.next += 1
+        self.ids, self.high, self.low = [], [], []
 
+
+def _encode_share(encoder, store, job, pending: list[str], batch_size, shard_size, workers) -> int:
+    """Encode ``pending`` latents into this process's shards; returns how many."""
     loader = torch.utils.data.DataLoader(
-        _LatentDataset(store, pending), batch_size=batch_size, num_workers=num_workers
+        _LatentDataset(store, pending), batch_size=batch_size, num_workers=workers
     )
-    bar = tqdm(total=len(pending), desc=f"tokens[{state.process_index}]", unit="video")
+    shards = _ShardWriter(job.out, job.rank, shard_size)
+    bar = job.bar(len(pending))
     pos = 0
-    with torch.no_grad():
-        for lat in loader:  # [b, C, T, H, W]
-            vt = encoder.encode_videos(lat[:, None].to(state.device))  # [b, 1, G, D]
-            log_counts = vt.log_counts.cpu()
-            buf_ids.extend(pending[pos : pos + lat.shape[0]])
-            buf_high.append(vt.high[:, 0].to(torch.bfloat16).cpu())
-            buf_low.append(vt.low[:, 0].to(torch.bfloat16).cpu())
-            pos += lat.shape[0]
-            summary.encoded += lat.shape[0]
-            bar.update(lat.shape[0])
-            if len(buf_ids) >= shard_size:
-                flush()
-        flush()
+    for lat in loader:  # [b, C, T, H, W]
+        vt = encoder.encode_videos(lat[:, None].to(job.device))  # [b, 1, G, D]
+        shards.add(pending[pos : pos + lat.shape[0]], vt.high[:, 0], vt.low[:, 0])
+        pos += lat.shape[0]
+        bar.update(lat.shape[0])
+    shards.flush()
     bar.close()
-    state.wait_for_everyone()
+    return pos
 
-    if state.is_main_process:
-        where = _scan_shards(out)
-        if log_counts is None:  # nothing new: probe one latent for G
-            with torch.no_grad():
-                log_counts = encoder.encode_videos(
-                    store.load([wanted[0]], dtype=None).to(state.device)
-                ).log_counts.cpu()
-        shard_bytes = sum(p.stat().st_size for p in out.glob(SHARD_GLOB))
-        summary.bytes_per_video = shard_bytes / max(len(where), 1)
-        first = next(iter(where.values()))
-        from safetensors import safe_open
 
-        with safe_open(str(out / first[0]), framework="pt") as f:
-            g, d = f.get_slice("high").get_shape()[1:]
-        table = pd.DataFrame(
-            {
-                "id": list(where),
-                "shard": [s for s, _ in where.values()],
-                "row": [r for _, r in where.values()],
-            }
-        )
-        with atomic_path(out / INDEX) as tmp:
-            table.to_parquet(tmp, index=False)
-        write_json_atomic(
-            manifest_path,
-            {
-                "format": FORMAT,
-                "complete": True,
-                "encoder_fingerprint": fingerprint,
-                "encoder_config": {
-                    k: v for k, v in dict(encoder.config).items() if not k.startswith("_")
-                },
-                "num_groups": int(g),
-                "dim": int(d),
-                "log_counts": [float(v) for v in log_counts],
-                "dtype": "bfloat16",
-                "count": len(where),
-                "bytes_per_video": round(summary.bytes_per_video, 1),
-                "latents": {
-                    k: store.manifest.get(k)
-                    for k in (
-                        "latent_shape",
-                        "normalized",
-                        "num_frames",
-                        "height",
-                        "width",
-                        "resize",
-                    )
-                },
+def _finish_cache(encoder, store, out: Path, fingerprint: str, probe: str) -> float:
+    """The main process: ``index.parquet`` over every shard, the complete manifest; returns the
+    bytes per cached video."""
+    import pandas as pd
+    from safetensors import safe_open
+
+    where = _scan_shards(out)
+    with torch.no_grad():  # G and the log-multiplicities, from one latent
+        log_counts = encoder.encode_videos(
+            store.load([probe], dtype=None).to(next(encoder.parameters()).device)
+        ).log_counts.cpu()
+    bytes_per_video = sum(p.stat().st_size for p in out.glob(SHARD_GLOB)) / max(len(where), 1)
+    first = next(iter(where.values()))
+    with safe_open(str(out / first[0]), framework="pt") as f:
+        g, d = f.get_slice("high").get_shape()[1:]
+    table = pd.DataFrame(
+        {
+            "id": list(where),
+            "shard": [s for s, _ in where.values()],
+            "row": [r for _, r in where.values()],
+        }
+    )
+    with atomic_path(out / INDEX) as tmp:
+        table.to_parquet(tmp, index=False)
+    latent_keys = ("latent_shape", "normalized", "num_frames", "height", "width", "resize")
+    write_json_atomic(
+        out / MANIFEST,
+        {
+            "format": FORMAT,
+            "complete": True,
+            "encoder_fingerprint": fingerprint,
+            "encoder_config": {
+                k: v for k, v in dict(encoder.config).items() if not k.startswith("_")
             },
-        )
-        log.info(
-            "token cache %s: %d videos, %.0f bytes per video (%d encoded by process 0 in this run, %d cached before)",
-            out,
-            len(where),
-            summary.bytes_per_video,
-            summary.encoded,
-            summary.skipped,
-        )
-    state.wait_for_everyone()
-    return summary
+            "num_groups": int(g),
+            "dim": int(d),
+            "log_counts": [float(v) for v in log_counts],
+            "dtype": "bfloat16",
+            "count": len(where),
+            "bytes_per_video": round(bytes_per_video, 1),
+            "latents": {k: store.manifest.get(k) for k in latent_keys},
+        },
+    )
+    return bytes_per_video

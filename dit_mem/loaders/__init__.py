@@ -13,7 +13,7 @@ with ``pipe.to(...)`` and is saved by ``save_pretrained``), keeps the bank as ``
 and attaches memory to every expert (``transformer`` and, for Wan2.2 A14B, ``transformer_2``).
 
 Base models: :mod:`dit_mem.loaders.wan` (diffusers or the original Wan2.1 release layout),
-:mod:`dit_mem.loaders.vae` (the VAE of any family, on its own).
+:mod:`dit_mem.loaders.models` (the VAE of any family, on its own).
 """
 
 from __future__ import annotations

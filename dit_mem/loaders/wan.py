@@ -12,7 +12,7 @@ Two layouts are recognised by the files present:
   diffusers' own ``convert_wan_vae_to_diffusers`` and loaded strictly; the T5 file is Wan's own
   encoder-only UMT5-XXL, mapped here onto transformers' ``UMT5EncoderModel``.
 
-:func:`dit_mem.loaders.vae.load_vae` reads ``Wan2.1_VAE.pth`` through :func:`load_original_vae`.
+:func:`dit_mem.loaders.models.load_vae` reads ``Wan2.1_VAE.pth`` through :func:`load_original_vae`.
 
 ``.pth`` files are only ever read with ``torch.load(weights_only=True)``.
 """
@@ -387,10 +387,10 @@ def _load_diffusers(
     parts = WanComponents()
     if "transformer" in components:
         parts.transformer = WanTransformer3DModel.from_pretrained(
-            base, subfolder="transformer", torch_dtype=torch_dtype
+            base, subfolder="transformer", dtype=torch_dtype
         )
     if "vae" in components:
-        from dit_mem.loaders.vae import load_vae
+        from dit_mem.loaders.models import load_vae
 
         parts.vae = load_vae(base, dtype=vae_dtype)
     if "text_encoder" in components:
@@ -430,7 +430,7 @@ def _load_original(
                 _original_transformer_weights(base),
                 config=tmp,
                 subfolder="transformer",
-                torch_dtype=torch_dtype,
+                dtype=torch_dtype,
                 local_files_only=True,
             )
     if "vae" in components:

@@ -16,7 +16,7 @@ from dit_mem.training.config import (
     load_train_config,
 )
 from dit_mem.training.loss import FlowMatchingObjective
-from dit_mem.training.text_cache import TextEmbeddingCache, encode_captions
+from dit_mem.training.text_cache import TextEmbeddingCache
 from dit_mem.training.trainer import TrainResult, prepare_caches, train, training_loss
 
 __all__ = [
@@ -29,7 +29,6 @@ __all__ = [
     "TextEmbeddingCache",
     "TrainConfig",
     "TrainResult",
-    "encode_captions",
     "latest_checkpoint",
     "list_checkpoints",
     "load_train_config",

@@ -37,7 +37,7 @@ class DataConfig:
     # text), so that memory alone is trained too: memory then counts in both CFG branches.
     caption_dropout: float = 0.0
     dropped_caption: str = ""
-    max_text_tokens: int = 512  # UMT5 sequence length (Wan convention)
+    max_text_tokens: int | None = None  # text length (None: the family's; Wan: 512 UMT5 tokens)
     text_batch_size: int = 8  # captions per UMT5 forward when building the cache
     retrieval_batch_size: int = 256  # prompts per retrieval query when building the cache
 
@@ -46,7 +46,7 @@ class DataConfig:
 class ModelConfig:
     """The frozen backbone and the trainable memory encoder."""
 
-    base_model_dir: Path | None = None  # Wan2.1 folder (diffusers format or the original release)
+    base_model_dir: Path | None = None  # a diffusers folder of any family, or the original Wan2.1
     encoder_preset: str = "wan2.1-1.3b"  # dit_mem.memory.PRESETS key
     encoder_overrides: dict[Any, Any] = field(default_factory=dict)  # preset fields replaced
     # (dict[Any, Any], not dict[str, Any]: dit_mem.config keeps a key=value string verbatim
@@ -74,8 +74,8 @@ class LossConfig:
     """Flow-matching objective (SPEC §5)."""
 
     num_train_timesteps: int = 1000
-    flow_shift: float = 5.0
-    weighting: Literal["wan", "none"] = "wan"  # Wan's bell over timesteps | uniform
+    flow_shift: float | None = None  # None: the family's (Wan: 5, SPEC §5)
+    weighting: Literal["wan", "none"] | None = None  # Wan's bell | uniform (None: the family's)
 
 
 @dataclass
@@ -109,7 +109,6 @@ class TrainConfig:
             raise ConfigError("mixed_precision must be no, fp16 or bf16, got true")
         positive = {
             "data.k": self.data.k,
-            "data.max_text_tokens": self.data.max_text_tokens,
             "data.text_batch_size": self.data.text_batch_size,
             "data.retrieval_batch_size": self.data.retrieval_batch_size,
             "epochs": self.epochs,
@@ -147,8 +146,12 @@ class TrainConfig:
             raise ConfigError(
                 f"data.caption_dropout must be in [0, 1), got {self.data.caption_dropout}"
             )
-        if not math.isfinite(self.loss.flow_shift) or self.loss.flow_shift <= 0:
+        if self.loss.flow_shift is not None and (
+            not math.isfinite(self.loss.flow_shift) or self.loss.flow_shift <= 0
+        ):
             raise ConfigError(f"loss.flow_shift must be > 0, got {self.loss.flow_shift}")
+        if self.data.max_text_tokens is not None and self.data.max_text_tokens < 1:
+            raise ConfigError(f"data.max_text_tokens must be ≥ 1, got {self.data.max_text_tokens}")
         self.loggers  # noqa: B018  (validates log_with)
 
     @property

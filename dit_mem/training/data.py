@@ -2,7 +2,7 @@
 
 Each sample is one training video: ``x0`` (its VAE latent ``[C, T, H, W]``), ``memory`` (the
 latents of its k retrieved videos ``[k, C, T, H, W]``) and ``text`` (its UMT5 embedding
-``[max_tokens, dim]``, zeros after the caption). Rows whose latent or memory latents are missing
+``{stream: [valid tokens, dim]}``, padded by the family when a batch is made). Rows whose latent or memory latents are missing
 are dropped with a count when the dataset is built; a dataset with nothing left is an error.
 
 Order: every epoch is one permutation drawn from ``seed + epoch``; process ``i`` of ``n`` takes
@@ -46,11 +46,10 @@ class TrainingSamples(torch.utils.data.Dataset):
         memory_latents,  # dit_mem.data.LatentStore of the memory bank's videos
         text,  # TextEmbeddingCache
         k: int,
-        max_tokens: int,
         channels: int,
     ):
         self.latents, self.memory_latents, self.text = latents, memory_latents, text
-        self.k, self.max_tokens, self.channels = k, max_tokens, channels
+        self.k, self.channels = k, channels
         self.skipped = SkipCounts()
         self.ids: list[str] = []
         self.memory: dict[str, list[str]] = {}
@@ -118,12 +117,13 @@ class TrainingSamples(torch.utils.data.Dataset):
             m = self.memory_latents.load_one(mid, dtype=None)
             self._check(m, mid, f"memory (retrieved for {vid!r})", self.memory_latents)
             mem.append(m)
-        text = self.text.load([vid], self.max_tokens)[0]
+        text = self.text.load_texts([vid])[0]
         return {"id": vid, "x0": x0, "memory": torch.stack(mem), "text": text}
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack samples: ``x0 [B, C, T, H, W]``, ``memory [B, k, C, T, H, W]``, ``text [B, L, D]``."""
+    """Stack samples: ``x0 [B, C, T, H, W]``, ``memory [B, k, C, T, H, W]``; ``text``: the
+    samples' text streams (the frozen DiT's family pads them)."""
     shapes = {tuple(it["x0"].shape) for it in items}
     if len(shapes) > 1:
         raise ValueError(
@@ -134,7 +134,7 @@ def collate(items: list[dict]) -> dict:
         "ids": [it["id"] for it in items],
         "x0": torch.stack([it["x0"] for it in items]),
         "memory": torch.stack([it["memory"] for it in items]),
-        "text": torch.stack([it["text"] for it in items]),
+        "text": [it["text"] for it in items],
     }
 
 

@@ -98,62 +98,78 @@ def build_encoder(cfg: TrainConfig):
         raise ConfigError(f"model.encoder_overrides: {e}") from None
 
 
-def load_frozen_transformer(base_dir: Path, dtype: torch.dtype):
-    """The base model's Wan transformer, frozen, with memory attached."""
-    from dit_mem.backbone import attach_memory
-    from dit_mem.loaders.wan import load_wan_components
+@dataclass
+class FrozenDiT:
+    """The frozen DiT of a run, as training calls it: the transformer (memory attached), its
+    family, the dtype it runs in, the text length and the family's fixed call arguments."""
 
-    parts = load_wan_components(base_dir, torch_dtype=dtype, components=("transformer",))
-    transformer = freeze(parts.transformer)
-    attach_memory(transformer)
-    return transformer
+    transformer: torch.nn.Module
+    dtype: torch.dtype = torch.float32
+    max_text_tokens: int = 512
+    fixed: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        from dit_mem.backbone import family_of
 
-def load_text_encoder(base_dir: Path, dtype: torch.dtype):
-    """The base model's tokenizer and UMT5 encoder, frozen."""
-    from dit_mem.loaders.wan import load_wan_components
+        self.family = family_of(self.transformer)
 
-    parts = load_wan_components(
-        base_dir, torch_dtype=dtype, components=("tokenizer", "text_encoder")
-    )
-    return parts.tokenizer, freeze(parts.text_encoder)
+    @classmethod
+    def from_pretrained(
+        cls, base_dir: Path, dtype: torch.dtype, max_text_tokens: int | None = None
+    ):
+        """The base model's transformer, frozen, with memory attached."""
+        from dit_mem.backbone import attach_memory
+        from dit_mem.loaders.models import load_transformer
+
+        transformer = load_transformer(base_dir, dtype)
+        attach_memory(transformer)
+        dit = cls(transformer, dtype, fixed={})
+        dit.max_text_tokens = max_text_tokens or dit.family.default_max_text_tokens
+        dit.fixed = dit.family.training_inputs(Path(base_dir))
+        return dit
+
+    def __call__(
+        self, x_t: torch.Tensor, t: torch.Tensor, texts: list[dict], memory
+    ) -> torch.Tensor:
+        device = next(self.transformer.parameters()).device
+        text = self.family.text_kwargs(texts, self.max_text_tokens)
+        text = {
+            k: v.to(device, self.dtype) if v.is_floating_point() else v.to(device)
+            for k, v in text.items()
+        }
+        kwargs = None if memory is None else {"memory_tokens": memory.to(self.dtype)}
+        return self.family.predict(
+            self.transformer, x_t.to(self.dtype), t, text, kwargs, self.fixed
+        )
 
 
 def training_loss(
-    transformer,
+    dit: FrozenDiT,
     encoder,
     objective: FlowMatchingObjective,
     batch: dict,
     generator: torch.Generator,
-    dtype: torch.dtype,
     caption_dropout: float = 0.0,
-    dropped_text: torch.Tensor | None = None,
+    dropped_text: dict | None = None,
 ) -> torch.Tensor:
     """One micro-batch: memory tokens, noised latents, DiT prediction, weighted loss.
 
     The draws from ``generator`` are, in order: the memory-order permutation (inside the
     encoder, training mode only), timestep indices ``[B]``, noise like ``x0``, and, with
-    ``caption_dropout`` > 0, which samples' captions become ``dropped_text`` ``[L, D]`` (the
-    unconditional branch's text: there the DiT must read the memory alone).
+    ``caption_dropout`` > 0, which samples' captions become ``dropped_text`` (the unconditional
+    branch's text: there the DiT must read the memory alone).
     """
-    device = next(transformer.parameters()).device
+    device = next(dit.transformer.parameters()).device
     x0 = batch["x0"].to(device, torch.float32)
     memory = encoder(batch["memory"].to(device), generator=generator)
     index = objective.sample_indices(x0.shape[0], generator)
     noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device)
     x_t, t, target = objective.prepare(x0, index, noise)
-    text = batch["text"].to(device, dtype)
+    texts = list(batch["text"])
     if caption_dropout > 0:
-        drop = torch.rand(x0.shape[0], generator=generator) < caption_dropout
-        text = torch.where(drop.to(device)[:, None, None], dropped_text.to(device, dtype), text)
-    pred = transformer(
-        hidden_states=x_t.to(dtype),
-        timestep=t,
-        encoder_hidden_states=text,
-        attention_kwargs={"memory_tokens": memory.to(dtype)},
-        return_dict=False,
-    )[0]
-    return objective.loss(pred, target, index)
+        drop = (torch.rand(x0.shape[0], generator=generator) < caption_dropout).tolist()
+        texts = [dropped_text if d else text for text, d in zip(texts, drop, strict=True)]
+    return objective.loss(dit(x_t, t, texts, memory), target, index)
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
@@ -168,25 +184,15 @@ def _check_resume_config(cfg: TrainConfig, ckpt: ckpt_io.Checkpoint) -> None:
     path = ckpt.path / "config.yaml"
     if not path.is_file():
         return
+    from dit_mem.utils.io import changed_settings
+
     old, new = yaml.safe_load(path.read_text()), to_dict(cfg)
-
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(
-                flat(v, f"{prefix}{k}.")
-                if isinstance(v, dict) and k != "encoder_overrides"
-                else {prefix + k: v}
-            )
-        return out
-
-    a, b = flat(old), flat(new)
-    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in _RESUME_FREE]
+    changed = changed_settings(old, new, ignore=_RESUME_FREE, keep_whole={"encoder_overrides"})
     if changed:
         log.warning(
             "resuming %s with settings that differ from the checkpoint's: %s",
             ckpt.path,
-            ", ".join(f"{k} ({a.get(k)!r} → {b.get(k)!r})" for k in changed),
+            ", ".join(f"{k} ({a!r} → {b!r})" for k, (a, b) in changed.items()),
         )
 
 
@@ -249,7 +255,9 @@ def _train(cfg: TrainConfig, resume, accelerator) -> TrainResult:
     if bank is not None and bank.latents is None:
         raise ConfigError(f"data.bank {cfg.data.bank}: the bank has no latents to train with")
     ids, retrieval, text_cache = prepare_caches(cfg, accelerator, bank)
-    dit_dtype = DTYPES[cfg.model.dit_dtype]
+    dit = FrozenDiT.from_pretrained(
+        cfg.model.base_model_dir, DTYPES[cfg.model.dit_dtype], cfg.data.max_text_tokens
+    )
 
     # 3. data ------------------------------------------------------------------------------
     encoder = _seeded(cfg.seed, build_encoder, cfg)
@@ -261,7 +269,6 @@ def _train(cfg: TrainConfig, resume, accelerator) -> TrainResult:
         bank.latents if bank is not None else training_latents,
         text_cache,
         k=cfg.data.k,
-        max_tokens=cfg.data.max_text_tokens,
         channels=encoder.config.in_channels,
     )
     plan = EpochPlan(len(dataset), world, cfg.batch_size, cfg.gradient_accumulation_steps)
@@ -271,13 +278,13 @@ def _train(cfg: TrainConfig, resume, accelerator) -> TrainResult:
         total_steps = min(total_steps, cfg.max_steps)
 
     # 4. frozen DiT ------------------------------------------------------------------------
-    transformer = load_frozen_transformer(cfg.model.base_model_dir, dit_dtype).to(device)
+    dit.transformer.to(device)
     try:
-        check_width(encoder.config.dim, transformer)
+        check_width(encoder.config.dim, dit.transformer)
     except ValueError as e:
         raise ConfigError(f"model.encoder_preset: {e}") from None
     if cfg.model.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        dit.transformer.enable_gradient_checkpointing()
 
     # 5. encoder, optimizer, resume ----------------------------------------------------------
     encoder.train()
@@ -289,9 +296,7 @@ def _train(cfg: TrainConfig, resume, accelerator) -> TrainResult:
         weight_decay=cfg.optim.weight_decay,
     )
     encoder, optimizer = accelerator.prepare(encoder, optimizer)
-    objective = FlowMatchingObjective(
-        cfg.loss.num_train_timesteps, cfg.loss.flow_shift, cfg.loss.weighting
-    )
+    objective = training_objective(cfg, dit, dataset)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     set_seed(cfg.seed + rank)  # dropout (global RNG), different per process
     step = 0
@@ -342,7 +347,7 @@ def _train(cfg: TrainConfig, resume, accelerator) -> TrainResult:
     params = [p for p in encoder.parameters() if p.requires_grad]
     dropped_text = None
     if cfg.data.caption_dropout > 0:
-        dropped_text = text_cache.load([DROPPED_CAPTION_KEY], cfg.data.max_text_tokens)[0]
+        dropped_text = text_cache.load_texts([DROPPED_CAPTION_KEY])[0]
     cpu_bf16 = device.type == "cpu" and cfg.mixed_precision == "bf16"
     try:
         while step < total_steps:
@@ -354,12 +359,11 @@ def _train(cfg: TrainConfig, resume, accelerator) -> TrainResult:
                 with accelerator.accumulate(encoder):
                     with accelerator.autocast():
                         loss = training_loss(
-                            transformer,
+                            dit,
                             encoder,
                             objective,
                             batch,
                             generator,
-                            dit_dtype,
                             caption_dropout=cfg.data.caption_dropout,
                             dropped_text=dropped_text,
                         )
@@ -452,25 +456,46 @@ def prepare_caches(cfg: TrainConfig, accelerator=None, bank=None):
                 raise RuntimeError(
                     "text-embedding cache incomplete after the main process built it"
                 )
+            from dit_mem.loaders.models import family_of_folder
+
             device = accelerator.device if accelerator is not None else torch.device("cpu")
-            tokenizer, text_encoder = load_text_encoder(
-                cfg.model.base_model_dir, DTYPES[cfg.model.text_encoder_dtype]
+            base = Path(cfg.model.base_model_dir)
+            family = family_of_folder(base)
+            text_model = family.load_text_encoders(
+                base, DTYPES[cfg.model.text_encoder_dtype], device
             )
+            max_tokens = cfg.data.max_text_tokens or family.default_max_text_tokens
             text_cache.build(
                 list(texts),
                 list(texts.values()),
-                tokenizer,
-                text_encoder.to(device),
-                max_tokens=cfg.data.max_text_tokens,
+                lambda captions: family.encode_text(text_model, captions, max_tokens),
+                meta={
+                    "max_tokens": max_tokens,
+                    "streams": list(family.text_streams),
+                    "dtype": cfg.model.text_encoder_dtype,
+                    "encoder": str(base),
+                    "convention": f"{family.name}: the pipeline's prompt encoding, valid rows",
+                },
                 batch_size=cfg.data.text_batch_size,
-                encoder_name=str(cfg.model.base_model_dir),
                 progress=cfg.progress_bar,
             )
-            del tokenizer, text_encoder
+            del text_model
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return ids, retrieval, text_cache
+
+
+def training_objective(cfg: TrainConfig, dit: FrozenDiT, dataset) -> FlowMatchingObjective:
+    """The flow-matching objective of the run: the config's shift and weighting, or the
+    family's (Wan: shift 5 and Wan's weighting, SPEC §5; LTX-Video: its sequence-length shift)."""
+    shape = dataset[0]["x0"].shape if len(dataset) else ()
+    shift = cfg.loss.flow_shift
+    if shift is None:
+        shift = dit.family.flow_shift(Path(cfg.model.base_model_dir), shape)
+    weighting = cfg.loss.weighting or dit.family.default_loss_weighting
+    log.info("flow matching: shift %.4g, %s weighting (%s)", shift, weighting, dit.family.name)
+    return FlowMatchingObjective(cfg.loss.num_train_timesteps, shift, weighting)
 
 
 def _seeded(seed: int, fn, *args):

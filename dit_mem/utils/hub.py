@@ -27,6 +27,19 @@ def _hub_error(source: str, what: str, err: Exception) -> FileNotFoundError:
     )
 
 
+def _hub_kwargs(source, repo_type, revision, token, cache_dir, local_files_only) -> dict[str, Any]:
+    """``huggingface_hub`` download options for ``source``, which must read as a Hub id (a
+    path that does not exist and is no repository id is a ``FileNotFoundError``)."""
+    if not is_repo_id(str(source)):
+        raise FileNotFoundError(f"{source}: no such file or folder (and not a Hub id 'org/name')")
+    kwargs: dict[str, Any] = {"repo_type": repo_type, "revision": revision, "token": token}
+    if cache_dir is not None:
+        kwargs["cache_dir"] = str(cache_dir)
+    if local_files_only is not None:
+        kwargs["local_files_only"] = local_files_only
+    return kwargs
+
+
 def resolve_folder(
     source: str | Path,
     *,
@@ -44,15 +57,9 @@ def resolve_folder(
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder} is not a folder")
         return folder
-    if not is_repo_id(str(source)):
-        raise FileNotFoundError(f"{source}: no such file or folder (and not a Hub id 'org/name')")
+    kwargs = _hub_kwargs(source, repo_type, revision, token, cache_dir, local_files_only)
     from huggingface_hub import snapshot_download
 
-    kwargs: dict[str, Any] = {"repo_type": repo_type, "revision": revision, "token": token}
-    if cache_dir is not None:
-        kwargs["cache_dir"] = str(cache_dir)
-    if local_files_only is not None:
-        kwargs["local_files_only"] = local_files_only
     if subfolder:
         kwargs["allow_patterns"] = [f"{subfolder.strip('/')}/**"]
     try:
@@ -83,15 +90,9 @@ def resolve_file(
         if not file.is_file():
             raise FileNotFoundError(f"{file} not found")
         return file
-    if not is_repo_id(str(source)):
-        raise FileNotFoundError(f"{source}: no such file or folder (and not a Hub id 'org/name')")
+    kwargs = _hub_kwargs(source, repo_type, revision, token, cache_dir, local_files_only)
     from huggingface_hub import hf_hub_download
 
-    kwargs: dict[str, Any] = {"repo_type": repo_type, "revision": revision, "token": token}
-    if cache_dir is not None:
-        kwargs["cache_dir"] = str(cache_dir)
-    if local_files_only is not None:
-        kwargs["local_files_only"] = local_files_only
     try:
         return Path(hf_hub_download(str(source), filename, subfolder=subfolder, **kwargs))
     except Exception as err:

@@ -132,6 +132,45 @@ def folder_lock(folder: str | os.PathLike, job: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def changed_settings(
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    keys: Any = None,
+    ignore: Any = (),
+    keep_whole: Any = (),
+) -> dict[str, tuple[Any, Any]]:
+    """The settings that differ between a folder's record and this run: ``{key: (old, new)}``.
+
+    Nested mappings compare key by key (dotted keys), except those named in ``keep_whole``;
+    ``keys``: compare only these; ``ignore``: never these.
+    """
+
+    def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, Mapping) and k not in keep_whole:
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[prefix + k] = v
+        return out
+
+    a, b = flat(old or {}), flat(new or {})
+    names = sorted(set(a) | set(b)) if keys is None else list(keys)
+    return {k: (a.get(k), b.get(k)) for k in names if k not in ignore and a.get(k) != b.get(k)}
+
+
+def refuse_other_settings(
+    where: Any, what: str, changes: Mapping[str, tuple[Any, Any]], fix: str
+) -> None:
+    """``ValueError`` ("``where`` already holds ``what`` made with other settings") if any."""
+    if changes:
+        details = "; ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in changes.items())
+        raise ValueError(
+            f"{where} already holds {what} made with other settings ({', '.join(changes)} "
+            f"differ: {details}); {fix}"
+        )
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

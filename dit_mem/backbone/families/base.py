@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
-from dit_mem.backbone.attention import Route, check_route
+from dit_mem.backbone.attention import Route, check_route, memory_attention
 
 if TYPE_CHECKING:
     from dit_mem.backbone.injection import CallMemory, MemoryAttachment
@@ -81,6 +82,47 @@ class MemoryProcessor:
         tokens = attachment.family.modulate(self.block, call, attachment.temb, hidden_states)
         bias = call.bias.to(hidden_states.device).expand(hidden_states.shape[0], -1)
         return tokens, bias
+
+    def attend(self, query, key, value, memory_key, memory_value, bias, **masks) -> torch.Tensor:
+        """Queries over ``[keys ; memory keys]`` on this processor's route, backend and
+        context-parallel configuration (:func:`~dit_mem.backbone.attention.memory_attention`)."""
+        return memory_attention(
+            query,
+            key,
+            value,
+            memory_key,
+            memory_value,
+            bias,
+            route=self.route,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+            **masks,
+        )
+
+    def self_attention(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        rotate: Any = None,
+        rotate_heads: Any = None,
+    ) -> torch.Tensor:
+        """A stock self-attention with memory: the video tokens' projections, q/k norms (across
+        heads) and RoPE (``rotate`` before the head split, ``rotate_heads`` after), the memory
+        tokens' same projections and k norm without RoPE, the video tokens as the only queries,
+        then ``to_out``."""
+        memory, bias = self.memory_inputs(hidden_states)
+        query, key, value = project(attn, hidden_states)
+        _, memory_key, memory_value = project(attn, memory)
+        query, key, memory_key = attn.norm_q(query), attn.norm_k(key), attn.norm_k(memory_key)
+        if rotate is not None:
+            query, key = rotate(query), rotate(key)
+        query, key, value, memory_key, memory_value = (
+            t.unflatten(2, (attn.heads, -1)) for t in (query, key, value, memory_key, memory_value)
+        )
+        if rotate_heads is not None:
+            query, key = rotate_heads(query), rotate_heads(key)
+        out = self.attend(query, key, value, memory_key, memory_value, bias)
+        return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(query.dtype)))
 
 
 def project(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -235,8 +277,87 @@ class Family:
             )
         return [channels, (num_frames - 1) // t + 1, height // s, width // s]
 
+    # -- training ----------------------------------------------------------------------------
+    # The text conditioning: the transformer arguments holding text embeddings (the first is
+    # the primary stream, whose length data.max_text_tokens sets), and whether it takes masks
+    text_streams: ClassVar[tuple[str, ...]] = ("encoder_hidden_states",)
+    default_max_text_tokens: ClassVar[int] = 512
+    default_loss_weighting: ClassVar[str] = "none"  # dit_mem.training.loss.WEIGHTINGS
+
+    def load_text_encoders(self, base_dir: Path, dtype: torch.dtype, device: Any) -> Any:
+        """What :meth:`encode_text` needs, loaded from the base model (frozen, on ``device``)."""
+        raise NotImplementedError
+
+    def encode_text(self, text_model: Any, captions: Sequence[str], max_tokens: int) -> list[dict]:
+        """Each caption's embeddings, as the family's pipeline makes them, one tensor
+        ``[valid tokens, D]`` per stream of :attr:`text_streams`."""
+        raise NotImplementedError
+
+    def text_kwargs(self, texts: Sequence[dict], max_tokens: int) -> dict[str, torch.Tensor]:
+        """A batch of :meth:`encode_text` results as the transformer's text arguments: masked
+        streams padded to the longest, with their masks (override for unmasked text)."""
+        out = {}
+        for stream, mask_name in zip(self.text_streams, self.text_masks, strict=True):
+            parts = [t[stream] for t in texts]
+            length = max(1, max(p.shape[0] for p in parts))
+            out[stream] = pad_rows(parts, length)
+            out[mask_name] = torch.stack([torch.arange(length) < p.shape[0] for p in parts]).to(
+                out[stream].device
+            )
+        return out
+
+    text_masks: ClassVar[tuple[str, ...]] = ()
+    text_dim_keys: ClassVar[tuple[str, ...]] = ("text_dim",)  # transformer config, per stream
+
+    def text_dims(self, transformer: nn.Module) -> dict[str, int]:
+        """The width of each text stream the transformer takes."""
+        keys = zip(self.text_streams, self.text_dim_keys, strict=True)
+        return {stream: int(transformer.config[key]) for stream, key in keys}
+
+    def training_inputs(self, base_dir: Path) -> dict[str, Any]:
+        """Fixed transformer arguments of training calls, read from the base model's configs."""
+        return {}
+
+    def flow_shift(self, base_dir: Path, latent_shape: Sequence[int]) -> float:
+        """The flow shift the family trains (and samples) this latent size with."""
+        raise NotImplementedError
+
+    def predict(
+        self,
+        transformer: nn.Module,
+        x_t: torch.Tensor,
+        timestep: torch.Tensor,
+        text: dict[str, torch.Tensor],
+        attention_kwargs: dict | None,
+        fixed: dict[str, Any],
+    ) -> torch.Tensor:
+        """The transformer's flow prediction for latents ``x_t [B, C, T, H, W]``, same layout."""
+        return transformer(
+            hidden_states=x_t,
+            timestep=timestep,
+            attention_kwargs=attention_kwargs,
+            return_dict=False,
+            **text,
+            **fixed,
+        )[0]
+
     def __repr__(self) -> str:
         return f"<{self.name} family>"
+
+
+def pad_rows(parts: Sequence[torch.Tensor], length: int) -> torch.Tensor:
+    """``[n_i, D]`` tensors as ``[B, length, D]``, zeros after each."""
+    out = parts[0].new_zeros(len(parts), length, parts[0].shape[-1])
+    for i, p in enumerate(parts):
+        out[i, : min(length, p.shape[0])] = p[:length]
+    return out
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A component's ``config.json`` / ``scheduler_config.json`` ({} if absent)."""
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def expand_memory(memory: torch.Tensor, batch: int) -> torch.Tensor:

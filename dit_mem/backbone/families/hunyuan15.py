@@ -24,8 +24,15 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import (
     HunyuanVideo15TransformerBlock,
 )
 
-from dit_mem.backbone.attention import memory_attention
-from dit_mem.backbone.families.base import Family, MemoryProcessor, expand_memory, repeat_tokens
+from dit_mem.backbone.families.base import (
+    Family,
+    MemoryProcessor,
+    expand_memory,
+    read_config,
+    repeat_tokens,
+)
+
+VISION_TOKENS = 729  # HunyuanVideo15Pipeline's vision_num_semantic_tokens (zeros for text to video)
 
 
 def _heads(attn, x: torch.Tensor) -> torch.Tensor:
@@ -83,15 +90,13 @@ class HunyuanVideo15MemoryProcessor(MemoryProcessor):
         else:
             valid = F.pad(attention_mask, (s - attention_mask.shape[1], 0), value=True).bool()
         mask = valid[:, None, None, :] & valid[:, None, :, None]
-        out = memory_attention(
+        out = self.attend(
             query,
             key,
             value,
             memory_key,
             memory_value,
             bias,
-            route=self.route,
-            backend=self._attention_backend,
             attention_mask=mask,
             memory_visible=valid,
         )
@@ -163,6 +168,49 @@ class HunyuanVideo15Family(Family):
 
     def denormalize_latents(self, vae, x):
         return x / vae.config.scaling_factor
+
+    # -- training: Qwen2.5-VL and ByT5 streams with masks; the scheduler's shift -------------
+    text_streams = ("encoder_hidden_states", "encoder_hidden_states_2")
+    text_masks = ("encoder_attention_mask", "encoder_attention_mask_2")
+    text_dim_keys = ("text_embed_dim", "text_embed_2_dim")
+    default_max_text_tokens = 1000  # HunyuanVideo15Pipeline's tokenizer_max_length
+
+    def load_text_encoders(self, base_dir, dtype, device):
+        from diffusers import HunyuanVideo15Pipeline
+
+        # (with its VAE: the pipeline's __init__ reads the VAE's config)
+        pipe = HunyuanVideo15Pipeline.from_pretrained(base_dir, transformer=None, dtype=dtype)
+        for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+            encoder.requires_grad_(False).eval()
+        return pipe.to(device)
+
+    @torch.no_grad()
+    def encode_text(self, text_model, captions, max_tokens):
+        text_model.tokenizer_max_length = max_tokens
+        device = next(text_model.text_encoder.parameters()).device
+        embeds, mask, embeds_2, mask_2 = text_model.encode_prompt(
+            prompt=list(captions), device=device, batch_size=len(captions)
+        )
+        return [
+            {
+                "encoder_hidden_states": e[m.bool()].cpu().clone(),
+                "encoder_hidden_states_2": e2[m2.bool()].cpu().clone(),
+            }
+            for e, m, e2, m2 in zip(embeds, mask, embeds_2, mask_2, strict=True)
+        ]
+
+    def flow_shift(self, base_dir, latent_shape):
+        return float(
+            read_config(base_dir / "scheduler" / "scheduler_config.json").get("shift", 1.0)
+        )
+
+    def predict(self, transformer, x_t, timestep, text, attention_kwargs, fixed):
+        # text to video: zero conditioning latents and mask, zero image embeddings (the pipeline's)
+        b, _, t, h, w = x_t.shape
+        hidden = torch.cat([x_t, torch.zeros_like(x_t), x_t.new_zeros(b, 1, t, h, w)], dim=1)
+        image = x_t.new_zeros(b, VISION_TOKENS, transformer.config.image_embed_dim)
+        fixed = fixed | {"image_embeds": image}
+        return super().predict(transformer, hidden, timestep, text, attention_kwargs, fixed)
 
     def latent_geometry(self, vae):
         cfg = vae.config

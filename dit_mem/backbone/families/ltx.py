@@ -13,6 +13,8 @@ every rank holds the whole memory (:mod:`dit_mem.backbone.attention` counts it o
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from diffusers import AutoencoderKLLTXVideo
 from diffusers.models.transformers.transformer_ltx import (
@@ -22,15 +24,16 @@ from diffusers.models.transformers.transformer_ltx import (
     apply_rotary_emb,
 )
 
-from dit_mem.backbone.attention import memory_attention
 from dit_mem.backbone.families.base import (
     Family,
     MemoryProcessor,
     expand_memory,
     noisiest,
-    project,
+    read_config,
     repeat_tokens,
 )
+
+FRAME_RATE = 25  # LTXPipeline's default frame_rate (its RoPE interpolation depends on it)
 
 
 class LTXMemoryProcessor(MemoryProcessor):
@@ -50,28 +53,10 @@ class LTXMemoryProcessor(MemoryProcessor):
             )
         if attention_mask is not None:
             raise ValueError("memory tokens only go into self-attention without a mask")
-        memory, bias = self.memory_inputs(hidden_states)
-        query, key, value = project(attn, hidden_states)
-        _, memory_key, memory_value = project(attn, memory)
-        query, key, memory_key = attn.norm_q(query), attn.norm_k(key), attn.norm_k(memory_key)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb)
-            key = apply_rotary_emb(key, image_rotary_emb)
-        query, key, value, memory_key, memory_value = (
-            t.unflatten(2, (attn.heads, -1)) for t in (query, key, value, memory_key, memory_value)
+        rotate = (
+            None if image_rotary_emb is None else partial(apply_rotary_emb, freqs=image_rotary_emb)
         )
-        out = memory_attention(
-            query,
-            key,
-            value,
-            memory_key,
-            memory_value,
-            bias,
-            route=self.route,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
-        return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(query.dtype)))
+        return self.self_attention(attn, hidden_states, rotate=rotate)
 
 
 def _modulation(block, temb: torch.Tensor, batch: int) -> torch.Tensor:
@@ -173,6 +158,63 @@ class LTXFamily(Family):
             vae.spatial_compression_ratio,
         )
 
+    # -- training: T5 text with its mask, LTXPipeline's sequence-length shift ---------------
+    text_masks = ("encoder_attention_mask",)
+    text_dim_keys = ("caption_channels",)
+    default_max_text_tokens = 128  # LTXPipeline's max_sequence_length
+
+    def load_text_encoders(self, base_dir, dtype, device):
+        from diffusers import LTXPipeline
+
+        pipe = LTXPipeline.from_pretrained(base_dir, transformer=None, vae=None, dtype=dtype)
+        pipe.text_encoder.requires_grad_(False).eval()
+        return pipe.to(device)
+
+    @torch.no_grad()
+    def encode_text(self, text_model, captions, max_tokens):
+        device = next(text_model.text_encoder.parameters()).device
+        embeds, mask = text_model._get_t5_prompt_embeds(
+            prompt=list(captions), max_sequence_length=max_tokens, device=device
+        )
+        return [
+            {"encoder_hidden_states": e[m].cpu().clone()} for e, m in zip(embeds, mask, strict=True)
+        ]
+
+    def training_inputs(self, base_dir):
+        vae = _vae_geometry(base_dir)
+        return {
+            "rope_interpolation_scale": (
+                vae.temporal_compression_ratio / FRAME_RATE,
+                *[vae.spatial_compression_ratio] * 2,
+            )
+        }
+
+    def flow_shift(self, base_dir, latent_shape):
+        """LTXPipeline's shift: ``exp(mu)`` of the latent's token count (dynamic shifting)."""
+        import math
+
+        cfg = read_config(base_dir / "scheduler" / "scheduler_config.json")
+        if not cfg.get("use_dynamic_shifting", False):
+            return float(cfg.get("shift", 1.0))
+        tokens = math.prod(latent_shape[1:])
+        base, top = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+        low, high = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+        slope = (high - low) / (top - base)
+        return math.exp(tokens * slope + low - slope * base)
+
+    def predict(self, transformer, x_t, timestep, text, attention_kwargs, fixed):
+        from diffusers import LTXPipeline
+
+        cfg = transformer.config
+        b, _, t, h, w = x_t.shape
+        frames, height, width = t // cfg.patch_size_t, h // cfg.patch_size, w // cfg.patch_size
+        packed = LTXPipeline._pack_latents(x_t, cfg.patch_size, cfg.patch_size_t)
+        size = {"num_frames": frames, "height": height, "width": width}
+        out = super().predict(transformer, packed, timestep, text, attention_kwargs, fixed | size)
+        return LTXPipeline._unpack_latents(
+            out, frames, height, width, cfg.patch_size, cfg.patch_size_t
+        )
+
     def latent_record(self, vae):
         return {
             "normalization": "(z - latents_mean) * scaling_factor / latents_std",
@@ -180,6 +222,13 @@ class LTXFamily(Family):
             "latents_std": [round(float(v), 6) for v in vae.latents_std],
             "scaling_factor": float(vae.config.scaling_factor),
         }
+
+
+def _vae_geometry(base_dir):
+    """The base model's VAE, built on the meta device from its config (its compression ratios)."""
+    cfg = read_config(base_dir / "vae" / "config.json")
+    with torch.device("meta"):
+        return AutoencoderKLLTXVideo.from_config(cfg)
 
 
 FAMILY = LTXFamily()

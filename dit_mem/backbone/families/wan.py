@@ -10,6 +10,7 @@ stream); the VACE control blocks stay stock.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -21,13 +22,12 @@ from diffusers.models.transformers.transformer_wan import (
 )
 from diffusers.models.transformers.transformer_wan_vace import WanVACETransformer3DModel
 
-from dit_mem.backbone.attention import memory_attention
 from dit_mem.backbone.families.base import (
     Family,
     MemoryProcessor,
     expand_memory,
     noisiest,
-    project,
+    pad_rows,
     repeat_tokens,
 )
 
@@ -65,27 +65,12 @@ class WanMemoryProcessor(MemoryProcessor):
             )
         if attention_mask is not None:
             raise ValueError("memory tokens only go into self-attention without a mask")
-        memory, bias = self.memory_inputs(hidden_states)
-        query, key, value = project(attn, hidden_states)
-        _, memory_key, memory_value = project(attn, memory)
-        query, key, memory_key = attn.norm_q(query), attn.norm_k(key), attn.norm_k(memory_key)
-        query, key, value, memory_key, memory_value = (
-            t.unflatten(2, (attn.heads, -1)) for t in (query, key, value, memory_key, memory_value)
+        rotate = (
+            None
+            if rotary_emb is None
+            else partial(apply_rotary, cos=rotary_emb[0], sin=rotary_emb[1])
         )
-        if rotary_emb is not None:
-            query, key = apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb)
-        out = memory_attention(
-            query,
-            key,
-            value,
-            memory_key,
-            memory_value,
-            bias,
-            route=self.route,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
-        return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(query)))
+        return self.self_attention(attn, hidden_states, rotate_heads=rotate)
 
 
 class WanFamily(Family):
@@ -99,6 +84,7 @@ class WanFamily(Family):
     blocks_attribute = "blocks"
     default_scheduler = "flow-euler"  # the paper's sampler (SPEC §6)
     default_negative_prompt = WAN_NEGATIVE_PROMPT
+    default_loss_weighting = "wan"  # SPEC §5
     # Fields of MemoryEncoder.__init__ that differ from its defaults (the paper's 1.3B); latent
     # shapes are those of a 480×832, 81-frame bank.
     encoder_presets = {
@@ -169,6 +155,51 @@ class WanFamily(Family):
             "latents_mean": [round(float(v), 6) for v in mean],
             "latents_std": [round(float(v), 6) for v in std],
         }
+
+    # -- training (SPEC §5): UMT5 text, zeros after the caption, no mask; shift 5 -------------
+    def load_text_encoders(self, base_dir, dtype, device):
+        from dit_mem.loaders.wan import load_wan_components
+
+        parts = load_wan_components(
+            base_dir, torch_dtype=dtype, components=("tokenizer", "text_encoder")
+        )
+        return parts.tokenizer, parts.text_encoder.requires_grad_(False).eval().to(device)
+
+    @torch.no_grad()
+    def encode_text(self, text_model, captions, max_tokens):
+        """Wan's convention (``WanPipeline._get_t5_prompt_embeds``): the cleaned caption padded to
+        ``max_tokens``, encoded with its mask; the valid rows."""
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        tokenizer, text_encoder = text_model
+        inputs = tokenizer(
+            [prompt_clean(c) for c in captions],
+            padding="max_length",
+            max_length=max_tokens,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        device = next(text_encoder.parameters()).device
+        mask = inputs.attention_mask
+        hidden = text_encoder(inputs.input_ids.to(device), mask.to(device)).last_hidden_state
+        lengths = mask.gt(0).sum(dim=1).tolist()
+        return [
+            {"encoder_hidden_states": h[:n].cpu().clone()}
+            for h, n in zip(hidden, lengths, strict=True)
+        ]
+
+    def text_kwargs(self, texts, max_tokens):
+        # Wan's DiT sees max_tokens rows, zeros after each caption (no mask)
+        return {
+            "encoder_hidden_states": pad_rows(
+                [t["encoder_hidden_states"] for t in texts], max_tokens
+            )
+        }
+
+    def flow_shift(self, base_dir, latent_shape):
+        return 5.0  # the paper trains with shift 5 (the diffusers folder's UniPC samples with 3)
 
 
 def _stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,8 @@
-"""The VAE of any supported family, from whatever the user points at (the latent job, the bank).
+"""Base-model parts of any supported family, from whatever the user points at.
+
+:func:`family_of_folder` and :func:`load_transformer` (training's frozen DiT) read a diffusers
+model folder by the classes its configs name (the original Wan2.1 layout: Wan).
+:func:`load_vae` (the latent job, the bank) takes:
 
 * a diffusers model folder (``vae/config.json`` + weights) or a VAE folder itself
   (``config.json`` + weights): the class named by ``_class_name`` among the families' VAEs
@@ -20,6 +24,53 @@ from dit_mem.loaders.wan import ORIGINAL_VAE, load_original_vae
 from dit_mem.utils import get_logger
 
 logger = get_logger(__name__)
+
+
+def transformer_classes() -> dict[str, tuple[type, Any]]:
+    """The families' transformer classes by name, with their family."""
+    from dit_mem.backbone.families import families
+
+    return {c.__name__: (c, f) for f in families() for c in f.transformer_classes}
+
+
+def _transformer_config(base: Path) -> Path | None:
+    path = Path(base) / "transformer" / "config.json"
+    return path if path.is_file() else None
+
+
+def family_of_folder(base: str | Path):
+    """The DiT family of a base model folder (``ValueError`` naming what it found)."""
+    from dit_mem.loaders.wan import detect_layout
+
+    config = _transformer_config(base)
+    if config is None:
+        detect_layout(base, ("transformer",))  # the original Wan2.1 layout, or an error
+        from dit_mem.backbone.families.wan import FAMILY
+
+        return FAMILY
+    name = json.loads(config.read_text()).get("_class_name")
+    if name not in transformer_classes():
+        raise ValueError(
+            f"{config}: a {name}; memory attaches to {', '.join(transformer_classes())}"
+        )
+    return transformer_classes()[name][1]
+
+
+def load_transformer(base: str | Path, dtype: torch.dtype = torch.bfloat16):
+    """The base model's transformer (eval, frozen), from a diffusers folder of any family or the
+    original Wan2.1 layout."""
+    config = _transformer_config(base)
+    if config is None:
+        from dit_mem.loaders.wan import load_wan_components
+
+        model = load_wan_components(
+            base, torch_dtype=dtype, components=("transformer",)
+        ).transformer
+    else:
+        family_of_folder(base)  # names an unsupported class
+        cls = transformer_classes()[json.loads(config.read_text())["_class_name"]][0]
+        model = cls.from_pretrained(base, subfolder="transformer", dtype=dtype)
+    return model.eval().requires_grad_(False)
 
 
 def vae_classes() -> dict[str, type]:
@@ -53,10 +104,10 @@ def load_vae(
         raise FileNotFoundError(f"base model not found: {path}")
     elif (path / "vae" / "config.json").is_file() and _class_of(path / "vae" / "config.json"):
         cls = _class_of(path / "vae" / "config.json")
-        kind, vae = cls.__name__, cls.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+        kind, vae = cls.__name__, cls.from_pretrained(path, subfolder="vae", dtype=dtype)
     elif (path / "config.json").is_file() and _class_of(path / "config.json"):
         cls = _class_of(path / "config.json")
-        kind, vae = cls.__name__, cls.from_pretrained(path, torch_dtype=dtype)
+        kind, vae = cls.__name__, cls.from_pretrained(path, dtype=dtype)
     elif (path / ORIGINAL_VAE).is_file():
         kind, vae = "original Wan2.1", load_original_vae(path / ORIGINAL_VAE, config, dtype)
     else:
