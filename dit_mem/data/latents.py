@@ -233,7 +233,7 @@ def _manifest_for(cfg: LatentJobConfig, vae) -> dict:
 def append_failure(path: Path, record: dict) -> None:
     """Append one JSON line; a single O_APPEND write, so concurrent processes never interleave."""
     line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask applies
     try:
         os.write(fd, line)
     finally:

@@ -131,15 +131,9 @@ def build_transformer(seed: int = 0):
 
 def embed_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
     """Wan's prompt embedding (as ``WanPipeline._get_t5_prompt_embeds``): zeros after the caption."""
-    inputs = tokenizer(
-        captions,
-        padding="max_length",
-        max_length=MAX_TOKENS,
-        truncation=True,
-        add_special_tokens=True,
-        return_attention_mask=True,
-        return_tensors="pt",
-    )
+    from dit_mem.backbone.families.wan import FAMILY
+
+    inputs = FAMILY.tokenize(tokenizer, captions, MAX_TOKENS)
     mask = inputs.attention_mask
     hidden = text_encoder(inputs.input_ids, mask).last_hidden_state
     return hidden * mask[..., None].to(hidden.dtype)

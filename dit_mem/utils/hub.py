@@ -27,7 +27,9 @@ def _hub_error(source: str, what: str, err: Exception) -> FileNotFoundError:
     )
 
 
-def _hub_kwargs(source, repo_type, revision, token, cache_dir, local_files_only) -> dict[str, Any]:
+def _hub_kwargs(
+    source, repo_type="model", revision=None, token=None, cache_dir=None, local_files_only=None
+) -> dict[str, Any]:
     """``huggingface_hub`` download options for ``source``, which must read as a Hub id (a
     path that does not exist and is no repository id is a ``FileNotFoundError``)."""
     if not is_repo_id(str(source)):
@@ -72,25 +74,19 @@ def resolve_folder(
     return folder
 
 
-def resolve_file(
-    source: str | Path,
-    filename: str,
-    *,
-    subfolder: str | None = None,
-    revision: str | None = None,
-    repo_type: str = "model",
-    cache_dir: str | Path | None = None,
-    local_files_only: bool | None = None,
-    token: str | bool | None = None,
-) -> Path:
-    """A local file ``filename`` of ``source`` (a folder or a Hub repository id)."""
+def resolve_file(source: str | Path, filename: str, **options: Any) -> Path:
+    """A local file ``filename`` of ``source`` (a folder or a Hub repository id); ``options``
+    as for :func:`resolve_folder` (``subfolder``, ``revision``, ``repo_type``, ``cache_dir``,
+    ``local_files_only``, ``token``)."""
+    subfolder = options.pop("subfolder", None)
     path = Path(source)
     if path.exists():
         file = (path / subfolder if subfolder else path) / filename
         if not file.is_file():
             raise FileNotFoundError(f"{file} not found")
         return file
-    kwargs = _hub_kwargs(source, repo_type, revision, token, cache_dir, local_files_only)
+    hub = {"repo_type": "model", **options}
+    kwargs = _hub_kwargs(source, **hub)
     from huggingface_hub import hf_hub_download
 
     try:

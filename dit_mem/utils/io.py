@@ -12,8 +12,8 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,14 +22,26 @@ TMP_PREFIX = ".tmp-"
 LOCK_FILE = ".lock"
 
 
+def _new_file(folder: Path, prefix: str) -> Path:
+    """A new empty file ``folder/<prefix><random>``, mode 0o666 less the umask (as ``open`` would
+    make it; ``tempfile.mkstemp`` makes 0o600, which a renamed file would keep)."""
+    for _ in range(100):
+        candidate = folder / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no free temporary name in {folder}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` on success."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success. The file gets
+    the mode any new file gets here (the umask applies)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_file(path.parent, f"{TMP_PREFIX}{path.name}.")
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -115,7 +127,7 @@ def folder_lock(folder: str | os.PathLike, job: str) -> Iterator[None]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

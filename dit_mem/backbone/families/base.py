@@ -46,6 +46,19 @@ class Arguments:
         return args[i] if i < len(args) else default
 
 
+class _StockAttribute:
+    """An attribute diffusers sets on a processor, kept on the stock processor it composes."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, processor: Any, owner: type | None = None) -> Any:
+        return self if processor is None else getattr(processor.stock, self.name)
+
+    def __set__(self, processor: Any, value: Any) -> None:
+        setattr(processor.stock, self.name, value)
+
+
 class MemoryProcessor:
     """Base of a family's memory processor: composes the stock processor it replaces.
 
@@ -58,21 +71,8 @@ class MemoryProcessor:
         check_route(route)
         self.attachment, self.block, self.stock, self.route = attachment, block, stock, route
 
-    @property
-    def _attention_backend(self):
-        return self.stock._attention_backend
-
-    @_attention_backend.setter
-    def _attention_backend(self, value) -> None:
-        self.stock._attention_backend = value
-
-    @property
-    def _parallel_config(self):
-        return self.stock._parallel_config
-
-    @_parallel_config.setter
-    def _parallel_config(self, value) -> None:
-        self.stock._parallel_config = value
+    _attention_backend = _StockAttribute()  # set by diffusers' set_attention_backend
+    _parallel_config = _StockAttribute()  # set by diffusers' enable_parallelism
 
     def memory_inputs(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The running call's memory through this block's modulation: ``(tokens [B, G, D] in the

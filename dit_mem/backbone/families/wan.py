@@ -165,14 +165,13 @@ class WanFamily(Family):
         )
         return parts.tokenizer, parts.text_encoder.requires_grad_(False).eval().to(device)
 
-    @torch.no_grad()
-    def encode_text(self, text_model, captions, max_tokens):
-        """Wan's convention (``WanPipeline._get_t5_prompt_embeds``): the cleaned caption padded to
-        ``max_tokens``, encoded with its mask; the valid rows."""
+    @staticmethod
+    def tokenize(tokenizer, captions, max_tokens: int):
+        """Wan's prompt tokens (``WanPipeline._get_t5_prompt_embeds``): each cleaned caption
+        padded to ``max_tokens``, with its attention mask."""
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-        tokenizer, text_encoder = text_model
-        inputs = tokenizer(
+        return tokenizer(
             [prompt_clean(c) for c in captions],
             padding="max_length",
             max_length=max_tokens,
@@ -181,6 +180,13 @@ class WanFamily(Family):
             return_attention_mask=True,
             return_tensors="pt",
         )
+
+    @torch.no_grad()
+    def encode_text(self, text_model, captions, max_tokens):
+        """Wan's convention: the tokens of :meth:`tokenize`, encoded with their mask; the valid
+        rows."""
+        tokenizer, text_encoder = text_model
+        inputs = self.tokenize(tokenizer, captions, max_tokens)
         device = next(text_encoder.parameters()).device
         mask = inputs.attention_mask
         hidden = text_encoder(inputs.input_ids.to(device), mask.to(device)).last_hidden_state
