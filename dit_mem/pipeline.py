@@ -18,6 +18,7 @@ folder's ``model_index.json``, as diffusers' ``AutoPipelineFor*`` classes do.
 
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, get_type_hints
 
 import torch
@@ -48,6 +49,8 @@ from dit_mem.utils.logging import get_logger
 logger = get_logger(__name__)
 
 RETRIEVE = "retrieve"
+MEMORY_RECORD = "memory.json"  # beside model_index.json: the memory a saved pipeline had
+MEMORY_RECORD_FORMAT = "dit-mem-pipeline-memory/1"
 MEMORY_ARGUMENTS = ("memory", "negative_memory", "memory_scale", "k")
 
 
@@ -76,9 +79,15 @@ class MemoryPipelineMixin(MemoryLoaderMixin):
     _stock: type[DiffusionPipeline]  # the stock pipeline this flavour extends
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, memory_bank: Any = SAME, **kwargs):
         """diffusers' ``from_pretrained``, as the flavour the folder's ``model_index.json`` names
-        (a ``WanVACEPipeline`` folder gives a ``DiTMemWanVACEPipeline``, and so on)."""
+        (a ``WanVACEPipeline`` folder gives a ``DiTMemWanVACEPipeline``, and so on).
+
+        A pipeline saved with memory loaded comes back with it: its ``memory_encoder`` attached
+        to every expert at the saved scale and route, and the bank its ``memory.json`` names
+        opened again; ``memory_bank=`` gives another bank (a ``MemoryBank``, a folder or Hub id),
+        or ``None`` for none.
+        """
         hub = {
             k: kwargs[k]
             for k in ("cache_dir", "revision", "token", "local_files_only")
@@ -93,9 +102,88 @@ class MemoryPipelineMixin(MemoryLoaderMixin):
                 config["_class_name"],
                 flavour.__name__,
             )
-        return super(MemoryPipelineMixin, flavour).from_pretrained(
+        pipe = super(MemoryPipelineMixin, flavour).from_pretrained(
             pretrained_model_name_or_path, **kwargs
         )
+        if getattr(pipe, "memory_encoder", None) is not None:
+            pipe._restore_memory(pretrained_model_name_or_path, memory_bank, hub)
+        return pipe
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' ``save_pretrained``; with memory loaded, the encoder is saved as the
+        ``memory_encoder`` component and ``memory.json`` records the scale, the route and where
+        the bank is (a reference: the bank itself is not copied), so ``from_pretrained`` gives
+        the pipeline back with its memory."""
+        from dit_mem.utils import write_json_atomic
+
+        record = self._memory_record()
+        folder = Path(save_directory)
+        if record is not None:  # before the stock save, which may push the folder to the Hub
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(folder / MEMORY_RECORD, record)
+        elif (folder / MEMORY_RECORD).is_file():
+            (folder / MEMORY_RECORD).unlink()  # no memory now: a stale record would restore one
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _memory_record(self) -> dict | None:
+        if getattr(self, "memory_encoder", None) is None:
+            return None
+        models = experts(self)
+        attachment = get_attachment(models[0]) if models else None
+        bank = self.memory_bank
+        if bank is not None and getattr(bank, "source", None) is None:
+            logger.warning("the memory bank has no source to record: it is not saved")
+        return {
+            "format": MEMORY_RECORD_FORMAT,
+            "attached": attachment is not None,
+            "scale": self._memory_scale,
+            "route": attachment.route if attachment is not None else "auto",
+            "bank": getattr(bank, "source", None),
+        }
+
+    def _restore_memory(self, source, memory_bank: Any, hub: dict) -> None:
+        from dit_mem.bank import MemoryBank
+        from dit_mem.utils.io import read_json_mapping
+
+        path = Path(source) / MEMORY_RECORD
+        if not path.is_file():
+            if Path(source).exists():
+                path = None
+            else:
+                from dit_mem.utils.hub import resolve_file
+
+                try:
+                    path = resolve_file(source, MEMORY_RECORD, **hub)
+                except FileNotFoundError:
+                    path = None
+        record = {"attached": True, "scale": 1.0, "route": "auto", "bank": None}
+        if path is not None:
+            record |= read_json_mapping(path)
+            if record.get("format") != MEMORY_RECORD_FORMAT:
+                raise ValueError(f"{path}: not a {MEMORY_RECORD_FORMAT} record")
+        bank = memory_bank
+        if bank is SAME:
+            bank = None
+            if record["bank"] is not None:
+                try:
+                    options = {k: v for k, v in hub.items() if k != "revision"}
+                    bank = MemoryBank.from_source(record["bank"], **options)
+                except (OSError, ValueError) as e:
+                    raise FileNotFoundError(
+                        f"{path}: the memory bank it names cannot be opened ({e}); pass "
+                        "memory_bank= (a MemoryBank, a bank folder or Hub id, or None for none)"
+                    ) from None
+        if record["attached"]:
+            self.load_memory(
+                self.memory_encoder, bank=bank, scale=record["scale"], route=record["route"]
+            )
+        else:
+            self.memory_bank = (
+                bank
+                if bank is None or isinstance(bank, MemoryBank)
+                else (MemoryBank.from_pretrained(bank))
+            )
+            self.set_memory_scale(record["scale"])
 
     def _call_with_memory(self, args, kwargs, memory, negative_memory, memory_scale, k):
         call = inspect.signature(self._stock.__call__).bind(self, *args, **kwargs).arguments
@@ -173,7 +261,9 @@ class MemoryPipelineMixin(MemoryLoaderMixin):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer ≥ 1, got {k!r}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        return self.memory_bank.memory(prompts, self.memory_encoder, k=k)
+        return self.memory_bank.memory(
+            prompts, self.memory_encoder, k=k, device=self._execution_device
+        )
 
     def _prepare(self, memory: Any, batch: int, per_prompt: int, name: str) -> MemoryTokens:
         """Check, broadcast over ``num_videos_per_prompt`` and cast to the transformer."""

@@ -208,6 +208,13 @@ def test_memory_input_errors(parts, attached):
     nan.tokens[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite"):
         run(attached, memory=nan)
+    huge = memory_of(1)  # finite, but far beyond any encoder's output: NaN frames otherwise
+    huge.tokens[0, 0, 0] = 1e20
+    for given in (huge, huge.tokens):
+        with pytest.raises(ValueError, match=r"memory holds values up to 1e\+20 \(> 10000\)"):
+            run(attached, memory=given)
+    with pytest.raises(ValueError, match=r"values up to 1e\+20"):
+        run(attached, attention_kwargs={"memory_tokens": huge})
     with pytest.raises(ValueError, match="not also in attention_kwargs"):
         run(attached, memory=memory_of(1), attention_kwargs={"memory_tokens": memory_of(1)})
     with pytest.raises(TypeError):
@@ -289,6 +296,41 @@ def test_bank_save_and_load_round_trip(world, tmp_path):
         MemoryBank.from_pretrained(world / "model")
     with pytest.raises(FileNotFoundError, match="not a Hub id"):
         MemoryBank.from_pretrained(tmp_path / "nowhere")
+
+
+def test_save_pretrained_with_memory_comes_back_with_it(world, tmp_path):
+    """The encoder, λ, the route and the bank (a reference in memory.json) survive a save and a
+    load: the reloaded pipeline makes the same video; a bank that moved is a clear error."""
+    pipe = DiTMemPipeline.from_pretrained(world / "model")
+    pipe.set_progress_bar_config(disable=True)
+    bank = tmp_path / "bank"
+    shutil.copytree(world / "bank", bank)
+    pipe.load_memory(world / "encoder", bank=bank, scale=2.0, route="joint")
+    want = run(pipe, memory="retrieve", k=2, output_type="latent")
+    pipe.save_pretrained(tmp_path / "saved")
+    record = json.loads((tmp_path / "saved" / "memory.json").read_text())
+    assert record["scale"] == 2.0 and record["route"] == "joint" and record["attached"]
+    assert record["bank"]["from_pretrained"]["path_or_repo_id"] == str(bank.resolve())
+    again = DiTMemPipeline.from_pretrained(tmp_path / "saved")
+    again.set_progress_bar_config(disable=True)
+    assert get_attachment(again.transformer).route == "joint" and again._memory_scale == 2.0
+    got = run(again, memory="retrieve", k=2, output_type="latent")
+    assert [h.ids for h in got.memory] == [h.ids for h in want.memory]
+    torch.testing.assert_close(got.frames, want.frames, rtol=0, atol=0)
+    # the bank moved: say so, and how to give one
+    bank.rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match=r"memory\.json: the memory bank it names cannot"):
+        DiTMemPipeline.from_pretrained(tmp_path / "saved")
+    other = DiTMemPipeline.from_pretrained(tmp_path / "saved", memory_bank=tmp_path / "moved")
+    assert len(other.memory_bank) == 24 and get_attachment(other.transformer) is not None
+    none = DiTMemPipeline.from_pretrained(tmp_path / "saved", memory_bank=None)
+    assert none.memory_bank is None and get_attachment(none.transformer) is not None
+    # unloaded memory is saved as none
+    none.unload_memory()
+    none.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved" / "memory.json").exists()
+    plain = DiTMemPipeline.from_pretrained(tmp_path / "saved")
+    assert plain.memory_encoder is None and get_attachment(plain.transformer) is None
 
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"

@@ -204,8 +204,10 @@ class MemoryAttachment:
         self.memory: CallMemory | None = None
         self.temb: torch.Tensor | None = None
         self.original_processors: dict[int, Any] = {}
+        family.arguments(transformer)  # read the signatures now, not inside a compiled graph
         registry = _register(transformer, MemoryHook(self), HOOK)
         for block in family.blocks(transformer):
+            family.arguments(block)
             _register(block, BlockMemoryHook(self), BLOCK_HOOK)
         registry.invalidate_child_registries_cache()
         self.install_processors(transformer)
@@ -263,7 +265,9 @@ class MemoryAttachment:
         unknown = [k for k in given if k not in _MEMORY_KEYS]
         if unknown:
             raise ValueError(f"unknown memory option(s) {unknown}; known: {list(_MEMORY_KEYS)}")
-        strength = check_memory_scale(attention_kwargs.get(MEMORY_STRENGTH_KEY, 1.0))
+        strength = attention_kwargs.get(MEMORY_STRENGTH_KEY, 1.0)
+        if not torch.compiler.is_compiling():  # a traced λ is checked where it entered
+            strength = check_memory_scale(strength)
         memory = (attention_kwargs.get(MEMORY_TOKENS_KEY), MEMORY_TOKENS_KEY)
         layout = self.family.branch_layout(context)
         if NEGATIVE_MEMORY_TOKENS_KEY in attention_kwargs:

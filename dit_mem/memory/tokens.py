@@ -90,9 +90,11 @@ class MemoryTokens:
 
         ``strength`` comes checked (:func:`check_memory_scale`); 0, memory off, never gets here.
         """
+        bias = self.log_counts.float()
+        if torch.compiler.is_compiling():  # λ may be a traced number here (checked before)
+            return bias + torch.as_tensor(strength, dtype=torch.float32, device=bias.device).log()
         if strength <= 0:
             raise ValueError(f"memory strength must be > 0 here (0 is memory off), got {strength}")
-        bias = self.log_counts.float()
         return bias + math.log(strength) if strength != 1.0 else bias
 
     # ------------------------------------------------------------------ movement
@@ -156,7 +158,7 @@ def as_memory_tokens(memory: Any, name: str = "memory") -> MemoryTokens:
     if memory.num_distinct == 0:
         raise ValueError(f"{name} is empty (G = 0); pass no memory instead")
     if not torch.compiler.is_compiling():
-        check_plausible(memory.tokens, name, "memory tokens")
+        check_plausible(memory.tokens, name, "memory")
         if not bool(torch.isfinite(memory.log_counts).all()):
             raise ValueError(f"{name}: the log-multiplicities hold NaN or infinite values")
     return memory
