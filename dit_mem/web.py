@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import tempfile
 import uuid
 from pathlib import Path
@@ -47,6 +48,44 @@ REAL_EXAMPLES = [
 ]
 PREVIEW_MAX_FRAMES = 17
 DISPLAY_MIN_SIZE = 192  # small videos (the toy world's 32×32) are shown enlarged
+KEPT_REQUESTS = 32  # request folders (previews, videos) kept on disk; older ones are deleted
+CACHE = (300, 900)  # Gradio's file cache: swept every 5 min of files older than 15 (and at exit)
+
+
+STEPS_MAX, GUIDANCE_MAX = 100, 12.0  # the sliders' ends, checked for API callers too
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return math.nan
+
+
+def whole_number(value: Any, name: str, low: int, high: int | None = None) -> int:
+    """A whole number from a page input (a number or its text); ``ValueError`` naming the field
+    (a fraction is refused, never truncated)."""
+    number = _number(value)
+    if (
+        not math.isfinite(number)
+        or number != int(number)
+        or number < low
+        or (high is not None and number > high)
+    ):
+        within = f"in [{low}, {high}]" if high is not None else f"≥ {low}"
+        raise ValueError(f"{name} must be a whole number {within}, got {value!r}")
+    return int(number)
+
+
+def real_number(value: Any, name: str, low: float, high: float | None = None) -> float:
+    """A finite number in ``[low, high]`` from a page input; ``ValueError`` naming the field."""
+    number = _number(value)
+    if not math.isfinite(number) or number < low or (high is not None and number > high):
+        within = f"in [{low:g}, {high:g}]" if high is not None else f"≥ {low:g}"
+        raise ValueError(f"{name} must be a number {within}, got {value!r}")
+    return number
 
 
 def _enlarged(frames: np.ndarray) -> np.ndarray:
@@ -71,6 +110,8 @@ class MemoryPage:
         if getattr(pipe, "memory_bank", None) is None:
             raise ValueError("the page needs a pipeline with memory loaded (no_memory=false)")
         self.pipe, self.cfg, self.examples = pipe, cfg, examples
+        if cfg.k > self.bank_size:
+            raise ValueError(f"k={cfg.k} is larger than the bank ({self.bank_size} videos)")
         self.out = Path(out_dir or tempfile.mkdtemp(prefix="dit-mem-serve-"))
         self.out.mkdir(parents=True, exist_ok=True)
 
@@ -85,21 +126,31 @@ class MemoryPage:
         return prompt.strip()
 
     def _k(self, k: Any) -> int:
-        if k is None or float(k) != int(k) or int(k) < 1:
-            raise ValueError(f"k must be a whole number ≥ 1, got {k}")
-        if int(k) > self.bank_size:
-            raise ValueError(f"k = {int(k)} is larger than the bank ({self.bank_size} videos)")
-        return int(k)
+        k = whole_number(k, "k", 1)
+        if k > self.bank_size:
+            raise ValueError(f"k = {k} is larger than the bank ({self.bank_size} videos)")
+        return k
 
     def _scale(self, scale: Any) -> float:
         from dit_mem.memory.tokens import check_memory_scale
 
-        if isinstance(scale, str):
-            try:
-                scale = float(scale)
-            except ValueError:
-                raise ValueError(f"memory scale must be a number, got {scale!r}") from None
-        return check_memory_scale(scale)
+        number = _number(scale)
+        if math.isnan(number):
+            raise ValueError(f"memory scale must be a number, got {scale!r}")
+        return check_memory_scale(number)
+
+    def _request_folder(self) -> Path:
+        """A new folder for one request's files; only the newest :data:`KEPT_REQUESTS` stay."""
+        import shutil
+
+        folders = sorted(
+            (p for p in self.out.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime
+        )
+        for old in folders[: max(0, len(folders) - KEPT_REQUESTS + 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+        folder = self.out / uuid.uuid4().hex[:12]
+        folder.mkdir()
+        return folder
 
     # ------------------------------------------------------------------ actions
     def previews(self, ids: list[str], folder: Path) -> list[Path]:
@@ -111,9 +162,7 @@ class MemoryPage:
         """The k memory videos for ``prompt``: gallery ``[(gif, label)]``, table rows, report."""
         prompt, k = self._prompt(prompt), self._k(k)
         hit = self.pipe.memory_bank.retrieve([prompt], k)[0]
-        folder = self.out / uuid.uuid4().hex[:12]
-        folder.mkdir()
-        gifs = self.previews(hit.ids, folder)
+        gifs = self.previews(hit.ids, self._request_folder())
         records = hit.records()
         gallery = [
             (str(g), f"{r['rank']}. {r['caption']} ({r['score']:.3f}, {r['id']})")
@@ -137,8 +186,8 @@ class MemoryPage:
         from dit_mem.generation import generate
 
         prompt, k, scale = self._prompt(prompt), self._k(k), self._scale(scale)
-        if mode not in MODES:
-            raise ValueError(f"unknown memory mode {mode!r}")
+        if not isinstance(mode, str) or mode not in MODES:
+            raise ValueError(f"memory mode must be one of {', '.join(MODES)}; got {mode!r}")
         memory_mode = MODES[mode]
         try:
             cfg = dataclasses.replace(
@@ -146,14 +195,13 @@ class MemoryPage:
                 k=k,
                 memory_strength=scale,
                 memory_mode="both" if memory_mode == "none" else memory_mode,
-                seed=int(seed),
-                steps=int(steps),
-                guidance_scale=float(guidance),
+                seed=whole_number(seed, "seed", 0),
+                steps=whole_number(steps, "steps", 1, STEPS_MAX),
+                guidance_scale=real_number(guidance, "guidance", 0.0, GUIDANCE_MAX),
             )
         except (TypeError, ValueError) as e:  # GenerationConfig checks every value
             raise ValueError(str(e)) from None
-        folder = self.out / uuid.uuid4().hex[:12]
-        folder.mkdir()
+        folder = self._request_folder()
         without = generate(self.pipe, cfg, prompt, cfg.seed, no_memory=True)
         files, shown = [], []
         runs = [("no_memory", without)]
@@ -187,7 +235,7 @@ class MemoryPage:
 
     def search(self, query: Any, k: Any) -> tuple[list, list]:
         """Bank browser: the captions nearest to ``query`` (no previews needed to read them)."""
-        gallery, table, _ = self.retrieve(query, k)
+        gallery, table, _ = self.retrieve(query, whole_number(k, "hits", 1))
         return table, gallery
 
 
@@ -200,7 +248,8 @@ def _message_on_page():
     try:
         yield
     except (ValueError, OSError, SafetensorError, FloatingPointError) as e:
-        raise gr.Error(str(e)) from None
+        log.info("request refused: %s", e)  # one line in the server's log, not a traceback
+        raise gr.Error(str(e), print_exception=False) from None
 
 
 def build_app(page: MemoryPage):
@@ -208,7 +257,7 @@ def build_app(page: MemoryPage):
     import gradio as gr
 
     cfg = page.cfg
-    with gr.Blocks(title="DiT-Mem: memory for video diffusion") as app:
+    with gr.Blocks(title="DiT-Mem: memory for video diffusion", delete_cache=CACHE) as app:
         gr.Markdown(
             "# DiT-Mem: what memory retrieved, and what it did\n"
             f"Base model `{cfg.base_model}`, memory bank of **{page.bank_size} videos**. "
@@ -222,14 +271,20 @@ def build_app(page: MemoryPage):
         gr.Examples(page.examples, inputs=[prompt], label="Example prompts")
         with gr.Row():
             k = gr.Slider(
-                1, min(10, page.bank_size), value=cfg.k, step=1, label="k (memory videos)"
+                1,
+                min(max(10, cfg.k), page.bank_size),
+                value=cfg.k,
+                step=1,
+                label="k (memory videos)",
             )
             scale = gr.Number(value=cfg.memory_strength, label="memory scale λ")
             mode = gr.Radio(list(MODES), value=next(iter(MODES)), label="memory mode")
         with gr.Row():
-            seed = gr.Number(value=cfg.seed, precision=0, label="seed")
-            steps = gr.Slider(1, 100, value=cfg.steps, step=1, label="steps")
-            guidance = gr.Slider(0.0, 12.0, value=cfg.guidance_scale, step=0.5, label="guidance")
+            seed = gr.Number(value=cfg.seed, minimum=0, step=1, label="seed")
+            steps = gr.Slider(1, STEPS_MAX, value=cfg.steps, step=1, label="steps")
+            guidance = gr.Slider(
+                0.0, GUIDANCE_MAX, value=cfg.guidance_scale, step=0.5, label="guidance"
+            )
         memory = gr.Gallery(label="Retrieved memory", columns=5, height="auto", elem_id="memory")
         with gr.Row():
             without = gr.Video(label="without memory", elem_id="without", autoplay=True, loop=True)
@@ -261,14 +316,19 @@ def build_app(page: MemoryPage):
             with _message_on_page():
                 return page.search(query, hits)
 
-        retrieve_btn.click(retrieve, [prompt, k], [memory, report], api_name="retrieve")
+        # preprocess=False: the handlers get the inputs as sent and check every one themselves
+        # (Gradio's own conversion would fail on text in a number with a generic error, and
+        # round a fractional seed without a word)
+        raw = {"preprocess": False}
+        retrieve_btn.click(retrieve, [prompt, k], [memory, report], api_name="retrieve", **raw)
         generate_btn.click(
             generate,
             [prompt, k, scale, mode, seed, steps, guidance],
             [without, with_memory, report, files, memory],
             api_name="generate",
+            **raw,
         )
-        search_btn.click(search, [query, hits], [table, found], api_name="search")
+        search_btn.click(search, [query, hits], [table, found], api_name="search", **raw)
     return app
 
 
@@ -281,4 +341,17 @@ def serve(cfg, host: str = "127.0.0.1", port: int = 7860, examples: list[str] | 
     app = build_app(page)
     app.queue(default_concurrency_limit=1)  # one request at a time: a shared pipeline
     log.info("serving on http://%s:%d (outputs in %s)", host, port, page.out)
-    app.launch(server_name=host, server_port=port, show_error=False, allowed_paths=[str(page.out)])
+    import shutil
+    import signal
+
+    def stop(signum, frame):  # SIGTERM stops the server as Ctrl-C does, cleaning up
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        app.launch(
+            server_name=host, server_port=port, show_error=False, allowed_paths=[str(page.out)]
+        )
+    finally:  # the request files go with the server (Gradio's cache too: delete_cache)
+        signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(page.out, ignore_errors=True)

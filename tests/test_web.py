@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -39,6 +40,7 @@ def server(tmp_path_factory):
             env=env,
         )
     url = f"http://127.0.0.1:{port}/"
+    out = None
     try:
         deadline = time.time() + 240
         while True:
@@ -51,10 +53,14 @@ def server(tmp_path_factory):
             if proc.poll() is not None or time.time() > deadline:
                 pytest.fail(f"dit-mem serve did not start:\n{log.read_text()[-3000:]}")
             time.sleep(1)
+        out = Path(re.search(r"outputs in (\S+)\)", log.read_text()).group(1))
+        assert out.is_dir()
         yield url
     finally:
-        proc.terminate()
+        proc.terminate()  # SIGTERM: the server stops as on Ctrl-C, and removes its files
         proc.wait(timeout=30)
+    assert out is not None and not out.exists(), log.read_text()[-2000:]
+    assert "Traceback" not in log.read_text()  # refused requests are one log line each
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +101,10 @@ def test_client_retrieve_and_generate(server, bank_captions):
     ("args", "message"),
     [
         (("", 2), "Type a prompt first"),
-        (("a magenta circle moving right", 1000), "greater than maximum value"),  # the slider
+        (("a magenta circle moving right", 1000), r"k = 1000 is larger than the bank \(576"),
+        (("a red circle", "abc"), "k must be a whole number ≥ 1, got 'abc'"),
+        (("a red circle", 2.5), "k must be a whole number ≥ 1, got 2.5"),  # never truncated
+        ((None, 2), "Type a prompt first"),
     ],
 )
 def test_bad_retrieve_input_is_a_message(server, args, message):
@@ -119,6 +128,42 @@ def test_bad_scale_is_a_message_and_the_server_keeps_serving(server, scale):
             "a red circle", 2, scale, "conditional branch only", 0, 2, 4.0, api_name="/generate"
         )
     assert client.predict("a red circle", 1, api_name="/retrieve")[1]["retrieved"]
+
+
+@pytest.mark.parametrize(
+    ("changed", "message"),
+    [
+        ({"seed": None}, "seed must be a whole number ≥ 0, got None"),
+        ({"seed": 1.5}, "seed must be a whole number ≥ 0, got 1.5"),
+        ({"steps": 2.5}, r"steps must be a whole number in \[1, 100\], got 2.5"),
+        ({"steps": 10**6}, r"steps must be a whole number in \[1, 100\]"),
+        ({"guidance": "lots"}, r"guidance must be a number in \[0, 12\], got 'lots'"),
+        ({"scale": "x"}, "memory scale must be a number, got 'x'"),
+        ({"mode": "sideways"}, "memory mode must be one of"),
+    ],
+)
+def test_bad_generate_input_is_a_message(server, changed, message):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    args = {"prompt": "a red circle", "k": 2, "scale": 1.0, "mode": "conditional branch only"}
+    args |= {"seed": 0, "steps": 2, "guidance": 4.0} | changed
+    with pytest.raises(AppError, match=message):
+        Client(server, verbose=False).predict(*args.values(), api_name="/generate")
+
+
+def test_request_files_are_bounded(monkeypatch):
+    """Each request's previews go to a folder of its own; only the newest few are kept."""
+    import dit_mem.web as web
+    from dit_mem.toyworld.evaluate import load_toy_pipeline
+
+    monkeypatch.setattr(web, "KEPT_REQUESTS", 3)
+    pipe, cfg = load_toy_pipeline(SHIPPED)
+    page = web.MemoryPage(pipe, cfg, [])
+    for _ in range(5):
+        page.retrieve("a red circle", 2)
+    assert len([p for p in page.out.iterdir() if p.is_dir()]) == 3
+    shutil.rmtree(page.out)
 
 
 def test_bank_browser(server, bank_captions):
@@ -186,3 +231,12 @@ def test_page_refuses_k_beyond_the_bank():
         page.retrieve("a red circle", 0)
     with pytest.raises(ValueError, match="memory scale must be a number"):
         page._scale("lots")
+    import dataclasses
+
+    with pytest.raises(ValueError, match=r"k=1000 is larger than the bank \(576 videos\)"):
+        MemoryPage(pipe, dataclasses.replace(cfg, k=1000), [])  # `dit-mem serve k=1000`
+    from dit_mem.web import build_app
+
+    app = build_app(MemoryPage(pipe, dataclasses.replace(cfg, k=12), []))
+    sliders = [c for c in app.blocks.values() if getattr(c, "label", None) == "k (memory videos)"]
+    assert [(s.value, s.maximum) for s in sliders] == [(12, 12)]  # the default is on the slider
