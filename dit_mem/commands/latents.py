@@ -45,6 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--limit", type=count(1), default=None, help="only the first N rows (smoke runs)"
     )
+    p.add_argument(
+        "--allow-failures",
+        action="store_true",
+        help="exit 0 even when videos failed (they are recorded in failures.jsonl and the bank "
+        "keeps them out of retrieval); by default a job with failed videos exits 1",
+    )
     p.set_defaults(func=_encode)
 
 
@@ -74,4 +80,19 @@ def _encode(args: argparse.Namespace) -> int:
 
         write_bank_manifest(args.bank)
     print(f"encoded {s.ok}, skipped {s.skipped} (already done), failed {s.failed}")
-    return 0
+    return failures_exit(s.failed, out / "failures.jsonl", args.allow_failures)
+
+
+def failures_exit(failed: int, record, allowed: bool) -> int:
+    """Exit status of a job that could not encode ``failed`` videos: 1, unless allowed."""
+    import sys
+
+    if not failed:
+        return 0
+    print(
+        f"{failed} video(s) could not be encoded (see {record}); they have no memory and "
+        "retrieval leaves them out. Fix or remove them and run again (finished videos are kept)"
+        + (", or accept them with --allow-failures" if not allowed else ""),
+        file=sys.stderr,
+    )
+    return 0 if allowed else 1

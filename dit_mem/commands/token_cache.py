@@ -46,7 +46,12 @@ def _cache(args: argparse.Namespace) -> int:
     if bank is not None and s.is_main_process:
         from dit_mem.bank import write_bank_manifest
 
-        write_bank_manifest(bank)
+        failed = write_bank_manifest(bank).get("without_memory", [])
+        if failed:
+            print(
+                f"{len(failed)} bank video(s) have no latent (their encoding failed, see "
+                f"{bank / 'latents' / 'failures.jsonl'}): no tokens; retrieval leaves them out"
+            )
     msg = f"this process cached {s.encoded} videos; {s.skipped} were cached before; {s.total} in total"
     if s.bytes_per_video:
         msg += f"; {s.bytes_per_video:.0f} bytes per video"

@@ -96,6 +96,22 @@ class LatentStore:
     def __contains__(self, vid: str) -> bool:
         return is_safe_id(vid) and self.path(vid).is_file()
 
+    def failed_ids(self) -> set[str]:
+        """Ids the latent job could not encode (``failures.jsonl``) and that still have no latent:
+        videos without memory, which retrieval leaves out."""
+        path = self.root / FAILURES
+        if not path.is_file():
+            return set()
+        failed = set()
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                vid = json.loads(line).get("id")
+            except (ValueError, AttributeError):
+                continue  # a torn last line of a killed job
+            if isinstance(vid, str) and vid not in self:
+                failed.add(vid)
+        return failed
+
     def ids(self) -> list[str]:
         """Sorted ids of every complete latent in the folder."""
         return sorted(
@@ -257,13 +273,14 @@ class _VideoDataset(torch.utils.data.Dataset):
         path = path if path.is_absolute() else self.root / path
         item = {"id": row["id"], "video": str(path)}
         try:
-            item["frames"] = load_video(
+            item["frames"], item["source"] = load_video(
                 path,
                 self.cfg.num_frames,
                 self.cfg.height,
                 self.cfg.width,
                 resize=self.cfg.resize,  # type: ignore[arg-type]
                 backend=self.cfg.backend,  # type: ignore[arg-type]
+                with_source=True,
             )
         except VideoDecodeError as e:
             item["error"] = str(e)
@@ -327,7 +344,10 @@ def _encode_share(cfg: LatentJobConfig, vae, job, rows: list[dict], root: Path) 
     )
     bar = job.bar(len(rows), summary.skipped)
     bar.set_postfix(ok=0, skip=summary.skipped, fail=0)
+    warned = False
     for item in loader:
+        if "source" in item and not warned:
+            warned = _warn_geometry(cfg, item["id"], item["source"])
         error = item.get("error") or _encode_one(vae, item, out)
         if error is None:
             summary.ok += 1
@@ -350,6 +370,30 @@ def _encode_share(cfg: LatentJobConfig, vae, job, rows: list[dict], root: Path) 
         f" (see {out / FAILURES})" if summary.failed else "",
     )
     return summary
+
+
+def _warn_geometry(cfg: LatentJobConfig, vid: str, source) -> bool:
+    """Warn (once a job) when the geometry is far from a clip's own: frames repeated to fill
+    ``num_frames`` or frames upscaled, which cost the full geometry per clip for nothing."""
+    padded = cfg.num_frames - source.frames
+    scale = max(cfg.height / source.height, cfg.width / source.width)
+    if padded <= 0 and scale <= 1.5:
+        return False
+    log.warning(
+        "%s: a clip of %d frames of %d×%d is encoded at %d frames of %d×%d (%d frames repeated, "
+        "%.1f× upscaled): every clip costs the full geometry; set --num-frames / --height / "
+        "--width near the videos' own (the toy world: 9 frames of 32×32)",
+        vid,
+        source.frames,
+        source.height,
+        source.width,
+        cfg.num_frames,
+        cfg.height,
+        cfg.width,
+        max(padded, 0),
+        scale,
+    )
+    return True
 
 
 def _encode_one(vae, item: dict, out: Path) -> str | None:

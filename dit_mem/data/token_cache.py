@@ -33,6 +33,7 @@ import torch
 from dit_mem.data.latents import LatentStore
 from dit_mem.memory.tokens import VideoTokens, check_plausible
 from dit_mem.utils import get_logger, write_json_atomic, write_safetensors_atomic
+from dit_mem.utils.device import execution_device
 from dit_mem.utils.io import TMP_PREFIX, atomic_path, read_json_mapping
 
 log = get_logger(__name__)
@@ -45,12 +46,23 @@ _SHARD_NAME = re.compile(r"tokens-r\d+-\d+\.safetensors")
 
 
 def encoder_fingerprint(encoder: torch.nn.Module) -> str:
-    """SHA-256 over the encoder's config and every tensor of its state dict (weights + stats)."""
+    """SHA-256 over the encoder's config and every tensor of its state dict (weights + stats);
+    the weights of an encoder under accelerate's offload hooks are read where the hooks keep
+    them."""
     h = hashlib.sha256()
     config = getattr(encoder, "config", None)
     if config is not None:
         h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
-    for name, t in sorted(encoder.state_dict().items()):
+    state = encoder.state_dict()
+    if any(t.is_meta for t in state.values()):
+        from accelerate.utils.modeling import get_state_dict_offloaded_model
+
+        onloaded = get_state_dict_offloaded_model(encoder)
+        if onloaded.keys() != state.keys():
+            missing = sorted(set(state) - set(onloaded))[:3]
+            raise ValueError(f"the memory encoder's weights {missing} are on 'meta' only")
+        state = onloaded
+    for name, t in sorted(state.items()):
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -183,7 +195,7 @@ class TokenCache:
                 raise ValueError(
                     f"{path}: tokens of {vid!r} are {list(part.shape)}, not {list(want)}"
                 )
-            check_plausible(part, path, f"cached tokens of {vid!r}")
+            check_plausible(part, path, f"cached memory of {vid!r}")
         return high, low
 
     def load(
@@ -357,7 +369,7 @@ def _finish_cache(encoder, store, out: Path, fingerprint: str, probe: str) -> fl
     where = _scan_shards(out)
     with torch.no_grad():  # G and the log-multiplicities, from one latent
         log_counts = encoder.encode_videos(
-            store.load([probe], dtype=None).to(next(encoder.parameters()).device)
+            store.load([probe], dtype=None).to(execution_device(encoder))
         ).log_counts.cpu()
     bytes_per_video = sum(p.stat().st_size for p in out.glob(SHARD_GLOB)) / max(len(where), 1)
     first = next(iter(where.values()))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from dit_mem.backbone.families import family_of_vae
+from dit_mem.utils.device import execution_device
 
 
 @torch.no_grad()
@@ -19,15 +20,15 @@ def encode_frames(vae, frames: torch.Tensor) -> torch.Tensor:
     """``frames [B, 3, F, H, W]`` in [-1, 1] → normalised latents ``[B, C, T, h, w]`` (float32)."""
     if frames.ndim != 5 or frames.shape[1] != 3:
         raise ValueError(f"frames must be [B, 3, F, H, W], got {tuple(frames.shape)}")
-    param = next(vae.parameters())
-    z = vae.encode(frames.to(param.device, param.dtype)).latent_dist.mode().float()
+    dtype = next(vae.parameters()).dtype
+    z = vae.encode(frames.to(execution_device(vae), dtype)).latent_dist.mode().float()
     return family_of_vae(vae).normalize_latents(vae, z)
 
 
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Normalised latents ``[B, C, T, H, W]`` → video ``[B, 3, F, H', W']`` in [-1, 1]."""
-    param = next(vae.parameters())
     family = family_of_vae(vae)
-    z = family.denormalize_latents(vae, latents.to(param.device, param.dtype))
+    dtype = next(vae.parameters()).dtype
+    z = family.denormalize_latents(vae, latents.to(execution_device(vae), dtype))
     return family.decode(vae, z).clamp(-1, 1)

@@ -14,6 +14,7 @@ Backends: PyAV (default, ~2× faster here) or decord; both give the same frames.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -89,6 +90,15 @@ def _count_frames_pyav(path: Path) -> int:
         return sum(1 for p in container.demux(stream) if p.size > 0)
 
 
+@dataclass(frozen=True)
+class SourceGeometry:
+    """What a clip held before sampling and resizing."""
+
+    frames: int  # distinct frames sampled from it (fewer than asked: the last one repeats)
+    height: int
+    width: int
+
+
 def load_video(
     path: str | Path,
     num_frames: int = 81,
@@ -96,8 +106,10 @@ def load_video(
     width: int = 832,
     resize: ResizeMode = "stretch",
     backend: Backend = "pyav",
-) -> torch.Tensor:
-    """Decode ``path`` into ``[3, num_frames, height, width]`` float32 in [-1, 1].
+    with_source: bool = False,
+):
+    """Decode ``path`` into ``[3, num_frames, height, width]`` float32 in [-1, 1] (and, with
+    ``with_source``, its :class:`SourceGeometry`).
 
     Raises :class:`VideoDecodeError` (a ``ValueError``) naming the file when it is missing,
     unreadable or has no frames.
@@ -107,9 +119,9 @@ def load_video(
         raise VideoDecodeError(f"{path}: video file not found")
     try:
         if backend == "pyav":
-            frames = _decode_pyav(path, num_frames)
+            frames, distinct = _decode_pyav(path, num_frames)
         elif backend == "decord":
-            frames = _decode_decord(path, num_frames)
+            frames, distinct = _decode_decord(path, num_frames)
         else:
             raise ValueError(f"video backend must be 'pyav' or 'decord', got {backend!r}")
     except VideoDecodeError:
@@ -120,11 +132,13 @@ def load_video(
         raise VideoDecodeError(f"{path}: cannot decode video ({e})") from e
     except Exception as e:  # decoders raise their own error types (av.error.*, DECORDError)
         raise VideoDecodeError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from e
-    out = torch.stack([resize_frame(f, height, width, resize) for f in frames], dim=1)
-    return out / 127.5 - 1.0
+    out = torch.stack([resize_frame(f, height, width, resize) for f in frames], dim=1) / 127.5 - 1.0
+    if not with_source:
+        return out
+    return out, SourceGeometry(distinct, frames[0].shape[0], frames[0].shape[1])
 
 
-def _decode_pyav(path: Path, num_frames: int) -> list[np.ndarray]:
+def _decode_pyav(path: Path, num_frames: int) -> tuple[list[np.ndarray], int]:
     total = _count_frames_pyav(path)
     if total < 1:
         raise VideoDecodeError(f"{path}: the video has no frames")
@@ -137,10 +151,10 @@ def _decode_pyav(path: Path, num_frames: int) -> list[np.ndarray]:
         decoded = max(got) + 1
         indices = sample_frame_indices(decoded, num_frames)
         got = dict(_pyav_frames(path, indices))
-    return [got[int(i)] for i in indices]
+    return [got[int(i)] for i in indices], len(set(indices.tolist()))
 
 
-def _decode_decord(path: Path, num_frames: int) -> list[np.ndarray]:
+def _decode_decord(path: Path, num_frames: int) -> tuple[list[np.ndarray], int]:
     import decord
 
     reader = decord.VideoReader(str(path), num_threads=1)
@@ -150,4 +164,4 @@ def _decode_decord(path: Path, num_frames: int) -> list[np.ndarray]:
     indices = sample_frame_indices(total, num_frames)
     unique, inverse = np.unique(indices, return_inverse=True)
     batch = reader.get_batch(unique.tolist()).asnumpy()
-    return [batch[j] for j in inverse]
+    return [batch[j] for j in inverse], len(unique)

@@ -72,10 +72,26 @@ def load_memory_encoder(
     release = folder / RELEASE_WEIGHT_NAME
     if release.is_file():
         return MemoryEncoder.from_path(release)
+    hint = _encoders_inside(folder)
+    if hint:
+        raise FileNotFoundError(f"{folder} is a training run or checkpoint folder: {hint}")
     raise FileNotFoundError(
         f"{folder}: no memory encoder here (expected config.json + weights from save_pretrained, "
         f"or {RELEASE_WEIGHT_NAME}; pass weight_name= for another file name)"
     )
+
+
+def _encoders_inside(folder: Path) -> str | None:
+    """Where the encoders of a ``dit-mem train`` run (or one checkpoint) folder are."""
+    from dit_mem.training.checkpoint import latest_checkpoint
+
+    found = []
+    if (folder / "encoder" / "config.json").is_file():
+        found.append(f"its encoder is {folder / 'encoder'}")
+    ckpt = latest_checkpoint(folder) if (folder / "checkpoints").is_dir() else None
+    if ckpt is not None:
+        found.append(f"its latest checkpoint's encoder is {ckpt.encoder_dir} (step {ckpt.step})")
+    return "; ".join(found) or None
 
 
 class MemoryLoaderMixin:

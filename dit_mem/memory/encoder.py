@@ -362,6 +362,14 @@ class MemoryEncoder(ModelMixin, ConfigMixin):
         check_finite_state(model, pretrained_model_name_or_path)
         return model
 
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """diffusers' ``save_pretrained``; the files get the umask's mode (safetensors writes
+        0o600, which would keep a shared encoder from other users)."""
+        from dit_mem.utils.io import honour_umask
+
+        super().save_pretrained(save_directory, *args, **kwargs)
+        honour_umask(save_directory)
+
     @classmethod
     def from_path(cls, path) -> MemoryEncoder:
         """A ``save_pretrained`` folder, or the release's ``DiT-Mem-1.3B.safetensors`` file."""

@@ -14,6 +14,7 @@ Nothing is fetched from the network (``local_files_only=True``), and a folder's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,29 @@ def model_name(model: str | Path | None) -> str:
         return DEFAULT_MODEL
     path = Path(model).resolve()
     return DEFAULT_MODEL if path == _default_model_path().resolve() else path.name
+
+
+def declared_facts(model: str | Path | None) -> tuple[int | None, str | None]:
+    """The width and pooling a sentence-transformers folder declares (``1_Pooling/config.json``,
+    else ``config.json``'s ``hidden_size``), read without loading it or running its code."""
+    folder = _default_model_path() if model_name(model) == DEFAULT_MODEL else Path(model)
+    dim = pooling = None
+    try:
+        cfg = json.loads((folder / "1_Pooling" / "config.json").read_text())
+        dim = cfg.get("word_embedding_dimension")
+        modes = [
+            k[len("pooling_mode_") :]
+            for k, v in cfg.items()
+            if k.startswith("pooling_mode_") and v is True
+        ]
+        names = {"cls_token": "cls", "mean_tokens": "mean", "max_tokens": "max"}
+        pooling = "+".join(names.get(m, m) for m in modes) or None
+    except (OSError, ValueError, AttributeError):
+        pass
+    if dim is None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            dim = json.loads((folder / "config.json").read_text()).get("hidden_size")
+    return (int(dim) if isinstance(dim, int) else None), pooling
 
 
 def _default_model_path() -> Path:

@@ -137,6 +137,7 @@ class Retriever:
         self.sources: list[str] = sources.astype(str).tolist()
         self._source_size = Counter(self.sources)
         self._row = {vid: i for i, vid in enumerate(self.ids)}
+        self.unavailable: set[int] = set()  # rows never returned (bank videos without memory)
         self._model = self._model_source(model)  # checked now, loaded when first needed
         self._device, self._trust_remote_code = device, trust_remote_code
         self._embedder: Embedder | None = model if isinstance(model, Embedder) else None
@@ -171,9 +172,15 @@ class Retriever:
             return model
         if model is not None:
             if model_name(model) != want_name:
+                fix = ""
+                if str(self.manifest.get("source", "")).startswith("DiT-Mem release"):
+                    fix = (
+                        "; if the manifest is wrong, import the release again with "
+                        "`dit-mem bank import-release ... --embedding-model FOLDER`"
+                    )
                 raise ValueError(
                     f"{self.root / MANIFEST}: the index was built with embedding model "
-                    f"{want_name!r}, not {model_name(model)!r}"
+                    f"{want_name!r}, not {model_name(model)!r}{fix}"
                 )
             return model
         if want_name == model_name(None):
@@ -208,6 +215,10 @@ class Retriever:
             self._check_embedder(emb)
             self._embedder = emb
         return self._embedder
+
+    def leave_out(self, ids) -> None:
+        """Never return these bank videos (they have no memory: their encoding failed)."""
+        self.unavailable = {self._row[v] for v in ids if v in self._row}
 
     def row_of(self, vid: str) -> dict | None:
         """The id map's row of bank video ``vid`` (``None`` if it is not in the bank)."""
@@ -267,14 +278,14 @@ class Retriever:
             banned = [self._banned_sources(e) for e in exclude]
         # Ask FAISS for enough neighbours that k survive the exclusions.
         extra = max(sum(self._source_size.get(s, 0) for s in b) for b in banned)
-        fetch = min(k + extra, self.index.ntotal)
+        fetch = min(k + extra + len(self.unavailable), self.index.ntotal)
         scores, rows = self.index.search(queries, fetch)
         results = []
         for q_scores, q_rows, q_banned in zip(scores, rows, banned, strict=True):
             keep = [
                 (int(r), float(s))
                 for r, s in zip(q_rows, q_scores, strict=True)
-                if r >= 0 and self.sources[r] not in q_banned
+                if r >= 0 and self.sources[r] not in q_banned and int(r) not in self.unavailable
             ][:k]
             results.append(
                 RetrievalResult(

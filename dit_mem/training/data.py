@@ -2,8 +2,9 @@
 
 Each sample is one training video: ``x0`` (its VAE latent ``[C, T, H, W]``), ``memory`` (the
 latents of its k retrieved videos ``[k, C, T, H, W]``) and ``text`` (its UMT5 embedding
-``{stream: [valid tokens, dim]}``, padded by the family when a batch is made). Rows whose latent or memory latents are missing
-are dropped with a count when the dataset is built; a dataset with nothing left is an error.
+``{stream: [valid tokens, dim]}``, padded by the family when a batch is made). Rows whose latent
+or memory latents are missing, or with fewer than k retrieved videos, are dropped with a count
+when the dataset is built; a dataset with nothing left is an error saying which fix applies.
 
 Order: every epoch is one permutation drawn from ``seed + epoch``; process ``i`` of ``n`` takes
 positions ``i, i + n, …`` and the epoch is cut so every process gets the same number of whole
@@ -78,17 +79,38 @@ class TrainingSamples(torch.utils.data.Dataset):
                 (s.missing_latent + s.missing_memory + s.no_retrieval)[:3],
             )
         if not self.ids:
-            raise ValueError(
-                f"no usable training rows: all {len(ids)} are missing latents "
-                f"({len(s.missing_latent)} without their own latent in {latents.root}, "
-                f"{len(s.missing_memory)} with a missing memory latent, {len(s.no_retrieval)} "
-                f"with fewer than k={k} retrieved videos); run `dit-mem encode-latents` first"
-            )
+            raise ValueError(self._nothing_left(ids, memory))
         # Every latent must have its folder's shape (the manifest says it); else the first seen.
         self._shape: dict[int, tuple[int, ...] | None] = {}
         for store in (latents, memory_latents):
             shape = getattr(store, "manifest", {}).get("latent_shape")
             self._shape[id(store)] = tuple(shape) if shape else None
+
+    def _nothing_left(self, ids: list[str], memory: dict[str, list[str]]) -> str:
+        """Why no row is usable, with the fix for each reason that occurred."""
+        s, k = self.skipped, self.k
+        reasons = []
+        if s.no_retrieval:
+            most = max((len(memory.get(v, [])) for v in ids), default=0)
+            reasons.append(
+                f"{len(s.no_retrieval)} with fewer than k={k} retrieved videos (at most {most}: "
+                f"set data.k ≤ {most}, or give the index more videos)"
+                if most
+                else f"{len(s.no_retrieval)} with no retrieved videos (is the index empty, or "
+                "does every neighbour fall under the leave-out rule?)"
+            )
+        if s.missing_latent:
+            reasons.append(
+                f"{len(s.missing_latent)} without their own latent in {self.latents.root} "
+                "(encode the training videos with `dit-mem encode-latents`)"
+            )
+        if s.missing_memory:
+            reasons.append(
+                f"{len(s.missing_memory)} with a retrieved video that has no latent in "
+                f"{self.memory_latents.root} (encode the bank's videos with `dit-mem "
+                "encode-latents`)"
+            )
+        return f"no usable training rows of {len(ids)}: " + "; ".join(reasons)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -39,6 +39,7 @@ from dit_mem.training.metrics import MetricsLogger
 from dit_mem.training.retrieval_cache import build_retrieval_cache, memory_ids_by_sample
 from dit_mem.training.text_cache import DROPPED_CAPTION_KEY, TextEmbeddingCache
 from dit_mem.utils import atomic_dir, folder_lock, get_logger
+from dit_mem.utils.io import honour_umask
 
 log = get_logger(__name__)
 
@@ -539,6 +540,7 @@ def save_checkpoint(
         ckpt_io.write_state_file(
             tmp, {"step": step, "epoch": epoch, "num_processes": accelerator.num_processes}
         )
+        honour_umask(tmp)
         if final.exists():  # a re-run of the same step after a resume from an older checkpoint
             shutil.rmtree(final)
         tmp.rename(final)

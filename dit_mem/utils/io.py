@@ -35,6 +35,19 @@ def _new_file(folder: Path, prefix: str) -> Path:
     raise FileExistsError(f"no free temporary name in {folder}")
 
 
+def honour_umask(folder: str | os.PathLike) -> None:
+    """Give every file under ``folder`` the mode a new file gets here (0o666 less the umask):
+    libraries that write 0o600 files (safetensors' ``save_file``) would leave a folder other
+    users cannot read."""
+    folder = Path(folder)
+    probe = _new_file(folder, f"{TMP_PREFIX}mode.")
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 != mode:
+            os.chmod(path, mode)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success. The file gets
@@ -42,8 +55,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = _new_file(path.parent, f"{TMP_PREFIX}{path.name}.")
+    mode = tmp_path.stat().st_mode & 0o777
     try:
         yield tmp_path
+        if tmp_path.stat().st_mode & 0o777 != mode:  # a writer that made its own file
+            os.chmod(tmp_path, mode)  # (safetensors' save_file makes 0o600)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -90,6 +106,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        honour_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
