@@ -57,7 +57,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest:  # KEY=VALUE overrides may come after options too (`--prompt x k=3 --out o seed=1`)
+        strays = [a for a in rest if a.startswith("-") or "=" not in a]
+        if strays or not isinstance(getattr(args, "overrides", None), list):
+            parser.error(f"unrecognized arguments: {' '.join(strays or rest)}")
+        args.overrides += rest
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0

@@ -181,23 +181,28 @@ def parse_overrides(items: list[str] | None) -> list[tuple[str, str]]:
     return out
 
 
+def read_yaml(path: str | Path | None) -> dict[str, Any]:
+    """A YAML config file's mapping (``{}`` without a file); ``ConfigError`` naming the file."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = " ".join(str(e).split())
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return loaded
+
+
 def load_config(
     cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None
 ) -> T:
     """Build ``cls`` from dataclass defaults, then the YAML file, then ``key=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            first = " ".join(str(e).split())
-            raise ConfigError(f"{path}: not valid YAML ({first})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        data = loaded
+    data = read_yaml(path)
     for key, raw in parse_overrides(overrides):
         _set_path(data, cls, key, raw)
     return _from_dict(cls, data)

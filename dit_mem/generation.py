@@ -1,6 +1,6 @@
 """Config → :class:`~dit_mem.pipeline.DiTMemPipeline`, and one video per (prompt, seed).
 
-    cfg = load_config(GenerationConfig, "config/generate.yaml", ["k=3"])
+    cfg = load_generation_config("config/generate.yaml", ["k=3"])
     pipe = load_pipeline(cfg)                       # stock WanPipeline + load_memory(...)
     result = generate(pipe, cfg, "a dog runs on the beach", seed=42)   # frames + what was retrieved
 
@@ -131,6 +131,52 @@ class GenerationConfig:
         return {key: value for key, value in d.items() if key not in skip}
 
 
+BANK_PARTS = ("index", "latents", "tokens", "videos")
+_SOURCES = ("bank", "bank_subfolder", *BANK_PARTS)
+
+
+def load_generation_config(path: str | Path | None, overrides: list[str] | None = None):
+    """A :class:`GenerationConfig` from YAML and ``KEY=VALUE`` overrides (the command line wins).
+
+    Where the memory comes from is one setting, given as a bank (``bank=``, ``bank_subfolder=``)
+    or as its parts (``index=``, ``latents=``, ``tokens=``, ``videos=``): a command line that
+    names any of them replaces the YAML's whole choice, and a bank with parts at the same level
+    is an error naming both. With a bank, the parts' defaults do not apply.
+    """
+    from dit_mem.config import _from_dict, _set_path, parse_overrides, read_yaml
+
+    data = read_yaml(path)
+    pairs = parse_overrides(overrides)
+    given = {k for k, _ in pairs}
+    if given & set(_SOURCES):
+        data = {k: v for k, v in data.items() if k not in _SOURCES}
+    for key, raw in pairs:
+        _set_path(data, GenerationConfig, key, raw)
+    for level, keys in (("the command line", given), (str(path), set(data) - given)):
+        parts = [k for k in BANK_PARTS if k in keys and data.get(k) is not None]
+        if "bank" in keys and data.get("bank") is not None and parts:
+            raise ConfigError(
+                f"{level} gives bank= and {', '.join(p + '=' for p in parts)}: a bank folder holds "
+                "its parts; give the bank, or its parts"
+            )
+    if data.get("bank") is not None:
+        data.update(dict.fromkeys(BANK_PARTS))
+    return _from_dict(GenerationConfig, data)
+
+
+def settings_for(
+    cfg: GenerationConfig, seed: int, no_memory: bool | None = None, memory_mode: str | None = None
+) -> dict[str, Any]:
+    """What a video of ``cfg`` records it was made with (its sidecar's ``settings``)."""
+    no_memory = cfg.no_memory if no_memory is None else no_memory
+    return {
+        **cfg.metadata,
+        "no_memory": no_memory,
+        "memory_mode": memory_mode or cfg.memory_mode,
+        "seed": seed,
+    }
+
+
 def load_bank(cfg: GenerationConfig):
     """The config's memory bank: ``bank=`` (folder or Hub id), or its parts."""
     from dit_mem.bank import MemoryBank
@@ -247,15 +293,20 @@ def generate(
     if use_memory and getattr(pipe, "memory_bank", None) is None:
         raise ValueError("this pipeline was loaded with no_memory=true (no bank to retrieve from)")
     out = pipe(prompt, **call_arguments(pipe, cfg, seed, use_memory, mode))
-    if not np.isfinite(out.frames[0]).all():  # never a black video that looks like a result
-        raise FloatingPointError(
-            f"generation for {prompt!r} (seed {seed}) produced NaN/Inf frames; try dtype=float32 "
-            "or check the base model and encoder weights"
-        )
+    check_finite_frames(out.frames[0], f"generation for {prompt!r} (seed {seed})")
     frames = (np.clip(out.frames[0], 0.0, 1.0) * 255.0).round().astype(np.uint8)
     retrieved = out.memory[0] if out.memory else RetrievalResult([], [], [])
-    settings = {**cfg.metadata, "no_memory": not use_memory, "memory_mode": mode, "seed": seed}
+    settings = settings_for(cfg, seed, not use_memory, mode)
     return GenerationResult(frames, prompt, seed, retrieved, settings)
+
+
+def check_finite_frames(frames: np.ndarray, what: str) -> None:
+    """Never a black video that looks like a result: NaN/Inf frames are an error."""
+    if not np.isfinite(frames).all():
+        raise FloatingPointError(
+            f"{what} produced NaN/Inf frames; try dtype=float32 or check the base model and "
+            "encoder weights"
+        )
 
 
 def call_arguments(pipe, cfg: GenerationConfig, seed: int, use_memory: bool, mode: str) -> dict:

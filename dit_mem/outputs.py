@@ -7,6 +7,8 @@ model was given and what it made of it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -18,9 +20,51 @@ from dit_mem.utils.io import atomic_path, write_json_atomic
 
 
 def slugify(text: str, max_len: int = 80) -> str:
-    """A file-name-safe version of a prompt."""
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
-    return slug[:max_len] or "video"
+    """A file-name-safe version of a prompt: its words (any script) joined by ``_``, lower case.
+
+    Prompts that differ only in case, punctuation or after ``max_len`` characters share a slug;
+    :func:`distinct_stem` tells their files apart.
+    """
+    slug = re.sub(r"[^\w]+", "_", text).strip("_").lower()
+    return slug[:max_len].strip("_") or "video"
+
+
+def distinct_stem(stem: str, prompt: str, seed: int) -> str:
+    """``stem`` with a short hash of the prompt and seed: another file for another video."""
+    digest = hashlib.sha1(f"{prompt}\0{seed}".encode()).hexdigest()[:8]
+    return f"{stem}-{digest}"
+
+
+def check_stem(name: str, what: str) -> str:
+    """A user-given output name as a plain file stem inside the output folder (``.mp4``
+    dropped); ``ValueError`` for anything that would be a path (``..``, ``/``, absolute)."""
+    stem = name.strip()
+    if stem.lower().endswith(".mp4"):
+        stem = stem[: -len(".mp4")]
+    if not stem or stem in (".", "..") or stem.startswith(".") or any(c in stem for c in "/\\\0"):
+        raise ValueError(
+            f"{what}: bad file name {name!r} (a name inside the output folder: no '/', no '..', "
+            "not starting with '.')"
+        )
+    return stem
+
+
+def sidecar_of(folder: str | Path, stem: str) -> dict | None:
+    """The JSON sidecar of ``folder/stem.mp4`` (``None`` if there is none, or it is unreadable)."""
+    path = Path(folder) / f"{stem}.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def videos_in(folder: str | Path) -> list[Path]:
+    """The videos of a folder that have their sidecar."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return [p for p in sorted(folder.glob("*.mp4")) if p.with_suffix(".json").is_file()]
 
 
 def _pick(frames: np.ndarray, n: int) -> np.ndarray:
@@ -59,6 +103,7 @@ def save_generation(
 ) -> dict[str, Path]:
     """Write ``name.mp4``, ``name.json`` and ``name.png`` for a ``GenerationResult``."""
     out_dir = Path(out_dir)
+    check_stem(name, "output name")
     paths = {
         "video": out_dir / f"{name}.mp4",
         "json": out_dir / f"{name}.json",

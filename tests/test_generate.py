@@ -109,6 +109,15 @@ def test_memory_from_token_cache_equals_memory_from_latents(demo, tmp_path):
         MemoryBank.from_pretrained(cached).encode(ids, other)
 
 
+def test_nan_frames_are_an_error(demo):
+    cfg = load_config(GenerationConfig, None, tiny_overrides(demo))
+    pipe = load_pipeline(cfg)
+    with torch.no_grad():
+        pipe.transformer.proj_out.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"generation for 'a red circle' \(seed 3\) "):
+        generate(pipe, cfg, "a red circle", seed=3)
+
+
 def test_missing_bank_is_an_error_not_a_silent_fallback(demo, tmp_path):
     cfg = load_config(GenerationConfig, None, tiny_overrides(demo, bank=tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="nowhere"):
@@ -198,3 +207,115 @@ def test_generate_takes_any_supported_base_model(demo, tmp_path, flavour, capsys
     sidecar = json.loads((out / "a_blue_square_moving_left.json").read_text())
     assert len(sidecar["retrieved"]) == cfg.k == 5
     assert (out / "a_blue_square_moving_left.mp4").is_file()
+
+
+# --------------------------------------------------------------------------------------
+# Output folders: what "done" means, names, settings
+# --------------------------------------------------------------------------------------
+def test_done_means_this_prompt_seed_and_settings(demo, tmp_path, capsys):
+    """A video counts as done only when its sidecar says it is this prompt, seed and settings;
+    a name taken by another video is an error when the user gave it, a distinct name when it
+    came from the prompt."""
+    out = tmp_path / "out"
+    base = ["generate", "--out", str(out), *tiny_overrides(demo, k=2)]
+    assert main([*base, "--prompt", "a red circle", "--name", "v", "seed=1"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--prompt", "a red circle", "--name", "v", "seed=1"]) == 0
+    assert "1 already done, 0 to generate" in capsys.readouterr().out
+    for change in (["--prompt", "a blue square", "seed=1"], ["--prompt", "a red circle", "seed=2"]):
+        assert main([*base, *change, "--name", "v"]) == 2
+        assert "v.mp4 is another video (prompt 'a red circle', seed 1" in capsys.readouterr().err
+    # names made from prompts: CJK kept, and prompts that slug alike get distinct names
+    csv = tmp_path / "p.csv"
+    long = "a red circle moving right " * 4
+    prompts = [
+        "一只红色的圆",
+        "一只蓝色的方块",
+        "A red circle!",
+        "a red circle",
+        long + "x",
+        long + "y",
+    ]
+    csv.write_text("prompt,seed\n" + "".join(f'"{p}",1\n' for p in prompts))
+    again = ["generate", "--out", str(tmp_path / "csv-out"), *tiny_overrides(demo, k=2)]
+    assert main([*again, "--csv", str(csv)]) == 0
+    sidecars = sorted((tmp_path / "csv-out").glob("*.json"))
+    made = {json.loads(p.read_text())["prompt"]: p.stem for p in sidecars}
+    assert set(made) == set(prompts) and len(set(made.values())) == 6
+    assert "一只红色的圆" in made["一只红色的圆"]
+    capsys.readouterr()
+    assert main([*again, "--csv", str(csv)]) == 0
+    assert "6 videos, 6 already done, 0 to generate" in capsys.readouterr().out
+
+
+def test_a_failed_run_leaves_the_folder_usable(demo, tmp_path, capsys):
+    """k beyond the bank fails at retrieval: no settings are recorded, so the fixed rerun runs;
+    a folder that holds videos refuses other settings."""
+    out = tmp_path / "out"
+    base = ["generate", "--prompt", "a red circle", "--out", str(out)]
+    assert main([*base, *tiny_overrides(demo, k=99)]) == 2
+    assert "found 24 of k=99" in capsys.readouterr().err
+    assert not (out / "generate_config.yaml").exists()
+    assert main([*base, *tiny_overrides(demo, k=2)]) == 0
+    assert (out / "generate_config.yaml").is_file()
+    assert main([*base, *tiny_overrides(demo, k=3)]) == 2
+    assert "made with other settings" in capsys.readouterr().err
+
+
+def test_the_release_inference_csv(demo, tmp_path):
+    """The release's data/inference.csv (video_path, caption): captions are the prompts, the
+    video_path stems the names."""
+    csv = tmp_path / "inference.csv"
+    csv.write_text(
+        "video_path,caption\nclips/red_1.mp4,a red circle\nclips/blue.mp4,a blue square\n"
+    )
+    out = tmp_path / "out"
+    assert main(["generate", "--csv", str(csv), "--out", str(out), *tiny_overrides(demo)]) == 0
+    assert sorted(p.name for p in out.glob("*.mp4")) == ["blue.mp4", "red_1.mp4"]
+    assert json.loads((out / "red_1.json").read_text())["prompt"] == "a red circle"
+
+
+def test_bank_or_parts_one_documented_way(tmp_path):
+    """The command line's memory source replaces the YAML's; a bank and its parts at one level
+    is an error naming both."""
+    from dit_mem.generation import load_generation_config
+
+    yaml_bank = tmp_path / "bank.yaml"
+    yaml_bank.write_text("bank: my-bank\n")
+    cfg = load_generation_config(yaml_bank, ["index=my-index", "latents=my-latents"])
+    assert (cfg.bank, str(cfg.index), str(cfg.latents)) == (None, "my-index", "my-latents")
+    yaml_parts = tmp_path / "parts.yaml"
+    yaml_parts.write_text("index: my-index\ntokens: my-tokens\n")
+    cfg = load_generation_config(yaml_parts, ["bank=other-bank"])
+    assert (str(cfg.bank), cfg.index, cfg.tokens) == ("other-bank", None, None)
+    assert str(load_generation_config(yaml_bank, []).bank) == "my-bank"
+    both = tmp_path / "both.yaml"
+    both.write_text("bank: my-bank\nindex: my-index\n")
+    with pytest.raises(ConfigError, match=r"both\.yaml gives bank= and index="):
+        load_generation_config(both, [])
+
+
+def test_toyworld_generation_offline(tmp_path, capsys, monkeypatch):
+    """`generate --toyworld` and the shipped config/toyworld.yaml (from the repository root)
+    are one configuration and make the same video."""
+    from dit_mem.config import to_dict
+    from dit_mem.generation import load_generation_config
+    from dit_mem.toyworld.evaluate import toy_config
+    from dit_mem.toyworld.recipe import SHIPPED
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    shipped = to_dict(load_generation_config(Path("config/toyworld.yaml"), []))
+    builtin = to_dict(toy_config(SHIPPED.relative_to(root)))
+    assert {k: v for k, v in shipped.items() if k != "progress"} == {
+        k: v for k, v in builtin.items() if k not in ("progress", "index", "latents")
+    } | {"index": None, "latents": None}
+    prompt = ["--prompt", "a magenta circle moving left", "steps=4"]
+    assert main(["generate", "--toyworld", "--out", str(tmp_path / "a"), *prompt]) == 0
+    yaml = ["--config", "config/toyworld.yaml"]
+    assert main(["generate", *yaml, "--out", str(tmp_path / "b"), *prompt]) == 0
+    from dit_mem.evaluation.video_io import read_video
+
+    name = "a_magenta_circle_moving_left.mp4"
+    a, b = read_video(tmp_path / "a" / name), read_video(tmp_path / "b" / name)
+    assert a.shape == (9, 32, 32, 3) and np.array_equal(a, b)

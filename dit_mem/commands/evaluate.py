@@ -27,18 +27,19 @@ def make_generator(args: argparse.Namespace):
     (the same keys as ``dit-mem generate``); ``--no-memory`` is the baseline. The returned object
     satisfies ``VideoGenerator``: ``gen(prompt, seed) -> uint8 [F, H, W, 3]`` and ``gen.metadata``.
     """
-    from dit_mem.config import load_config
-    from dit_mem.generation import GenerationConfig, PipelineGenerator, load_pipeline
+    from dit_mem.generation import PipelineGenerator, load_pipeline
 
-    cfg = generation_config(args, GenerationConfig, load_config)
+    cfg = generation_config(args)
     return PipelineGenerator(load_pipeline(cfg), cfg)
 
 
-def generation_config(args: argparse.Namespace, cls, load):
+def generation_config(args: argparse.Namespace):
+    from dit_mem.generation import load_generation_config
+
     overrides = list(args.overrides) + ["progress=false"]
     if args.no_memory:
         overrides.append("no_memory=true")
-    return load(cls, args.config, overrides)
+    return load_generation_config(args.config, overrides)
 
 
 def _shard(text: str) -> tuple[int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -23,74 +24,148 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="generate videos with memory (one prompt or a CSV of prompts)",
         description="Generate videos with DiT-Mem. Every GenerationConfig key can be set in "
         "--config YAML or as KEY=VALUE (the command line wins). Beside each mp4: a JSON of the "
-        "retrieved memory and the settings, and a contact-sheet PNG.",
+        "retrieved memory and the settings, and a contact-sheet PNG. A video whose JSON says it "
+        "is this prompt, seed and settings is done and kept; --toyworld runs the shipped toy "
+        "world offline (the settings of config/toyworld.yaml).",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
     src.add_argument(
-        "--csv", type=Path, help="CSV with a 'prompt' column (optional 'filename', 'seed')"
+        "--csv",
+        type=Path,
+        help="CSV with a 'prompt' column (or the release's 'caption'); optional 'filename' (or "
+        "the release's 'video_path', whose stem names the video) and 'seed'",
     )
     p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
     p.add_argument("--name", help="file name stem for --prompt (default: from the prompt)")
+    p.add_argument(
+        "--toyworld",
+        action="store_true",
+        help="the shipped toy world's models, bank and settings (offline, a few seconds a video)",
+    )
     add_config_arguments(p)
     p.set_defaults(func=run)
 
 
-def _jobs(args, cfg) -> list[tuple[str, int, str]]:
-    """``(prompt, seed, file stem)`` per video; every row checked before anything runs."""
-    from dit_mem.outputs import slugify
+@dataclass
+class Job:
+    prompt: str
+    seed: int
+    name: str  # file stem inside --out
+    named: bool  # the user named the file (else it came from the prompt)
+    where: str  # for messages: "--prompt" or "<csv>, line N"
+
+
+def _jobs(args, cfg) -> list[Job]:
+    """One job per video; every row checked before anything runs."""
+    from dit_mem.outputs import check_stem, slugify
 
     if args.prompt is not None:
         if not args.prompt.strip():
             raise ValueError("--prompt is empty")
-        return [(args.prompt, cfg.seed, args.name or slugify(args.prompt))]
+        if args.name is not None:
+            return [Job(args.prompt, cfg.seed, check_stem(args.name, "--name"), True, "--name")]
+        return [Job(args.prompt, cfg.seed, slugify(args.prompt), False, "--prompt")]
     from dit_mem.data.table import read_csv_strict
 
-    table = read_csv_strict(args.csv, required=("prompt",))
+    table = read_csv_strict(args.csv)
+    column = (
+        "prompt" if "prompt" in table.columns else "caption" if "caption" in table.columns else None
+    )
+    if column is None:
+        raise ValueError(
+            f"{args.csv}: missing required column(s) prompt (or the release's caption)"
+        )
     if table.empty:
         raise ValueError(f"{args.csv}: no prompts (a header and no rows)")
     jobs, names = [], {}
     for i, row in enumerate(table.to_dict("records")):
         line = i + 2  # header is line 1
-        prompt = row["prompt"].strip()
+        where = f"{args.csv}, line {line}"
+        prompt = row[column].strip()
         if not prompt:
-            raise ValueError(f"{args.csv}, line {line}: empty prompt")
+            raise ValueError(f"{where}: empty prompt")
         seed = cfg.seed
         if row.get("seed", "").strip():
             text = row["seed"].strip()
             if not text.isdigit() or int(text) >= 2**63:
-                raise ValueError(
-                    f"{args.csv}, line {line}: seed must be a whole number ≥ 0, got {text!r}"
-                )
+                raise ValueError(f"{where}: seed must be a whole number ≥ 0, got {text!r}")
             seed = int(text)
         if row.get("filename", "").strip():
-            name = Path(row["filename"].strip()).stem
-            if not name or name in (".", ".."):
-                raise ValueError(f"{args.csv}, line {line}: bad filename {row['filename']!r}")
+            name, named = check_stem(row["filename"].strip(), f"{where}: filename"), True
+        elif row.get("video_path", "").strip():  # the release's inference.csv
+            name, named = (
+                check_stem(Path(row["video_path"].strip()).name, f"{where}: video_path"),
+                True,
+            )
         else:
-            name = f"{i:04d}_{slugify(prompt, 60)}"
-        if name in names:
+            name, named = f"{i:04d}_{slugify(prompt, 60)}", False
+        if named and name in names:
             raise ValueError(
                 f"{args.csv}, lines {names[name]} and {line}: both write {name}.mp4; give every "
                 "row its own filename"
             )
         names[name] = line
-        jobs.append((prompt, seed, name))
+        jobs.append(Job(prompt, seed, name, named, where))
     return jobs
+
+
+def _place(jobs: list[Job], out: Path, settings) -> tuple[list[Job], int]:
+    """Give every job its file: a video whose sidecar says it is this job is done; a name taken
+    by another video (or by another job of this run) is an error for a name the user gave, and
+    a distinct name (a short hash of prompt and seed) for one made from the prompt."""
+    from dit_mem.outputs import distinct_stem, sidecar_of
+
+    todo, done, taken = [], 0, set()
+    for job in jobs:
+        for attempt in range(2):
+            record = sidecar_of(out, job.name)
+            mine = (
+                record is not None
+                and (out / f"{job.name}.mp4").is_file()
+                and (record.get("prompt"), record.get("seed"), record.get("settings"))
+                == (job.prompt, job.seed, settings(job.seed))
+            )
+            free = record is None and not (out / f"{job.name}.mp4").exists()
+            if job.name not in taken and (mine or free):
+                break
+            if job.named or attempt:
+                other = record or {}
+                raise ValueError(
+                    f"{job.where}: {out / job.name}.mp4 is another video (prompt "
+                    f"{other.get('prompt')!r}, seed {other.get('seed')!r}, or other settings); "
+                    "give it another name, or another --out folder"
+                )
+            job.name = distinct_stem(job.name, job.prompt, job.seed)
+        taken.add(job.name)
+        if mine:
+            done += 1
+        else:
+            todo.append(job)
+    return todo, done
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from dit_mem.config import load_config, save_config, to_dict
-    from dit_mem.generation import GenerationConfig, generate, load_pipeline
-    from dit_mem.outputs import save_generation
+    from dit_mem.config import save_config, to_dict
+    from dit_mem.generation import generate, load_generation_config, load_pipeline, settings_for
+    from dit_mem.outputs import save_generation, videos_in
     from dit_mem.utils import folder_lock
 
-    cfg = load_config(GenerationConfig, args.config, args.overrides)  # checked here
+    if args.toyworld:  # the shipped toy world's settings, then KEY=VALUE
+        from dit_mem.config import with_overrides
+        from dit_mem.toyworld.evaluate import toy_config
+        from dit_mem.toyworld.recipe import SHIPPED
+
+        if args.config is not None:
+            raise ValueError("give --config or --toyworld, not both")
+        cfg = with_overrides(toy_config(SHIPPED), args.overrides)
+    else:
+        cfg = load_generation_config(args.config, args.overrides)  # checked here
     jobs = _jobs(args, cfg)
     saved = args.out / "generate_config.yaml"
-    if saved.is_file():  # a folder holds one configuration: never overwritten by another
+    if saved.is_file() and videos_in(args.out):  # a folder of videos holds one configuration
         import yaml
 
         from dit_mem.utils.io import changed_settings, refuse_other_settings
@@ -101,24 +176,21 @@ def run(args: argparse.Namespace) -> int:
             ignore={"progress", "device", "seed"},
         )
         refuse_other_settings(args.out, f"videos ({saved})", changes, "use another --out folder")
-    todo = [
-        j
-        for j in jobs
-        if not (args.out / f"{j[2]}.mp4").is_file() or not (args.out / f"{j[2]}.json").is_file()
-    ]
-    print(
-        f"{len(jobs)} videos, {len(jobs) - len(todo)} already done, {len(todo)} to generate in {args.out}"
-    )
+    todo, done = _place(jobs, args.out, lambda seed: settings_for(cfg, seed))
+    print(f"{len(jobs)} videos, {done} already done, {len(todo)} to generate in {args.out}")
     if not todo:
         return 0
     pipe = load_pipeline(cfg)
     with folder_lock(args.out, "generate"):
-        save_config(cfg, saved)
-        for prompt, seed, name in tqdm(todo, desc="generate", unit="video", disable=len(todo) == 1):
-            result = generate(pipe, cfg, prompt, seed)
+        recorded = False
+        for job in tqdm(todo, desc="generate", unit="video", disable=len(todo) == 1):
+            result = generate(pipe, cfg, job.prompt, job.seed)
             previews = []
             if result.retrieved.ids:
                 previews = pipe.memory_bank.previews(result.retrieved.ids, vae=pipe.vae)
-            paths = save_generation(result, args.out, name, previews)
+            paths = save_generation(result, args.out, job.name, previews)
+            if not recorded:  # with the first video written (a failed run leaves none)
+                save_config(cfg, saved)
+                recorded = True
             print(f"{paths['video']}  ({len(result.retrieved.ids)} memory videos)")
     return 0

@@ -26,8 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import importlib.util
 
-    from dit_mem.config import load_config
-    from dit_mem.generation import GenerationConfig
+    from dit_mem.generation import load_generation_config
     from dit_mem.web import REAL_EXAMPLES, TOY_EXAMPLES, serve
 
     if importlib.util.find_spec("gradio") is None:
@@ -41,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = with_overrides(toy_config(SHIPPED), args.overrides)
         examples = TOY_EXAMPLES
     else:
-        cfg = load_config(GenerationConfig, args.config, args.overrides)
+        cfg = load_generation_config(args.config, args.overrides)
         examples = REAL_EXAMPLES
     serve(cfg, args.host, args.port, examples)
     return 0

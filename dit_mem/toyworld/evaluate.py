@@ -82,6 +82,7 @@ def generate_batch(
     """Videos (uint8 ``[F, H, W, 3]``) for ``prompts`` with one batch's noise from ``seed``."""
     import torch
 
+    from dit_mem.generation import check_finite_frames
     from dit_mem.pipeline import SAME
 
     if case not in CASES:
@@ -103,6 +104,7 @@ def generate_batch(
         output_type="np",
         max_sequence_length=cfg.max_sequence_length,
     )
+    check_finite_frames(out.frames, f"toy-world generation of {case!r}")
     return list((np.clip(out.frames, 0.0, 1.0) * 255.0).round().astype(np.uint8))
 
 

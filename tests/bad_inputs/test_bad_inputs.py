@@ -601,7 +601,7 @@ CASES: list[Case] = [
     token_case(
         "shard-nan",
         lambda t, env: edit_shard(t, lambda x: x["high"].fill_(float("nan"))),
-        r"tokens-r00-000000\.safetensors: the cached tokens of .* hold|holds NaN",
+        r"tokens-r00-000000\.safetensors: the cached memory of .* holds NaN",
     ),
     token_case(
         "shard-path",
@@ -631,6 +631,14 @@ CASES: list[Case] = [
         "empty-folder",
         lambda env: (env.case / "e").mkdir() or env.case / "e",
         r"/e: no memory encoder here",
+    ),
+    encoder_case(
+        "training-run-folder",
+        lambda env: (
+            shutil.copytree(env.world / "encoder", env.case / "run" / "encoder"),
+            env.case / "run",
+        )[1],
+        r"/run is a training run or checkpoint folder: its encoder is .*/run/encoder$",
     ),
     encoder_case(
         "nan-weights", nan_encoder, r"/enc: the memory encoder's attention\.q\.weight holds NaN"
@@ -726,7 +734,74 @@ CASES: list[Case] = [
         "seed-negative", "prompt,seed\na,-1\n", r"seed must be a whole number ≥ 0, got '-1'"
     ),
     prompt_csv_case("seed-text", "prompt,seed\na,abc\n", r"seed must be a whole number"),
-    prompt_csv_case("filename-dots", "prompt,filename\na,..\n", r"line 2: bad filename '\.\.'"),
+    prompt_csv_case(
+        "filename-dots", "prompt,filename\na,..\n", r"line 2: filename: bad file name '\.\.'"
+    ),
+    prompt_csv_case(
+        "filename-escapes",
+        "prompt,filename\na,../victim.mp4\n",
+        r"line 2: filename: bad file name '\.\./victim\.mp4' \(a name inside the output folder",
+    ),
+    prompt_csv_case(
+        "filename-absolute",
+        "prompt,filename\na,/tmp/victim\n",
+        r"line 2: filename: bad file name '/tmp/victim'",
+    ),
+    prompt_csv_case(
+        "video-path-dots",  # the release's inference.csv: the stem of video_path names the video
+        "video_path,caption\nclips/..,a red circle\n",
+        r"line 2: video_path: bad file name '\.\.'",
+    ),
+    prompt_csv_case(
+        "release-names-collide",
+        "video_path,caption\na/x.mp4,a red circle\nb/x.mp4,a blue square\n",
+        r"lines 2 and 3: both write x\.mp4",
+    ),
+    prompt_csv_case(
+        "no-prompt-or-caption",
+        "video_path\nx.mp4\n",
+        r"missing required column\(s\) prompt \(or the release's caption\)",
+    ),
+    *[
+        Case(f"generate/name-{label}", lambda env, n=name: env.gen("--name", n), expect)
+        for label, name, expect in (
+            ("parent", "../victim", r"--name: bad file name '\.\./victim'"),
+            ("absolute", "/tmp/victim", r"--name: bad file name '/tmp/victim'"),
+            ("dot", ".", r"--name: bad file name '\.'"),
+            ("hidden", ".x", r"--name: bad file name '\.x'"),
+            ("empty", " ", r"--name: bad file name ' '"),
+        )
+    ],
+    Case(
+        "generate/name-taken-by-another-video",  # resume means this prompt, seed and settings
+        lambda env: env.gen("--name", "v", out="taken"),
+        r"--name: .*taken/v\.mp4 is another video \(prompt 'a blue square', seed 7",
+        setup=lambda env: (
+            env.write("taken/v.mp4", b"\x00"),
+            env.write("taken/v.json", json.dumps({"prompt": "a blue square", "seed": 7})),
+        ),
+    ),
+    config_case(
+        "bank-and-its-parts",
+        None,
+        r"the command line gives bank= and index=: a bank folder holds its parts",
+        "index=/somewhere",
+    ),
+    Case(
+        "cli/stray-argument-after-options",  # KEY=VALUE may follow options; anything else not
+        lambda env: [*env.gen(), "--name", "v", "k=2", "stray"],
+        r"unrecognized arguments: stray",
+    ),
+    Case(
+        "cli/override-after-options-is-checked",
+        lambda env: [*env.gen(), "--name", "v", "k=0"],
+        r"k must be an integer ≥ 1",
+    ),
+    Case(
+        "generate/toyworld-and-config",
+        lambda env: ["generate", "--toyworld", "--prompt", "x", "--config", str(env.case / "c")],
+        r"give --config or --toyworld, not both",
+    ),
     prompt_csv_case(
         "extra-field", "prompt,seed\na,1,2\n", r"line 2: 3 fields, but the header has 2"
     ),
