@@ -4,14 +4,16 @@
     hits = bank.retrieve(["a dog runs on the beach"], k=5)     # ids, captions, scores per prompt
     memory, hits = bank.memory(["a dog runs on the beach"], encoder, k=5)   # MemoryTokens [1, G, D]
 
-Layout of a bank folder (``dit-mem build-index / encode-latents / cache-tokens --bank DIR`` build
-into it; ``dit-mem bank import-release`` converts the release's files)::
+Layout of a bank folder (``dit-mem bank build`` writes one from a video table, eagerly, lazily or
+for training; ``build-index / encode-latents / cache-tokens --bank DIR`` build its parts;
+``dit-mem bank export`` makes a token-only copy to share, ``push_to_hub`` uploads one;
+``dit-mem bank import-release`` converts the release's files)::
 
     bank.json      format, the parts present, counts
-    index/         caption index: index.faiss + ids.parquet + manifest.json (build-index)
+    index/         caption index: index.faiss + id map (ids.arrow, lookups) + manifest.json
     latents/       <id>.safetensors VAE latents + manifest.json (encode-latents)
     tokens/        token cache of one memory encoder (cache-tokens), optional
-    videos/        the videos themselves, optional (previews only)
+    videos/        the videos (or a link to their folder): previews, and a lazy bank's source
 
 A bank needs an index and latents or tokens. Memory comes from the token cache when it was made
 by the given encoder (same weights and config, checked by fingerprint); a cache of another
@@ -33,7 +35,7 @@ import torch
 
 from dit_mem.data.latents import LatentStore
 from dit_mem.data.token_cache import TokenCache
-from dit_mem.memory.tokens import MemoryTokens
+from dit_mem.memory.tokens import MemoryTokens, VideoTokens
 from dit_mem.retrieval.retriever import Exclusion, RetrievalResult, Retriever
 from dit_mem.utils import atomic_dir, get_logger, write_json_atomic
 from dit_mem.utils.device import execution_device
@@ -52,7 +54,9 @@ class MemoryBank:
     Build one from a folder or Hub id with :meth:`from_pretrained`, or from its parts (paths or
     loaded objects): ``MemoryBank(index="memory_index", latents="latent", tokens=None)``.
     ``embedding_model`` / ``trust_remote_code`` go to the :class:`~dit_mem.retrieval.Retriever`
-    (the model the index was built with; remote code only when asked for by name).
+    (the model the index was built with; remote code only when asked for by name), and so do
+    ``nprobe`` / ``ef_search`` / ``k_factor``: search settings of an approximate index (default:
+    those recorded when it was built).
     """
 
     def __init__(
@@ -65,12 +69,21 @@ class MemoryBank:
         embedding_model: Any = None,
         trust_remote_code: str | None = None,
         device: str | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        k_factor: int | None = None,
     ):
         self.retriever = (
             index
             if isinstance(index, Retriever)
             else Retriever(
-                index, model=embedding_model, trust_remote_code=trust_remote_code, device=device
+                index,
+                model=embedding_model,
+                trust_remote_code=trust_remote_code,
+                device=device,
+                nprobe=nprobe,
+                ef_search=ef_search,
+                k_factor=k_factor,
             )
         )
         self.latents = LatentStore(latents) if isinstance(latents, str | Path) else latents
@@ -83,11 +96,14 @@ class MemoryBank:
             )
         if self.latents is not None:  # videos whose encoding failed have no memory: never retrieved
             failed = self.latents.failed_ids()
-            if self.tokens is not None:
-                failed -= set(self.tokens.ids())
+            if self.tokens is not None and failed:
+                failed = {v for v in failed if v not in self.tokens}
             self.retriever.leave_out(failed)
+        elif len(self.tokens) < len(self.retriever):  # a token-only bank: what it has tokens of
+            self.retriever.leave_out(v for v in self.retriever.ids if v not in self.tokens)
         # encoder → whether the token cache was made by it (fingerprints are costly: once each)
         self._checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._vae_copy: tuple[Any, Any] | None = None  # (the given VAE, a copy in the bank's dtype)
         # how to open this bank again (a pipeline's save_pretrained records it)
         model = self.retriever._model
         self.source: dict[str, Any] = {
@@ -112,8 +128,10 @@ class MemoryBank:
         embedding_model: Any = None,
         trust_remote_code: str | None = None,
         device: str | None = None,
+        **search: int | None,
     ) -> MemoryBank:
-        """Open a bank folder, or a Hub repository holding one (``repo_type`` "dataset" by default)."""
+        """Open a bank folder, or a Hub repository holding one (``repo_type`` "dataset" by default);
+        ``search``: ``nprobe`` / ``ef_search`` / ``k_factor`` (see the class)."""
         from dit_mem.utils.hub import resolve_folder
 
         folder = resolve_folder(
@@ -147,6 +165,7 @@ class MemoryBank:
             embedding_model=embedding_model,
             trust_remote_code=trust_remote_code,
             device=device,
+            **search,
         )
         local = Path(path_or_repo_id).exists()
         bank.source["from_pretrained"] = {
@@ -193,6 +212,49 @@ class MemoryBank:
             write_bank_manifest(tmp)
         return folder
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload memory bank",
+        create_pr: bool = False,
+        include_videos: bool = False,
+    ):
+        """Upload this bank as a Hub dataset repository (``huggingface_hub.upload_folder``); the
+        return value is the commit's. Share a token-only bank (``dit-mem bank export``): latents
+        are hundreds of times bigger. Lock and temporary files stay behind, and so do the
+        videos unless ``include_videos`` (their licence is not the bank owner's to give)."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = self.folder
+            if folder is None:  # parts from several places: one folder of links first
+                folder = self.save_pretrained(Path(scratch) / "bank")
+            return api.upload_folder(
+                repo_id=repo_id,
+                repo_type="dataset",
+                folder_path=str(folder),
+                revision=revision,
+                commit_message=commit_message,
+                create_pr=create_pr,
+                ignore_patterns=[".lock", "**/.lock", ".tmp-*", "**/.tmp-*"]
+                + ([] if include_videos else ["videos/*", "videos/**"]),
+            )
+
+    @property
+    def folder(self) -> Path | None:
+        """The bank folder holding every part (``None`` when the parts live apart)."""
+        parents = {Path(path).absolute().parent for path in self.parts.values()}
+        folder = parents.pop() if len(parents) == 1 else None
+        return folder if folder is not None and (folder / BANK_MANIFEST).is_file() else None
+
     # ------------------------------------------------------------------ retrieval
     def __len__(self) -> int:
         return len(self.retriever)
@@ -221,11 +283,13 @@ class MemoryBank:
         k: int = 5,
         exclude: Sequence[Exclusion] | None = None,
         device: torch.device | str | None = None,
+        vae=None,
     ) -> tuple[MemoryTokens, list[RetrievalResult]]:
         """Retrieve for ``prompts`` and encode: ``MemoryTokens [len(prompts), G, D]`` and the hits.
 
         Every prompt needs ``k`` hits (``ValueError`` otherwise: memory is never silently short).
-        ``device``: where the encoder runs (default: its execution device, see :meth:`encode`).
+        ``device``: where the encoder runs (default: its execution device, see :meth:`encode`);
+        ``vae``: encodes retrieved videos that have no memory yet (a lazy bank, :meth:`encode`).
         """
         hits = self.retrieve(prompts, k=k, exclude=exclude)
         for prompt, hit in zip(prompts, hits, strict=True):
@@ -234,7 +298,7 @@ class MemoryBank:
                     f"retrieval found {len(hit)} of k={k} memory videos for prompt {prompt!r} "
                     f"(the bank has {len(self)} videos)"
                 )
-        return self.encode([hit.ids for hit in hits], encoder, device=device), hits
+        return self.encode([hit.ids for hit in hits], encoder, device=device, vae=vae), hits
 
     @torch.no_grad()
     def encode(
@@ -242,8 +306,14 @@ class MemoryBank:
         ids: Sequence[Sequence[str]],
         encoder,
         device: torch.device | str | None = None,
+        vae=None,
     ) -> MemoryTokens:
         """Memory tokens ``[len(ids), G, D]`` of the bank videos ``ids`` (one list per prompt).
+
+        Per video: its cached tokens (a token cache of this very encoder), else its latent, else
+        (a bank built with ``--lazy``) its video file, decoded at the bank's geometry and encoded
+        with ``vae``; the latent is written into the bank and reused from then on. The result
+        equals an eagerly built bank's. A video with no memory and no file is an error naming it.
 
         The inputs go to ``device``; by default the encoder's execution device: where accelerate's
         offload hooks run it (its weights may live on ``meta`` or the CPU meanwhile), else where
@@ -251,16 +321,98 @@ class MemoryBank:
         """
         param = next(encoder.parameters())
         device = execution_device(encoder) if device is None else torch.device(device)
-        if self.tokens is not None and self._cache_matches(encoder):
-            videos = self.tokens.load_batch([list(i) for i in ids], dtype=param.dtype)
-            return encoder.aggregate(videos.to(device), shuffle=False)
-        if self.latents is None:
+        ids = [list(group) for group in ids]
+        cached = self.tokens is not None and self._cache_matches(encoder)
+        if self.tokens is not None and not cached and self.latents is None:
             raise ValueError(
                 f"{self.tokens.root}: the token cache was made by another memory encoder and the "
                 "bank has no latents to encode instead; rebuild it with `dit-mem cache-tokens`"
             )
-        latents = self.latents.load_batch([list(i) for i in ids], dtype=param.dtype)
-        return encoder(latents.to(device), shuffle=False)
+        in_cache = (lambda v: v in self.tokens) if cached else (lambda v: False)
+        self._fill([v for group in ids for v in group if not in_cache(v)], vae)
+        if all(in_cache(v) for group in ids for v in group):
+            videos = self.tokens.load_batch(ids, dtype=param.dtype)
+            return encoder.aggregate(videos.to(device), shuffle=False)
+        if not cached:
+            latents = self.latents.load_batch(ids, dtype=param.dtype)
+            return encoder(latents.to(device), shuffle=False)
+        # some videos cached, the others (filled since the cache was built) from their latents
+        pairs = []
+        for vid in dict.fromkeys(v for group in ids for v in group):
+            if in_cache(vid):
+                high, low = (t.to(device, param.dtype) for t in self.tokens.load_one(vid))
+            else:
+                latent = self.latents.load([vid], dtype=param.dtype).to(device)
+                one = encoder.encode_videos(latent)
+                high, low = one.high[0, 0], one.low[0, 0]
+            pairs.append((vid, high, low))
+        table = {vid: (high, low) for vid, high, low in pairs}
+        high = torch.stack([torch.stack([table[v][0] for v in group]) for group in ids])
+        low = torch.stack([torch.stack([table[v][1] for v in group]) for group in ids])
+        videos = VideoTokens(high, low, self.tokens.log_counts.to(device))
+        return encoder.aggregate(videos, shuffle=False)
+
+    def missing(self, ids: Sequence[str]) -> list[str]:
+        """Of ``ids``, those with neither a latent nor cached tokens (a lazy bank's unfilled)."""
+        return [
+            v
+            for v in dict.fromkeys(ids)
+            if not (self.latents is not None and v in self.latents)
+            and not (self.tokens is not None and v in self.tokens)
+        ]
+
+    def _fill(self, ids: Sequence[str], vae) -> None:
+        """Encode the videos of ``ids`` that have no latent yet into the bank's latents."""
+        todo = [v for v in dict.fromkeys(ids) if self.latents is None or v not in self.latents]
+        if not todo:
+            return
+        if self.latents is None:
+            raise ValueError(
+                f"memory bank {self.retriever.root.parent}: {len(todo)} retrieved video(s) have "
+                f"no memory ({', '.join(todo[:3])}): not in its token cache, and it has no latents"
+            )
+        paths = {}
+        for vid in todo:
+            path = self.video_path(vid)
+            if path is None:
+                where = self.videos if self.videos is not None else "(the bank has no videos/)"
+                row = self.retriever.row_of(vid) or {}
+                raise FileNotFoundError(
+                    f"bank video {vid!r} has no memory yet and its file "
+                    f"{row.get('video') or vid + '.*'} is not in {where}: give the bank its "
+                    "videos again (dit-mem bank build --add / a videos/ folder), or encode it "
+                    "elsewhere (dit-mem encode-latents --bank)"
+                )
+            paths[vid] = path
+        if vae is None:
+            raise ValueError(
+                f"{len(todo)} retrieved bank video(s) have no memory yet ({', '.join(todo[:3])}): "
+                "a lazy bank encodes them on first use with the VAE of its base model: "
+                "bank.memory(..., vae=pipe.vae) (a DiTMemPipeline passes its own)"
+            )
+        self.latents.check_vae(vae)
+        vae = self._vae_in_bank_dtype(vae)
+        log.info("encoding %d bank video(s) on first use into %s", len(todo), self.latents.root)
+        for vid, path in paths.items():
+            self.latents.fill(vid, path, vae)
+
+    def _vae_in_bank_dtype(self, vae):
+        """``vae``, or a copy in the dtype the bank's latents were encoded in (same latents)."""
+        want = getattr(torch, str(self.latents.manifest.get("vae_dtype", "float32")), None)
+        have = next(vae.parameters()).dtype
+        if not isinstance(want, torch.dtype) or want == have:
+            return vae
+        if self._vae_copy is None or self._vae_copy[0] is not vae:
+            if any(p.is_meta for p in vae.parameters()):
+                raise ValueError(
+                    f"the bank's latents were encoded by a {want} VAE; the given VAE is {have} "
+                    "and offloaded (weights on meta): give the VAE in "
+                    f"{str(want).removeprefix('torch.')}"
+                )
+            import copy
+
+            self._vae_copy = (vae, copy.deepcopy(vae).to(want))
+        return self._vae_copy[1]
 
     def _cache_matches(self, encoder) -> bool:
         if encoder not in self._checked:
@@ -330,18 +482,31 @@ def _link_or_copy(src: str, dst: str) -> str:
     return dst
 
 
-def write_bank_manifest(folder: str | Path) -> dict:
-    """(Re)write ``bank.json`` from the parts present in ``folder``."""
+def write_bank_manifest(folder: str | Path, build: dict | None = None) -> dict:
+    """(Re)write ``bank.json`` from the parts present in ``folder``: counts, the embedding model,
+    the geometry its latents are made at, videos without memory; ``build``: how it was built
+    (kept from the last record when not given)."""
     folder = Path(folder)
     parts = [name for name in PARTS if (folder / name).is_dir()]
     manifest = {"format": FORMAT, "parts": parts}
+    old = folder / BANK_MANIFEST
+    if build is None and old.is_file():
+        try:
+            build = json.loads(old.read_text()).get("build")
+        except (json.JSONDecodeError, AttributeError):
+            build = None
+    if build is not None:
+        manifest["build"] = build
     index_manifest = folder / "index" / "manifest.json"
     if index_manifest.is_file():
         meta = json.loads(index_manifest.read_text())
         manifest["videos"] = meta.get("rows")
         manifest["embedding_model"] = meta.get("model")
     if (folder / "latents" / "manifest.json").is_file():
-        failed = LatentStore(folder / "latents").failed_ids()
+        store = LatentStore(folder / "latents")
+        keys = ("num_frames", "height", "width", "resize", "latent_shape", "family", "vae")
+        manifest["geometry"] = {k: store.manifest.get(k) for k in keys}
+        failed = store.failed_ids()
         manifest["without_memory"] = sorted(failed)  # encoding failed: retrieval leaves them out
     write_json_atomic(folder / BANK_MANIFEST, manifest)
     return manifest

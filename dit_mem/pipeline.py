@@ -261,8 +261,8 @@ class MemoryPipelineMixin(MemoryLoaderMixin):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer ≥ 1, got {k!r}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        return self.memory_bank.memory(
-            prompts, self.memory_encoder, k=k, device=self._execution_device
+        return self.memory_bank.memory(  # the VAE fills a lazy bank's videos on first use
+            prompts, self.memory_encoder, k=k, device=self._execution_device, vae=self.vae
         )
 
     def _prepare(self, memory: Any, batch: int, per_prompt: int, name: str) -> MemoryTokens:

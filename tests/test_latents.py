@@ -137,10 +137,13 @@ def test_interrupted_write_leaves_no_partial_file(bank, tmp_path, monkeypatch) -
     monkeypatch.setattr(st, "save_file", real_save)
     assert LatentStore(out).ids() == sorted(GOOD[:2])
     assert not list(out.glob(".tmp-*"))
-    (out / ".tmp-stale.safetensors.abc").write_bytes(b"left by kill -9")
+    stale, recent = out / ".tmp-stale.safetensors.abc", out / ".tmp-recent.safetensors.abc"
+    stale.write_bytes(b"left by kill -9")
+    os.utime(stale, (time.time() - 3600,) * 2)
+    recent.write_bytes(b"a lazy fill under way")  # another process's write: left alone
     s = encode_latents(_cfg(bank, out), vae=bank["vae"])
     assert (s.ok, s.skipped) == (2, 2)
-    assert LatentStore(out).ids() == sorted(GOOD) and not list(out.glob(".tmp-*"))
+    assert LatentStore(out).ids() == sorted(GOOD) and not stale.exists() and recent.exists()
 
 
 def test_kill_and_resume_subprocess(bank: dict, tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from dit_mem.cli import main
@@ -58,7 +57,13 @@ def test_manifest_and_id_map(index_dir: Path) -> None:
     assert m["model"] == "all-MiniLM-L6-v2" and m["dim"] == 384 and m["pooling"] == "mean"
     assert m["rows"] == len(BANK) and m["dropped_empty_captions"] == 1 and m["kind"] == "flat"
     assert len(m["csv_sha256"]) == 64
-    ids = pd.read_parquet(index_dir / "ids.parquet")
+    assert m["format"] == "dit-mem-index/3" and set(m["sha256"]) == {
+        "index.faiss",
+        "ids.arrow",
+        "ids.lookup.npy",
+        "sources.lookup.npy",
+    }
+    ids = Retriever(index_dir).table
     assert ids["id"].tolist() == [v for v, _ in BANK]
     assert {"caption", "source", "aesthetic score"} <= set(ids.columns)
 
@@ -146,17 +151,17 @@ def test_model_and_row_mismatch(index_dir: Path, tmp_path: Path, embedder) -> No
         ValueError, match="index.faiss: vectors are 384-d but manifest.json says 768-d"
     ):
         Retriever(bad, model=embedder)
-    ids = pd.read_parquet(bad / "ids.parquet")
-    ids.iloc[:-1].to_parquet(bad / "ids.parquet", index=False)
-    (bad / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ValueError, match=r"ids.parquet does not match the checksum"):
-        Retriever(bad, model=embedder)
+    from dit_mem.data.idmap import FILES, IdMap
     from dit_mem.data.table import file_sha256
 
-    m["sha256"]["ids.parquet"] = file_sha256(bad / "ids.parquet")  # consistent, but one row short
+    IdMap.write(bad, Retriever(index_dir).table.iloc[:-1])
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"ids.arrow does not match the checksum"):
+        Retriever(bad, model=embedder)
+    m["sha256"] |= {n: file_sha256(bad / n) for n in FILES}  # consistent, but one row short
     (bad / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(
-        ValueError, match=r"row mismatch: index.faiss has 11 vectors, ids.parquet has 10 rows"
+        ValueError, match=r"row mismatch: index.faiss has 11 vectors, ids.arrow has 10 rows"
     ):
         Retriever(bad, model=embedder)
 
@@ -193,3 +198,48 @@ def test_cli_retrieve_table(index_dir: Path, capsys) -> None:
     assert main(["retrieve", "a surfer on a wave", "-k", "2", "--index", str(index_dir)]) == 0
     out = capsys.readouterr().out
     assert "rank   score  id" in out and "surf_wave0" in out
+
+
+def test_pq_and_factory_indexes_record_their_search_settings(tmp_path: Path, embedder) -> None:
+    """Trained kinds are trained on a sample, filled in chunks, and their search settings are
+    recorded and settable at load; recall@5 against exact search on clustered vectors."""
+    import numpy as np
+    import pandas as pd
+
+    from dit_mem.data.idmap import IdMap
+    from dit_mem.retrieval import index as idx
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((64, 32)).astype(np.float32)
+    x = centres[rng.integers(0, 64, 6000)] + 0.3 * rng.standard_normal((6000, 32), np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    table = pd.DataFrame({"id": [f"v{i}" for i in range(6000)], "caption": "c"})
+    queries = idx.sample_queries(x, 200)
+    _, truth = idx.exact_search(x, queries, 5)
+    assert idx.factory_string("pq", 6000, 32, nlist=16, pq_m=8) == "IVF16,PQ8np,Refine(PQ16np)"
+    with pytest.raises(ValueError, match="pq_m=5 must divide the embedding width 32"):
+        idx.factory_string("pq", 6000, 32, pq_m=5)
+    for spec, load, want in (
+        ("IVF16,PQ8np,Refine(Flat)", {"nprobe": 16, "k_factor": 16}, 0.95),
+        ("IVF32_HNSW8,Flat", {"nprobe": 32, "ef_search": 64}, 0.99),
+    ):
+        monkey = idx.CHUNK
+        idx.CHUNK = 1000  # six add() calls
+        try:
+            index = idx.make_index(x, factory=spec, nprobe=2, ef_search=16, k_factor=2)
+        finally:
+            idx.CHUNK = monkey
+        assert index.ntotal == 6000
+        folder = tmp_path / spec.replace(",", "_")
+        manifest = {"model": "all-MiniLM-L6-v2", "dim": 32, "rows": 6000, "factory": spec}
+        idx.write_index_folder(folder, index, table, manifest)
+        recorded = json.loads((folder / "manifest.json").read_text())["search"]
+        assert recorded == (
+            {"nprobe": 2, "k_factor": 2} if "PQ" in spec else {"nprobe": 2, "ef_search": 16}
+        )
+        r = Retriever(folder, model=None, **load)
+        assert idx.search_settings(r.index) == load
+        rows = [IdMap.open(folder).rows_of(h.ids) for h in r.search(queries, 5)]
+        recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(truth, rows, strict=True)])
+        assert recall >= want, (spec, recall)
+        assert idx.search_settings(Retriever(folder).index) == recorded  # the recorded ones

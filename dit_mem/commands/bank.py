@@ -11,12 +11,67 @@ A bank folder is built part by part with ``dit-mem build-index --bank BANK``,
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+
+from dit_mem.cli_types import count
+from dit_mem.commands.options import (
+    add_index_options,
+    add_video_options,
+    index_options,
+    video_options,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bank", help="memory bank folders: info, import the release's files")
     cmds = p.add_subparsers(dest="bank_command", metavar="ACTION", required=True)
+
+    build = cmds.add_parser(
+        "build",
+        help="a bank folder from a video table: caption index + latents (or lazily, or only what "
+        "training reads), resumable",
+        description="Build a bank folder from a video table: the caption index and the latents of "
+        "every video (default), or the index only with memory computed on first use (--lazy), or "
+        "only the videos training reads (--for-training); --add adds rows to a bank.",
+    )
+    build.add_argument(
+        "--csv", required=True, help="video table (columns: video|video_path, caption)"
+    )
+    build.add_argument("--bank", required=True, type=Path, help="the bank folder")
+    add_video_options(build)
+    add_index_options(build)
+    mode = build.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--lazy",
+        action="store_true",
+        help="index + video paths only: a retrieved video is encoded on first use and kept",
+    )
+    mode.add_argument(
+        "--for-training",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="encode only the training videos of CSV and the videos retrieved for them",
+    )
+    build.add_argument("-k", type=count(1), default=5, help="--for-training: videos per sample")
+    build.add_argument("--add", action="store_true", help="add the table's rows to the bank")
+    build.add_argument("--tokens", default=None, metavar="ENCODER", help="also cache its tokens")
+    build.add_argument(
+        "--allow-failures", action="store_true", help="exit 0 even when videos failed"
+    )
+    build.set_defaults(func=_build)
+
+    export = cmds.add_parser(
+        "export",
+        help="a token-only copy of a bank (index + token cache + dataset card) to share",
+    )
+    export.add_argument("--bank", required=True, help="bank folder or Hub id")
+    export.add_argument("--encoder", required=True, help="the memory encoder of the tokens")
+    export.add_argument("--out", required=True, type=Path, help="the new folder")
+    export.add_argument("--license", default=None, help="the card's licence field")
+    export.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="then upload it")
+    export.set_defaults(func=_export)
 
     info = cmds.add_parser("info", help="what a bank folder holds")
     info.add_argument("bank", help="bank folder or Hub id")
@@ -54,9 +109,18 @@ def _info(args: argparse.Namespace) -> int:
     )
     if bank.latents is not None:
         m = bank.latents.manifest
-        print(f"  latents  {bank.latents.root}: shape {m.get('latent_shape')}")
-    if bank.retriever.unavailable:
-        missing = sorted(bank.retriever.ids[r] for r in bank.retriever.unavailable)
+        have = sum(1 for _ in bank.latents.root.glob("*.safetensors"))
+        print(
+            f"  latents  {bank.latents.root}: {have} of {len(bank)} videos, shape "
+            f"{m.get('latent_shape')} ({m.get('num_frames')} frames of {m.get('height')}×"
+            f"{m.get('width')}, {m.get('resize')}, {m.get('family', 'wan')} VAE)"
+        )
+        record = bank.folder / "bank.json" if bank.folder is not None else None
+        build = json.loads(record.read_text()).get("build") if record is not None else None
+        if isinstance(build, dict) and build.get("memory") == "lazy":
+            print("           lazy: the others are encoded on first use from videos/")
+    if len(bank.retriever.unavailable):
+        missing = sorted(bank.retriever.ids.take(bank.retriever.unavailable))
         print(
             f"  without memory: {len(missing)} videos whose encoding failed (retrieval leaves them "
             f"out; see {bank.latents.root / 'failures.jsonl'}): {', '.join(missing[:5])}"
@@ -88,4 +152,65 @@ def _import(args: argparse.Namespace) -> int:
         f"bank {args.out}: {s.videos} videos indexed, {s.converted} latents converted, "
         f"{s.kept} kept from an earlier run, {len(s.missing)} without a latent"
     )
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from dit_mem.bank_build import BankBuildConfig, build_bank
+    from dit_mem.commands.latents import failures_exit
+
+    opts = index_options(args)
+    cfg = BankBuildConfig(
+        csv=Path(args.csv),
+        bank=args.bank,
+        base_model=Path(args.base_model),
+        videos=Path(args.videos) if args.videos else None,
+        **video_options(args),
+        index={k: v for k, v in opts.items()},
+        tokens=args.tokens,
+        lazy=args.lazy,
+        for_training=args.for_training,
+        k=args.k,
+        add=args.add,
+    )
+    s = build_bank(cfg)
+    if not s.is_main_process:
+        return 0
+    what = f"bank {args.bank}: {s.videos} videos"
+    if args.add:
+        what += f" ({s.added} added, {s.unchanged} already there)"
+    print(what)
+    if args.lazy:
+        print("  lazy: no video encoded; each retrieved video is encoded on first use and kept")
+    elif args.for_training:
+        share = s.to_encode / max(s.videos, 1)
+        print(
+            f"  for training: {s.to_encode} of {s.videos} bank videos to encode ({share:.1%}): "
+            f"{s.training} training videos and {s.retrieved} distinct videos retrieved for them "
+            f"at k={args.k} (own source left out, as training does); train with "
+            f"data.bank={args.bank} data.latent_dir={args.bank / 'latents'}"
+        )
+    if s.to_encode:
+        print(
+            f"  latents: {s.encoded} encoded, {s.to_encode - s.encoded - s.failed} already there, "
+            f"{s.failed} failed"
+        )
+    return failures_exit(s.failed, args.bank / "latents" / "failures.jsonl", args.allow_failures)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from dit_mem.bank import MemoryBank
+    from dit_mem.bank_build import export_bank
+    from dit_mem.loaders import load_memory_encoder
+
+    encoder = load_memory_encoder(args.encoder).eval()
+    f = export_bank(args.bank, encoder, args.out, license=args.license)
+    print(
+        f"exported {args.out}: {f['videos']} videos ({f['left_out']} without memory left out), "
+        f"index {f['index_bytes']:,} B + tokens {f['token_bytes']:,} B = "
+        f"{f['bytes_per_video']:,} B per video"
+    )
+    if args.push_to_hub:
+        commit = MemoryBank.from_pretrained(args.out).push_to_hub(args.push_to_hub)
+        print(f"pushed to {getattr(commit, 'commit_url', args.push_to_hub)}")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from dit_mem.cli_types import count
+from dit_mem.commands.options import add_video_options, video_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,31 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="decode videos and encode them with the Wan VAE into bf16 latents (resumable)",
     )
     p.add_argument("--csv", required=True, help="video table (column video or video_path)")
-    p.add_argument(
-        "--videos",
-        default=None,
-        help="folder the CSV's relative paths start from (default: the CSV's folder)",
-    )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--out", default=None, help="latent folder (default: latent)")
     where.add_argument("--bank", default=None, help="encode into this bank folder (BANK/latents)")
-    p.add_argument(
-        "--base-model",
-        required=True,
-        help="Wan diffusers folder (vae/), a VAE folder, or Wan2.1_VAE.pth",
-    )
-    p.add_argument("--num-frames", type=int, default=81, help="frames per video (4k+1, default 81)")
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=832)
-    p.add_argument(
-        "--resize",
-        choices=("stretch", "crop"),
-        default="stretch",
-        help="stretch to H×W (paper) or aspect-preserving resize + center crop",
-    )
-    p.add_argument("--backend", choices=("pyav", "decord"), default="pyav", help="video decoder")
-    p.add_argument("--vae-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--num-workers", type=count(0), default=2, help="decoding workers per process")
+    add_video_options(p)
     p.add_argument(
         "--limit", type=count(1), default=None, help="only the first N rows (smoke runs)"
     )
@@ -65,13 +45,7 @@ def _encode(args: argparse.Namespace) -> int:
         out=out,
         base_model=Path(args.base_model),
         videos=Path(args.videos) if args.videos else None,
-        num_frames=args.num_frames,
-        height=args.height,
-        width=args.width,
-        resize=args.resize,
-        backend=args.backend,
-        vae_dtype=args.vae_dtype,
-        num_workers=args.num_workers,
+        **video_options(args),
         limit=args.limit,
     )
     s = encode_latents(cfg)

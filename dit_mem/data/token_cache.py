@@ -28,8 +28,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from dit_mem.data.idmap import Column, hash64
 from dit_mem.data.latents import LatentStore
 from dit_mem.memory.tokens import VideoTokens, check_plausible
 from dit_mem.utils import get_logger, write_json_atomic, write_safetensors_atomic
@@ -98,7 +100,8 @@ class TokenCache:
     """
 
     def __init__(self, root: str | Path, encoder: torch.nn.Module | None = None):
-        import pandas as pd
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
         self.root = Path(root)
         manifest, index = self.root / MANIFEST, self.root / INDEX
@@ -122,22 +125,26 @@ class TokenCache:
         if not bool(torch.isfinite(self.log_counts).all()):
             raise ValueError(f"{manifest}: 'log_counts' holds NaN or infinite values")
         try:
-            table = pd.read_parquet(index)
-        except (OSError, ValueError) as e:
+            table = pq.read_table(str(index))
+        except (OSError, ValueError, pa.ArrowInvalid) as e:
             raise ValueError(f"{index}: not a readable parquet table ({e})") from None
-        missing = [c for c in ("id", "shard", "row") if c not in table.columns]
+        missing = [c for c in ("id", "shard", "row") if c not in table.column_names]
         if missing:
             raise ValueError(f"{index}: missing column(s) {missing}")
-        bad = [s for s in set(table["shard"].astype(str)) if not _SHARD_NAME.fullmatch(s)]
+        shards = table.column("shard").cast(pa.string()).dictionary_encode().combine_chunks()
+        self._shards = [str(s) for s in shards.dictionary.to_pylist()]
+        bad = [s for s in self._shards if not _SHARD_NAME.fullmatch(s)]
         if bad:
             raise ValueError(f"{index}: {bad[0]!r} is not a shard file name of this folder")
-        self._where = dict(
-            zip(
-                table["id"].astype(str),
-                zip(table["shard"].astype(str), table["row"].astype(int), strict=True),
-                strict=True,
-            )
-        )
+        # id → (shard, row) without a Python object per video: sorted 64-bit id hashes, the
+        # shard and row of each (a hash collision is caught: the shard's own id list is checked)
+        self._ids = Column(table.column("id").cast(pa.string()))
+        hashes = hash64(self._ids)
+        order = np.argsort(hashes, kind="stable")
+        self._hash = hashes[order]
+        self._shard = shards.indices.to_numpy(zero_copy_only=False).astype(np.int32)[order]
+        self._row = table.column("row").to_numpy().astype(np.int64)[order]
+        self._shard_ids: dict[str, list[str]] = {}
         self._handles: dict[str, object] = {}
         if encoder is not None:
             self.check_encoder(encoder)
@@ -152,13 +159,50 @@ class TokenCache:
             )
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._hash)
+
+    def _find(self, vid: str) -> tuple[str, int] | None:
+        """(shard, row) of ``vid``, checked against the shard's own id list."""
+        if not isinstance(vid, str):
+            return None
+        key = hash64([vid])[0]
+        lo = int(np.searchsorted(self._hash, key, side="left"))
+        hi = int(np.searchsorted(self._hash, key, side="right"))
+        for j in range(lo, hi):
+            shard, row = self._shards[self._shard[j]], int(self._row[j])
+            listed = self._listed(shard)
+            if not 0 <= row < len(listed):
+                raise ValueError(
+                    f"{self.root / shard}: row {row} of {vid!r} is outside the shard "
+                    f"({len(listed)} rows; {self.root / INDEX} is corrupt)"
+                )
+            if listed[row] == vid:
+                return shard, row
+            if hi - lo == 1:  # no other id shares its hash: the index points elsewhere
+                raise ValueError(
+                    f"{self.root / INDEX} puts {vid!r} at row {row} of {shard}, which holds "
+                    f"{listed[row]!r}: the index is corrupt; rebuild it with `dit-mem cache-tokens`"
+                )
+        return None
+
+    def _listed(self, shard: str) -> list[str]:
+        if shard not in self._shard_ids:
+            try:
+                listed = json.loads((self._handle(shard).metadata() or {})["ids"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(
+                    f"{self.root / shard}: unreadable token shard (no id list in its metadata)"
+                ) from None
+            if not isinstance(listed, list):
+                raise ValueError(f"{self.root / shard}: unreadable token shard (ids not a list)")
+            self._shard_ids[shard] = listed
+        return self._shard_ids[shard]
 
     def __contains__(self, vid: str) -> bool:
-        return vid in self._where
+        return self._find(vid) is not None
 
     def ids(self) -> list[str]:
-        return sorted(self._where)
+        return sorted(self._ids)
 
     def _handle(self, shard: str):
         from safetensors import SafetensorError, safe_open
@@ -177,9 +221,10 @@ class TokenCache:
         """``(high, low)`` of one video, each ``[G, D]`` bf16."""
         from safetensors import SafetensorError
 
-        if vid not in self._where:
+        found = self._find(vid)
+        if found is None:
             raise FileNotFoundError(f"no cached tokens for id {vid!r} in {self.root}")
-        shard, row = self._where[vid]
+        shard, row = found
         f = self._handle(shard)
         path = self.root / shard
         try:

@@ -1,14 +1,22 @@
-"""Building the caption index of a memory bank (``dit-mem build-index``).
+"""Building the caption index of a memory bank (``dit-mem build-index``, ``dit-mem bank build``).
 
 An index folder holds
 
-    index.faiss     FAISS index over L2-normalised caption embeddings (inner product = cosine)
-    ids.parquet     one row per index row, in index order: id, video, caption, source, scores…
-    manifest.json   embedding model, dim, pooling, kind, row count, CSV checksum, recall@5
+    index.faiss         FAISS index over L2-normalised caption embeddings (inner product = cosine)
+    ids.arrow           one row per index row, in index order: id, video, caption, source, scores…
+                        (Arrow IPC, memory-mapped: :mod:`dit_mem.data.idmap`)
+    ids.lookup.npy      sorted id hashes → rows; sources.lookup.npy: the rows' source hashes
+    manifest.json       embedding model, dim, pooling, kind, factory, search settings, rows,
+                        recall@5, the sha256 of every file
 
-Kinds: ``flat`` (exact ``IndexFlatIP``, the paper's choice, default), ``ivf``
-(``IndexIVFFlat``, for banks of 1M+) and ``hnsw`` (``IndexHNSWFlat``). For approximate kinds
-the build reports recall@5 against exact search on sampled queries.
+Kinds: ``flat`` (exact ``IndexFlatIP``, the paper's choice, default), ``ivf`` (``IVF<n>,Flat``),
+``hnsw`` (``HNSW<M>,Flat``) and ``pq`` (``IVF<n>,PQ<m>np,Refine(PQ<2m>np)``: IVF cells of product-
+quantised codes, the top candidates re-ranked with finer codes; 288 bytes a 384-d vector, for
+1M–100M entries), or any FAISS ``index_factory`` string (``--index-factory``). Trained kinds are
+trained on a sample and filled in chunks, so memory stays bounded by the index itself. For
+approximate kinds the build reports recall@5 against exact search on sampled queries. Search
+settings (``nprobe``, ``ef_search``, ``k_factor``) are recorded and can be changed at load.
+Folders of format /1 and /2 (``ids.parquet``) are still read.
 """
 
 from __future__ import annotations
@@ -20,17 +28,21 @@ from typing import Literal
 
 import numpy as np
 
+from dit_mem.data.idmap import ARROW_FILE, FILES, IdMap
 from dit_mem.data.table import file_sha256, read_video_table, source_id
 from dit_mem.utils import atomic_dir, get_logger, write_json_atomic
 
 log = get_logger(__name__)
 
-IndexKind = Literal["flat", "ivf", "hnsw"]
+IndexKind = Literal["flat", "ivf", "hnsw", "pq"]
+KINDS = ("flat", "ivf", "hnsw", "pq")
 INDEX_FILE = "index.faiss"
-IDS_FILE = "ids.parquet"
+IDS_FILE = ARROW_FILE  # /3; ids.parquet in /1 and /2
 MANIFEST = "manifest.json"
-FORMAT = "dit-mem-index/2"  # /2: sha256 of index.faiss and ids.parquet in the manifest
-FORMATS = ("dit-mem-index/1", FORMAT)
+FORMAT = "dit-mem-index/3"  # /2: sha256 of index.faiss and ids.parquet; /3: ids.arrow + lookups
+FORMATS = ("dit-mem-index/1", "dit-mem-index/2", FORMAT)
+CHUNK = 65536  # vectors per add() and per embedding chunk: bounded memory at any bank size
+TRAIN_SAMPLE = 256 * 1024  # at most this many vectors train an IVF / PQ index
 BLAS_THRESHOLD = 16  # batches of ≥ 16 queries use BLAS (faiss 1.15 default: 128,000 = never)
 BLAS_DATABASE_BLOCK = 16384  # rows per GEMM block (default 1,024 makes BLAS no faster than SIMD)
 
@@ -56,6 +68,8 @@ def check_index_settings(
     nprobe: int | None = None,
     hnsw_m: int | None = None,
     ef_search: int | None = None,
+    k_factor: int | None = None,
+    pq_m: int | None = None,
 ) -> None:
     """``ValueError`` for settings FAISS would reject (or abort the process on: HNSW M < 2)."""
     for name, value, low in (
@@ -63,6 +77,8 @@ def check_index_settings(
         ("nprobe", nprobe, 1),
         ("hnsw_m", hnsw_m, 2),
         ("ef_search", ef_search, 1),
+        ("k_factor", k_factor, 1),
+        ("pq_m", pq_m, 1),
     ):
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or value < low
@@ -75,6 +91,31 @@ def default_nlist(n: int) -> int:
     return max(1, min(int(2 * math.sqrt(n)), n // 39))
 
 
+def factory_string(
+    kind: IndexKind, n: int, d: int, nlist: int | None = None, hnsw_m: int = 32, pq_m=None
+) -> str:
+    """The FAISS ``index_factory`` string of ``kind`` for ``n`` vectors of ``d`` dimensions."""
+    if kind not in KINDS:
+        raise ValueError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind == "flat":
+        return "Flat"
+    if kind == "hnsw":
+        return f"HNSW{hnsw_m},Flat"
+    nlist = nlist or default_nlist(n)
+    if nlist > n:
+        raise ValueError(f"IVF needs nlist ≤ number of vectors, got nlist={nlist}, n={n}")
+    if kind == "ivf":
+        return f"IVF{nlist},Flat"
+    m = pq_m or min(96, d // 4)
+    if d % m or d % (2 * m) or m < 1:
+        raise ValueError(
+            f"pq_m={m} must divide the embedding width {d} twice over (codes of {m} and {2 * m} "
+            "sub-vectors); pick another --pq-m"
+        )
+    # np: no polysemous training (it only serves Hamming-filtered search; 3× the training time)
+    return f"IVF{nlist},PQ{m}np,Refine(PQ{2 * m}np)"
+
+
 def make_index(
     vectors: np.ndarray,
     kind: IndexKind = "flat",
@@ -83,42 +124,97 @@ def make_index(
     hnsw_m: int = 32,
     ef_search: int = 128,
     seed: int = 0,
+    factory: str | None = None,
+    k_factor: int = 4,
+    pq_m: int | None = None,
+    progress: bool = False,
 ):
-    """A FAISS inner-product index of ``kind`` holding ``vectors`` ``[n, d]`` (float32)."""
+    """A FAISS inner-product index of ``kind`` (or of the ``factory`` string) holding
+    ``vectors`` ``[n, d]`` (float32; a memory map works: it is read in chunks)."""
     import faiss
+    from tqdm.auto import tqdm
 
-    check_index_settings(nlist, nprobe, hnsw_m, ef_search)
+    check_index_settings(nlist, nprobe, hnsw_m, ef_search, k_factor, pq_m)
     n, d = vectors.shape
-    if kind == "flat":
-        index = faiss.IndexFlatIP(d)
-    elif kind == "ivf":
-        nlist = nlist or default_nlist(n)
-        if nlist > n:
-            raise ValueError(f"IVF needs nlist ≤ number of vectors, got nlist={nlist}, n={n}")
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    spec = factory or factory_string(kind, n, d, nlist=nlist, hnsw_m=hnsw_m, pq_m=pq_m)
+    try:
+        index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"FAISS cannot build index_factory {spec!r}: {e}") from None
+    if not index.is_trained:
         rng = np.random.default_rng(seed)
-        # 64 points per cell is plenty for k-means and keeps a 400k build to a minute on CPU.
-        sample = vectors[rng.choice(n, size=min(n, nlist * 64), replace=False)]
-        index.train(sample)
-        index.nprobe = nprobe
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = ef_search
-    else:
-        raise ValueError(f"index kind must be 'flat', 'ivf' or 'hnsw', got {kind!r}")
-    index.add(vectors)
+        rows = np.sort(rng.choice(n, size=min(n, TRAIN_SAMPLE), replace=False))
+        log.info("training %s on %d of %d vectors", spec, len(rows), n)
+        try:
+            index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
+        except RuntimeError as e:
+            raise ValueError(f"FAISS cannot train {spec!r} on {len(rows)} vectors: {e}") from None
+    configure_search(index, nprobe=nprobe, ef_search=ef_search, k_factor=k_factor)
+    bar = tqdm(total=n, desc="index", unit="vec", disable=not progress, dynamic_ncols=True)
+    for start in range(0, n, CHUNK):
+        index.add(np.ascontiguousarray(vectors[start : start + CHUNK], dtype=np.float32))
+        bar.update(min(CHUNK, n - start))
+    bar.close()
     return index
 
 
-def configure_search(index, nprobe: int | None = None, ef_search: int | None = None) -> None:
-    """Set the search-time knobs of an IVF/HNSW index (no-op for flat)."""
+def search_settings(index) -> dict:
+    """The search-time knobs ``index`` has (``nprobe``, ``ef_search``, ``k_factor``)."""
     import faiss
 
-    check_index_settings(nprobe=nprobe, ef_search=ef_search)
-    if nprobe is not None and isinstance(index, faiss.IndexIVF):
-        index.nprobe = nprobe
-    if ef_search is not None and isinstance(index, faiss.IndexHNSW):
-        index.hnsw.efSearch = ef_search
+    out: dict = {}
+    ivf = _ivf_of(index)
+    if ivf is not None:
+        out["nprobe"] = int(ivf.nprobe)
+    hnsw = _hnsw_of(index)
+    if hnsw is not None:
+        out["ef_search"] = int(hnsw.hnsw.efSearch)
+    if isinstance(index, faiss.IndexRefine):
+        out["k_factor"] = int(index.k_factor)
+    return out
+
+
+def _ivf_of(index):
+    import faiss
+
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _hnsw_of(index):
+    """The HNSW graph of ``index``: itself, its refined base, or its IVF's coarse quantiser."""
+    import faiss
+
+    for candidate in (
+        index,
+        getattr(index, "base_index", None),
+        getattr(_ivf_of(index), "quantizer", None),
+    ):
+        if candidate is not None:
+            candidate = faiss.downcast_index(candidate)
+            if isinstance(candidate, faiss.IndexHNSW):
+                return candidate
+    return None
+
+
+def configure_search(
+    index, nprobe: int | None = None, ef_search: int | None = None, k_factor: int | None = None
+) -> None:
+    """Set the search-time knobs an index has: IVF ``nprobe``, HNSW ``ef_search`` (the graph
+    itself or an IVF's HNSW coarse quantiser), a refine step's ``k_factor``; no-op for flat."""
+    import faiss
+
+    check_index_settings(nprobe=nprobe, ef_search=ef_search, k_factor=k_factor)
+    ivf = _ivf_of(index)
+    if nprobe is not None and ivf is not None:
+        ivf.nprobe = nprobe
+    hnsw = _hnsw_of(index)
+    if ef_search is not None and hnsw is not None:
+        hnsw.hnsw.efSearch = ef_search
+    if k_factor is not None and isinstance(index, faiss.IndexRefine):
+        index.k_factor = k_factor
 
 
 def sample_queries(vectors: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
@@ -130,33 +226,85 @@ def sample_queries(vectors: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return q.astype(np.float32)
 
 
-def recall_at_k(index, vectors: np.ndarray, queries: np.ndarray, k: int = 5) -> float:
-    """Fraction of the exact top-k (inner product over ``vectors``) that ``index`` returns."""
+def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` inner product of ``queries`` over ``vectors`` (scores, rows), in chunks of
+    :data:`CHUNK` rows: a memory-mapped bank of any size is never loaded whole."""
     import faiss
 
-    exact = faiss.IndexFlatIP(vectors.shape[1])
-    exact.add(vectors)
     k = min(k, len(vectors))
-    _, truth = exact.search(queries, k)
-    _, found = index.search(queries, k)
+    best_s = np.full((len(queries), k), -np.inf, np.float32)
+    best_i = np.full((len(queries), k), -1, np.int64)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    for start in range(0, len(vectors), CHUNK):
+        chunk = np.ascontiguousarray(vectors[start : start + CHUNK], dtype=np.float32)
+        s, i = faiss.knn(queries, chunk, min(k, len(chunk)), metric=faiss.METRIC_INNER_PRODUCT)
+        all_s, all_i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i + start], 1)
+        top = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(all_s, top, 1), np.take_along_axis(all_i, top, 1)
+    return best_s, best_i
+
+
+def recall_at_k(index, vectors: np.ndarray, queries: np.ndarray, k: int = 5) -> float:
+    """Fraction of the exact top-k (inner product over ``vectors``) that ``index`` returns."""
+    _, truth = exact_search(vectors, queries, k)
+    _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), truth.shape[1])
     hits = sum(len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist(), strict=True))
     return hits / truth.size
 
 
 def write_index_folder(out: Path, index, table, manifest: dict) -> None:
-    """Write ``index.faiss``, ``ids.parquet`` and ``manifest.json`` (with both files' sha256)
-    into a temporary folder, then put it in place of ``out`` whole: a reader sees the old index
-    or the new one, never a mix."""
+    """Write ``index.faiss``, the id map (``ids.arrow`` + lookups) and ``manifest.json`` (with
+    every file's sha256) into a temporary folder, then put it in place of ``out`` whole: a
+    reader sees the old index or the new one, never a mix."""
     import faiss
 
+    if "source" not in table.columns:
+        table = table.assign(source=table["id"].map(source_id))
     with atomic_dir(out) as tmp:
         faiss.write_index(index, str(tmp / INDEX_FILE))
-        table.to_parquet(tmp / IDS_FILE, index=False)
+        IdMap.write(tmp, table)
         manifest = {
             **manifest,
-            "sha256": {name: file_sha256(tmp / name) for name in (INDEX_FILE, IDS_FILE)},
+            "format": FORMAT,
+            "search": search_settings(index),
+            "sha256": {name: file_sha256(tmp / name) for name in (INDEX_FILE, *FILES)},
         }
         write_json_atomic(tmp / MANIFEST, manifest)
+
+
+def embed_captions(emb, captions: list[str], batch_size: int, scratch: Path | None = None):
+    """Normalised embeddings ``[n, dim]`` of ``captions``, embedded :data:`CHUNK` at a time; above
+    four chunks into a memory map in ``scratch`` (the caller removes it) instead of memory."""
+    from tqdm.auto import tqdm
+
+    n = len(captions)
+    if n <= 4 * CHUNK or scratch is None:
+        return emb.encode(captions, batch_size=batch_size, progress=True)
+    scratch.mkdir(parents=True, exist_ok=True)
+    out = np.lib.format.open_memmap(scratch / "embeddings.npy", "w+", np.float32, (n, emb.dim))
+    for start in tqdm(range(0, n, CHUNK), desc="embed", unit="chunk", dynamic_ncols=True):
+        out[start : start + CHUNK] = emb.encode(captions[start : start + CHUNK], batch_size)
+    out.flush()
+    return out
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder")
+    present = sorted(p.name for p in out.iterdir())
+    known = (INDEX_FILE, "ids.parquet", *FILES, MANIFEST)
+    foreign = [n for n in present if n not in known]
+    if foreign:
+        raise ValueError(
+            f"{out} holds files that are not an index ({', '.join(foreign[:5])}); the index "
+            "folder is replaced as a whole, so give it a folder of its own"
+        )
+    if present and not overwrite:
+        raise ValueError(
+            f"{out} already holds an index ({', '.join(present)}); pass --overwrite to replace it"
+        )
 
 
 def build_index(
@@ -174,6 +322,9 @@ def build_index(
     device: str | None = None,
     embedder=None,
     trust_remote_code: str | None = None,
+    factory: str | None = None,
+    k_factor: int = 4,
+    pq_m: int | None = None,
 ) -> dict:
     """Embed the captions of ``csv`` and write an index folder at ``out``; returns the manifest.
 
@@ -181,53 +332,47 @@ def build_index(
     whole (:func:`write_index_folder`), and an existing index is only replaced with
     ``overwrite=True``.
     """
+    import shutil
+
     import faiss
 
     from dit_mem.retrieval.embedder import load_embedder
 
     out = Path(out)
-    if kind not in ("flat", "ivf", "hnsw"):
-        raise ValueError(f"index kind must be 'flat', 'ivf' or 'hnsw', got {kind!r}")
-    check_index_settings(nlist, nprobe, hnsw_m, ef_search)
+    if kind not in KINDS:
+        raise ValueError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    check_index_settings(nlist, nprobe, hnsw_m, ef_search, k_factor, pq_m)
     for name, value, low in (("batch_size", batch_size, 1), ("recall_queries", recall_queries, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"{out} exists and is not a folder")
-        present = sorted(p.name for p in out.iterdir())
-        foreign = [n for n in present if n not in (INDEX_FILE, IDS_FILE, MANIFEST)]
-        if foreign:
-            raise ValueError(
-                f"{out} holds files that are not an index ({', '.join(foreign[:5])}); the index "
-                "folder is replaced as a whole, so give it a folder of its own"
-            )
-        if present and not overwrite:
-            raise ValueError(
-                f"{out} already holds an index ({', '.join(present)}); pass --overwrite to "
-                "replace it"
-            )
+    _check_out(out, overwrite)
     table = read_video_table(csv)
     emb = embedder
     if emb is None:
         emb = load_embedder(model, device=device, trust_remote_code=trust_remote_code)
+    spec = factory or factory_string(kind, len(table), emb.dim, nlist, hnsw_m, pq_m)
 
-    t0 = time.perf_counter()
-    vectors = emb.encode(table["caption"].tolist(), batch_size=batch_size, progress=True)
-    t_embed = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    index = make_index(
-        vectors, kind, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search
-    )
-    t_build = time.perf_counter() - t0
-    recall = 1.0
-    if kind != "flat" and recall_queries > 0:
-        configure_faiss_blas()
-        queries = sample_queries(vectors, min(recall_queries, len(vectors)))
-        recall = recall_at_k(index, vectors, queries, k=5)
-        log.info("%s index: recall@5 vs exact = %.4f on %d queries", kind, recall, len(queries))
+    scratch = out.parent / f".tmp-embed-{out.name}"
+    try:
+        t0 = time.perf_counter()
+        vectors = embed_captions(emb, table["caption"].tolist(), batch_size, scratch)
+        t_embed = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        index = make_index(
+            vectors, kind, nlist, nprobe, hnsw_m, ef_search, factory=spec, k_factor=k_factor
+        )
+        t_build = time.perf_counter() - t0
+        recall = 1.0
+        if spec != "Flat" and recall_queries > 0:
+            configure_faiss_blas()
+            queries = sample_queries(vectors, min(recall_queries, len(vectors)))
+            recall = recall_at_k(index, vectors, queries, k=5)
+            log.info("%s index: recall@5 vs exact = %.4f on %d queries", spec, recall, len(queries))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
     meta = table.assign(source=table["id"].map(source_id))
+    settings = search_settings(index)
     manifest = {
         "format": FORMAT,
         "model": emb.name,
@@ -236,11 +381,13 @@ def build_index(
         "pooling": emb.pooling,
         "normalized": True,
         "metric": "inner_product",
-        "kind": kind,
-        "nlist": int(index.nlist) if kind == "ivf" else None,
-        "nprobe": nprobe if kind == "ivf" else None,
-        "hnsw_m": hnsw_m if kind == "hnsw" else None,
-        "ef_search": ef_search if kind == "hnsw" else None,
+        "kind": kind if factory is None else "factory",
+        "factory": spec,
+        "nlist": int(_ivf_of(index).nlist) if _ivf_of(index) is not None else None,
+        "nprobe": settings.get("nprobe"),
+        "hnsw_m": hnsw_m if kind == "hnsw" and factory is None else None,
+        "ef_search": settings.get("ef_search"),
+        "k_factor": settings.get("k_factor"),
         "rows": int(index.ntotal),
         "dropped_empty_captions": int(table.attrs.get("dropped_empty_captions", 0)),
         "csv": str(Path(csv).resolve()),
@@ -254,7 +401,7 @@ def build_index(
         "wrote %s: %d captions, %s index, %s (%d-d, %s pooling)",
         out,
         manifest["rows"],
-        kind,
+        spec,
         emb.name,
         emb.dim,
         emb.pooling,

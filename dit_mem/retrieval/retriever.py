@@ -12,18 +12,18 @@ Training excludes the training video itself and every clip cut from the same sou
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from dit_mem.data.idmap import ARROW_FILE, PARQUET_FILE, IdMap, hash64
+from dit_mem.data.idmap import FILES as ID_MAP_FILES
 from dit_mem.data.table import file_sha256, is_safe_id, source_id, video_id
 from dit_mem.retrieval.embedder import Embedder, load_embedder, model_name
 from dit_mem.retrieval.index import (
     FORMATS,
-    IDS_FILE,
     INDEX_FILE,
     MANIFEST,
     configure_faiss_blas,
@@ -90,63 +90,65 @@ class Retriever:
         ef_search: int | None = None,
         device: str | None = None,
         trust_remote_code: str | None = None,
+        k_factor: int | None = None,
     ):
         import faiss
-        import pandas as pd
 
         self.root = Path(index_dir)
-        paths = {name: self.root / name for name in (MANIFEST, INDEX_FILE, IDS_FILE)}
+        manifest = self.root / MANIFEST
+        if not manifest.is_file():
+            raise FileNotFoundError(
+                f"{manifest} not found: {self.root} is not a complete index folder"
+            )
+        self.manifest = _read_manifest(manifest)
+        ids_files = ID_MAP_FILES if (self.root / ARROW_FILE).is_file() else (PARQUET_FILE,)
+        paths = {name: self.root / name for name in (MANIFEST, INDEX_FILE, *ids_files)}
         for p in paths.values():
             if not p.is_file():
                 raise FileNotFoundError(
                     f"{p} not found: {self.root} is not a complete index folder"
                 )
-        self.manifest = _read_manifest(paths[MANIFEST])
         self._verify_checksums(paths)
         try:
             self.index = faiss.read_index(str(paths[INDEX_FILE]))
         except RuntimeError as e:
             raise ValueError(f"{paths[INDEX_FILE]}: not a readable FAISS index ({e})") from None
-        try:
-            self.table = pd.read_parquet(paths[IDS_FILE])
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{paths[IDS_FILE]}: not a readable parquet id map ({e})") from None
-        missing = [c for c in ("id", "caption") if c not in self.table.columns]
-        if missing:
-            raise ValueError(f"{paths[IDS_FILE]}: missing column(s) {missing}")
-        n_index, n_ids, n_manifest = self.index.ntotal, len(self.table), self.manifest["rows"]
+        self.id_map = IdMap.open(self.root)
+        n_index, n_ids, n_manifest = self.index.ntotal, len(self.id_map), self.manifest["rows"]
         if not n_index == n_ids == n_manifest:
             raise ValueError(
                 f"{self.root}: index/id-map row mismatch: {INDEX_FILE} has {n_index} vectors, "
-                f"{IDS_FILE} has {n_ids} rows, {MANIFEST} says {n_manifest}; rebuild the index"
+                f"{ids_files[0]} has {n_ids} rows, {MANIFEST} says {n_manifest}; rebuild the index"
             )
         if self.index.d != self.manifest["dim"]:
             raise ValueError(
                 f"{paths[INDEX_FILE]}: vectors are {self.index.d}-d but {MANIFEST} says "
                 f"{self.manifest['dim']}-d; rebuild the index"
             )
-        self.ids: list[str] = self.table["id"].astype(str).tolist()
-        bad = [v for v in self.ids if not is_safe_id(v)]
+        self.ids, self.captions = self.id_map.ids, self.id_map.captions
+        bad = self.id_map.unsafe_ids(is_safe_id)
         if bad:
             raise ValueError(
-                f"{paths[IDS_FILE]}: {len(bad)} id(s) are not plain file names (e.g. {bad[0]!r}); "
-                "ids name files inside the bank's folders"
+                f"{paths[ids_files[0]]}: {len(bad)} id(s) are not plain file names (e.g. "
+                f"{bad[0]!r}); ids name files inside the bank's folders"
             )
-        self.captions: list[str] = self.table["caption"].astype(str).tolist()
-        sources = self.table["source"] if "source" in self.table.columns else self.table["id"]
-        self.sources: list[str] = sources.astype(str).tolist()
-        self._source_size = Counter(self.sources)
-        self._row = {vid: i for i, vid in enumerate(self.ids)}
-        self.unavailable: set[int] = set()  # rows never returned (bank videos without memory)
+        self.unavailable: np.ndarray = np.zeros(0, np.int64)  # rows never returned (no memory)
         self._model = self._model_source(model)  # checked now, loaded when first needed
         self._device, self._trust_remote_code = device, trust_remote_code
         self._embedder: Embedder | None = model if isinstance(model, Embedder) else None
-        configure_search(
-            self.index,
-            nprobe=nprobe if nprobe is not None else self.manifest.get("nprobe"),
-            ef_search=ef_search if ef_search is not None else self.manifest.get("ef_search"),
-        )
+        search = {
+            "nprobe": self.manifest.get("nprobe"),
+            "ef_search": self.manifest.get("ef_search"),
+            **(self.manifest.get("search") or {}),
+        }
+        given = {"nprobe": nprobe, "ef_search": ef_search, "k_factor": k_factor}
+        configure_search(self.index, **(search | {k: v for k, v in given.items() if v is not None}))
         configure_faiss_blas()
+
+    @property
+    def table(self):
+        """The id map as a pandas DataFrame (every row in memory: for small banks and tools)."""
+        return self.id_map.table.to_pandas()
 
     def _verify_checksums(self, paths: dict[str, Path]) -> None:
         sums = self.manifest.get("sha256")
@@ -157,8 +159,8 @@ class Retriever:
                 self.root,
             )
             return
-        for name in (INDEX_FILE, IDS_FILE):
-            if sums.get(name) != file_sha256(paths[name]):
+        for name in paths:
+            if name != MANIFEST and sums.get(name) != file_sha256(paths[name]):
                 raise ValueError(
                     f"{paths[name]} does not match the checksum in {paths[MANIFEST]}: the folder "
                     "was changed after it was written (or only partly replaced); rebuild the index"
@@ -218,12 +220,13 @@ class Retriever:
 
     def leave_out(self, ids) -> None:
         """Never return these bank videos (they have no memory: their encoding failed)."""
-        self.unavailable = {self._row[v] for v in ids if v in self._row}
+        rows = [r for r in self.id_map.rows_of(list(ids)) if r is not None]
+        self.unavailable = np.unique(np.asarray(rows, np.int64))
 
     def row_of(self, vid: str) -> dict | None:
         """The id map's row of bank video ``vid`` (``None`` if it is not in the bank)."""
-        i = self._row.get(vid)
-        return None if i is None else self.table.iloc[i].to_dict()
+        i = self.id_map.row_of(vid)
+        return None if i is None else self.id_map.record(i)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -277,21 +280,24 @@ class Retriever:
                 )
             banned = [self._banned_sources(e) for e in exclude]
         # Ask FAISS for enough neighbours that k survive the exclusions.
-        extra = max(sum(self._source_size.get(s, 0) for s in b) for b in banned)
+        extra = max(self.id_map.count_sources(b) if b else 0 for b in banned)
         fetch = min(k + extra + len(self.unavailable), self.index.ntotal)
         scores, rows = self.index.search(queries, fetch)
+        ok = rows >= 0
+        if len(self.unavailable):
+            ok &= ~np.isin(rows, self.unavailable)
+        row_sources = self.id_map.source_hashes(np.where(ok, rows, 0))
         results = []
-        for q_scores, q_rows, q_banned in zip(scores, rows, banned, strict=True):
-            keep = [
-                (int(r), float(s))
-                for r, s in zip(q_rows, q_scores, strict=True)
-                if r >= 0 and self.sources[r] not in q_banned and int(r) not in self.unavailable
-            ][:k]
+        for q, q_banned in enumerate(banned):
+            keep = ok[q]
+            if q_banned:
+                keep = keep & ~np.isin(row_sources[q], hash64(sorted(q_banned)))
+            picked = rows[q][keep][:k]
             results.append(
                 RetrievalResult(
-                    ids=[self.ids[r] for r, _ in keep],
-                    captions=[self.captions[r] for r, _ in keep],
-                    scores=[s for _, s in keep],
+                    ids=self.ids.take(picked),
+                    captions=self.captions.take(picked),
+                    scores=[float(x) for x in scores[q][keep][:k]],
                 )
             )
         return results
@@ -301,5 +307,8 @@ class Retriever:
         (``abc_1_0to5.mp4``, as a CSV's ``video`` column holds them)."""
         if entry is None:
             return set()
-        ids = [entry] if isinstance(entry, str) else list(entry)
-        return {source_id(v if v in self._row else video_id(v)) for v in map(str, ids)}
+        ids = [entry] if isinstance(entry, str) else [str(v) for v in entry]
+        rows = self.id_map.rows_of(ids)
+        return {
+            source_id(v if r is not None else video_id(v)) for v, r in zip(ids, rows, strict=True)
+        }

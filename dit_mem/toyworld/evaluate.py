@@ -89,7 +89,9 @@ def generate_batch(
         raise ValueError(f"case must be one of {CASES}, got {case!r}")
     memory = None
     if case != "none":
-        memory, _ = pipe.memory_bank.memory(memory_prompts or prompts, pipe.memory_encoder, cfg.k)
+        memory, _ = pipe.memory_bank.memory(
+            memory_prompts or prompts, pipe.memory_encoder, cfg.k, vae=pipe.vae
+        )
     out = pipe(
         prompts,
         negative_prompt=[cfg.negative_prompt] * len(prompts),

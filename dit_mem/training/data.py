@@ -102,13 +102,14 @@ class TrainingSamples(torch.utils.data.Dataset):
         if s.missing_latent:
             reasons.append(
                 f"{len(s.missing_latent)} without their own latent in {self.latents.root} "
-                "(encode the training videos with `dit-mem encode-latents`)"
+                "(encode them with `dit-mem bank build --for-training TRAIN_CSV`, or "
+                "`dit-mem encode-latents`)"
             )
         if s.missing_memory:
             reasons.append(
                 f"{len(s.missing_memory)} with a retrieved video that has no latent in "
-                f"{self.memory_latents.root} (encode the bank's videos with `dit-mem "
-                "encode-latents`)"
+                f"{self.memory_latents.root} (encode what training reads with `dit-mem bank build "
+                "--for-training TRAIN_CSV`, or every bank video with `dit-mem encode-latents`)"
             )
         return f"no usable training rows of {len(ids)}: " + "; ".join(reasons)
 

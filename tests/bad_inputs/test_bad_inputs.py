@@ -18,11 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from dit_mem.cli import main
+from dit_mem.data.idmap import FILES as ID_MAP_FILES
+from dit_mem.data.idmap import IdMap
 from dit_mem.data.table import file_sha256
 from dit_mem.memory import MemoryEncoder
 from dit_mem.testing import run_random_world
@@ -143,7 +146,7 @@ def index_case(name: str, corrupt: Callable[[Path, Env], None], expect: str, *ar
 
 def refresh_checksums(idx: Path) -> None:
     m = json.loads((idx / "manifest.json").read_text())
-    m["sha256"] = {n: file_sha256(idx / n) for n in ("index.faiss", "ids.parquet")}
+    m["sha256"] = {n: file_sha256(idx / n) for n in ("index.faiss", *ID_MAP_FILES)}
     (idx / "manifest.json").write_text(json.dumps(m))
 
 
@@ -181,11 +184,12 @@ def swap_index(idx: Path) -> None:
 
 
 def ids_table_with(idx: Path, column: str, value: str) -> None:
-    import pandas as pd
 
-    table = pd.read_parquet(idx / "ids.parquet")
+    from dit_mem.retrieval import Retriever
+
+    table = Retriever(idx).table
     table.loc[0, column] = value
-    table.to_parquet(idx / "ids.parquet", index=False)
+    IdMap.write(idx, table)
     refresh_checksums(idx)
 
 
@@ -363,6 +367,37 @@ def encode_case(name: str, expect: str, *args: str, hold: str | None = None) -> 
     return Case(f"encode-latents/{name}", argv, expect, hold=hold)
 
 
+def bank_build(env: Env, *extra: str, csv: Path | None = None, copy: bool = True) -> list[str]:
+    """``dit-mem bank build`` of the world's table into a copy of its bank (or a new one)."""
+    bank = env.copy("bank") if copy else env.case / "new"
+    return [
+        *("bank", "build", "--csv", str(csv or env.world / "memory.csv")),
+        *("--videos", str(bank / "videos" if copy else env.world / "bank" / "videos")),
+        *("--bank", str(bank), "--base-model", str(env.world / "model")),
+        *("--num-frames", "17", "--height", "64", "--width", "64", "--num-workers", "0"),
+        *(("--add",) if copy else ()),
+        *extra,
+    ]
+
+
+def other_encoder(env: Env) -> Path:
+    torch.manual_seed(123)
+    MemoryEncoder.from_preset("tiny").save_pretrained(env.case / "other-encoder")
+    return env.case / "other-encoder"
+
+
+def lazy_bank_without_its_videos(env: Env) -> Path:
+    """A lazy bank of the world's table whose videos are gone."""
+    shutil.copytree(env.world / "bank" / "videos", env.case / "videos")
+    bank = env.case / "lazy"
+    argv = bank_build(env, "--lazy", copy=False)
+    argv[argv.index("--videos") + 1] = str(env.case / "videos")
+    argv[argv.index("--bank") + 1] = str(bank)
+    assert main(argv) == 0
+    shutil.rmtree(env.case / "videos")
+    return bank
+
+
 # --------------------------------------------------------------------------------------
 # The corpus
 # --------------------------------------------------------------------------------------
@@ -422,7 +457,7 @@ CASES: list[Case] = [
             lambda env, opt=opt, value=value, kind=kind: env.index(
                 "--kind", kind, f"--{opt}", value
             ),
-            rf"{opt.replace('-', '_')} must be an integer ≥ {low}",
+            rf"argument --{opt}: must be ≥ {low}",
         )
         for opt, value, kind, low in (
             ("hnsw-m", "0", "hnsw", 2),
@@ -489,10 +524,8 @@ CASES: list[Case] = [
     ),
     index_case(
         "ids-truncated",
-        lambda idx, env: (idx / "ids.parquet").write_bytes(
-            (idx / "ids.parquet").read_bytes()[:-10]
-        ),
-        r"ids\.parquet does not match the checksum",
+        lambda idx, env: (idx / "ids.arrow").write_bytes((idx / "ids.arrow").read_bytes()[:-10]),
+        r"ids\.arrow does not match the checksum",
     ),
     index_case(
         "faiss-garbage",
@@ -505,15 +538,31 @@ CASES: list[Case] = [
     index_case(
         "ids-garbage",
         lambda idx, env: (
-            (idx / "ids.parquet").write_bytes(b"PAR1garbage"),
+            (idx / "ids.arrow").write_bytes(b"ARROW1garbage"),
             refresh_checksums(idx),
         ),
-        r"ids\.parquet: not a readable parquet id map",
+        r"ids\.arrow: not a readable Arrow id map",
+    ),
+    index_case(
+        "id-lookup-pickled",
+        lambda idx, env: (
+            np.save(idx / "ids.lookup.npy", np.array([{"a": 1}], dtype=object)),
+            refresh_checksums(idx),
+        ),
+        r"ids\.lookup\.npy: not a readable lookup",
+    ),
+    index_case(
+        "id-lookup-rows-out-of-range",
+        lambda idx, env: (
+            np.save(idx / "ids.lookup.npy", np.load(idx / "ids.lookup.npy") * np.uint64(3)),
+            refresh_checksums(idx),
+        ),
+        r"ids\.lookup\.npy: rows outside the id map",
     ),
     index_case(
         "id-with-path",
         lambda idx, env: ids_table_with(idx, "id", "../../etc/passwd"),
-        r"ids\.parquet: 1 id\(s\) are not plain file names",
+        r"ids\.arrow: 1 id\(s\) are not plain file names",
     ),
     index_case(
         "model-path-with-code",
@@ -868,6 +917,79 @@ CASES: list[Case] = [
     encode_case(
         "folder-in-use", r"latents is in use by another job \(test, pid \d+\)", hold="latents"
     ),
+    # ---- bank build / export ----
+    Case(
+        "bank/lazy-video-missing",
+        lambda env: bank_build(
+            env,
+            "--lazy",
+            csv=env.write("t.csv", "video,caption\nsynth000_0_0to1.mp4,a\nabsent_1_0to1.mp4,b\n"),
+            copy=False,
+        ),
+        r"1 video\(s\) of the table are not in .*'absent_1_0to1\.mp4'.*lazy bank",
+    ),
+    Case(
+        "bank/video-outside-the-folder",
+        lambda env: bank_build(
+            env, csv=env.write("t.csv", "video,caption\n../model/x.mp4,a\n"), copy=False
+        ),
+        r"1 video path\(s\) lie outside .*'\.\./model/x\.mp4'",
+    ),
+    Case(
+        "bank/geometry-mismatch",
+        lambda env: bank_build(env, "--num-frames", "9"),
+        r"latents already holds latents made with other settings \(num_frames, latent_shape "
+        r"differ.*a bank's geometry and VAE are fixed",
+    ),
+    Case(
+        "bank/foreign-tokens",
+        lambda env: bank_build(env, "--tokens", str(other_encoder(env))),
+        r"tokens/manifest\.json: this folder caches tokens of another memory encoder",
+    ),
+    Case(
+        "bank/add-another-caption",
+        lambda env: bank_build(
+            env, csv=env.write("t.csv", "video,caption\nsynth000_0_0to1.mp4,a yellow cube\n")
+        ),
+        r"'synth000_0_0to1' is already in the bank with another caption or video",
+    ),
+    Case(
+        "bank/being-filled-by-another-job",
+        lambda env: bank_build(env),
+        r"bank is in use by another job \(test, pid \d+\)",
+        hold="bank",
+    ),
+    Case(
+        "bank/add-to-nothing",
+        lambda env: [*bank_build(env, copy=False), "--add"],
+        r"new is not a bank to add to \(no index/\)",
+    ),
+    Case(
+        "bank/lazy-and-for-training",
+        lambda env: bank_build(env, "--lazy", "--for-training", "x.csv", copy=False),
+        r"--for-training: not allowed with argument --lazy",
+    ),
+    Case(
+        "bank/index-factory-unknown",
+        lambda env: bank_build(env, "--index-factory", "IVF4,Nonsense", copy=False),
+        r"FAISS cannot build index_factory 'IVF4,Nonsense'",
+    ),
+    Case(
+        "bank/export-unfilled-lazy",
+        lambda env: [
+            *("bank", "export", "--bank", str(lazy_bank_without_its_videos(env))),
+            *("--encoder", str(env.world / "encoder"), "--out", str(env.case / "shared")),
+        ],
+        r"24 of 24 bank videos have no latent or tokens yet .*a lazy bank fills them on first use",
+    ),
+    Case(
+        "bank/lazy-use-video-gone",
+        lambda env: [
+            f"bank={lazy_bank_without_its_videos(env)}" if a.startswith("bank=") else a
+            for a in env.gen()
+        ],
+        r"bank video '\w+' has no memory yet and its file \w+\.mp4 is not in",
+    ),
     # ---- the toy world and evaluation ----
     Case(
         "demo/unknown-colour",
@@ -962,9 +1084,9 @@ def test_accepted_on_purpose(name, argv, world, tmp_path):
     env.case.mkdir()
     assert main(argv(env)) == 0
     if name == "csv/video-named-null":
-        import pandas as pd
+        from dit_mem.retrieval import Retriever
 
-        assert pd.read_parquet(env.case / "i" / "ids.parquet")["id"].tolist() == ["null", "NaN"]
+        assert Retriever(env.case / "i").ids.tolist() == ["null", "NaN"]
 
 
 def test_bad_pickled_files_are_never_loaded(world, tmp_path, capsys):

@@ -14,7 +14,7 @@ import textwrap
 RUNNER = textwrap.dedent(
     """
     import json, os, pathlib, shutil, sys
-    import faiss, pandas, torch
+    import faiss, numpy, torch
 
     import dit_mem.utils.io as io
     from dit_mem.retrieval import Retriever, build_index, load_embedder
@@ -41,7 +41,7 @@ RUNNER = textwrap.dedent(
         for owner, name in [
             (os, "replace"), (os, "rename"), (os, "link"), (shutil, "rmtree"),
             (io, "_exchange"), (pathlib.Path, "rename"), (pathlib.Path, "mkdir"),
-            (pathlib.Path, "write_text"), (faiss, "write_index"), (pandas.DataFrame, "to_parquet"),
+            (pathlib.Path, "write_text"), (faiss, "write_index"), (numpy, "save"),
         ]:
             patch(owner, name)
         build_index(new_csv, idx, overwrite=True, embedder=embedder)
@@ -56,7 +56,7 @@ RUNNER = textwrap.dedent(
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
         try:
-            ids = Retriever(idx, model=embedder).ids
+            ids = Retriever(idx, model=embedder).ids.tolist()
         except Exception as e:  # reported to the test, which fails on it
             ids = f"{type(e).__name__}: {e}"
         results.append({"kill_at": kill_at, "exit": code, "ids": ids})
@@ -66,7 +66,7 @@ RUNNER = textwrap.dedent(
     leftovers = sorted(p.name for p in idx.parent.iterdir() if p.name.startswith(".tmp-"))
     build_index(old_csv, idx, overwrite=True, embedder=embedder)
     cleaned = not [p for p in idx.parent.iterdir() if p.name.startswith(".tmp-")]
-    final = Retriever(idx, model=embedder).ids
+    final = Retriever(idx, model=embedder).ids.tolist()
     print(json.dumps({"results": results, "leftovers": leftovers, "cleaned": cleaned, "final": final}))
     """
 )

