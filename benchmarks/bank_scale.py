@@ -4,6 +4,7 @@
     python benchmarks/bank_scale.py scale --sizes 100000 1000000 10000000
     python benchmarks/bank_scale.py fanin                 # videos --for-training encodes at 423k
     python benchmarks/bank_scale.py lazy                  # time to the first video, toy world
+    python benchmarks/bank_scale.py sizes                 # bytes per video of an exported bank
 
 Real text (``text_corpus.py``): 423k OpenVid-style captions from a caption grammar, VBench's and
 PhyGenBench's 1,104 prompts and three paraphrases of each, embedded with all-MiniLM-L6-v2 (the
@@ -132,7 +133,8 @@ def build(n: int, kind: str, factory: str | None) -> Path:
         "rows": n,
         "seconds": {"build": round(seconds, 1)},
     }
-    write_index_folder(folder, index, table, manifest)
+    rerank = vectors if kind == "pq" and factory is None else None
+    write_index_folder(folder, index, table, manifest, rerank=rerank)
     print(f"built {folder.name}: {seconds:.0f} s", flush=True)
     return folder
 
@@ -167,7 +169,10 @@ def query(args) -> None:
         json.dumps(
             {
                 "open_s": round(t_open, 2),
-                "rss_mb": round(_rss_mb() - rss0 + rss0, 0),
+                "rss_before_open_mb": round(rss0, 0),
+                "rss_mb": round(_rss_mb(), 0),
+                "rss_anon_mb": round(_rss_mb("RssAnon"), 0),
+                "rss_file_mb": round(_rss_mb("RssFile"), 0),
                 "peak_rss_mb": round(_rss_mb("VmHWM"), 0),
                 "recall_at_5": round(float(recall), 4),
                 "recall_at_5_benchmark_prompts": round(float(bench), 4),
@@ -271,6 +276,115 @@ def fanin(args) -> None:
     )
 
 
+def lazy(args) -> None:
+    """Time from a CSV + video folder to the first memory-guided video on the toy world: the
+    shipped base model and encoder, the toy world's 576 bank clips as mp4 files; one process
+    per command, as a user runs them (model loads included)."""
+    import csv
+    import shutil
+
+    from dit_mem.evaluation.video_io import write_mp4
+    from dit_mem.toyworld.bank import BankStageConfig, bank_clips
+    from dit_mem.toyworld.world import render
+
+    assets = Path(__file__).resolve().parents[1] / "dit_mem" / "toyworld" / "assets"
+    root = CACHE / "lazy"
+    videos = root / "videos"
+    if not (root / "bank.csv").is_file():
+        videos.mkdir(parents=True, exist_ok=True)
+        items = bank_clips(BankStageConfig())
+        for c in items:
+            write_mp4(videos / f"{c.id}.mp4", render(c))
+        with (root / "bank.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["video", "caption"])
+            w.writerows([f"{c.id}.mp4", c.caption] for c in items)
+    cli = [sys.executable, "-m", "dit_mem.cli"]
+    build = [*cli, "bank", "build", "--csv", str(root / "bank.csv"), "--videos", str(videos)]
+    build += ["--base-model", str(assets / "base"), "--num-frames", "9", "--height", "32"]
+    build += ["--width", "32", "--num-workers", "0"]
+    report = {}
+    for mode in ("eager", "lazy"):
+        bank, out = root / f"bank-{mode}", root / f"out-{mode}"
+        shutil.rmtree(bank, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        gen = [*cli, "generate", "--toyworld", "--prompt", "a magenta circle moving left"]
+        gen += ["--out", str(out), f"bank={bank}", "progress=false"]
+        times = {}
+        for name, cmd in (
+            ("build", [*build, "--bank", str(bank)] + (["--lazy"] if mode == "lazy" else [])),
+            ("first_video", gen),
+        ):
+            t = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+            times[name] = round(time.perf_counter() - t, 1)
+        times["total"] = round(times["build"] + times["first_video"], 1)
+        times["latents_after"] = len(list((bank / "latents").glob("*.safetensors")))
+        report[mode] = times
+        print(mode, json.dumps(times), flush=True)
+    # --for-training: one training clip per concept (72), k = 2 as the toy world trains
+    train = root / "train.csv"
+    with (root / "bank.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    firsts = {}
+    for r in rows:
+        firsts.setdefault(r["caption"], r)
+    with train.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["video", "caption"])
+        w.writeheader()
+        w.writerows(firsts.values())
+    bank = root / "bank-training"
+    shutil.rmtree(bank, ignore_errors=True)
+    cmd = [*build, "--bank", str(bank), "--for-training", str(train), "-k", "2"]
+    said = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    report["for_training"] = next(ln.strip() for ln in said.splitlines() if "for training" in ln)
+    print(json.dumps({"clips": 576, **report}))
+
+
+def sizes(args) -> None:
+    """Bytes per video of an exported (token-only) bank at the paper's sizes: tokens G = 1 ×
+    D = 1536 per branch in bf16 shards of 4,096 videos (the token cache's own writer), and a
+    caption index of 768-d gte-base vectors (flat, as the paper) or IVF-PQ (``--kind pq``),
+    with its id map of OpenVid-style ids, captions and paths; measured on 20,000 rows."""
+    import tempfile
+
+    import pandas as pd
+    import torch
+
+    from dit_mem.data.token_cache import _ShardWriter
+    from dit_mem.retrieval.index import make_index, write_index_folder
+
+    n, d = 20_000, 768
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, d), np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    caps = json.loads((CACHE / "captions.json").read_text())[:n]
+    ids = [f"{rng.integers(1 << 40):011x}_{i % 7}_{i}to{i + 90}" for i in range(n)]
+    table = pd.DataFrame({"id": ids, "caption": caps, "video": [f"{v}.mp4" for v in ids]})
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        shards = _ShardWriter(tmp, 0, 4096)
+        for start in range(0, n, 1000):
+            part = ids[start : start + 1000]
+            t = torch.randn(len(part), 1, 1536)
+            shards.add(part, t, t)
+        shards.flush()
+        out["tokens_bytes_per_video"] = round(
+            sum(f.stat().st_size for f in tmp.glob("tokens-*")) / n, 1
+        )
+        for kind in ("flat", "pq"):
+            folder = tmp / kind
+            manifest = {"model": "gte-base-en-v1.5", "dim": d, "rows": n}
+            index = make_index(x, kind, nlist=128)
+            write_index_folder(folder, index, table, manifest, rerank=x if kind == "pq" else None)
+            per = {f.name: round(f.stat().st_size / n, 1) for f in folder.iterdir()}
+            out[f"index_{kind}_bytes_per_video"] = per
+            total = sum(v for k, v in per.items() if k != "manifest.json")
+            out[f"export_{kind}_bytes_per_video"] = round(total + out["tokens_bytes_per_video"], 1)
+    print(json.dumps(out))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -291,6 +405,8 @@ def main() -> None:
     f.add_argument("--samples", type=int, default=10_000)
     f.add_argument("-k", type=int, default=5)
     f.set_defaults(func=fanin)
+    sub.add_parser("lazy").set_defaults(func=lazy)
+    sub.add_parser("sizes").set_defaults(func=sizes)
     args = p.parse_args()
     args.func(args)
 

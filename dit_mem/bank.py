@@ -73,19 +73,12 @@ class MemoryBank:
         ef_search: int | None = None,
         k_factor: int | None = None,
     ):
-        self.retriever = (
-            index
-            if isinstance(index, Retriever)
-            else Retriever(
-                index,
-                model=embedding_model,
-                trust_remote_code=trust_remote_code,
-                device=device,
-                nprobe=nprobe,
-                ef_search=ef_search,
-                k_factor=k_factor,
+        search = {"nprobe": nprobe, "ef_search": ef_search, "k_factor": k_factor}
+        if not isinstance(index, Retriever):
+            index = Retriever(
+                index, embedding_model, device=device, **search, trust_remote_code=trust_remote_code
             )
-        )
+        self.retriever = index
         self.latents = LatentStore(latents) if isinstance(latents, str | Path) else latents
         self.tokens = TokenCache(tokens) if isinstance(tokens, str | Path) else tokens
         self.videos = Path(videos) if videos is not None else None

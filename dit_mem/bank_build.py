@@ -114,7 +114,7 @@ def build_bank(cfg: BankBuildConfig, vae=None, embedder=None, encoder=None) -> B
     bank, csv = Path(cfg.bank), Path(cfg.csv)
     table = read_video_table(csv)
     videos = Path(cfg.videos) if cfg.videos is not None else csv.parent
-    _check_bank_state(bank, cfg.add)
+    resume = _check_bank_state(bank, csv, cfg.add)
     _check_videos(table, videos, cfg.lazy)
     train = read_video_table(cfg.for_training) if cfg.for_training is not None else None
     if train is not None:
@@ -128,6 +128,8 @@ def build_bank(cfg: BankBuildConfig, vae=None, embedder=None, encoder=None) -> B
                 summary.added, summary.unchanged = add_to_index(
                     bank / "index", table, cfg.index, embedder=embedder
                 )
+            elif resume:
+                log.info("%s: the index of this table is there; resuming the build", bank)
             else:
                 from dit_mem.retrieval.index import build_index
 
@@ -167,6 +169,10 @@ def build_bank(cfg: BankBuildConfig, vae=None, embedder=None, encoder=None) -> B
             }
             if train is not None:
                 record |= {"for_training": str(Path(cfg.for_training).resolve()), "k": cfg.k}
+            if cfg.add:  # the bank's first build stays its record; each addition is listed
+                first = _build_record(bank) or {}
+                added = {**record, "rows": summary.added}
+                record = {**first, "added": [*first.get("added", []), added]}
             summary.videos = write_bank_manifest(bank, build=record).get("videos") or 0
     return summary
 
@@ -179,19 +185,38 @@ class _nothing:
         return None
 
 
-def _check_bank_state(bank: Path, add: bool) -> None:
-    has_index = (bank / "index").is_dir()
-    if add and not has_index:
+def _check_bank_state(bank: Path, csv: Path, add: bool) -> bool:
+    """Whether this build resumes one of the same table (``ValueError`` for a bank of another
+    table without ``--add``, or ``--add`` without a bank)."""
+    from dit_mem.data.table import file_sha256
+
+    if bank.exists() and not bank.is_dir():
+        raise ValueError(f"{bank} exists and is not a folder")
+    manifest = bank / "index" / "manifest.json"
+    if add and not manifest.is_file():
         raise FileNotFoundError(
             f"{bank} is not a bank to add to (no index/); build it first with `dit-mem bank build`"
         )
-    if not add and has_index:
+    if add or not (bank / "index").exists():
+        return False
+    try:
+        same = json.loads(manifest.read_text()).get("csv_sha256") == file_sha256(csv)
+    except (OSError, ValueError, AttributeError):
+        same = False
+    if not same:
         raise ValueError(
-            f"{bank} already holds a bank; add rows with `dit-mem bank build --add`, or give "
-            "another --bank"
+            f"{bank} already holds a bank of another table; add rows with `dit-mem bank build "
+            "--add`, or give another --bank"
         )
-    if bank.exists() and not bank.is_dir():
-        raise ValueError(f"{bank} exists and is not a folder")
+    return True
+
+
+def _build_record(bank: Path) -> dict | None:
+    try:
+        record = json.loads((bank / "bank.json").read_text()).get("build")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _check_videos(table, videos: Path, lazy: bool) -> None:
@@ -295,7 +320,8 @@ def add_to_index(index_dir: Path, table, options: dict, embedder=None) -> tuple[
     manifest["rows"] = int(r.index.ntotal)
     manifest["added"] = [*manifest.get("added", []), {"rows": len(fresh)}]
     manifest.pop("sha256", None)
-    write_index_folder(index_dir, r.index, combined, manifest)
+    rerank = None if r.rerank is None else [r.rerank, vectors]  # the old rows, then the new
+    write_index_folder(index_dir, r.index, combined, manifest, rerank=rerank, k_factor=r.k_factor)
     log.info("added %d rows to %s (%d already there)", len(fresh), index_dir, len(known))
     return len(fresh), len(known)
 

@@ -221,9 +221,8 @@ def test_add_keeps_old_retrievals(world, tmp_path, capsys):
     capsys.readouterr()
     argv[argv.index("--csv") + 1] = str(second)
     assert main(argv) == 2  # the bank exists: --add, or another folder
-    assert (
-        "already holds a bank; add rows with `dit-mem bank build --add`" in capsys.readouterr().err
-    )
+    err = capsys.readouterr().err
+    assert "already holds a bank of another table; add rows with `dit-mem bank build --add`" in err
     assert main([*argv, "--add"]) == 0
     assert "24 videos (8 added, 8 already there)" in capsys.readouterr().out
     bank = MemoryBank.from_pretrained(tmp_path / "bank")
@@ -238,6 +237,31 @@ def test_add_keeps_old_retrievals(world, tmp_path, capsys):
     assert len(list((tmp_path / "bank" / "latents").glob("*.safetensors"))) == 24
     assert main([*argv, "--add"]) == 0  # again: nothing new
     assert "(0 added, 16 already there)" in capsys.readouterr().out
+    record = json.loads((tmp_path / "bank" / "bank.json").read_text())["build"]
+    assert record["csv"] == str(first.resolve()) and [a["rows"] for a in record["added"]] == [8, 0]
+
+
+def test_a_killed_build_resumes(world, tmp_path, capsys, monkeypatch):
+    """Killed while encoding, the same command again finishes the bank (the index is kept)."""
+    import dit_mem.data.latents as latents
+
+    real, calls = latents._encode_one, []
+
+    def dying(vae, item, out):
+        calls.append(item["id"])
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(vae, item, out)
+
+    monkeypatch.setattr(latents, "_encode_one", dying)
+    argv = [*world["build"], "--bank", str(tmp_path / "bank")]
+    assert main(argv) == 130  # interrupted
+    index = (tmp_path / "bank" / "index" / "index.faiss").stat().st_mtime_ns
+    monkeypatch.setattr(latents, "_encode_one", real)
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "latents: 20 encoded, 4 already there, 0 failed" in capsys.readouterr().out
+    assert (tmp_path / "bank" / "index" / "index.faiss").stat().st_mtime_ns == index
 
 
 def test_export_round_trip_and_the_hub(world, tmp_path, capsys, monkeypatch):

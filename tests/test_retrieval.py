@@ -216,7 +216,6 @@ def test_pq_and_factory_indexes_record_their_search_settings(tmp_path: Path, emb
     table = pd.DataFrame({"id": [f"v{i}" for i in range(6000)], "caption": "c"})
     queries = idx.sample_queries(x, 200)
     _, truth = idx.exact_search(x, queries, 5)
-    assert idx.factory_string("pq", 6000, 32, nlist=16, pq_m=8) == "IVF16,PQ8np,Refine(PQ16np)"
     with pytest.raises(ValueError, match="pq_m=5 must divide the embedding width 32"):
         idx.factory_string("pq", 6000, 32, pq_m=5)
     for spec, load, want in (
@@ -243,3 +242,18 @@ def test_pq_and_factory_indexes_record_their_search_settings(tmp_path: Path, emb
         recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(truth, rows, strict=True)])
         assert recall >= want, (spec, recall)
         assert idx.search_settings(Retriever(folder).index) == recorded  # the recorded ones
+    # kind pq: IVF-PQ codes in memory, candidates re-ranked exactly from float16 vectors on disk
+    assert idx.factory_string("pq", 6000, 32, nlist=16, pq_m=8) == "IVF16,PQ8np"
+    index = idx.make_index(x, "pq", nlist=16, pq_m=8, nprobe=16)
+    raw = np.mean(
+        [len(set(a) & set(b)) / 5 for a, b in zip(truth, index.search(queries, 5)[1], strict=True)]
+    )
+    idx.write_index_folder(tmp_path / "pq", index, table, {**manifest, "kind": "pq"}, rerank=x)
+    r = Retriever(tmp_path / "pq", k_factor=32)
+    assert r.rerank.dtype == np.float16 and r.k_factor == 32
+    rows = [IdMap.open(tmp_path / "pq").rows_of(h.ids) for h in r.search(queries, 5)]
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(truth, rows, strict=True)])
+    assert recall >= 0.95 and recall > raw + 0.5, (raw, recall)
+    (tmp_path / "pq" / "vectors.npy").write_bytes(b"\x93NUMPY")  # changed after it was written
+    with pytest.raises(ValueError, match=r"vectors\.npy does not match the size"):
+        Retriever(tmp_path / "pq")

@@ -221,7 +221,7 @@ def test_missing_latents_are_skipped_and_all_missing_fails(tmp_path, base_model,
     with pytest.raises(
         ValueError,
         match=r"no usable training rows of 6: 6 without their own latent in .*latents \(encode "
-        r"the training videos with `dit-mem encode-latents`\)$",
+        r"them with `dit-mem bank build --for-training TRAIN_CSV`, or `dit-mem encode-latents`\)$",
     ):
         train(cfg)
 

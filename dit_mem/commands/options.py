@@ -38,6 +38,10 @@ def add_index_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pq-m", type=count(1), default=None, help="pq: sub-vectors per code")
     p.add_argument("--batch-size", type=count(1), default=256, help="captions per batch")
     p.add_argument("--device", default=None, help="embedding device (default: auto)")
+    add_trust_remote_code(p)
+
+
+def add_trust_remote_code(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trust-remote-code",
         default=None,
@@ -48,20 +52,9 @@ def add_index_options(p: argparse.ArgumentParser) -> None:
 
 def index_options(args: argparse.Namespace) -> dict:
     """The keyword arguments of ``build_index`` from :func:`add_index_options`' options."""
-    return {
-        "model": args.model,
-        "kind": args.kind,
-        "factory": args.index_factory,
-        "nlist": args.nlist,
-        "nprobe": args.nprobe,
-        "hnsw_m": args.hnsw_m,
-        "ef_search": args.ef_search,
-        "k_factor": args.k_factor,
-        "pq_m": args.pq_m,
-        "batch_size": args.batch_size,
-        "device": args.device,
-        "trust_remote_code": args.trust_remote_code,
-    }
+    keys = ("model", "kind", "nlist", "nprobe", "hnsw_m", "ef_search", "k_factor", "pq_m")
+    keys += ("batch_size", "device", "trust_remote_code")
+    return {"factory": args.index_factory, **{k: getattr(args, k) for k in keys}}
 
 
 def add_video_options(p: argparse.ArgumentParser, base_model_required: bool = True) -> None:
@@ -92,12 +85,5 @@ def add_video_options(p: argparse.ArgumentParser, base_model_required: bool = Tr
 
 def video_options(args: argparse.Namespace) -> dict:
     """The geometry and decoding fields of ``LatentJobConfig`` from :func:`add_video_options`."""
-    return {
-        "num_frames": args.num_frames,
-        "height": args.height,
-        "width": args.width,
-        "resize": args.resize,
-        "backend": args.backend,
-        "vae_dtype": args.vae_dtype,
-        "num_workers": args.num_workers,
-    }
+    keys = ("num_frames", "height", "width", "resize", "backend", "vae_dtype", "num_workers")
+    return {k: getattr(args, k) for k in keys}

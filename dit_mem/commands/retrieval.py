@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dit_mem.cli_types import count
-from dit_mem.commands.options import add_index_options, index_options
+from dit_mem.commands.options import add_index_options, add_trust_remote_code, index_options
 
 DEFAULT_INDEX_DIR = "memory_index"
 
@@ -31,12 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--index", default=None, help=f"index folder (default: {DEFAULT_INDEX_DIR})")
     r.add_argument("--bank", default=None, help="bank folder or Hub id (instead of --index)")
     r.add_argument("--model", default=None, help="embedding model (default: the manifest's)")
-    r.add_argument(
-        "--trust-remote-code",
-        default=None,
-        metavar="MODEL",
-        help="let the named embedding model run its own code (e.g. gte-base-en-v1.5)",
-    )
+    add_trust_remote_code(r)
     r.add_argument(
         "--exclude",
         nargs="*",

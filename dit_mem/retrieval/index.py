@@ -10,9 +10,9 @@ An index folder holds
                         recall@5, the sha256 of every file
 
 Kinds: ``flat`` (exact ``IndexFlatIP``, the paper's choice, default), ``ivf`` (``IVF<n>,Flat``),
-``hnsw`` (``HNSW<M>,Flat``) and ``pq`` (``IVF<n>,PQ<m>np,Refine(PQ<2m>np)``: IVF cells of product-
-quantised codes, the top candidates re-ranked with finer codes; 288 bytes a 384-d vector, for
-1M–100M entries), or any FAISS ``index_factory`` string (``--index-factory``). Trained kinds are
+``hnsw`` (``HNSW<M>,Flat``) and ``pq`` (``IVF<n>,PQ<m>np``: IVF cells of product-quantised
+codes in memory, 96 bytes a vector, whose top ``k_factor``·k candidates are re-ranked exactly
+from the float16 vectors in ``vectors.npy``, read memory-mapped row by row; for 1M–100M entries), or any FAISS ``index_factory`` string (``--index-factory``). Trained kinds are
 trained on a sample and filled in chunks, so memory stays bounded by the index itself. For
 approximate kinds the build reports recall@5 against exact search on sampled queries. Search
 settings (``nprobe``, ``ef_search``, ``k_factor``) are recorded and can be changed at load.
@@ -43,6 +43,8 @@ FORMAT = "dit-mem-index/3"  # /2: sha256 of index.faiss and ids.parquet; /3: ids
 FORMATS = ("dit-mem-index/1", "dit-mem-index/2", FORMAT)
 CHUNK = 65536  # vectors per add() and per embedding chunk: bounded memory at any bank size
 TRAIN_SAMPLE = 256 * 1024  # at most this many vectors train an IVF / PQ index
+RERANK_FILE = "vectors.npy"  # float16 [n, d]: exact re-ranking of pq candidates (size-checked:
+#                              hashing gigabytes at every open would cost more than the search)
 BLAS_THRESHOLD = 16  # batches of ≥ 16 queries use BLAS (faiss 1.15 default: 128,000 = never)
 BLAS_DATABASE_BLOCK = 16384  # rows per GEMM block (default 1,024 makes BLAS no faster than SIMD)
 
@@ -107,13 +109,14 @@ def factory_string(
     if kind == "ivf":
         return f"IVF{nlist},Flat"
     m = pq_m or min(96, d // 4)
-    if d % m or d % (2 * m) or m < 1:
+    if d % m:
         raise ValueError(
-            f"pq_m={m} must divide the embedding width {d} twice over (codes of {m} and {2 * m} "
-            "sub-vectors); pick another --pq-m"
+            f"pq_m={m} must divide the embedding width {d} (codes of {m} sub-vectors); pick "
+            "another --pq-m"
         )
-    # np: no polysemous training (it only serves Hamming-filtered search; 3× the training time)
-    return f"IVF{nlist},PQ{m}np,Refine(PQ{2 * m}np)"
+    # np: no polysemous training (it only serves Hamming-filtered search; 3× the training time);
+    # the candidates are re-ranked exactly from the float16 vectors on disk (RERANK_FILE)
+    return f"IVF{nlist},PQ{m}np"
 
 
 def make_index(
@@ -244,18 +247,47 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.n
     return best_s, best_i
 
 
-def recall_at_k(index, vectors: np.ndarray, queries: np.ndarray, k: int = 5) -> float:
-    """Fraction of the exact top-k (inner product over ``vectors``) that ``index`` returns."""
+def rerank_search(index, vectors, queries: np.ndarray, k: int, k_factor: int):
+    """Top-``k`` (scores, rows) per query: ``index``'s ``k_factor``·k candidates re-scored
+    exactly against ``vectors`` (a float16 memory map is read only at the candidates' rows)."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    fetch = min(index.ntotal, k * k_factor)
+    _, cand = index.search(queries, fetch)
+    rows = np.where(cand >= 0, cand, 0)
+    uniq, inv = np.unique(rows, return_inverse=True)
+    table = np.asarray(vectors[uniq], dtype=np.float32)  # sorted rows: one pass over the map
+    inv = inv.reshape(rows.shape)
+    scores = np.stack([table[inv[q]] @ queries[q] for q in range(len(queries))])
+    scores[cand < 0] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(cand, order, 1)
+
+
+def recall_at_k(
+    index, vectors: np.ndarray, queries: np.ndarray, k: int = 5, k_factor: int | None = None
+) -> float:
+    """Fraction of the exact top-k (inner product over ``vectors``) that ``index`` returns
+    (re-ranked from ``vectors`` with ``k_factor``, when given)."""
     _, truth = exact_search(vectors, queries, k)
-    _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), truth.shape[1])
+    if k_factor:
+        _, found = rerank_search(index, vectors, queries, truth.shape[1], k_factor)
+    else:
+        _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), truth.shape[1])
     hits = sum(len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist(), strict=True))
     return hits / truth.size
 
 
-def write_index_folder(out: Path, index, table, manifest: dict) -> None:
+def write_index_folder(
+    out: Path, index, table, manifest: dict, rerank=None, k_factor: int = 4
+) -> None:
     """Write ``index.faiss``, the id map (``ids.arrow`` + lookups) and ``manifest.json`` (with
     every file's sha256) into a temporary folder, then put it in place of ``out`` whole: a
-    reader sees the old index or the new one, never a mix."""
+    reader sees the old index or the new one, never a mix.
+
+    ``rerank``: the vectors (an array or a list of arrays, in row order) to store as
+    :data:`RERANK_FILE` (float16), from which the retriever re-ranks ``k_factor`` · k candidates
+    of an approximate index exactly; read memory-mapped, only the candidates' rows.
+    """
     import faiss
 
     if "source" not in table.columns:
@@ -263,12 +295,25 @@ def write_index_folder(out: Path, index, table, manifest: dict) -> None:
     with atomic_dir(out) as tmp:
         faiss.write_index(index, str(tmp / INDEX_FILE))
         IdMap.write(tmp, table)
-        manifest = {
-            **manifest,
-            "format": FORMAT,
-            "search": search_settings(index),
-            "sha256": {name: file_sha256(tmp / name) for name in (INDEX_FILE, *FILES)},
-        }
+        manifest = {**manifest, "format": FORMAT, "search": search_settings(index)}
+        if rerank is not None:
+            parts = rerank if isinstance(rerank, list | tuple) else [rerank]
+            n, d = sum(len(p) for p in parts), parts[0].shape[1]
+            if n != index.ntotal:
+                raise ValueError(f"{n} re-rank vectors for an index of {index.ntotal}")
+            dest = np.lib.format.open_memmap(tmp / RERANK_FILE, "w+", np.float16, (n, d))
+            at = 0
+            for part in parts:
+                for start in range(0, len(part), CHUNK):
+                    chunk = np.asarray(part[start : start + CHUNK], dtype=np.float32)
+                    dest[at : at + len(chunk)] = chunk
+                    at += len(chunk)
+            dest.flush()
+            del dest
+            size = (tmp / RERANK_FILE).stat().st_size
+            manifest["rerank"] = {"file": RERANK_FILE, "dtype": "float16", "bytes": size}
+            manifest["search"]["k_factor"] = k_factor
+        manifest["sha256"] = {name: file_sha256(tmp / name) for name in (INDEX_FILE, *FILES)}
         write_json_atomic(tmp / MANIFEST, manifest)
 
 
@@ -366,10 +411,12 @@ def build_index(
         if spec != "Flat" and recall_queries > 0:
             configure_faiss_blas()
             queries = sample_queries(vectors, min(recall_queries, len(vectors)))
-            recall = recall_at_k(index, vectors, queries, k=5)
+            rerank = k_factor if kind == "pq" and factory is None else None
+            recall = recall_at_k(index, vectors, queries, k=5, k_factor=rerank)
             log.info("%s index: recall@5 vs exact = %.4f on %d queries", spec, recall, len(queries))
-    finally:
+    except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
+        raise
 
     meta = table.assign(source=table["id"].map(source_id))
     settings = search_settings(index)
@@ -396,7 +443,12 @@ def build_index(
         "faiss_version": faiss.__version__,
         "seconds": {"embed": round(t_embed, 2), "build": round(t_build, 2)},
     }
-    write_index_folder(out, index, meta, manifest)
+    rerank = vectors if kind == "pq" and factory is None else None
+    try:
+        write_index_folder(out, index, meta, manifest, rerank=rerank, k_factor=k_factor)
+    finally:
+        del vectors
+        shutil.rmtree(scratch, ignore_errors=True)
     log.info(
         "wrote %s: %d captions, %s index, %s (%d-d, %s pooling)",
         out,

@@ -12,6 +12,7 @@ Training excludes the training video itself and every clip cut from the same sou
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,10 @@ from dit_mem.retrieval.index import (
     FORMATS,
     INDEX_FILE,
     MANIFEST,
+    RERANK_FILE,
     configure_faiss_blas,
     configure_search,
+    rerank_search,
 )
 from dit_mem.utils import get_logger
 
@@ -142,8 +145,36 @@ class Retriever:
             **(self.manifest.get("search") or {}),
         }
         given = {"nprobe": nprobe, "ef_search": ef_search, "k_factor": k_factor}
-        configure_search(self.index, **(search | {k: v for k, v in given.items() if v is not None}))
+        search |= {k: v for k, v in given.items() if v is not None}
+        configure_search(self.index, **search)
+        self.rerank = self._open_rerank()  # exact re-ranking of an IVF-PQ index's candidates
+        self.k_factor = search.get("k_factor") or 4
         configure_faiss_blas()
+
+    def _open_rerank(self):
+        """The float16 vectors of a ``pq`` index, read row by row (None if the index has none);
+        checked by size and shape, not hashed (gigabytes)."""
+        record = self.manifest.get("rerank")
+        if not record:
+            return None
+        path = self.root / RERANK_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {self.root} is not a complete index folder")
+        if path.stat().st_size != record.get("bytes"):
+            raise ValueError(
+                f"{path} does not match the size in {self.root / MANIFEST}: the folder was "
+                "changed after it was written; rebuild the index"
+            )
+        try:
+            vectors = RowReader(path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a readable vector file ({e})") from None
+        if vectors.dtype != np.float16 or vectors.shape != (self.index.ntotal, self.index.d):
+            raise ValueError(
+                f"{path}: expected float16 [{self.index.ntotal}, {self.index.d}], got "
+                f"{vectors.dtype} {list(vectors.shape)}"
+            )
+        return vectors
 
     @property
     def table(self):
@@ -282,7 +313,10 @@ class Retriever:
         # Ask FAISS for enough neighbours that k survive the exclusions.
         extra = max(self.id_map.count_sources(b) if b else 0 for b in banned)
         fetch = min(k + extra + len(self.unavailable), self.index.ntotal)
-        scores, rows = self.index.search(queries, fetch)
+        if self.rerank is not None:
+            scores, rows = rerank_search(self.index, self.rerank, queries, fetch, self.k_factor)
+        else:
+            scores, rows = self.index.search(queries, fetch)
         ok = rows >= 0
         if len(self.unavailable):
             ok &= ~np.isin(rows, self.unavailable)
@@ -312,3 +346,58 @@ class Retriever:
         return {
             source_id(v if r is not None else video_id(v)) for v, r in zip(ids, rows, strict=True)
         }
+
+
+class RowReader:
+    """Rows of a ``.npy`` matrix read with ``pread`` at the rows asked for: a search touches
+    k_factor·k rows of a file of gigabytes, and nothing of the file is mapped into the process
+    (what the operating system caches stays its own, shared and reclaimable)."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            self.offset = f.tell()
+        if fortran or len(shape) != 2 or dtype.hasobject:
+            raise ValueError(f"{path}: not a C-ordered 2-d numeric array")
+        self.shape, self.dtype = tuple(shape), dtype
+        self.row_bytes = shape[1] * dtype.itemsize
+        want = self.offset + shape[0] * self.row_bytes
+        if os.path.getsize(path) != want:
+            raise ValueError(f"{path}: {os.path.getsize(path)} bytes, expected {want}")
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        """The rows ``rows`` (sorted int array: runs of consecutive rows are one read)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.shape[1]), self.dtype)
+        buf = out.reshape(-1).view(np.uint8)
+        i = 0
+        while i < len(rows):
+            j = i + 1
+            while j < len(rows) and rows[j] == rows[j - 1] + 1:
+                j += 1
+            start = self.offset + int(rows[i]) * self.row_bytes
+            view = memoryview(buf[i * self.row_bytes : j * self.row_bytes])
+            if os.preadv(self._fd, [view], start) != len(view):
+                raise ValueError(f"short read at row {int(rows[i])}")
+            i = j
+        return out
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+    def __getstate__(self) -> dict:  # pickled and copied by path: the copy opens the file again
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
