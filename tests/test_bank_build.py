@@ -283,29 +283,32 @@ def test_export_round_trip_and_the_hub(world, tmp_path, capsys, monkeypatch):
     from huggingface_hub import HfApi
     from huggingface_hub.utils import filter_repo_objects
 
-    pushed = tmp_path / "hub" / "datasets--toy--bank"
-    rev = "0" * 40
+    hub, rev = tmp_path / "hub", "0" * 40
 
-    def upload_folder(self, *, folder_path, ignore_patterns, repo_type, **kw):
+    def upload_folder(self, *, repo_id, folder_path, ignore_patterns, repo_type, **kw):
         assert repo_type == "dataset"
+        snapshot = hub / f"datasets--{repo_id.replace('/', '--')}" / "snapshots" / rev
         files = [
             str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()
         ]
         for rel in filter_repo_objects(files, ignore_patterns=ignore_patterns):
-            dst = pushed / "snapshots" / rev / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(Path(folder_path) / rel, dst)
+            (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(folder_path) / rel, snapshot / rel)
+        (snapshot.parents[1] / "refs").mkdir(exist_ok=True)
+        (snapshot.parents[1] / "refs" / "main").write_text(rev)
         return "commit"
 
     monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **kw: None)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    assert MemoryBank.from_pretrained(world["eager"]).push_to_hub("toy/bank") == "commit"
-    (pushed / "refs").mkdir()
-    (pushed / "refs" / "main").write_text(rev)
-    uploaded = {p.relative_to(pushed / "snapshots" / rev).parts[0] for p in pushed.rglob("*.*")}
-    assert uploaded == {"bank.json", "index", "latents", "tokens"}  # videos stay behind
-    hub = MemoryBank.from_pretrained("toy/bank", cache_dir=tmp_path / "hub", local_files_only=True)
-    assert (
-        hub.retrieve([PROMPT], 2)[0].ids
-        == MemoryBank.from_pretrained(out).retrieve([PROMPT], 2)[0].ids
-    )
+    assert MemoryBank.from_pretrained(world["eager"]).push_to_hub("toy/full") == "commit"
+    full = hub / "datasets--toy--full" / "snapshots" / rev
+    assert sorted(p.name for p in full.iterdir()) == ["bank.json", "index", "latents", "tokens"]
+    MemoryBank.from_pretrained(out).push_to_hub("toy/bank")  # the token-only bank, then used
+    from dit_mem import DiTMemPipeline
+
+    pipe = DiTMemPipeline.from_pretrained(world["model"])
+    pipe.set_progress_bar_config(disable=True)
+    opts = {"cache_dir": hub, "local_files_only": True}
+    pipe.load_memory(world["root"] / "encoder", bank="toy/bank", **opts)
+    assert pipe.memory_bank.latents is None and len(pipe.memory_bank) == 24
+    torch.testing.assert_close(generate(pipe), want, rtol=0, atol=0)

@@ -257,3 +257,21 @@ def test_pq_and_factory_indexes_record_their_search_settings(tmp_path: Path, emb
     (tmp_path / "pq" / "vectors.npy").write_bytes(b"\x93NUMPY")  # changed after it was written
     with pytest.raises(ValueError, match=r"vectors\.npy does not match the size"):
         Retriever(tmp_path / "pq")
+
+
+def test_id_map_columns_read_rows_across_chunks(tmp_path: Path) -> None:
+    """A 10M-row id map is several Arrow chunks: rows are read in place, in the order asked."""
+    import pyarrow as pa
+
+    from dit_mem.data.idmap import Column, IdMap
+
+    col = Column(pa.chunked_array([["a", "b"], ["c"], [], ["d", "e", "f"]]))
+    assert col.take([5, 0, 2, 3, 2]) == ["f", "a", "c", "d", "c"] and col.take([]) == []
+    assert (len(col), col[4], col[-1], list(col)) == (6, "e", "f", ["a", "b", "c", "d", "e", "f"])
+    import pandas as pd
+
+    table = pd.DataFrame({"id": ["x_1_0to1", "x_2_0to1", "y"], "caption": ["p", "q", "r"]})
+    IdMap.write(tmp_path, table.assign(source=["x", "x", "y"]))
+    m = IdMap.open(tmp_path)
+    assert m.rows_of(["y", "nope", "x_1_0to1"]) == [2, None, 0]
+    assert m.count_sources(["x"]) == 2 and m.record(1)["caption"] == "q"

@@ -43,6 +43,8 @@ class Column(Sequence):
 
     def __init__(self, array):
         self._array = array  # pyarrow ChunkedArray
+        self._chunks = array.chunks
+        self._starts = np.cumsum([0] + [len(c) for c in self._chunks])
 
     def __len__(self) -> int:
         return len(self._array)
@@ -63,9 +65,14 @@ class Column(Sequence):
         return self._array.to_pylist()
 
     def take(self, rows) -> list[str]:
-        """The values at ``rows`` (an int array), in that order."""
+        """The values at ``rows`` (an int array), in that order: each read from its chunk in
+        place (``ChunkedArray.take`` would first join every chunk: 50 ms at 10M rows)."""
         rows = np.asarray(rows, dtype=np.int64)
-        return self._array.take(rows).to_pylist() if len(rows) else []
+        chunk = np.searchsorted(self._starts, rows, side="right") - 1
+        local = rows - self._starts[chunk]
+        return [
+            self._chunks[c][i].as_py() for c, i in zip(chunk.tolist(), local.tolist(), strict=True)
+        ]
 
 
 class IdMap:

@@ -385,9 +385,11 @@ class RowReader:
             while j < len(rows) and rows[j] == rows[j - 1] + 1:
                 j += 1
             start = self.offset + int(rows[i]) * self.row_bytes
-            view = memoryview(buf[i * self.row_bytes : j * self.row_bytes])
-            if os.preadv(self._fd, [view], start) != len(view):
-                raise ValueError(f"short read at row {int(rows[i])}")
+            size = (j - i) * self.row_bytes
+            data = os.pread(self._fd, size, start)
+            if len(data) != size:
+                raise ValueError(f"{self.path}: short read at row {int(rows[i])}")
+            buf[i * self.row_bytes : j * self.row_bytes] = np.frombuffer(data, np.uint8)
             i = j
         return out
 
