@@ -321,25 +321,24 @@ class MemoryBank:
                 f"{self.tokens.root}: the token cache was made by another memory encoder and the "
                 "bank has no latents to encode instead; rebuild it with `dit-mem cache-tokens`"
             )
-        in_cache = (lambda v: v in self.tokens) if cached else (lambda v: False)
-        self._fill([v for group in ids for v in group if not in_cache(v)], vae)
-        if all(in_cache(v) for group in ids for v in group):
+        unique = list(dict.fromkeys(v for group in ids for v in group))
+        in_cache = {v for v in unique if v in self.tokens} if cached else set()
+        self._fill([v for v in unique if v not in in_cache], vae)
+        if len(in_cache) == len(unique):
             videos = self.tokens.load_batch(ids, dtype=param.dtype)
             return encoder.aggregate(videos.to(device), shuffle=False)
         if not cached:
             latents = self.latents.load_batch(ids, dtype=param.dtype)
             return encoder(latents.to(device), shuffle=False)
         # some videos cached, the others (filled since the cache was built) from their latents
-        pairs = []
-        for vid in dict.fromkeys(v for group in ids for v in group):
-            if in_cache(vid):
-                high, low = (t.to(device, param.dtype) for t in self.tokens.load_one(vid))
+        table = {}
+        for vid in unique:
+            if vid in in_cache:
+                table[vid] = tuple(t.to(device, param.dtype) for t in self.tokens.load_one(vid))
             else:
                 latent = self.latents.load([vid], dtype=param.dtype).to(device)
                 one = encoder.encode_videos(latent)
-                high, low = one.high[0, 0], one.low[0, 0]
-            pairs.append((vid, high, low))
-        table = {vid: (high, low) for vid, high, low in pairs}
+                table[vid] = one.high[0, 0], one.low[0, 0]
         high = torch.stack([torch.stack([table[v][0] for v in group]) for group in ids])
         low = torch.stack([torch.stack([table[v][1] for v in group]) for group in ids])
         videos = VideoTokens(high, low, self.tokens.log_counts.to(device))
@@ -475,6 +474,15 @@ def _link_or_copy(src: str, dst: str) -> str:
     return dst
 
 
+def build_record(folder: str | Path) -> dict | None:
+    """How the bank in ``folder`` was built (``bank.json``'s "build"; None if it has none)."""
+    try:
+        record = json.loads((Path(folder) / BANK_MANIFEST).read_text()).get("build")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def write_bank_manifest(folder: str | Path, build: dict | None = None) -> dict:
     """(Re)write ``bank.json`` from the parts present in ``folder``: counts, the embedding model,
     the geometry its latents are made at, videos without memory; ``build``: how it was built
@@ -482,12 +490,8 @@ def write_bank_manifest(folder: str | Path, build: dict | None = None) -> dict:
     folder = Path(folder)
     parts = [name for name in PARTS if (folder / name).is_dir()]
     manifest = {"format": FORMAT, "parts": parts}
-    old = folder / BANK_MANIFEST
-    if build is None and old.is_file():
-        try:
-            build = json.loads(old.read_text()).get("build")
-        except (json.JSONDecodeError, AttributeError):
-            build = None
+    if build is None:
+        build = build_record(folder)
     if build is not None:
         manifest["build"] = build
     index_manifest = folder / "index" / "manifest.json"

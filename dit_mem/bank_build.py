@@ -14,6 +14,7 @@ use, ``encode-latents --bank``) makes the same latents or is refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -104,7 +105,7 @@ def build_bank(cfg: BankBuildConfig, vae=None, embedder=None, encoder=None) -> B
     """
     import torch
 
-    from dit_mem.bank import write_bank_manifest
+    from dit_mem.bank import build_record, write_bank_manifest
     from dit_mem.data.jobs import FolderJob, process_state
     from dit_mem.data.latents import claim_latent_folder, encode_latents
     from dit_mem.data.table import read_video_table
@@ -121,7 +122,7 @@ def build_bank(cfg: BankBuildConfig, vae=None, embedder=None, encoder=None) -> B
         _check_videos(train, videos, lazy=False)
     state = process_state()
     summary = BuildSummary(is_main_process=state.is_main_process)
-    with folder_lock(bank, "bank build") if state.is_main_process else _nothing():
+    with folder_lock(bank, "bank build") if state.is_main_process else contextlib.nullcontext():
         if state.is_main_process:
             _link_videos(bank, videos)
             if cfg.add:
@@ -153,7 +154,8 @@ def build_bank(cfg: BankBuildConfig, vae=None, embedder=None, encoder=None) -> B
             from dit_mem.data import build_token_cache
             from dit_mem.loaders import load_memory_encoder
 
-            from_latents = [r["id"] for r in rows if r["id"] not in set(summary.failures)]
+            failed = set(summary.failures)
+            from_latents = [r["id"] for r in rows if r["id"] not in failed]
             if from_latents:
                 build_token_cache(
                     encoder if encoder is not None else load_memory_encoder(cfg.tokens),
@@ -170,19 +172,11 @@ def build_bank(cfg: BankBuildConfig, vae=None, embedder=None, encoder=None) -> B
             if train is not None:
                 record |= {"for_training": str(Path(cfg.for_training).resolve()), "k": cfg.k}
             if cfg.add:  # the bank's first build stays its record; each addition is listed
-                first = _build_record(bank) or {}
+                first = build_record(bank) or {}
                 added = {**record, "rows": summary.added}
                 record = {**first, "added": [*first.get("added", []), added]}
             summary.videos = write_bank_manifest(bank, build=record).get("videos") or 0
     return summary
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _check_bank_state(bank: Path, csv: Path, add: bool) -> bool:
@@ -209,14 +203,6 @@ def _check_bank_state(bank: Path, csv: Path, add: bool) -> bool:
             "--add`, or give another --bank"
         )
     return True
-
-
-def _build_record(bank: Path) -> dict | None:
-    try:
-        record = json.loads((bank / "bank.json").read_text()).get("build")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return record if isinstance(record, dict) else None
 
 
 def _check_videos(table, videos: Path, lazy: bool) -> None:

@@ -11,7 +11,6 @@ A bank folder is built part by part with ``dit-mem build-index --bank BANK``,
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from dit_mem.cli_types import count
@@ -98,7 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from dit_mem.bank import MemoryBank
+    from dit_mem.bank import MemoryBank, build_record
 
     bank = MemoryBank.from_pretrained(args.bank, subfolder=args.subfolder)
     manifest = bank.retriever.manifest
@@ -115,9 +114,8 @@ def _info(args: argparse.Namespace) -> int:
             f"{m.get('latent_shape')} ({m.get('num_frames')} frames of {m.get('height')}×"
             f"{m.get('width')}, {m.get('resize')}, {m.get('family', 'wan')} VAE)"
         )
-        record = bank.folder / "bank.json" if bank.folder is not None else None
-        build = json.loads(record.read_text()).get("build") if record is not None else None
-        if isinstance(build, dict) and build.get("memory") == "lazy":
+        build = build_record(bank.folder) if bank.folder is not None else None
+        if build is not None and build.get("memory") == "lazy":
             print("           lazy: the others are encoded on first use from videos/")
     if len(bank.retriever.unavailable):
         missing = sorted(bank.retriever.ids.take(bank.retriever.unavailable))
@@ -159,14 +157,13 @@ def _build(args: argparse.Namespace) -> int:
     from dit_mem.bank_build import BankBuildConfig, build_bank
     from dit_mem.commands.latents import failures_exit
 
-    opts = index_options(args)
     cfg = BankBuildConfig(
         csv=Path(args.csv),
         bank=args.bank,
         base_model=Path(args.base_model),
         videos=Path(args.videos) if args.videos else None,
         **video_options(args),
-        index={k: v for k, v in opts.items()},
+        index=index_options(args),
         tokens=args.tokens,
         lazy=args.lazy,
         for_training=args.for_training,
