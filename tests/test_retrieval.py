@@ -254,6 +254,9 @@ def test_pq_and_factory_indexes_record_their_search_settings(tmp_path: Path, emb
     rows = [IdMap.open(tmp_path / "pq").rows_of(h.ids) for h in r.search(queries, 5)]
     recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(truth, rows, strict=True)])
     assert recall >= 0.95 and recall > raw + 0.5, (raw, recall)
+    idx._check_out(tmp_path / "pq", overwrite=True)  # its own folder: may be replaced
+    with pytest.raises(ValueError, match=r"already holds an index .*vectors\.npy"):
+        idx._check_out(tmp_path / "pq", overwrite=False)
     (tmp_path / "pq" / "vectors.npy").write_bytes(b"\x93NUMPY")  # changed after it was written
     with pytest.raises(ValueError, match=r"vectors\.npy does not match the size"):
         Retriever(tmp_path / "pq")

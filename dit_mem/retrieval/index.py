@@ -339,7 +339,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder")
     present = sorted(p.name for p in out.iterdir())
-    known = (INDEX_FILE, "ids.parquet", *FILES, MANIFEST)
+    known = (INDEX_FILE, "ids.parquet", *FILES, RERANK_FILE, MANIFEST)
     foreign = [n for n in present if n not in known]
     if foreign:
         raise ValueError(
