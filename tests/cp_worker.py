@@ -6,13 +6,19 @@ output (no parallelism), then enables diffusers' context parallelism (gloo, CPU)
 the same call again: at inference (the lse route), with gradients (the joint route; the ranks'
 shares of the memory tokens' gradient summed), and without memory. Rank 0 writes the relative
 errors as JSON.
+
+The ranks meet at a barrier, destroy the process group and leave with ``os._exit``: gloo's C++
+threads, torn down during interpreter finalisation, can abort a finished rank (SIGABRT,
+"terminate called without an active exception"; once in CI); the result is on disk by then.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import sys
 import warnings
 
 import torch
@@ -30,6 +36,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    faulthandler.enable()  # a crashing rank prints where it was
     torch.set_num_threads(1)
     torch.accelerator.device_count = lambda: 1  # diffusers maps rank → device with it; CPU has 0
     dist.init_process_group("gloo")
@@ -87,8 +94,12 @@ def main() -> None:
     if int(os.environ["RANK"]) == 0:
         with open(args.out, "w") as f:
             json.dump(result, f)
+    dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
