@@ -330,15 +330,13 @@ class MemoryBank:
         if not cached:
             latents = self.latents.load_batch(ids, dtype=param.dtype)
             return encoder(latents.to(device), shuffle=False)
-        # some videos cached, the others (filled since the cache was built) from their latents
-        table = {}
-        for vid in unique:
-            if vid in in_cache:
-                table[vid] = tuple(t.to(device, param.dtype) for t in self.tokens.load_one(vid))
-            else:
-                latent = self.latents.load([vid], dtype=param.dtype).to(device)
-                one = encoder.encode_videos(latent)
-                table[vid] = one.high[0, 0], one.low[0, 0]
+        # some videos cached, the others (filled since the cache was built) from their latents,
+        # encoded in one batch
+        fresh = [v for v in unique if v not in in_cache]
+        encoded = encoder.encode_videos(self.latents.load(fresh, dtype=param.dtype).to(device))
+        table = {v: (encoded.high[0, n], encoded.low[0, n]) for n, v in enumerate(fresh)}
+        for vid in in_cache:
+            table[vid] = tuple(t.to(device, param.dtype) for t in self.tokens.load_one(vid))
         high = torch.stack([torch.stack([table[v][0] for v in group]) for group in ids])
         low = torch.stack([torch.stack([table[v][1] for v in group]) for group in ids])
         videos = VideoTokens(high, low, self.tokens.log_counts.to(device))

@@ -114,6 +114,36 @@ def test_encode_runs_where_offload_hooks_run_the_encoder(built):
         assert mb.memory(["a blue circle moving left"], offloaded, k=3)[0].tokens.isfinite().all()
 
 
+def test_encode_mixes_cached_tokens_and_latents(built, tmp_path):
+    """A token cache that lacks some retrieved videos (filled or added since it was built): the
+    cached ones come from the cache, the others from their latents, each in its own slot."""
+    from dit_mem.data import build_token_cache
+    from dit_mem.memory.tokens import VideoTokens
+
+    full = MemoryBank.from_pretrained(built["bank"])
+    encoder = MemoryEncoder.from_pretrained(built["encoder"]).eval()
+    prompts = ["a blue circle moving left", "a red square", "a blue circle moving right"]
+    ids = [hit.ids for hit in full.retrieve(prompts, 4)]
+    unique = list(dict.fromkeys(v for group in ids for v in group))
+    assert len(unique) < sum(map(len, ids))  # a video shared by two prompts
+    cached = unique[::2]
+    build_token_cache(encoder, full.latents.root, tmp_path / "tokens", num_workers=0, ids=cached)
+    mixed_bank = MemoryBank(full.retriever, full.latents, tokens=tmp_path / "tokens")
+    got = mixed_bank.encode(ids, encoder)
+    # each video's own tokens: the cache's (bf16) for cached ones, the encoder's for the others
+    fresh = encoder.encode_videos(full.latents.load_batch(ids, dtype=torch.float32))
+    high, low = fresh.high.clone(), fresh.low.clone()
+    for b, group in enumerate(ids):
+        for n, vid in enumerate(group):
+            if vid in cached:
+                high[b, n], low[b, n] = full.tokens.load_one(vid)
+    want = encoder.aggregate(VideoTokens(high, low, fresh.log_counts), shuffle=False)
+    torch.testing.assert_close(got.tokens, want.tokens, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.log_counts, want.log_counts, rtol=0, atol=0)
+    all_latents = encoder(full.latents.load_batch(ids, dtype=torch.float32), shuffle=False)
+    assert (got.tokens - all_latents.tokens).abs().max() > 1e-6  # the cache was used
+
+
 # --------------------------------------------------------------------------------------
 # The release's formats
 # --------------------------------------------------------------------------------------
