@@ -342,15 +342,6 @@ class MemoryBank:
         videos = VideoTokens(high, low, self.tokens.log_counts.to(device))
         return encoder.aggregate(videos, shuffle=False)
 
-    def missing(self, ids: Sequence[str]) -> list[str]:
-        """Of ``ids``, those with neither a latent nor cached tokens (a lazy bank's unfilled)."""
-        return [
-            v
-            for v in dict.fromkeys(ids)
-            if not (self.latents is not None and v in self.latents)
-            and not (self.tokens is not None and v in self.tokens)
-        ]
-
     def _fill(self, ids: Sequence[str], vae) -> None:
         """Encode the videos of ``ids`` that have no latent yet into the bank's latents."""
         todo = [v for v in dict.fromkeys(ids) if self.latents is None or v not in self.latents]

@@ -252,9 +252,9 @@ def _rows_to_encode(cfg, table, train, summary: BuildSummary, embedder) -> list[
         return rows
     from dit_mem.bank import MemoryBank
 
-    bank = MemoryBank(Path(cfg.bank) / "index", Path(cfg.bank) / "latents")
-    if embedder is not None:
-        bank.retriever._embedder = embedder
+    bank = MemoryBank(
+        _open_index(Path(cfg.bank) / "index", cfg.index, embedder), Path(cfg.bank) / "latents"
+    )
     ids, captions = train["id"].tolist(), train["caption"].tolist()
     retrieved: dict[str, None] = {}
     for start in range(0, len(ids), 256):
@@ -269,6 +269,19 @@ def _rows_to_encode(cfg, table, train, summary: BuildSummary, embedder) -> list[
     return [by_id[v] for v in wanted]
 
 
+def _open_index(index_dir: Path, options: dict, embedder=None):
+    """The bank's index, embedding with ``embedder`` or the model (device, remote-code
+    permission) this build was given."""
+    from dit_mem.retrieval import Retriever
+
+    return Retriever(
+        index_dir,
+        model=embedder or options.get("model"),
+        device=options.get("device"),
+        trust_remote_code=options.get("trust_remote_code"),
+    )
+
+
 def add_to_index(index_dir: Path, table, options: dict, embedder=None) -> tuple[int, int]:
     """Append ``table``'s new rows to the index at ``index_dir`` (embedded with its own model);
     rows already there (same id, caption and video) are skipped, an id with another caption or
@@ -277,10 +290,9 @@ def add_to_index(index_dir: Path, table, options: dict, embedder=None) -> tuple[
     import pandas as pd
 
     from dit_mem.data.table import source_id
-    from dit_mem.retrieval import Retriever
     from dit_mem.retrieval.index import write_index_folder
 
-    r = Retriever(index_dir, model=embedder or options.get("model"))
+    r = _open_index(index_dir, options, embedder)
     rows = r.id_map.rows_of(table["id"].tolist())
     known = [i for i, row in enumerate(rows) if row is not None]
     for i in known:
@@ -334,11 +346,14 @@ def export_bank(bank, encoder, out: str | Path, license: str | None = None) -> d
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} exists; export writes a new folder")
-    ids = [v for v in bank.ids if v not in _left_out(bank)]
+    left_out = set(bank.retriever.ids.take(bank.retriever.unavailable))  # no memory: failed
+    ids = [v for v in bank.ids if v not in left_out]
     if not ids:
         raise ValueError(f"{bank.retriever.root.parent}: no bank video has memory to export")
     own = bank.tokens is not None and bank._cache_matches(encoder)
-    lacking = bank.missing(ids) if own else [v for v in ids if v not in _latents(bank)]
+    untokened = [v for v in ids if v not in bank.tokens] if own else ids
+    latents = bank.latents if bank.latents is not None else ()
+    lacking = [v for v in untokened if v not in latents]
     if lacking:
         raise ValueError(
             f"{len(lacking)} of {len(ids)} bank videos have no latent or tokens yet (e.g. "
@@ -347,7 +362,7 @@ def export_bank(bank, encoder, out: str | Path, license: str | None = None) -> d
         )
     with atomic_dir(out) as tmp:
         shutil.copytree(bank.retriever.root, tmp / "index")
-        if own and all(v in bank.tokens for v in ids):
+        if own and not untokened:
             shutil.copytree(bank.tokens.root, tmp / "tokens", ignore=shutil.ignore_patterns(".*"))
         else:
             if own:
@@ -378,15 +393,6 @@ def export_bank(bank, encoder, out: str | Path, license: str | None = None) -> d
         (tmp / CARD).write_text(dataset_card(facts))
         write_bank_manifest(tmp, build={"exported": facts})
     return facts
-
-
-def _latents(bank):
-    return bank.latents if bank.latents is not None else ()
-
-
-def _left_out(bank) -> set[str]:
-    rows = bank.retriever.unavailable
-    return set(bank.retriever.ids.take(rows)) if len(rows) else set()
 
 
 def _geometry(bank) -> dict | None:

@@ -108,7 +108,7 @@ def _info(args: argparse.Namespace) -> int:
     )
     if bank.latents is not None:
         m = bank.latents.manifest
-        have = sum(1 for _ in bank.latents.root.glob("*.safetensors"))
+        have = len(bank.latents.ids())
         print(
             f"  latents  {bank.latents.root}: {have} of {len(bank)} videos, shape "
             f"{m.get('latent_shape')} ({m.get('num_frames')} frames of {m.get('height')}×"
