@@ -186,8 +186,9 @@ class LatentStore:
         """Decode ``video`` at the geometry this folder records, encode it with ``vae`` (checked
         by :meth:`check_vae` first), write ``<vid>.safetensors`` atomically; returns the latent.
 
-        Exactly what ``encode-latents`` writes for the same video. Processes filling the same
-        id at once each write a whole file; the last rename wins, and all are equal.
+        The same tensor ``encode-latents`` writes for the same video (its metadata names the
+        file it was read from). Processes filling the same id at once each write a whole file;
+        the last rename wins, and all are equal.
         """
         from dit_mem.data.vae import encode_frames
         from dit_mem.data.video import load_video
@@ -201,8 +202,7 @@ class LatentStore:
             resize=m.get("resize", "stretch"),
             backend=m.get("backend", "pyav"),
         )
-        with torch.no_grad():
-            z = encode_frames(vae, frames[None])[0].to(torch.bfloat16).cpu()
+        z = encode_frames(vae, frames[None])[0].to(torch.bfloat16).cpu()  # (no_grad inside)
         check_plausible(z, video, "latent")
         write_safetensors_atomic(
             self.path(vid), {LATENT_KEY: z}, metadata={"id": vid, "video": str(video)}

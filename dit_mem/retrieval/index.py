@@ -12,11 +12,12 @@ An index folder holds
 Kinds: ``flat`` (exact ``IndexFlatIP``, the paper's choice, default), ``ivf`` (``IVF<n>,Flat``),
 ``hnsw`` (``HNSW<M>,Flat``) and ``pq`` (``IVF<n>,PQ<m>np``: IVF cells of product-quantised
 codes in memory, 96 bytes a vector, whose top ``k_factor``·k candidates are re-ranked exactly
-from the float16 vectors in ``vectors.npy``, read memory-mapped row by row; for 1M–100M entries), or any FAISS ``index_factory`` string (``--index-factory``). Trained kinds are
-trained on a sample and filled in chunks, so memory stays bounded by the index itself. For
-approximate kinds the build reports recall@5 against exact search on sampled queries. Search
-settings (``nprobe``, ``ef_search``, ``k_factor``) are recorded and can be changed at load.
-Folders of format /1 and /2 (``ids.parquet``) are still read.
+from the float16 vectors in ``vectors.npy``, read from disk at the candidates' rows only
+(:class:`~dit_mem.retrieval.retriever.RowReader`); for 1M–100M entries), or any FAISS
+``index_factory`` string (``--index-factory``). Trained kinds are trained on a sample and
+filled in chunks, so memory stays bounded by the index itself. For approximate kinds the build
+reports recall@5 against exact search on sampled queries. Search settings (``nprobe``,
+``ef_search``, ``k_factor``) are recorded and can be changed at load. Folders of format /1 and /2 (``ids.parquet``) are still read.
 """
 
 from __future__ import annotations
@@ -249,7 +250,8 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.n
 
 def rerank_search(index, vectors, queries: np.ndarray, k: int, k_factor: int):
     """Top-``k`` (scores, rows) per query: ``index``'s ``k_factor``·k candidates re-scored
-    exactly against ``vectors`` (a float16 memory map is read only at the candidates' rows)."""
+    exactly against ``vectors`` (an array, memory map or ``RowReader``: read only at the
+    candidates' rows)."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     fetch = min(index.ntotal, k * k_factor)
     _, cand = index.search(queries, fetch)
@@ -286,7 +288,7 @@ def write_index_folder(
 
     ``rerank``: the vectors (an array or a list of arrays, in row order) to store as
     :data:`RERANK_FILE` (float16), from which the retriever re-ranks ``k_factor`` · k candidates
-    of an approximate index exactly; read memory-mapped, only the candidates' rows.
+    of an approximate index exactly; read from disk at the candidates' rows only.
     """
     import faiss
 
@@ -396,6 +398,7 @@ def build_index(
     if emb is None:
         emb = load_embedder(model, device=device, trust_remote_code=trust_remote_code)
     spec = factory or factory_string(kind, len(table), emb.dim, nlist, hnsw_m, pq_m)
+    reranked = kind == "pq" and factory is None  # candidates re-ranked from RERANK_FILE
 
     scratch = out.parent / f".tmp-embed-{out.name}"
     try:
@@ -411,7 +414,7 @@ def build_index(
         if spec != "Flat" and recall_queries > 0:
             configure_faiss_blas()
             queries = sample_queries(vectors, min(recall_queries, len(vectors)))
-            rerank = k_factor if kind == "pq" and factory is None else None
+            rerank = k_factor if reranked else None
             recall = recall_at_k(index, vectors, queries, k=5, k_factor=rerank)
             log.info("%s index: recall@5 vs exact = %.4f on %d queries", spec, recall, len(queries))
     except BaseException:
@@ -443,7 +446,7 @@ def build_index(
         "faiss_version": faiss.__version__,
         "seconds": {"embed": round(t_embed, 2), "build": round(t_build, 2)},
     }
-    rerank = vectors if kind == "pq" and factory is None else None
+    rerank = vectors if reranked else None
     try:
         write_index_folder(out, index, meta, manifest, rerank=rerank, k_factor=k_factor)
     finally:
