@@ -96,6 +96,7 @@ class MemoryBank:
             self.retriever.leave_out(v for v in self.retriever.ids if v not in self.tokens)
         # encoder → whether the token cache was made by it (fingerprints are costly: once each)
         self._checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._vae_prints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # VAE → print
         self._vae_copy: tuple[Any, Any] | None = None  # (the given VAE, a copy in the bank's dtype)
         # how to open this bank again (a pipeline's save_pretrained records it)
         model = self.retriever._model
@@ -247,6 +248,31 @@ class MemoryBank:
         parents = {Path(path).absolute().parent for path in self.parts.values()}
         folder = parents.pop() if len(parents) == 1 else None
         return folder if folder is not None and (folder / BANK_MANIFEST).is_file() else None
+
+    # ------------------------------------------------------------------ whose memory
+    @property
+    def latent_record(self) -> dict[str, Any]:
+        """Whose latents the bank's memory comes from: ``family``, ``vae_class`` and
+        ``vae_fingerprint`` (``None`` where a bank of an older dit-mem does not record them)."""
+        if self.latents is not None:
+            m = self.latents.manifest
+        else:
+            m = self.tokens.manifest.get("latents") or {}
+        return {k: m.get(k) for k in ("family", "vae_class", "vae_fingerprint")}
+
+    def check_serves(self, family: str, vae=None) -> None:
+        """``ValueError`` naming both unless the bank's memory was made with ``family``'s latents
+        (and, given ``vae``, by that very VAE): memory of another family's latents is noise."""
+        from dit_mem.data.latents import check_record
+        from dit_mem.utils.fingerprint import vae_fingerprint
+
+        record, where = self.latent_record, self.retriever.root.parent
+        fingerprint = None
+        if vae is not None and record["vae_fingerprint"] is not None:
+            if vae not in self._vae_prints:
+                self._vae_prints[vae] = vae_fingerprint(vae)
+            fingerprint = self._vae_prints[vae]
+        check_record(record, f"memory bank {where}", family, fingerprint)
 
     # ------------------------------------------------------------------ retrieval
     def __len__(self) -> int:
@@ -429,9 +455,11 @@ class MemoryBank:
         num_frames: int = 8,
         size: tuple[int, int] = (120, 208),
         vae=None,
-    ) -> list[np.ndarray]:
+        required: bool = True,
+    ) -> list[np.ndarray | None]:
         """Frames (uint8 ``[F, H, W, 3]``) of bank videos: from their files (resized to ``size``),
-        else decoded from their latents with ``vae``; ``ValueError`` when neither is available."""
+        else decoded from their latents with ``vae``. When neither is available (a token-only
+        bank): ``ValueError``, or ``None`` for that video unless ``required``."""
         from dit_mem.data.vae import decode_latents
         from dit_mem.data.video import load_video
 
@@ -442,7 +470,10 @@ class MemoryBank:
                 clip = load_video(path, num_frames, *size)
                 out.append(((clip.permute(1, 2, 3, 0) + 1) * 127.5).round().byte().numpy())
                 continue
-            if vae is None or self.latents is None:
+            if vae is None or self.latents is None or vid not in self.latents:
+                if not required:
+                    out.append(None)
+                    continue
                 raise ValueError(
                     f"no preview of {vid!r}: the bank has no video file for it, and no VAE "
                     "and latents to decode one"
@@ -490,7 +521,8 @@ def write_bank_manifest(folder: str | Path, build: dict | None = None) -> dict:
         manifest["embedding_model"] = meta.get("model")
     if (folder / "latents" / "manifest.json").is_file():
         store = LatentStore(folder / "latents")
-        keys = ("num_frames", "height", "width", "resize", "latent_shape", "family", "vae")
+        keys = ("num_frames", "height", "width", "resize", "latent_shape", "family")
+        keys += ("vae_class", "vae")  # (the VAE's fingerprint: in latents/manifest.json)
         manifest["geometry"] = {k: store.manifest.get(k) for k in keys}
         failed = store.failed_ids()
         manifest["without_memory"] = sorted(failed)  # encoding failed: retrieval leaves them out

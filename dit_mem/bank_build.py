@@ -109,7 +109,7 @@ def build_bank(cfg: BankBuildConfig, vae=None, embedder=None, encoder=None) -> B
     from dit_mem.data.jobs import FolderJob, process_state
     from dit_mem.data.latents import claim_latent_folder, encode_latents
     from dit_mem.data.table import read_video_table
-    from dit_mem.loaders.models import load_vae
+    from dit_mem.loaders.base_model import load_vae
     from dit_mem.utils.io import folder_lock
 
     bank, csv = Path(cfg.bank), Path(cfg.csv)

@@ -99,9 +99,11 @@ def contact_sheet(
 
 
 def save_generation(
-    result, out_dir: str | Path, name: str, memory_frames: list[np.ndarray] | None = None
+    result, out_dir: str | Path, name: str, memory_frames: list[np.ndarray | None] | None = None
 ) -> dict[str, Path]:
-    """Write ``name.mp4``, ``name.json`` and ``name.png`` for a ``GenerationResult``."""
+    """Write ``name.mp4``, ``name.json`` and ``name.png`` for a ``GenerationResult``; a memory
+    video without a preview (``None``: a token-only bank) is a grey row, and the sidecar's
+    ``no_preview`` names it."""
     out_dir = Path(out_dir)
     check_stem(name, "output name")
     paths = {
@@ -109,13 +111,20 @@ def save_generation(
         "json": out_dir / f"{name}.json",
         "sheet": out_dir / f"{name}.png",
     }
-    write_mp4(paths["video"], result.frames, fps=result.settings.get("fps", 16))
-    write_json_atomic(paths["json"], result.sidecar())
-    rows = []
+    write_mp4(paths["video"], result.frames, fps=result.settings.get("fps") or 16)
+    sidecar = result.sidecar()
+    rows, missing = [], []
     for i, frames in enumerate(memory_frames or []):
         vid = result.retrieved.ids[i]
         cap = result.retrieved.captions[i]
+        if frames is None:
+            missing.append(vid)
+            frames = np.full_like(result.frames[:1], 64)
+            cap += " (no preview: the bank has no video or latent of it)"
         rows.append((f"memory {i + 1}: {vid} - {cap}", frames))
+    if missing:
+        sidecar["no_preview"] = missing
+    write_json_atomic(paths["json"], sidecar)
     mode = "no memory" if result.settings.get("no_memory") else "with memory"
     rows.append((f"generated ({mode}), seed {result.seed}: {result.prompt}", result.frames))
     contact_sheet(rows, paths["sheet"])

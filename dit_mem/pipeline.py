@@ -80,8 +80,9 @@ class MemoryPipelineMixin(MemoryLoaderMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, memory_bank: Any = SAME, **kwargs):
-        """diffusers' ``from_pretrained``, as the flavour the folder's ``model_index.json`` names
-        (a ``WanVACEPipeline`` folder gives a ``DiTMemWanVACEPipeline``, and so on).
+        """diffusers' ``from_pretrained``; ``DiTMemPipeline.from_pretrained`` gives the flavour the
+        folder's ``model_index.json`` names (a ``WanVACEPipeline`` folder gives a
+        ``DiTMemWanVACEPipeline``, and so on).
 
         A pipeline saved with memory loaded comes back with it: its ``memory_encoder`` attached
         to every expert at the saved scale and route, and the bank its ``memory.json`` names
@@ -94,7 +95,9 @@ class MemoryPipelineMixin(MemoryLoaderMixin):
             if k in kwargs
         }
         config = DiffusionPipeline.load_config(pretrained_model_name_or_path, **hub)
-        flavour = FLAVOURS.get(config.get("_class_name"), cls)
+        # DiTMemPipeline picks the flavour, as AutoPipeline does; a named flavour is that class
+        # (a Wan2.2 TI2V folder loads as DiTMemWanImageToVideoPipeline too, as in diffusers)
+        flavour = FLAVOURS.get(config.get("_class_name"), cls) if cls is DiTMemPipeline else cls
         if flavour is not cls:
             logger.info(
                 "%s holds a %s: loading %s",

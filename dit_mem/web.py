@@ -107,9 +107,18 @@ class MemoryPage:
     """The page's handlers around one loaded pipeline (see the module docstring)."""
 
     def __init__(self, pipe, cfg, examples: list[str], out_dir: Path | None = None):
+        from dit_mem.generation import resolve_config
+        from dit_mem.loaders.base_model import describe_base_model
+
         if getattr(pipe, "memory_bank", None) is None:
             raise ValueError("the page needs a pipeline with memory loaded (no_memory=false)")
+        base = describe_base_model(cfg.base_model)
+        cfg = resolve_config(cfg, base)
         self.pipe, self.cfg, self.examples = pipe, cfg, examples
+        # an image input where the flavour takes one (Wan I2V needs it; Wan2.2 TI2V may take it)
+        self.takes_image = "image" in base.call_parameters(image=True)
+        own = base.call_parameters().get("image")
+        self.needs_image = own is not None and own.default is own.empty
         if cfg.k > self.bank_size:
             raise ValueError(f"k={cfg.k} is larger than the bank ({self.bank_size} videos)")
         self.out = Path(out_dir or tempfile.mkdtemp(prefix="dit-mem-serve-"))
@@ -138,6 +147,20 @@ class MemoryPage:
         if math.isnan(number):
             raise ValueError(f"memory scale must be a number, got {scale!r}")
         return check_memory_scale(number)
+
+    def _image(self, image: Any) -> dict[str, Path]:
+        """The uploaded image (a path, or Gradio's file record of one) as the call's input."""
+        if isinstance(image, dict):
+            image = image.get("path")
+        if image in (None, ""):
+            if self.needs_image:
+                raise ValueError("This model makes a video from an image: upload one first.")
+            return {}
+        if not self.takes_image:
+            raise ValueError("This model takes no image.")
+        if not isinstance(image, str) or not Path(image).is_file():
+            raise ValueError(f"image must be an uploaded image file, got {image!r}")
+        return {"image": Path(image)}
 
     def _request_folder(self) -> Path:
         """A new folder for one request's files; only the newest :data:`KEPT_REQUESTS` stay."""
@@ -180,12 +203,14 @@ class MemoryPage:
         seed: Any,
         steps: Any,
         guidance: Any,
+        image: Any = None,
     ) -> tuple:
         """Without and with memory, side by side; the report and the files to download."""
         from dit_mem.evaluation.video_io import write_mp4
         from dit_mem.generation import generate
 
         prompt, k, scale = self._prompt(prompt), self._k(k), self._scale(scale)
+        inputs = self._image(image)
         if not isinstance(mode, str) or mode not in MODES:
             raise ValueError(f"memory mode must be one of {', '.join(MODES)}; got {mode!r}")
         memory_mode = MODES[mode]
@@ -202,11 +227,11 @@ class MemoryPage:
         except (TypeError, ValueError) as e:  # GenerationConfig checks every value
             raise ValueError(str(e)) from None
         folder = self._request_folder()
-        without = generate(self.pipe, cfg, prompt, cfg.seed, no_memory=True)
+        without = generate(self.pipe, cfg, prompt, cfg.seed, no_memory=True, inputs=inputs)
         files, shown = [], []
         runs = [("no_memory", without)]
         if memory_mode != "none":
-            runs.append(("memory", generate(self.pipe, cfg, prompt, cfg.seed)))
+            runs.append(("memory", generate(self.pipe, cfg, prompt, cfg.seed, inputs=inputs)))
         for name, result in runs:
             files.append(write_mp4(folder / f"{name}.mp4", result.frames, fps=cfg.fps))
             shown.append(
@@ -285,6 +310,10 @@ def build_app(page: MemoryPage):
             guidance = gr.Slider(
                 0.0, GUIDANCE_MAX, value=cfg.guidance_scale, step=0.5, label="guidance"
             )
+        image = None
+        if page.takes_image:
+            label = "image (the first frame)" + ("" if page.needs_image else ", optional")
+            image = gr.Image(type="filepath", label=label, elem_id="image")
         memory = gr.Gallery(label="Retrieved memory", columns=5, height="auto", elem_id="memory")
         with gr.Row():
             without = gr.Video(label="without memory", elem_id="without", autoplay=True, loop=True)
@@ -308,9 +337,9 @@ def build_app(page: MemoryPage):
 
         track = gr.Progress(track_tqdm=True)  # Gradio's way: the default marks the parameter
 
-        def generate(prompt, k, scale, mode, seed, steps, guidance, progress=track):
+        def generate(prompt, k, scale, mode, seed, steps, guidance, image=None, progress=track):
             with _message_on_page():
-                return page.generate(prompt, k, scale, mode, seed, steps, guidance)
+                return page.generate(prompt, k, scale, mode, seed, steps, guidance, image)
 
         def search(query, hits):
             with _message_on_page():
@@ -323,7 +352,7 @@ def build_app(page: MemoryPage):
         retrieve_btn.click(retrieve, [prompt, k], [memory, report], api_name="retrieve", **raw)
         generate_btn.click(
             generate,
-            [prompt, k, scale, mode, seed, steps, guidance],
+            [prompt, k, scale, mode, seed, steps, guidance, *([image] if image else [])],
             [without, with_memory, report, files, memory],
             api_name="generate",
             **raw,
@@ -334,9 +363,10 @@ def build_app(page: MemoryPage):
 
 def serve(cfg, host: str = "127.0.0.1", port: int = 7860, examples: list[str] | None = None):
     """Load the pipeline of ``cfg`` once and serve the page (blocks until stopped)."""
-    from dit_mem.generation import load_pipeline
+    from dit_mem.generation import load_pipeline, resolve_config
 
-    pipe = load_pipeline(dataclasses.replace(cfg, progress=True))  # steps feed the page's bar
+    cfg = resolve_config(dataclasses.replace(cfg, progress=True))  # steps feed the page's bar
+    pipe = load_pipeline(cfg)
     page = MemoryPage(pipe, cfg, examples or REAL_EXAMPLES)
     app = build_app(page)
     app.queue(default_concurrency_limit=1)  # one request at a time: a shared pipeline

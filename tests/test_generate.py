@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -179,34 +180,21 @@ def test_benchmark_layouts_through_the_real_pipeline(demo, tmp_path, capsys):
 
 
 def test_shipped_generation_config_is_the_paper_default():
+    """config/generate.yaml names the paper's Wan settings (SPEC §6); the dataclass leaves what
+    the family knows open (None: the family's or the stock pipeline's own)."""
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(GenerationConfig, root / "config" / "generate.yaml")
-    assert cfg == GenerationConfig()  # one set of defaults: the YAML mirrors SPEC §6
     assert (cfg.steps, cfg.shift, cfg.guidance_scale, cfg.seed, cfg.k) == (40, 5.0, 5.0, 42, 5)
     assert (cfg.height, cfg.width, cfg.num_frames, cfg.fps) == (480, 832, 81, 16)
-
-
-@pytest.mark.parametrize("flavour", ["ltx", "hunyuan15", "wan-vace"])
-def test_generate_takes_any_supported_base_model(demo, tmp_path, flavour, capsys):
-    """`dit-mem generate` on an LTX-Video / HunyuanVideo-1.5 / Wan VACE folder (the flavour is
-    read from model_index.json; the family's sampler and negative prompt by default)."""
-    from dit_mem.pipeline import flavour_of
-    from dit_mem.testing import build_tiny_model, pipeline_class
-
-    model = build_tiny_model(tmp_path / flavour, flavour)
-    size = {"height": 64, "width": 64} if flavour == "wan-vace" else {"height": 32, "width": 32}
-    overrides = tiny_overrides(demo, base_model=model, **size)
-    cfg = load_config(GenerationConfig, None, overrides)
-    pipe = load_pipeline(cfg)
-    assert type(pipe) is flavour_of(pipeline_class(flavour).__name__)
-    if flavour != "wan-vace":
-        assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"  # the model's
-    out = tmp_path / "out"
-    args = ["generate", "--prompt", "a blue square moving left", "--out", str(out), *overrides]
-    assert main(args) == 0  # (VACE without a control video draws from noise)
-    sidecar = json.loads((out / "a_blue_square_moving_left.json").read_text())
-    assert len(sidecar["retrieved"]) == cfg.k == 5
-    assert (out / "a_blue_square_moving_left.mp4").is_file()
+    assert (cfg.scheduler, cfg.negative_prompt) == ("flow-euler", None)
+    family_keys = ("height", "width", "num_frames", "fps", "steps", "shift", "guidance_scale")
+    family_keys += ("scheduler", "negative_prompt", "max_sequence_length")
+    assert all(getattr(GenerationConfig(), k) is None for k in family_keys)
+    named = {k for k in family_keys if getattr(cfg, k) is not None}
+    unnamed = {f.name for f in dataclasses.fields(cfg)} - named - set(family_keys)
+    assert {k: getattr(cfg, k) for k in unnamed} == {
+        k: getattr(GenerationConfig(), k) for k in unnamed if k != "vae_dtype"
+    } | {"vae_dtype": "float32"}
 
 
 # --------------------------------------------------------------------------------------

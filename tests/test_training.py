@@ -173,7 +173,7 @@ def test_text_cache_matches_wan_pipeline_and_resumes(tmp_path):
     ids = ["a", "b", "c", "d"]
 
     def encode(captions):
-        return WAN.encode_text((pipe.tokenizer, pipe.text_encoder), captions, 32)
+        return WAN.encode_text(pipe, captions, 32)
 
     meta = {"max_tokens": 32, "streams": ["encoder_hidden_states"]}
     cache = TextEmbeddingCache(tmp_path / "text")
@@ -299,7 +299,9 @@ def test_yaml_has_paper_settings_and_command_line_wins():
         5,
     )
     assert cfg.mixed_precision == "bf16" and cfg.model.gradient_checkpointing
-    assert cfg.loss.flow_shift == 5.0 and cfg.data.max_text_tokens == 512
+    # what the family knows is left to it (resolved for a run: test_front_doors, train cells)
+    assert cfg.loss.flow_shift is None and cfg.data.max_text_tokens is None
+    assert cfg.loss.weighting is None and cfg.model.encoder_preset is None
     cfg = load_train_config(YAML, ["optim.lr=2e-5", "data.k=3", "mixed_precision=no"])
     assert (cfg.optim.lr, cfg.data.k, cfg.mixed_precision) == (2e-5, 3, "no")
 

@@ -417,21 +417,29 @@ def test_original_layout_loads_tiny_twins(tmp_path):
     assert only.text_encoder is None and only.transformer.dtype == torch.bfloat16
 
 
-def test_diffusers_layout_and_clear_errors(tmp_path):
-    transformer = tiny_transformer()
-    folder = tmp_path / "diffusers"
-    transformer.save_pretrained(folder / "transformer")
-    parts = load_wan_components(folder, torch.float32, components=("transformer",))
-    assert parts.layout == "diffusers"
-    x, t, text = torch.randn(1, 16, 2, 8, 8), torch.tensor([10.0]), torch.randn(1, 4, 32)
-    with torch.no_grad():  # equal weights; outputs agree to float32 rounding (not bit-exact here)
-        assert torch.allclose(
-            parts.transformer(x, t, text, return_dict=False)[0],
-            transformer(x, t, text, return_dict=False)[0],
-            atol=1e-5,
-        )
-    with pytest.raises(ValueError, match=r"neither a diffusers Wan folder.*Wan2.1_VAE\.pth"):
+def test_diffusers_layout_loads_through_its_pipeline_and_clear_errors(tmp_path):
+    """A diffusers folder loads through the flavour's from_pretrained (everything its
+    model_index.json carries kept); the release-layout reader points there, and names what
+    each layout needs."""
+    from dit_mem.loaders.base_model import describe_base_model, load_base_model
+    from dit_mem.testing import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "a14b", "wan2.2-a14b")
+    base = describe_base_model(folder)
+    assert (base.layout, base.pipeline, base.experts, base.boundary_ratio) == (
+        "diffusers",
+        "WanPipeline",
+        ("transformer", "transformer_2"),
+        0.875,
+    )
+    pipe = load_base_model(base, torch.float32, skip=("text_encoder", "tokenizer", "vae"))
+    assert pipe.transformer_2 is not None and pipe.config.boundary_ratio == 0.875
+    assert pipe.text_encoder is None and pipe.vae is None
+    with pytest.raises(ValueError, match="is a diffusers folder: load it with its pipeline"):
         load_wan_components(folder, torch.float32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"neither a diffusers Wan folder.*Wan2.1_VAE\.pth"):
+        load_wan_components(tmp_path / "empty", torch.float32)
     with pytest.raises(ValueError, match="does not exist"):
         load_wan_components(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="unknown components"):

@@ -28,11 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from dit_mem.backbone.families import families
-    from dit_mem.memory import MemoryEncoder
+    from dit_mem.memory import PRESET_FAMILY, MemoryEncoder
 
     model = MemoryEncoder.from_preset(args.preset)
-    family = next((f.name for f in families() if args.preset in f.encoder_presets), "tiny worlds")
+    family = PRESET_FAMILY.get(args.preset, "tiny worlds")
     print(f"preset {args.preset} ({family}): {dict(model.config)}")
     print(f"CNN grid (T', H', W') at latent {model.config.latent_shape}: {model.grid}")
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")

@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 from dit_mem.cli_types import count
+from dit_mem.commands.generate import add_input_arguments
 from dit_mem.evaluation import benchmarks as B
 
 
@@ -27,16 +28,21 @@ def make_generator(args: argparse.Namespace):
     (the same keys as ``dit-mem generate``); ``--no-memory`` is the baseline. The returned object
     satisfies ``VideoGenerator``: ``gen(prompt, seed) -> uint8 [F, H, W, 3]`` and ``gen.metadata``.
     """
-    from dit_mem.generation import PipelineGenerator, load_pipeline
+    from dit_mem.generation import PipelineGenerator, check_inputs, load_pipeline, resolve_config
+    from dit_mem.loaders.base_model import describe_base_model
 
     cfg = generation_config(args)
+    base = describe_base_model(cfg.base_model)
+    cfg = resolve_config(cfg, base)
+    check_inputs(base, cfg.inputs, "eval generate")  # (one input for every prompt)
     return PipelineGenerator(load_pipeline(cfg), cfg)
 
 
 def generation_config(args: argparse.Namespace):
+    from dit_mem.commands.generate import input_overrides
     from dit_mem.generation import load_generation_config
 
-    overrides = list(args.overrides) + ["progress=false"]
+    overrides = [*input_overrides(args), *args.overrides, "progress=false"]
     if args.no_memory:
         overrides.append("no_memory=true")
     return load_generation_config(args.config, overrides)
@@ -68,6 +74,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         help="e.g. base_model=model/Wan2.1-T2V-1.3B encoder=checkpoint/dit-mem index=memory_index "
         "latents=latent k=5 steps=40",
     )
+    add_input_arguments(p)
     s = p.add_argument_group("subset (smoke tests, several GPUs)")
     s.add_argument("--prompt-filter", help="only prompts containing this text")
     s.add_argument("--limit", type=count(1), help="only the first N videos (after other filters)")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -16,6 +16,31 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override config keys, e.g. base_model=model/Wan2.1-T2V-1.3B k=3 memory_mode=cond",
     )
+
+
+def add_input_arguments(p: argparse.ArgumentParser) -> None:
+    """The conditioning inputs, named as the stock pipelines name their arguments (each is the
+    config key of the same name, for every prompt; a prompt CSV column of that name wins)."""
+    g = p.add_argument_group("conditioning inputs (where the base model's pipeline takes them)")
+    g.add_argument("--image", type=Path, help="image-to-video (Wan I2V; Wan2.2 TI2V): first frame")
+    g.add_argument("--last-image", type=Path, help="Wan I2V (FLF2V): the last frame")
+    g.add_argument("--video", type=Path, help="VACE: the control video")
+    g.add_argument("--mask", type=Path, help="VACE: the mask video (white: generate)")
+    g.add_argument("--reference-images", type=Path, nargs="+", help="VACE: reference images")
+
+
+def input_overrides(args: argparse.Namespace) -> list[str]:
+    """``--image PATH`` and its siblings as the config overrides they are (``image=PATH``)."""
+    from dit_mem.generation import INPUTS
+
+    out = []
+    for name in INPUTS:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        text = f"[{', '.join(map(str, value))}]" if isinstance(value, list) else str(value)
+        out.append(f"{name}={text}")
+    return out
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="CSV with a 'prompt' column (or the release's 'caption'); optional 'filename' (or "
         "the release's 'video_path', whose stem names the video) and 'seed'",
     )
+    add_input_arguments(p)
     p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
     p.add_argument("--name", help="file name stem for --prompt (default: from the prompt)")
     p.add_argument(
@@ -54,6 +80,25 @@ class Job:
     name: str  # file stem inside --out
     named: bool  # the user named the file (else it came from the prompt)
     where: str  # for messages: "--prompt" or "<csv>, line N"
+    inputs: dict = field(default_factory=dict)  # conditioning inputs of this row (CSV columns)
+
+
+def _row_inputs(row: dict, folder: Path, where: str) -> dict:
+    """A CSV row's conditioning inputs (columns named as INPUTS; paths from the CSV's folder;
+    several reference images separated by ';')."""
+    from dit_mem.generation import INPUTS
+
+    out = {}
+    for name in INPUTS:
+        text = (row.get(name) or "").strip()
+        if not text:
+            continue
+        paths = [folder / part.strip() for part in text.split(";") if part.strip()]
+        for path in paths:
+            if not path.is_file():
+                raise ValueError(f"{where}: {name} {path} not found")
+        out[name] = tuple(paths) if name == "reference_images" else paths[0]
+    return out
 
 
 def _jobs(args, cfg) -> list[Job]:
@@ -106,7 +151,7 @@ def _jobs(args, cfg) -> list[Job]:
                 "row its own filename"
             )
         names[name] = line
-        jobs.append(Job(prompt, seed, name, named, where))
+        jobs.append(Job(prompt, seed, name, named, where, _row_inputs(row, args.csv.parent, where)))
     return jobs
 
 
@@ -124,7 +169,7 @@ def _place(jobs: list[Job], out: Path, settings) -> tuple[list[Job], int]:
                 record is not None
                 and (out / f"{job.name}.mp4").is_file()
                 and (record.get("prompt"), record.get("seed"), record.get("settings"))
-                == (job.prompt, job.seed, settings(job.seed))
+                == (job.prompt, job.seed, settings(job))
             )
             free = record is None and not (out / f"{job.name}.mp4").exists()
             if job.name not in taken and (mine or free):
@@ -149,10 +194,19 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from dit_mem.config import save_config, to_dict
-    from dit_mem.generation import generate, load_generation_config, load_pipeline, settings_for
+    from dit_mem.generation import (
+        check_inputs,
+        generate,
+        load_generation_config,
+        load_pipeline,
+        resolve_config,
+        settings_for,
+    )
+    from dit_mem.loaders.base_model import describe_base_model
     from dit_mem.outputs import save_generation, videos_in
     from dit_mem.utils import folder_lock
 
+    overrides = [*input_overrides(args), *args.overrides]
     if args.toyworld:  # the shipped toy world's settings, then KEY=VALUE
         from dit_mem.config import with_overrides
         from dit_mem.toyworld.evaluate import toy_config
@@ -160,10 +214,14 @@ def run(args: argparse.Namespace) -> int:
 
         if args.config is not None:
             raise ValueError("give --config or --toyworld, not both")
-        cfg = with_overrides(toy_config(SHIPPED), args.overrides)
+        cfg = with_overrides(toy_config(SHIPPED), overrides)
     else:
-        cfg = load_generation_config(args.config, args.overrides)  # checked here
+        cfg = load_generation_config(args.config, overrides)  # checked here
     jobs = _jobs(args, cfg)
+    base = describe_base_model(cfg.base_model)
+    cfg = resolve_config(cfg, base)  # the family's settings where the config leaves them open
+    for job in jobs:
+        check_inputs(base, {**cfg.inputs, **job.inputs}, job.where)
     saved = args.out / "generate_config.yaml"
     if saved.is_file() and videos_in(args.out):  # a folder of videos holds one configuration
         import yaml
@@ -176,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
             ignore={"progress", "device", "seed"},
         )
         refuse_other_settings(args.out, f"videos ({saved})", changes, "use another --out folder")
-    todo, done = _place(jobs, args.out, lambda seed: settings_for(cfg, seed))
+    todo, done = _place(jobs, args.out, lambda job: settings_for(cfg, job.seed, inputs=job.inputs))
     print(f"{len(jobs)} videos, {done} already done, {len(todo)} to generate in {args.out}")
     if not todo:
         return 0
@@ -184,10 +242,12 @@ def run(args: argparse.Namespace) -> int:
     with folder_lock(args.out, "generate"):
         recorded = False
         for job in tqdm(todo, desc="generate", unit="video", disable=len(todo) == 1):
-            result = generate(pipe, cfg, job.prompt, job.seed)
+            result = generate(pipe, cfg, job.prompt, job.seed, inputs=job.inputs)
             previews = []
-            if result.retrieved.ids:
-                previews = pipe.memory_bank.previews(result.retrieved.ids, vae=pipe.vae)
+            if result.retrieved.ids:  # a token-only bank has none to show: the sidecar says so
+                previews = pipe.memory_bank.previews(
+                    result.retrieved.ids, vae=pipe.vae, required=False
+                )
             paths = save_generation(result, args.out, job.name, previews)
             if not recorded:  # with the first video written (a failed run leaves none)
                 save_config(cfg, saved)

@@ -24,6 +24,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,6 +58,8 @@ _COMPARED = (
     "latents_mean",
     "latents_std",
     "scaling_factor",
+    "family",
+    "vae_fingerprint",
 )
 
 
@@ -173,7 +176,7 @@ class LatentStore:
         if missing:
             raise ValueError(f"{self.root / MANIFEST}: no {', '.join(missing)} recorded")
         have = vae_settings(vae, m["num_frames"], m["height"], m["width"])
-        changes = changed_settings(m, have, keys=_VAE_KEYS)
+        changes = vae_changes(m, have, _VAE_KEYS, self.root)
         if changes:
             details = "; ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in changes.items())
             raise ValueError(
@@ -267,20 +270,76 @@ class JobSummary:
 
 # What a VAE must agree on to add latents to a folder (a lazy bank's fills included).
 _VAE_KEYS = ("latent_shape", "family", "vae_class", "normalization", "latents_mean")
-_VAE_KEYS += ("latents_std", "scaling_factor")
+_VAE_KEYS += ("latents_std", "scaling_factor", "vae_fingerprint")
+# How to record the VAE fingerprint a bank made before dit-mem 0.2 lacks
+RECORD_VAE = "dit-mem bank verify {bank} --base-model BASE_MODEL"
 
 
 def vae_settings(vae, num_frames: int, height: int, width: int) -> dict:
-    """The VAE's part of a latent manifest: its family, class, normalisation, latent shape."""
+    """The VAE's part of a latent manifest: its family, class, weights' fingerprint,
+    normalisation, latent shape."""
     from dit_mem.backbone.families import family_of_vae
+    from dit_mem.utils.fingerprint import vae_fingerprint
 
     family = family_of_vae(vae)
     return {
         "latent_shape": family.latent_shape(vae, num_frames, height, width),
         "family": family.name,
         "vae_class": type(vae).__name__,
+        "vae_fingerprint": vae_fingerprint(vae),
         **family.latent_record(vae),
     }
+
+
+def check_record(record: dict, where: Any, family: str | None = None, vae=None) -> None:
+    """``ValueError`` naming both unless latents recorded as ``record`` (a latent manifest, or
+    a bank's ``latent_record``) are of ``family`` and, given, made by the VAE whose fingerprint
+    is ``vae`` (:func:`~dit_mem.utils.fingerprint.vae_fingerprint`): memory made from another
+    family's latents, or another VAE's, is noise."""
+    from dit_mem.utils.fingerprint import same_weights
+
+    keys = unrecorded(record, ("family", "vae_fingerprint"), where)
+    if family is not None and "family" in keys and record["family"] != family:
+        raise ValueError(
+            f"{where} holds latents of a {record['family']} VAE ({record.get('vae_class')}); this "
+            f"model is of the {family} family: use latents made with this base model "
+            "(dit-mem bank build --base-model ...)"
+        )
+    recorded = record.get("vae_fingerprint") if "vae_fingerprint" in keys else None
+    if vae is not None and recorded is not None and not same_weights(recorded, vae):
+        raise ValueError(
+            f"{where} was encoded by another {record.get('vae_class')} (the VAE weights it "
+            "records differ from this model's): use latents made with this base model's VAE"
+        )
+
+
+def vae_changes(old: dict, new: dict, keys: tuple[str, ...], where: Any) -> dict:
+    """The settings of ``keys`` that differ between a latent manifest and a VAE's
+    (:func:`changed_settings`), the weights compared by fingerprint, dtype rounding aside."""
+    from dit_mem.utils.fingerprint import same_weights
+
+    keys = unrecorded(old, keys, where)
+    changes = changed_settings(old, new, keys=[k for k in keys if k != "vae_fingerprint"])
+    if "vae_fingerprint" in keys and not same_weights(
+        old["vae_fingerprint"], new["vae_fingerprint"]
+    ):
+        changes["vae weights"] = ("recorded", "another VAE's")
+    return changes
+
+
+def unrecorded(old: dict, keys: tuple[str, ...], where: Any) -> tuple[str, ...]:
+    """``keys`` less those a manifest made before they were recorded lacks (a warning says how to
+    record them): an old bank stays usable."""
+    missing = [k for k in ("family", "vae_fingerprint") if k in keys and old.get(k) is None]
+    if missing:
+        log.warning(
+            "%s records no %s (made by an older dit-mem): another VAE cannot be told from its "
+            "own; record it with `%s`",
+            where,
+            " or ".join(missing),
+            RECORD_VAE.format(bank=Path(where).parent if Path(where).name == "latents" else where),
+        )
+    return tuple(k for k in keys if k not in missing)
 
 
 def _manifest_for(cfg: LatentJobConfig, vae) -> dict:
@@ -380,7 +439,7 @@ def claim_latent_folder(cfg: LatentJobConfig, vae, job, fix: str = "use another 
     manifest = _manifest_for(cfg, vae)
 
     def compare(old: dict) -> None:
-        changes = changed_settings(old, manifest, keys=_COMPARED)
+        changes = vae_changes(old, manifest, _COMPARED, job.out)
         refuse_other_settings(job.out, "latents", changes, fix)
 
     job.claim(manifest, compare)
@@ -388,7 +447,7 @@ def claim_latent_folder(cfg: LatentJobConfig, vae, job, fix: str = "use another 
 
 
 def _encode_share(cfg: LatentJobConfig, vae, job, rows: list[dict], root: Path) -> JobSummary:
-    from dit_mem.loaders.models import load_vae
+    from dit_mem.loaders.base_model import load_vae
 
     if vae is None:
         vae = load_vae(cfg.base_model, dtype=getattr(torch, cfg.vae_dtype), device=job.device)

@@ -22,7 +22,6 @@ With the paper's grid G = 1, so a video costs 2·1536·2 bytes = 6 KiB instead o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -48,27 +47,11 @@ _SHARD_NAME = re.compile(r"tokens-r\d+-\d+\.safetensors")
 
 
 def encoder_fingerprint(encoder: torch.nn.Module) -> str:
-    """SHA-256 over the encoder's config and every tensor of its state dict (weights + stats);
-    the weights of an encoder under accelerate's offload hooks are read where the hooks keep
-    them."""
-    h = hashlib.sha256()
-    config = getattr(encoder, "config", None)
-    if config is not None:
-        h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
-    state = encoder.state_dict()
-    if any(t.is_meta for t in state.values()):
-        from accelerate.utils.modeling import get_state_dict_offloaded_model
+    """SHA-256 over the encoder's config and every tensor of its state dict (weights + stats),
+    exactly as they are (:func:`~dit_mem.utils.fingerprint.weights_fingerprint`)."""
+    from dit_mem.utils.fingerprint import weights_fingerprint
 
-        onloaded = get_state_dict_offloaded_model(encoder)
-        if onloaded.keys() != state.keys():
-            missing = sorted(set(state) - set(onloaded))[:3]
-            raise ValueError(f"the memory encoder's weights {missing} are on 'meta' only")
-        state = onloaded
-    for name, t in sorted(state.items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return weights_fingerprint(encoder)
 
 
 def _shard_ids(path: Path) -> list[str]:
@@ -150,8 +133,10 @@ class TokenCache:
             self.check_encoder(encoder)
 
     def check_encoder(self, encoder: torch.nn.Module) -> None:
-        fp = encoder_fingerprint(encoder)
-        if fp != self.manifest["encoder_fingerprint"]:
+        from dit_mem.utils.fingerprint import weights_fingerprint
+
+        fp, recorded = encoder_fingerprint(encoder), self.manifest["encoder_fingerprint"]
+        if fp != recorded and weights_fingerprint(encoder, legacy=True) != recorded:
             raise ValueError(
                 f"{self.root / MANIFEST}: the token cache was built with another memory encoder "
                 f"(fingerprint {self.manifest['encoder_fingerprint'][:12]}…, given {fp[:12]}…); "
@@ -313,6 +298,14 @@ def build_token_cache(
     if num_workers < 0:
         raise ValueError(f"num_workers must be ≥ 0, got {num_workers}")
     store = LatentStore(latents)
+    channels = store.shape[0] if store.shape else None
+    if channels is not None and channels != encoder.config.in_channels:
+        m = store.manifest
+        raise ValueError(
+            f"{store.root} holds {channels}-channel latents of a {m.get('family', '?')} VAE "
+            f"({m.get('vae_class', '?')}); the memory encoder takes "
+            f"{encoder.config.in_channels}-channel latents: use the encoder of that base model"
+        )
     wanted = store.ids() if ids is None else list(ids)
     if not wanted:
         raise ValueError(f"{store.root}: no latents to cache")
@@ -430,6 +423,7 @@ def _finish_cache(encoder, store, out: Path, fingerprint: str, probe: str) -> fl
     with atomic_path(out / INDEX) as tmp:
         table.to_parquet(tmp, index=False)
     latent_keys = ("latent_shape", "normalized", "num_frames", "height", "width", "resize")
+    latent_keys += ("family", "vae_class", "vae_fingerprint")  # whose latents (bank.check_serves)
     write_json_atomic(
         out / MANIFEST,
         {

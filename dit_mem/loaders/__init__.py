@@ -12,8 +12,8 @@ Shaped like diffusers' ``IPAdapterMixin``::
 with ``pipe.to(...)`` and is saved by ``save_pretrained``), keeps the bank as ``memory_bank``,
 and attaches memory to every expert (``transformer`` and, for Wan2.2 A14B, ``transformer_2``).
 
-Base models: :mod:`dit_mem.loaders.wan` (diffusers or the original Wan2.1 release layout),
-:mod:`dit_mem.loaders.models` (the VAE of any family, on its own).
+Base models: :mod:`dit_mem.loaders.base_model` (one way to read and load a base model folder of
+either layout, and its VAE); :mod:`dit_mem.loaders.wan` (the original Wan2.1 release layout).
 """
 
 from __future__ import annotations
@@ -155,6 +155,12 @@ class MemoryLoaderMixin:
                 trust_remote_code=trust_remote_code,
                 **hub,
             )
+        if bank is not None:  # a bank of another family's (or another VAE's) latents is noise
+            from dit_mem.backbone import family_of
+
+            bank.check_serves(family_of(models[0]).name, vae=getattr(self, "vae", None))
+            if bank.tokens is not None and bank.latents is None:
+                check_width(bank.tokens.manifest["dim"], models[0], "the bank's token width")
         self.set_memory_scale(scale)  # checked before anything changes
         dtype = torch_dtype or models[0].dtype
         device = models[0].device

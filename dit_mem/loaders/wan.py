@@ -1,18 +1,14 @@
-"""Load a Wan2.1 base model from a diffusers folder or from the original release folder.
+"""The original Wan2.1 release layout, read into the parts of its diffusers twin.
 
-Two layouts are recognised by the files present:
-
-* **diffusers** (``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``): ``transformer/``, ``vae/``,
-  ``text_encoder/``, ``tokenizer/``, ``scheduler/``; each component by its own ``from_pretrained``.
-* **original** (``Wan-AI/Wan2.1-T2V-1.3B``): ``diffusion_pytorch_model.safetensors`` (or its
-  shards + ``.index.json``), ``Wan2.1_VAE.pth``, ``models_t5_umt5-xxl-enc-bf16.pth`` and the
-  tokenizer in ``google/umt5-xxl/``. The transformer goes through diffusers' ``from_single_file``
-  with the diffusers configs shipped in ``dit_mem/backbone/configs/`` (picked from the folder's
-  ``config.json``, or given with ``config_dir=``/``preset=``); the VAE file is renamed with
-  diffusers' own ``convert_wan_vae_to_diffusers`` and loaded strictly; the T5 file is Wan's own
-  encoder-only UMT5-XXL, mapped here onto transformers' ``UMT5EncoderModel``.
-
-:func:`dit_mem.loaders.models.load_vae` reads ``Wan2.1_VAE.pth`` through :func:`load_original_vae`.
+A folder in the release layout (``Wan-AI/Wan2.1-T2V-1.3B``) holds
+``diffusion_pytorch_model.safetensors`` (or its shards + ``.index.json``), ``Wan2.1_VAE.pth``,
+``models_t5_umt5-xxl-enc-bf16.pth`` and the tokenizer in ``google/umt5-xxl/``. The transformer goes
+through diffusers' ``from_single_file`` with the diffusers configs shipped in
+``dit_mem/loaders/configs/`` (picked from the folder's ``config.json``, or given with
+``config_dir=``/``preset=``); the VAE file is renamed with diffusers' own
+``convert_wan_vae_to_diffusers`` and loaded strictly; the T5 file is Wan's own encoder-only
+UMT5-XXL, mapped here onto transformers' ``UMT5EncoderModel``. A diffusers folder is not read
+here: :func:`dit_mem.loaders.base_model.load_base_model` loads either layout as a pipeline.
 
 ``.pth`` files are only ever read with ``torch.load(weights_only=True)``.
 """
@@ -318,9 +314,11 @@ def _original_transformer_weights(base: Path) -> str | dict[str, torch.Tensor]:
     return state
 
 
-def _original_configs(
-    base: Path, config_dir: str | Path | None, preset: str | None
+def original_configs(
+    base: Path, config_dir: str | Path | None = None, preset: str | None = None
 ) -> dict[str, dict[str, Any]]:
+    """Diffusers configs (transformer, vae, text_encoder, scheduler) of an original-layout folder:
+    ``config_dir``'s, a shipped ``preset``'s, or the preset its ``config.json`` describes."""
     if config_dir is not None:
         configs = _read_config_dir(Path(config_dir))
         if not configs:
@@ -352,57 +350,30 @@ def load_wan_components(
     config_dir: str | Path | None = None,
     preset: str | None = None,
 ) -> WanComponents:
-    """Load a Wan2.1 T2V base model from a diffusers folder or the original release layout.
+    """Load the parts of an original Wan2.1 release folder (a diffusers folder loads through
+    its pipeline's ``from_pretrained``: :func:`dit_mem.loaders.base_model.load_base_model`).
 
     Args:
-        base_model_dir: the folder; its layout is detected from the files present.
+        base_model_dir: the folder.
         torch_dtype: dtype of transformer and text encoder.
         components: which of ``COMPONENTS`` to load (the others come back as ``None``).
         vae_dtype: dtype of the VAE (float32 by default, as Wan decodes).
-        config_dir: original layout only: a folder with diffusers configs
-            (``transformer/config.json``, ``vae/``, ``text_encoder/``, ``scheduler/``) to use
-            instead of the shipped ones (e.g. for other model sizes or tiny test twins).
-        preset: original layout only: a shipped config set (``PRESETS``) instead of reading
-            the folder's ``config.json``.
+        config_dir: a folder with diffusers configs (``transformer/config.json``, ``vae/``,
+            ``text_encoder/``, ``scheduler/``) to use instead of the shipped ones (e.g. for other
+            model sizes or tiny test twins).
+        preset: a shipped config set (``PRESETS``) instead of reading the folder's ``config.json``.
     """
     unknown = set(components) - set(COMPONENTS)
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}; known: {COMPONENTS}")
     base = Path(base_model_dir)
-    layout = detect_layout(base, components)
-    if layout == "diffusers":
-        parts = _load_diffusers(base, torch_dtype, vae_dtype, components)
-    else:
-        parts = _load_original(base, torch_dtype, vae_dtype, components, config_dir, preset)
-    parts.layout = layout
-    return parts
-
-
-def _load_diffusers(
-    base: Path, torch_dtype: torch.dtype, vae_dtype: torch.dtype, components: Sequence[str]
-) -> WanComponents:
-    from diffusers import WanTransformer3DModel
-    from transformers import AutoTokenizer, UMT5EncoderModel
-
-    parts = WanComponents()
-    if "transformer" in components:
-        parts.transformer = WanTransformer3DModel.from_pretrained(
-            base, subfolder="transformer", dtype=torch_dtype
+    if detect_layout(base, components) != "original":
+        raise ValueError(
+            f"{base} is a diffusers folder: load it with its pipeline's from_pretrained "
+            "(dit_mem.loaders.base_model.load_base_model)"
         )
-    if "vae" in components:
-        from dit_mem.loaders.models import load_vae
-
-        parts.vae = load_vae(base, dtype=vae_dtype)
-    if "text_encoder" in components:
-        parts.text_encoder = UMT5EncoderModel.from_pretrained(
-            base / "text_encoder", dtype=torch_dtype
-        ).eval()
-    if "tokenizer" in components:
-        parts.tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")
-    if "scheduler" in components:
-        parts.scheduler_config = json.loads(
-            (base / "scheduler" / "scheduler_config.json").read_text()
-        )
+    parts = _load_original(base, torch_dtype, vae_dtype, components, config_dir, preset)
+    parts.layout = "original"
     return parts
 
 
@@ -417,7 +388,7 @@ def _load_original(
     from diffusers import WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5Config
 
-    configs = _original_configs(base, config_dir, preset)
+    configs = original_configs(base, config_dir, preset)
     needed = [c for c in components if c != "tokenizer"]
     absent = [c for c in needed if c not in configs]
     if absent:

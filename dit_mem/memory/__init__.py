@@ -1,6 +1,7 @@
 """The memory encoder and the memory-token types."""
 
 from dit_mem.memory.encoder import (
+    PRESET_FAMILY,
     PRESETS,
     MemoryEncoder,
     cnn_output_shape,
@@ -8,10 +9,12 @@ from dit_mem.memory.encoder import (
     frequency_gains,
     get_preset,
     pooling_groups,
+    preset_for,
 )
 from dit_mem.memory.tokens import MemoryTokens, VideoTokens
 
 __all__ = [
+    "PRESET_FAMILY",
     "PRESETS",
     "MemoryEncoder",
     "MemoryTokens",
@@ -21,4 +24,5 @@ __all__ = [
     "frequency_gains",
     "get_preset",
     "pooling_groups",
+    "preset_for",
 ]

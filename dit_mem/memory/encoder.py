@@ -28,7 +28,6 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from dit_mem.backbone.families import encoder_presets
 from dit_mem.memory.checks import check_finite_state
 from dit_mem.memory.official import load_official_checkpoint
 from dit_mem.memory.tokens import MemoryTokens, VideoTokens
@@ -37,10 +36,38 @@ Mode = Literal["high", "low"]
 
 
 # --------------------------------------------------------------------------------------
-# Presets: the fields of MemoryEncoder.__init__ that differ from its defaults (the paper's 1.3B).
-# Each DiT family lists the presets of its real sizes (dit_mem.backbone.families); these two are
-# the tiny worlds'.
+# Presets: the fields of MemoryEncoder.__init__ that differ from its defaults (the paper's 1.3B),
+# one per base model, with the DiT family it serves; latent shapes are those of a bank at the
+# pipeline's default geometry.
 # --------------------------------------------------------------------------------------
+_BASE_MODELS: dict[str, dict[str, Any]] = {
+    "wan2.1-1.3b": {},  # the paper's encoder (released as DiT-Mem-1.3B): the defaults, 480×832×81
+    "wan2.1-14b": {"dim": 5120},
+    # Wan2.2: TI2V-5B has a 48-channel VAE (16× spatial); A14B keeps Wan2.1's VAE.
+    "wan2.2-ti2v-5b": {"in_channels": 48, "dim": 3072, "latent_shape": (21, 30, 52)},
+    "wan2.2-a14b": {"dim": 5120},
+    # LTX-Video 2B: 128 latent channels (32× spatial, 8× temporal), width 32 heads × 64 = 2048.
+    # The bank's latents at LTXPipeline's defaults (161 frames, 512×704: [128, 21, 16, 22]);
+    # stride 2 in the first block leaves a 2×2×2 grid there (stride 4 would leave 1×1×1).
+    "ltx-video-2b": {
+        "in_channels": 128,
+        "strides": (2, 1),
+        "dim": 2048,
+        "latent_shape": (21, 16, 22),
+    },
+    # HunyuanVideo-1.5: 32 latent channels (16× spatial, 4× temporal), width 16 heads × 128 =
+    # 2048. The bank's latents at the pipeline's defaults (121 frames, 480×848: [32, 31, 30, 53]).
+    "hunyuanvideo-1.5": {"in_channels": 32, "dim": 2048, "latent_shape": (31, 30, 53)},
+}
+PRESET_FAMILY: dict[str, str] = {
+    "wan2.1-1.3b": "wan",
+    "wan2.1-14b": "wan",
+    "wan2.2-ti2v-5b": "wan",
+    "wan2.2-a14b": "wan",
+    "ltx-video-2b": "ltx",
+    "hunyuanvideo-1.5": "hunyuan15",
+}
+# The tiny worlds' presets.
 _TINY_WORLDS: dict[str, dict[str, Any]] = {
     # For tests and the offline demo: latents [16, 5, 8, 8] (17 frames at 64×64), a DiT of width 32.
     "tiny": {
@@ -66,7 +93,21 @@ _TINY_WORLDS: dict[str, dict[str, Any]] = {
         "latent_shape": (3, 8, 8),
     },
 }
-PRESETS: dict[str, dict[str, Any]] = {**encoder_presets(), **_TINY_WORLDS}
+PRESETS: dict[str, dict[str, Any]] = {**_BASE_MODELS, **_TINY_WORLDS}
+
+
+def preset_for(family: str, dim: int, channels: int) -> str:
+    """The base-model preset of a ``family`` DiT of width ``dim`` whose VAE makes latents of
+    ``channels`` channels (``ValueError`` naming the presets when none fits)."""
+    for name, owner in PRESET_FAMILY.items():
+        fields = get_preset(name)
+        if owner == family and (fields["dim"], fields["in_channels"]) == (dim, channels):
+            return name
+    raise ValueError(
+        f"no memory encoder preset serves a {family} DiT of width {dim} with {channels}-channel "
+        f"latents (presets: {', '.join(f'{n} ({f})' for n, f in PRESET_FAMILY.items())}); name "
+        "one, with its fields replaced where they differ"
+    )
 
 
 def get_preset(name: str, **overrides) -> dict[str, Any]:

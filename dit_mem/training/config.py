@@ -47,7 +47,7 @@ class ModelConfig:
     """The frozen backbone and the trainable memory encoder."""
 
     base_model_dir: Path | None = None  # a diffusers folder of any family, or the original Wan2.1
-    encoder_preset: str = "wan2.1-1.3b"  # dit_mem.memory.PRESETS key
+    encoder_preset: str | None = None  # dit_mem.memory.PRESETS key (None: the base model's)
     encoder_overrides: dict[Any, Any] = field(default_factory=dict)  # preset fields replaced
     # (dict[Any, Any], not dict[str, Any]: dit_mem.config keeps a key=value string verbatim
     #  for types that mention str, so {dim: 32} would not parse on the command line)
@@ -196,8 +196,8 @@ class TrainConfig:
             ("model.base_model_dir", self.model.base_model_dir, Path.exists),
             ("model.encoder_init", self.model.encoder_init, Path.exists),
         ]
-        if not (self.cache_dir / "retrieval.csv").is_file():  # else retrieval is cached
-            checks.append(("data.index_dir", self.data.index_dir, Path.is_dir))
+        if self.data.bank is None and not (self.cache_dir / "retrieval.csv").is_file():
+            checks.append(("data.index_dir", self.data.index_dir, Path.is_dir))  # else not read
         if self.data.bank is not None and not is_repo_id(str(self.data.bank)):
             checks.append(("data.bank", self.data.bank, Path.is_dir))
         for key, path, exists in checks:

@@ -83,7 +83,8 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def build_encoder(cfg: TrainConfig):
-    """The trainable encoder: from ``model.encoder_init`` or the preset (+ overrides)."""
+    """The trainable encoder: from ``model.encoder_init``, or the preset (+ overrides): the named
+    one, else the base model's (its family, width and latent channels)."""
     from dit_mem.memory import MemoryEncoder
 
     if cfg.model.encoder_init is not None:
@@ -94,39 +95,77 @@ def build_encoder(cfg: TrainConfig):
         k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model.encoder_overrides.items()
     }
     try:
-        return MemoryEncoder.from_preset(cfg.model.encoder_preset, **overrides)
+        return MemoryEncoder.from_preset(encoder_preset(cfg), **overrides)
     except TypeError as e:
         raise ConfigError(f"model.encoder_overrides: {e}") from None
+
+
+def encoder_preset(cfg: TrainConfig) -> str:
+    """``model.encoder_preset``, or the preset of the base model; when none fits, the encoder's
+    defaults if ``model.encoder_overrides`` replace fields of it, else ``ConfigError``."""
+    if cfg.model.encoder_preset is not None:
+        return cfg.model.encoder_preset
+    from dit_mem.loaders.base_model import describe_base_model
+    from dit_mem.memory import preset_for
+
+    base = describe_base_model(cfg.model.base_model_dir)
+    t = base.configs["transformer"]
+    channels = base.family.latent_geometry(base.vae_on_meta())[0]
+    try:
+        return preset_for(
+            base.family.name, t["num_attention_heads"] * t["attention_head_dim"], channels
+        )
+    except ValueError as e:
+        if cfg.model.encoder_overrides:  # fields replaced: of the encoder's defaults (the paper's)
+            return "wan2.1-1.3b"
+        raise ConfigError(f"model.encoder_preset: {e}") from None
 
 
 @dataclass
 class FrozenDiT:
     """The frozen DiT of a run, as training calls it: the transformer (memory attached), its
-    family, the dtype it runs in, the text length and the family's fixed call arguments."""
+    family, the dtype it runs in, the text length, the family's fixed call arguments and, for a
+    model of two experts (Wan2.2 A14B), the second expert and the timestep from which down it
+    runs (the pipeline's ``boundary_ratio`` · 1000)."""
 
     transformer: torch.nn.Module
     dtype: torch.dtype = torch.float32
     max_text_tokens: int = 512
     fixed: dict = field(default_factory=dict)
+    transformer_2: torch.nn.Module | None = None
+    boundary: float | None = None
 
     def __post_init__(self) -> None:
         from dit_mem.backbone import family_of
 
         self.family = family_of(self.transformer)
 
+    @property
+    def experts(self) -> list[torch.nn.Module]:
+        return [t for t in (self.transformer, self.transformer_2) if t is not None]
+
     @classmethod
     def from_pretrained(
         cls, base_dir: Path, dtype: torch.dtype, max_text_tokens: int | None = None
     ):
-        """The base model's transformer, frozen, with memory attached."""
+        """The base model's transformer(s), frozen, with memory attached."""
         from dit_mem.backbone import attach_memory
-        from dit_mem.loaders.models import load_transformer
+        from dit_mem.loaders.base_model import describe_base_model, load_transformers
 
-        transformer = load_transformer(base_dir, dtype)
-        attach_memory(transformer)
-        dit = cls(transformer, dtype, fixed={})
+        base = describe_base_model(base_dir)
+        check_text_to_video(base)
+        experts, _ = load_transformers(base, dtype)
+        for expert in experts:
+            attach_memory(expert)
+        boundary = None
+        if len(experts) > 1:
+            if base.boundary_ratio is None:
+                raise ConfigError(f"{base_dir}: two experts but no boundary_ratio in {base.folder}")
+            boundary = base.boundary_ratio * 1000
+        dit = cls(experts[0], dtype, fixed={}, transformer_2=experts[1:2] and experts[1] or None)
+        dit.boundary = boundary
         dit.max_text_tokens = max_text_tokens or dit.family.default_max_text_tokens
-        dit.fixed = dit.family.training_inputs(Path(base_dir))
+        dit.fixed = dit.family.training_inputs(Path(base.folder))
         return dit
 
     def __call__(
@@ -139,9 +178,47 @@ class FrozenDiT:
             for k, v in text.items()
         }
         kwargs = None if memory is None else {"memory_tokens": memory.to(self.dtype)}
-        return self.family.predict(
-            self.transformer, x_t.to(self.dtype), t, text, kwargs, self.fixed
+        x_t = x_t.to(self.dtype)
+        if self.transformer_2 is None:
+            return self.family.predict(self.transformer, x_t, t, text, kwargs, self.fixed)
+        # two experts, as WanPipeline switches them: the first from the boundary up
+        high = t >= self.boundary
+        out = None
+        for expert, rows in ((self.transformer, high), (self.transformer_2, ~high)):
+            if not rows.any():
+                continue
+            part = self.family.predict(
+                expert, x_t[rows], t[rows], _rows(text, rows), _rows(kwargs, rows), self.fixed
+            )
+            out = part.new_empty((x_t.shape[0], *part.shape[1:])) if out is None else out
+            out[rows] = part
+        return out
+
+
+def check_text_to_video(base) -> None:
+    """Training conditions on text alone: image-to-video and control models are refused."""
+    if base.pipeline in ("WanImageToVideoPipeline", "WanVACEPipeline"):
+        raise ConfigError(
+            f"model.base_model_dir: {base.folder} is a {base.pipeline}; dit-mem train trains the "
+            "memory encoder against a text-to-video model (memory joins the same blocks: the "
+            "encoder of the text-to-video model of the same size serves this one)"
         )
+
+
+def _rows(batch: dict | None, rows: torch.Tensor) -> dict | None:
+    """The rows ``rows`` of every batched argument (memory of batch 1 is shared)."""
+    from dit_mem.memory import MemoryTokens
+
+    if batch is None:
+        return None
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, MemoryTokens):
+            keep = value.batch_size == 1
+            out[key] = value if keep else MemoryTokens(value.tokens[rows], value.log_counts[rows])
+        else:
+            out[key] = value[rows.to(value.device)]
+    return out
 
 
 def training_loss(
@@ -171,6 +248,31 @@ def training_loss(
         drop = (torch.rand(x0.shape[0], generator=generator) < caption_dropout).tolist()
         texts = [dropped_text if d else text for text, d in zip(texts, drop, strict=True)]
     return objective.loss(dit(x_t, t, texts, memory), target, index)
+
+
+def resolve_train_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with what it leaves ``None`` decided by the base model's family: the text length,
+    the flow shift (at the training latents' size) and weighting, the encoder preset."""
+    import dataclasses
+
+    from dit_mem.data import LatentStore
+    from dit_mem.loaders.base_model import describe_base_model
+
+    base = describe_base_model(cfg.model.base_model_dir)
+    check_text_to_video(base)
+    family = base.family
+    data, model, loss = cfg.data, cfg.model, cfg.loss
+    if data.max_text_tokens is None:
+        data = dataclasses.replace(data, max_text_tokens=family.default_max_text_tokens)
+    if model.encoder_preset is None and model.encoder_init is None:
+        model = dataclasses.replace(model, encoder_preset=encoder_preset(cfg))
+    if loss.weighting is None:
+        loss = dataclasses.replace(loss, weighting=family.default_loss_weighting)
+    if loss.flow_shift is None:
+        store = LatentStore(cfg.data.latent_dir)
+        shape = store.shape or tuple(store.load_one(store.ids()[0]).shape)
+        loss = dataclasses.replace(loss, flow_shift=float(family.flow_shift(base.folder, shape)))
+    return dataclasses.replace(cfg, data=data, model=model, loss=loss)
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
@@ -209,6 +311,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     from accelerate import Accelerator
 
     cfg.require_paths()
+    cfg = resolve_train_config(cfg)  # the family's settings where the config leaves them open
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -263,6 +366,7 @@ def _train(cfg: TrainConfig, resume, accelerator) -> TrainResult:
     # 3. data ------------------------------------------------------------------------------
     encoder = _seeded(cfg.seed, build_encoder, cfg)
     training_latents = LatentStore(cfg.data.latent_dir)
+    check_latents(dit, training_latents, bank)
     dataset = TrainingSamples(
         ids,
         memory_ids_by_sample(retrieval),
@@ -279,13 +383,14 @@ def _train(cfg: TrainConfig, resume, accelerator) -> TrainResult:
         total_steps = min(total_steps, cfg.max_steps)
 
     # 4. frozen DiT ------------------------------------------------------------------------
-    dit.transformer.to(device)
-    try:
-        check_width(encoder.config.dim, dit.transformer)
-    except ValueError as e:
-        raise ConfigError(f"model.encoder_preset: {e}") from None
-    if cfg.model.gradient_checkpointing:
-        dit.transformer.enable_gradient_checkpointing()
+    for expert in dit.experts:
+        expert.to(device)
+        try:
+            check_width(encoder.config.dim, expert)
+        except ValueError as e:
+            raise ConfigError(f"model.encoder_preset: {e}") from None
+        if cfg.model.gradient_checkpointing:
+            expert.enable_gradient_checkpointing()
 
     # 5. encoder, optimizer, resume ----------------------------------------------------------
     encoder.train()
@@ -419,6 +524,22 @@ def _check_finite(grad_norm, loss: torch.Tensor, step: int, cpu_bf16: bool) -> N
     )
 
 
+def check_latents(dit: FrozenDiT, training, bank) -> None:
+    """The training latents and the bank's memory are of the DiT's family and of one VAE."""
+    from dit_mem.data.latents import check_record
+
+    where = f"data.latent_dir {training.root}"
+    try:
+        check_record(training.manifest, where, dit.family.name)
+        if bank is not None:
+            bank.check_serves(dit.family.name)
+            theirs = bank.latent_record["vae_fingerprint"]
+            if theirs is not None:
+                check_record(training.manifest, where, vae=theirs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def open_bank(cfg: TrainConfig):
     """The memory bank training retrieves from: ``data.bank``, or ``data.index_dir`` with the
     memory latents in ``data.latent_dir`` (the paper's one folder). Opened only when needed: a
@@ -457,14 +578,25 @@ def prepare_caches(cfg: TrainConfig, accelerator=None, bank=None):
                 raise RuntimeError(
                     "text-embedding cache incomplete after the main process built it"
                 )
-            from dit_mem.loaders.models import family_of_folder
+            from dit_mem.loaders.base_model import (
+                component_names,
+                describe_base_model,
+                load_base_model,
+            )
 
             device = accelerator.device if accelerator is not None else torch.device("cpu")
-            base = Path(cfg.model.base_model_dir)
-            family = family_of_folder(base)
-            text_model = family.load_text_encoders(
-                base, DTYPES[cfg.model.text_encoder_dtype], device
-            )
+            base = describe_base_model(cfg.model.base_model_dir)
+            family = base.family
+            keep = family.text_components
+            text_model = load_base_model(
+                base,
+                DTYPES[cfg.model.text_encoder_dtype],
+                skip=tuple(c for c in component_names(base) if c not in keep),
+            ).to(device)
+            for name in keep:
+                module = getattr(text_model, name)
+                if isinstance(module, torch.nn.Module):
+                    module.requires_grad_(False).eval()
             max_tokens = cfg.data.max_text_tokens or family.default_max_text_tokens
             text_cache.build(
                 list(texts),
@@ -474,7 +606,7 @@ def prepare_caches(cfg: TrainConfig, accelerator=None, bank=None):
                     "max_tokens": max_tokens,
                     "streams": list(family.text_streams),
                     "dtype": cfg.model.text_encoder_dtype,
-                    "encoder": str(base),
+                    "encoder": str(base.folder),
                     "convention": f"{family.name}: the pipeline's prompt encoding, valid rows",
                 },
                 batch_size=cfg.data.text_batch_size,

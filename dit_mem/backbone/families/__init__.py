@@ -38,6 +38,17 @@ def family_of(model: Any) -> Family:
     )
 
 
+def family_of_class_name(name: str | None, where: Any = None) -> Family:
+    """The family of a transformer class named in a config (``ValueError`` naming ``where``)."""
+    for family in families():
+        if name in {c.__name__ for c in family.transformer_classes}:
+            return family
+    supported = names([c for f in families() for c in f.transformer_classes])
+    raise ValueError(
+        f"{where or 'the model'}: a {name}; memory attaches to a diffusers {supported}"
+    )
+
+
 def family_of_vae(vae: Any) -> Family:
     """The family whose latent space a VAE encodes into."""
     for family in families():
@@ -47,9 +58,11 @@ def family_of_vae(vae: Any) -> Family:
     raise ValueError(f"no DiT family uses a {type(vae).__name__} (known VAEs: {supported})")
 
 
-def encoder_presets() -> dict[str, dict[str, Any]]:
-    """Every family's memory-encoder presets (name → ``MemoryEncoder`` fields)."""
-    return {name: fields for f in families() for name, fields in f.encoder_presets.items()}
-
-
-__all__ = ["FAMILY_MODULES", "Family", "encoder_presets", "families", "family_of", "family_of_vae"]
+__all__ = [
+    "FAMILY_MODULES",
+    "Family",
+    "families",
+    "family_of",
+    "family_of_class_name",
+    "family_of_vae",
+]

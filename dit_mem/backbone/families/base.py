@@ -163,10 +163,10 @@ class Family:
     # cache_context names of one transformer call whose rows hold several CFG branches, with
     # the branches in row order (e.g. LTXPipeline's batched "cond_uncond" is [uncond ; cond])
     batched_branches: ClassVar[dict[str, tuple[str, ...]]] = {}
-    encoder_presets: ClassVar[dict[str, dict[str, Any]]] = {}
-    # generation defaults where the config leaves them open: the sampler (a
-    # dit_mem.schedulers kind; "model": the base model's own) and the negative prompt
-    default_scheduler: ClassVar[str] = "model"
+    # generation defaults where a config leaves them open (the rest is the stock pipeline's own:
+    # its call's defaults and its folder's scheduler): frames per second of the written video,
+    # and the negative prompt
+    default_fps: ClassVar[int] = 16
     default_negative_prompt: ClassVar[str | None] = None
 
     def __init__(self) -> None:
@@ -267,6 +267,14 @@ class Family:
         """How latents are normalised, as a latent folder's manifest records it."""
         raise NotImplementedError
 
+    def default_size(self, base: Any) -> tuple[int, int]:
+        """``(height, width)`` of a generation where the stock call has no default for them."""
+        raise NotImplementedError(f"the {self.name} pipeline names its default size")
+
+    def patch_size(self, config: dict[str, Any]) -> tuple[int, int]:
+        """``(frames, pixels)`` of latent a transformer patch covers, from its config."""
+        return int(config.get("patch_size_t", 1)), int(config.get("patch_size", 1))
+
     def latent_shape(self, vae: nn.Module, num_frames: int, height: int, width: int) -> list[int]:
         """``[C, T, H, W]`` of a clip's latent; ``ValueError`` for a geometry the VAE cannot take."""
         channels, t, s = self.latent_geometry(vae)
@@ -284,12 +292,14 @@ class Family:
     default_max_text_tokens: ClassVar[int] = 512
     default_loss_weighting: ClassVar[str] = "none"  # dit_mem.training.loss.WEIGHTINGS
 
-    def load_text_encoders(self, base_dir: Path, dtype: torch.dtype, device: Any) -> Any:
-        """What :meth:`encode_text` needs, loaded from the base model (frozen, on ``device``)."""
-        raise NotImplementedError
+    # the pipeline components that encode text (the text cache loads only these)
+    text_components: ClassVar[tuple[str, ...]] = ("tokenizer", "text_encoder")
+    # components the stock pipeline's __init__ reads: loaded even when a job skips them
+    init_components: ClassVar[tuple[str, ...]] = ()
 
     def encode_text(self, text_model: Any, captions: Sequence[str], max_tokens: int) -> list[dict]:
-        """Each caption's embeddings, as the family's pipeline makes them, one tensor
+        """Each caption's embeddings, as the family's pipeline (``text_model``, holding only
+        :attr:`text_components`) makes them, one tensor
         ``[valid tokens, D]`` per stream of :attr:`text_streams`."""
         raise NotImplementedError
 

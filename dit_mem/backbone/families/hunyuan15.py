@@ -116,11 +116,18 @@ class HunyuanVideo15Family(Family):
     attention_attribute = "attn"
     # a diffusers guider that batches its conditions stacks them in its input order [cond ; uncond]
     batched_branches = {"pred_cond_uncond": ("cond", "uncond")}
-    # HunyuanVideo-1.5: 32 latent channels (16× spatial, 4× temporal), width 16 heads × 128 =
-    # 2048. The bank's latents at the pipeline's defaults (121 frames, 480×848: [32, 31, 30, 53]).
-    encoder_presets = {
-        "hunyuanvideo-1.5": {"in_channels": 32, "dim": 2048, "latent_shape": (31, 30, 53)},
-    }
+    default_fps = 24  # HunyuanVideo-1.5's frame rate
+
+    def default_size(self, base):
+        """HunyuanVideo15Pipeline's own: the transformer's target size at 16:9."""
+        from diffusers.pipelines.hunyuan_video1_5.image_processor import (
+            HunyuanVideo15ImageProcessor,
+        )
+
+        _, _, spatial = self.latent_geometry(base.vae_on_meta())
+        processor = HunyuanVideo15ImageProcessor(vae_scale_factor=spatial)
+        target = base.configs["transformer"].get("target_size", 640)
+        return processor.calculate_default_height_width(9, 16, target)
 
     def modulate(self, block, call, temb, hidden_states):
         b = hidden_states.shape[0]
@@ -175,14 +182,8 @@ class HunyuanVideo15Family(Family):
     text_dim_keys = ("text_embed_dim", "text_embed_2_dim")
     default_max_text_tokens = 1000  # HunyuanVideo15Pipeline's tokenizer_max_length
 
-    def load_text_encoders(self, base_dir, dtype, device):
-        from diffusers import HunyuanVideo15Pipeline
-
-        # (with its VAE: the pipeline's __init__ reads the VAE's config)
-        pipe = HunyuanVideo15Pipeline.from_pretrained(base_dir, transformer=None, dtype=dtype)
-        for encoder in (pipe.text_encoder, pipe.text_encoder_2):
-            encoder.requires_grad_(False).eval()
-        return pipe.to(device)
+    text_components = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+    init_components = ("vae",)  # HunyuanVideo15Pipeline.__init__ reads its VAE's config
 
     @torch.no_grad()
     def encode_text(self, text_model, captions, max_tokens):

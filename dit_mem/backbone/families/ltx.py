@@ -74,17 +74,7 @@ class LTXFamily(Family):
     vae_classes = (AutoencoderKLLTXVideo,)
     # LTXPipeline runs both guidance branches in one call, rows [uncond ; cond]
     batched_branches = {"cond_uncond": ("uncond", "cond")}
-    # LTX-Video 2B: 128 latent channels (32× spatial, 8× temporal), width 32 heads × 64 = 2048.
-    # The bank's latents at LTXPipeline's defaults (161 frames, 512×704: [128, 21, 16, 22]);
-    # stride 2 in the first block leaves a 2×2×2 grid there (stride 4 would leave 1×1×1).
-    encoder_presets = {
-        "ltx-video-2b": {
-            "in_channels": 128,
-            "strides": (2, 1),
-            "dim": 2048,
-            "latent_shape": (21, 16, 22),
-        },
-    }
+    default_fps = FRAME_RATE
 
     def modulate(self, block, call, temb, hidden_states):
         b = hidden_states.shape[0]
@@ -162,13 +152,6 @@ class LTXFamily(Family):
     text_masks = ("encoder_attention_mask",)
     text_dim_keys = ("caption_channels",)
     default_max_text_tokens = 128  # LTXPipeline's max_sequence_length
-
-    def load_text_encoders(self, base_dir, dtype, device):
-        from diffusers import LTXPipeline
-
-        pipe = LTXPipeline.from_pretrained(base_dir, transformer=None, vae=None, dtype=dtype)
-        pipe.text_encoder.requires_grad_(False).eval()
-        return pipe.to(device)
 
     @torch.no_grad()
     def encode_text(self, text_model, captions, max_tokens):

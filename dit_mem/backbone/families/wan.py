@@ -82,18 +82,13 @@ class WanFamily(Family):
     vae_classes = (AutoencoderKLWan,)
     expert_names = ("transformer", "transformer_2")  # Wan2.2 A14B: two experts
     blocks_attribute = "blocks"
-    default_scheduler = "flow-euler"  # the paper's sampler (SPEC §6)
+    default_fps = 16
     default_negative_prompt = WAN_NEGATIVE_PROMPT
     default_loss_weighting = "wan"  # SPEC §5
-    # Fields of MemoryEncoder.__init__ that differ from its defaults (the paper's 1.3B); latent
-    # shapes are those of a 480×832, 81-frame bank.
-    encoder_presets = {
-        "wan2.1-1.3b": {},  # the paper's encoder (released as DiT-Mem-1.3B): the defaults
-        "wan2.1-14b": {"dim": 5120},
-        # Wan2.2: TI2V-5B has a 48-channel VAE (16× spatial); A14B keeps Wan2.1's VAE.
-        "wan2.2-ti2v-5b": {"in_channels": 48, "dim": 3072, "latent_shape": (21, 30, 52)},
-        "wan2.2-a14b": {"dim": 5120},
-    }
+
+    def patch_size(self, config):
+        t, h, _ = config.get("patch_size", (1, 2, 2))
+        return int(t), int(h)
 
     def modulate(self, block, call, temb, hidden_states):
         b = hidden_states.shape[0]
@@ -157,14 +152,6 @@ class WanFamily(Family):
         }
 
     # -- training (SPEC §5): UMT5 text, zeros after the caption, no mask; shift 5 -------------
-    def load_text_encoders(self, base_dir, dtype, device):
-        from dit_mem.loaders.wan import load_wan_components
-
-        parts = load_wan_components(
-            base_dir, torch_dtype=dtype, components=("tokenizer", "text_encoder")
-        )
-        return parts.tokenizer, parts.text_encoder.requires_grad_(False).eval().to(device)
-
     @staticmethod
     def tokenize(tokenizer, captions, max_tokens: int):
         """Wan's prompt tokens (``WanPipeline._get_t5_prompt_embeds``): each cleaned caption
@@ -185,7 +172,7 @@ class WanFamily(Family):
     def encode_text(self, text_model, captions, max_tokens):
         """Wan's convention: the tokens of :meth:`tokenize`, encoded with their mask; the valid
         rows."""
-        tokenizer, text_encoder = text_model
+        tokenizer, text_encoder = text_model.tokenizer, text_model.text_encoder
         inputs = self.tokenize(tokenizer, captions, max_tokens)
         device = next(text_encoder.parameters()).device
         mask = inputs.attention_mask
