@@ -2,7 +2,7 @@
 # Encode the memory bank's videos into normalised Wan2.1-VAE latents (bf16, one file per video).
 # Resumable: re-run the same command after an interruption. Override any variable from the
 # environment, e.g.
-#   NUM_GPUS=8 CSV=data/OpenVidHD_memory.csv VIDEOS=data/video BASE_MODEL=models/Wan2.1-T2V-1.3B-Diffusers \
+#   NUM_GPUS=8 CSV=data/OpenVidHD_memory.csv VIDEOS=data/video BASE_MODEL=model/Wan2.1-T2V-1.3B \
 #     bash latent_processing/vae_latent_processing.sh
 set -euo pipefail
 
@@ -10,7 +10,7 @@ CSV="${CSV:-data/memory.csv}"              # table with a video (or video_path) 
 VIDEOS="${VIDEOS:-data/video}"             # folder the CSV's relative video paths start from
 OUT="${OUT:-latent}"                       # latent folder (ignored when BANK is set)
 BANK="${BANK:-}"                           # a bank folder: write BANK/latents and BANK/bank.json
-BASE_MODEL="${BASE_MODEL:-models/Wan2.1-T2V-1.3B-Diffusers}"  # diffusers folder, VAE folder or Wan2.1_VAE.pth
+BASE_MODEL="${BASE_MODEL:-model/Wan2.1-T2V-1.3B}"  # diffusers folder, VAE folder or Wan2.1_VAE.pth
 NUM_GPUS="${NUM_GPUS:-1}"                  # >1: one process per GPU via accelerate launch
 NUM_FRAMES="${NUM_FRAMES:-81}"
 HEIGHT="${HEIGHT:-480}"

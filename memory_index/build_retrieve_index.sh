@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the caption index of the memory bank, then try one retrieval.
 # Every variable can be overridden from the environment, e.g.
-#   CSV=data/OpenVidHD_memory.csv MODEL=models/gte-base-en-v1.5 bash memory_index/build_retrieve_index.sh
+#   CSV=data/OpenVidHD_memory.csv MODEL=model/gte-base-en-v1.5 bash memory_index/build_retrieve_index.sh
 set -euo pipefail
 
 CSV="${CSV:-data/memory.csv}"              # OpenVid-style table: video (or video_path), caption, ...

@@ -31,6 +31,7 @@ class DataConfig:
     bank: Path | None = None  # a MemoryBank folder or Hub id: its index and latents are the memory
     bank_subfolder: str | None = None  # the bank's folder inside a Hub repository
     index_dir: Path | None = None  # without a bank: the memory bank's caption index
+    trust_remote_code: str | None = None  # the one embedding model allowed to run its own code
     cache_dir: Path | None = None  # text-embedding + retrieval caches; default <output_dir>/cache
     k: int = 5  # retrieved memory videos per sample
     # Share of samples whose caption is replaced by dropped_caption (the unconditional branch's

@@ -546,9 +546,12 @@ def open_bank(cfg: TrainConfig):
     complete retrieval cache needs no index."""
     from dit_mem.bank import MemoryBank
 
+    code = cfg.data.trust_remote_code
     if cfg.data.bank is not None:
-        return MemoryBank.from_pretrained(str(cfg.data.bank), subfolder=cfg.data.bank_subfolder)
-    return MemoryBank(cfg.data.index_dir, cfg.data.latent_dir)
+        return MemoryBank.from_pretrained(
+            str(cfg.data.bank), subfolder=cfg.data.bank_subfolder, trust_remote_code=code
+        )
+    return MemoryBank(cfg.data.index_dir, cfg.data.latent_dir, trust_remote_code=code)
 
 
 def prepare_caches(cfg: TrainConfig, accelerator=None, bank=None):
