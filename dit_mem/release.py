@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from dit_mem.bank import write_bank_manifest
+from dit_mem.bank.journal import Change, is_bank_file, refresh_manifest
 from dit_mem.data.latents import FORMAT as LATENT_FORMAT
-from dit_mem.data.latents import LATENT_KEY
+from dit_mem.data.latents import LATENT_KEY, write_latent
 from dit_mem.data.latents import MANIFEST as LATENT_MANIFEST
 from dit_mem.data.table import is_safe_id, source_id, video_id
-from dit_mem.utils import folder_lock, get_logger, write_json_atomic, write_safetensors_atomic
+from dit_mem.utils import folder_lock, get_logger, write_json_atomic
 
 log = get_logger(__name__)
 
@@ -158,8 +158,7 @@ def import_release(
     out, latents_dir = Path(out), Path(latents_dir)
     if not latents_dir.is_dir():
         raise FileNotFoundError(f"latent folder not found: {latents_dir}")
-    known = ("index", "latents", "videos", "bank.json", ".lock")
-    if out.exists() and any(p.name not in known for p in out.iterdir()):
+    if out.exists() and any(not is_bank_file(p.name) for p in out.iterdir()):
         raise ValueError(f"{out} holds other files; import into a new folder")
     index, table = read_release_index(index_dir)  # checked before anything is written
     _check_embedding_model(index, index_dir, embedding_model)
@@ -222,7 +221,7 @@ def _import(
             shape = list(latent.shape)
         elif list(latent.shape) != shape:
             raise ValueError(f"{source}: latent shape {list(latent.shape)}, the others {shape}")
-        write_safetensors_atomic(target, {LATENT_KEY: latent.to(torch.bfloat16).contiguous()})
+        write_latent(target, latent, vid, source)
         summary.converted += 1
     if shape is None:
         raise ValueError(f"{latents_dir}: none of the {len(table)} indexed videos has a .pt latent")
@@ -238,6 +237,8 @@ def _import(
             "width": 832,
             "resize": "stretch",
             "normalized": True,
+            "family": "wan",
+            "vae_class": "AutoencoderKLWan",
             "normalization": "(z - latents_mean) / latents_std",
             "latents_mean": WAN21_LATENTS_MEAN,
             "latents_std": WAN21_LATENTS_STD,
@@ -256,12 +257,17 @@ def _import(
         "rows": int(index.ntotal),
         "source": f"DiT-Mem release memory_index ({Path(index_dir).resolve()})",
     }
-    write_index_folder(out / "index", index, table, manifest)
-    if videos is not None:
-        target = out / "videos"
-        if not target.exists():
-            target.symlink_to(Path(videos).resolve(), target_is_directory=True)
-    write_bank_manifest(out)
+    done = out / "index" / "manifest.json"
+    if done.is_file() and json.loads(done.read_text()).get("source") == manifest["source"]:
+        refresh_manifest(out)  # imported before: the latents above were all it could add
+    else:
+        with Change(out, "import", lock=False) as change:  # the index (+ videos), one change
+            write_index_folder(change.stage("index"), index, table, manifest)
+            if videos is not None:
+                link = change.stage("videos")
+                link.symlink_to(Path(videos).resolve(), target_is_directory=True)
+            record = {"index": str(Path(index_dir).resolve()), "rows": int(index.ntotal)}
+            change.commit({**record, "latents": str(latents_dir.resolve())})
     if summary.missing:
         log.warning(
             "%d of %d indexed videos have no latent in %s (e.g. %s); retrieving them is an error",

@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from dit_mem.utils import get_logger, write_json_atomic, write_safetensors_atomic
+from dit_mem.utils import get_logger, write_json_atomic
 
 logger = get_logger(__name__)
 
@@ -446,38 +446,34 @@ def run_random_world(
     (``index/``, ``latents/``, ``videos/``, ``bank.json``) from ``memory.csv``; the generated
     video is noise by construction.
     """
-    from dit_mem.bank import write_bank_manifest
-    from dit_mem.data import LatentJobConfig, encode_latents
+    from dit_mem.bank.build import BankBuildConfig, build_bank
     from dit_mem.generation import GenerationConfig, generate, load_pipeline
     from dit_mem.memory import MemoryEncoder
     from dit_mem.outputs import save_generation, slugify
-    from dit_mem.retrieval import build_index
 
     out = Path(out)
     bank = out / "bank"
-    csv_path = write_bank(out, videos=bank / "videos")
-    logger.info(f"[1/5] memory bank videos: {bank / 'videos'} (listed in {csv_path})")
-
-    if not (bank / "index" / "manifest.json").is_file():
-        build_index(csv_path, bank / "index")
-    logger.info(f"[2/5] caption index (all-MiniLM-L6-v2, FAISS inner product): {bank / 'index'}")
+    csv_path = write_bank(out, videos=out / "video")
+    logger.info(f"[1/5] memory bank videos: {out / 'video'} (listed in {csv_path})")
 
     model = build_tiny_wan(out / "model")
     frames, height, width = TINY_GEOMETRY["wan"]
-    summary = encode_latents(
-        LatentJobConfig(
+    summary = build_bank(
+        BankBuildConfig(
             csv=csv_path,
-            out=bank / "latents",
+            bank=bank,
             base_model=model,
-            videos=bank / "videos",
+            videos=out / "video",
             num_frames=frames,
             height=height,
             width=width,
             num_workers=0,
         )
     )
-    write_bank_manifest(bank)
-    logger.info(f"[3/5] latents (tiny random Wan VAE): {summary.ok} new, {summary.skipped} done")
+    logger.info(f"[2/5] caption index (all-MiniLM-L6-v2, FAISS inner product): {bank / 'index'}")
+    logger.info(
+        f"[3/5] latents (tiny random Wan VAE): {summary.encoded} new, {summary.latents} in all"
+    )
 
     encoder_dir = out / "encoder"
     if not (encoder_dir / "config.json").is_file():
@@ -516,7 +512,7 @@ CAPTION = "a person walking in the city"
 
 def write_latent_store(folder: Path, latents: dict[str, torch.Tensor]) -> None:
     """A minimal ``LatentStore`` folder: manifest + one bf16 ``latent`` file per id."""
-    from dit_mem.data.latents import FORMAT, LATENT_KEY, MANIFEST
+    from dit_mem.data.latents import FORMAT, MANIFEST, write_latent
 
     folder.mkdir(parents=True, exist_ok=True)
     shape = list(next(iter(latents.values())).shape)
@@ -525,7 +521,7 @@ def write_latent_store(folder: Path, latents: dict[str, torch.Tensor]) -> None:
         {"format": FORMAT, "latent_shape": shape, "normalized": True, "synthetic": True},
     )
     for vid, x in latents.items():
-        write_safetensors_atomic(folder / f"{vid}.safetensors", {LATENT_KEY: x.to(torch.bfloat16)})
+        write_latent(folder / f"{vid}.safetensors", x, vid)
 
 
 def write_retrieval_cache(cache_dir: Path, index_dir: Path, memory: dict[str, list[str]]) -> None:

@@ -78,7 +78,9 @@ def generate(pipe) -> torch.Tensor:
 def test_eager_build_records_the_geometry(world, capsys):
     manifest = json.loads((world["eager"] / "bank.json").read_text())
     assert manifest["parts"] == ["index", "latents", "tokens", "videos"]
-    assert manifest["build"]["memory"] == "eager" and manifest["videos"] == 24
+    first = manifest["history"][0]
+    assert (first["op"], first["memory"], manifest["videos"]) == ("build", "eager", 24)
+    assert [r["op"] for r in manifest["history"]] == ["build", "encode", "tokens"]
     geometry = manifest["geometry"]
     assert (geometry["num_frames"], geometry["height"], geometry["width"]) == (
         FRAMES,
@@ -92,9 +94,9 @@ def test_eager_build_records_the_geometry(world, capsys):
 
 def test_lazy_bank_equals_eager_and_outlives_its_videos(world, tmp_path, capsys):
     bank = lazy_copy(world, tmp_path)
-    assert "lazy: no video encoded" in capsys.readouterr().out
+    assert "lazy: 0 of 24 videos have latents" in capsys.readouterr().out
     assert not list((bank / "latents").glob("*.safetensors"))
-    assert json.loads((bank / "bank.json").read_text())["build"]["memory"] == "lazy"
+    assert json.loads((bank / "bank.json").read_text())["history"][0]["memory"] == "lazy"
     eager = MemoryBank.from_pretrained(world["eager"])
     eager.tokens = None  # the same route: latents
     lazy = MemoryBank.from_pretrained(bank)
@@ -237,8 +239,10 @@ def test_add_keeps_old_retrievals(world, tmp_path, capsys):
     assert len(list((tmp_path / "bank" / "latents").glob("*.safetensors"))) == 24
     assert main([*argv, "--add"]) == 0  # again: nothing new
     assert "(0 added, 16 already there)" in capsys.readouterr().out
-    record = json.loads((tmp_path / "bank" / "bank.json").read_text())["build"]
-    assert record["csv"] == str(first.resolve()) and [a["rows"] for a in record["added"]] == [8, 0]
+    records = json.loads((tmp_path / "bank" / "bank.json").read_text())["history"]
+    assert [r["op"] for r in records] == ["build", "encode", "add", "encode"]  # no no-op records
+    assert records[0]["csv"] == str(first.resolve()) and records[2]["csv"] == str(second.resolve())
+    assert (records[2]["rows"], records[2]["added"]) == ([16, 24], 8)
 
 
 def test_a_killed_build_resumes(world, tmp_path, capsys, monkeypatch):

@@ -52,7 +52,7 @@ def world(tmp_path_factory) -> World:
     an image and a control video."""
     from PIL import Image
 
-    from dit_mem.bank_build import BankBuildConfig, build_bank
+    from dit_mem.bank.build import BankBuildConfig, build_bank
     from dit_mem.evaluation.video_io import write_mp4
     from dit_mem.memory import MemoryEncoder
     from dit_mem.retrieval.embedder import load_embedder

@@ -190,11 +190,13 @@ def test_shipped_generation_config_is_the_paper_default():
     family_keys = ("height", "width", "num_frames", "fps", "steps", "shift", "guidance_scale")
     family_keys += ("scheduler", "negative_prompt", "max_sequence_length")
     assert all(getattr(GenerationConfig(), k) is None for k in family_keys)
-    named = {k for k in family_keys if getattr(cfg, k) is not None}
-    unnamed = {f.name for f in dataclasses.fields(cfg)} - named - set(family_keys)
-    assert {k: getattr(cfg, k) for k in unnamed} == {
-        k: getattr(GenerationConfig(), k) for k in unnamed if k != "vae_dtype"
-    } | {"vae_dtype": "float32"}
+    # besides the paper's Wan settings: the README's layout (memory_bank/, gte's captions)
+    layout = {"bank": Path("memory_bank"), "index": None, "latents": None, "vae_dtype": "float32"}
+    layout["trust_remote_code"] = "gte-base-en-v1.5"
+    named = set(family_keys) | set(layout)
+    rest = [f.name for f in dataclasses.fields(cfg) if f.name not in named]
+    assert {k: getattr(cfg, k) for k in layout} == layout
+    assert {k: getattr(cfg, k) for k in rest} == {k: getattr(GenerationConfig(), k) for k in rest}
 
 
 # --------------------------------------------------------------------------------------

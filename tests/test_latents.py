@@ -251,7 +251,7 @@ def test_bad_inputs(bank: dict, tmp_path: Path, capsys) -> None:
         == 2
     )
     assert "empty.csv: the CSV is empty" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="num_frames must be 4k\\+1"):
+    with pytest.raises(ValueError, match="AutoencoderKLWan takes 4k\\+1 frames"):  # before it loads
         LatentJobConfig(csv=bank["csv"], out=tmp_path, base_model=bank["base"], num_frames=16)
     with pytest.raises(ValueError, match="no VAE found"):
         load_vae(tmp_path)

@@ -406,7 +406,7 @@ def test_python_snippets_run_with_hub_ids(paper_layout, tmp_path):
     the call gets the tiny size."""
     import subprocess
 
-    from dit_mem.bank_build import BankBuildConfig, build_bank
+    from dit_mem.bank.build import BankBuildConfig, build_bank
     from dit_mem.memory import MemoryEncoder
     from dit_mem.testing import TINY_GEOMETRY, build_tiny_model
     from dit_mem.toyworld.world import Clip

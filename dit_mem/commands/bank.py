@@ -1,11 +1,16 @@
-"""``dit-mem bank``: inspect a memory bank folder, import the release's files into one.
+"""``dit-mem bank``: build, inspect, verify, share a memory bank folder; import the release's.
 
-    dit-mem bank info BANK
-    dit-mem bank import-release --index memory_index --latents video_latents --out BANK \\
-        [--videos video] [--embedding-model model/gte-base-en-v1.5]
+    dit-mem bank build --csv CSV --videos DIR --bank BANK --base-model M [--lazy | --for-training
+        CSV | --add | --reindex --kind KIND] [--tokens ENCODER]
+    dit-mem bank info BANK                      # parts, counts, the history of its changes
+    dit-mem bank verify BANK [--base-model M]   # every file in full; what is damaged, the repair
+    dit-mem bank export --bank BANK --encoder E --out DIR [--push-to-hub REPO]
+    dit-mem bank push DIR REPO_ID               # (again) upload a bank folder
+    dit-mem bank import-release --index memory_index --latents video_latents --out BANK
 
-A bank folder is built part by part with ``dit-mem build-index --bank BANK``,
-``encode-latents --bank BANK`` and ``cache-tokens --bank BANK``.
+A bank folder is also built part by part with ``dit-mem build-index --bank BANK``,
+``encode-latents --bank BANK`` and ``cache-tokens --bank BANK``. Every change is all or
+nothing, and recorded (:mod:`dit_mem.bank.journal`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 from dit_mem.cli_types import count
 from dit_mem.commands.options import (
     add_index_options,
+    add_trust_remote_code,
     add_video_options,
     index_options,
     video_options,
@@ -23,7 +29,9 @@ from dit_mem.commands.options import (
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bank", help="memory bank folders: info, import the release's files")
+    p = sub.add_parser(
+        "bank", help="memory bank folders: build, info, verify, export, push, import the release's"
+    )
     cmds = p.add_subparsers(dest="bank_command", metavar="ACTION", required=True)
 
     build = cmds.add_parser(
@@ -53,8 +61,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="CSV",
         help="encode only the training videos of CSV and the videos retrieved for them",
     )
-    build.add_argument("-k", type=count(1), default=5, help="--for-training: videos per sample")
+    build.add_argument(
+        "-k", type=count(1), default=None, help="--for-training: videos per sample (default 5)"
+    )
     build.add_argument("--add", action="store_true", help="add the table's rows to the bank")
+    build.add_argument(
+        "--reindex",
+        action="store_true",
+        help="rebuild the bank's index (another --kind / --index-factory): every row kept, its "
+        "captions embedded again",
+    )
     build.add_argument("--tokens", default=None, metavar="ENCODER", help="also cache its tokens")
     build.add_argument(
         "--allow-failures", action="store_true", help="exit 0 even when videos failed"
@@ -71,6 +87,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--license", default=None, help="the card's licence field")
     export.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="then upload it")
     export.set_defaults(func=_export)
+
+    push = cmds.add_parser("push", help="upload a bank folder (an export) to a Hub dataset repo")
+    push.add_argument("folder", type=Path, help="the bank folder (e.g. what bank export wrote)")
+    push.add_argument("repo_id", help="the Hub dataset repository (user/name)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.set_defaults(func=_push)
+
+    verify = cmds.add_parser(
+        "verify",
+        help="check every file of a bank in full; say what is damaged and how to repair it",
+    )
+    verify.add_argument("bank", type=Path, help="the bank folder")
+    verify.add_argument(
+        "--base-model",
+        default=None,
+        help="record this base model's VAE for a bank made before dit-mem recorded it",
+    )
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="mend what is damaged from what is intact (the index from the id map; damaged "
+        "latents and token shards removed, to be encoded again)",
+    )
+    add_trust_remote_code(verify)
+    verify.set_defaults(func=_verify)
 
     info = cmds.add_parser("info", help="what a bank folder holds")
     info.add_argument("bank", help="bank folder or Hub id")
@@ -97,7 +138,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from dit_mem.bank import MemoryBank, build_record
+    from dit_mem.bank import MemoryBank
+    from dit_mem.bank.journal import history
 
     bank = MemoryBank.from_pretrained(args.bank, subfolder=args.subfolder)
     manifest = bank.retriever.manifest
@@ -114,8 +156,8 @@ def _info(args: argparse.Namespace) -> int:
             f"{m.get('latent_shape')} ({m.get('num_frames')} frames of {m.get('height')}×"
             f"{m.get('width')}, {m.get('resize')}, {m.get('family', 'wan')} VAE)"
         )
-        build = build_record(bank.folder) if bank.folder is not None else None
-        if build is not None and build.get("memory") == "lazy":
+        records = history(bank.folder) if bank.folder is not None else []
+        if records and records[0].get("memory") == "lazy":
             print("           lazy: the others are encoded on first use from videos/")
     if len(bank.retriever.unavailable):
         missing = sorted(bank.retriever.ids.take(bank.retriever.unavailable))
@@ -132,6 +174,13 @@ def _info(args: argparse.Namespace) -> int:
         )
     if bank.videos is not None:
         print(f"  videos   {bank.videos}")
+    records = history(bank.folder) if bank.folder is not None else []
+    if records:
+        print(f"  history  ({len(records)} changes)")
+        shown = ("memory", "rows", "added", "encoded", "failed", "index", "from", "to", "cached")
+        for r in records:
+            facts = ", ".join(f"{k} {r[k]}" for k in shown if r.get(k) is not None)
+            print(f"    {r.get('when', '?')}  {r.get('op')}: {facts}")
     return 0
 
 
@@ -154,7 +203,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from dit_mem.bank_build import BankBuildConfig, build_bank
+    from dit_mem.bank.build import BankBuildConfig, build_bank
     from dit_mem.commands.latents import failures_exit
 
     cfg = BankBuildConfig(
@@ -169,6 +218,7 @@ def _build(args: argparse.Namespace) -> int:
         for_training=args.for_training,
         k=args.k,
         add=args.add,
+        reindex=args.reindex,
     )
     s = build_bank(cfg)
     if not s.is_main_process:
@@ -178,13 +228,16 @@ def _build(args: argparse.Namespace) -> int:
         what += f" ({s.added} added, {s.unchanged} already there)"
     print(what)
     if args.lazy:
-        print("  lazy: no video encoded; each retrieved video is encoded on first use and kept")
+        print(
+            f"  lazy: {s.latents} of {s.videos} videos have latents; each other retrieved video is "
+            "encoded on first use and kept"
+        )
     elif args.for_training:
         share = s.to_encode / max(s.videos, 1)
         print(
             f"  for training: {s.to_encode} of {s.videos} bank videos to encode ({share:.1%}): "
             f"{s.training} training videos and {s.retrieved} distinct videos retrieved for them "
-            f"at k={args.k} (own source left out, as training does); train with "
+            f"at k={args.k or 5} (own source left out, as training does); train with "
             f"data.bank={args.bank} data.latent_dir={args.bank / 'latents'}"
         )
     if s.to_encode:
@@ -196,8 +249,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from dit_mem.bank import MemoryBank
-    from dit_mem.bank_build import export_bank
+    from dit_mem.bank.build import export_bank
     from dit_mem.loaders import load_memory_encoder
 
     encoder = load_memory_encoder(args.encoder).eval()
@@ -208,6 +260,31 @@ def _export(args: argparse.Namespace) -> int:
         f"{f['bytes_per_video']:,} B per video"
     )
     if args.push_to_hub:
-        commit = MemoryBank.from_pretrained(args.out).push_to_hub(args.push_to_hub)
-        print(f"pushed to {getattr(commit, 'commit_url', args.push_to_hub)}")
+        _push_and_say(args.out, args.push_to_hub)
     return 0
+
+
+def _push_and_say(folder, repo_id: str, **options) -> None:
+    from dit_mem.bank.build import push_bank
+
+    commit = push_bank(folder, repo_id, **options)
+    print(f"pushed {folder} to {getattr(commit, 'commit_url', repo_id)}")
+
+
+def _push(args: argparse.Namespace) -> int:
+    _push_and_say(args.folder, args.repo_id, private=args.private or None)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from dit_mem.bank.verify import verify_bank
+
+    report = verify_bank(
+        args.bank,
+        base_model=args.base_model,
+        repair=args.repair,
+        trust_remote_code=args.trust_remote_code,
+    )
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok else 1

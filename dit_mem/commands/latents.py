@@ -50,9 +50,9 @@ def _encode(args: argparse.Namespace) -> int:
     )
     s = encode_latents(cfg)
     if args.bank and s.is_main_process:
-        from dit_mem.bank import write_bank_manifest
+        from dit_mem.bank.build import record_encoding
 
-        write_bank_manifest(args.bank)
+        record_encoding(Path(args.bank), s.ok, s.failed, Path(args.csv).resolve())
     print(f"encoded {s.ok}, skipped {s.skipped} (already done), failed {s.failed}")
     return failures_exit(s.failed, out / "failures.jsonl", args.allow_failures)
 

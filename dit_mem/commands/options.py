@@ -20,9 +20,9 @@ def add_index_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kind",
         choices=KINDS,
-        default="flat",
-        help="flat = exact inner product (paper); ivf / hnsw for 1M+; pq = IVF-PQ with a "
-        "re-ranking step for 1M–100M entries",
+        default=None,
+        help="flat = exact inner product (paper, the default of a new index); ivf / hnsw for "
+        "1M+; pq = IVF-PQ with a re-ranking step for 1M–100M entries",
     )
     p.add_argument(
         "--index-factory",
@@ -69,9 +69,14 @@ def add_video_options(p: argparse.ArgumentParser, base_model_required: bool = Tr
         required=base_model_required,
         help="diffusers folder (vae/) of the base model, a VAE folder, or Wan2.1_VAE.pth",
     )
-    p.add_argument("--num-frames", type=count(1), default=81, help="frames per video (default 81)")
-    p.add_argument("--height", type=count(8), default=480)
-    p.add_argument("--width", type=count(8), default=832)
+    p.add_argument(
+        "--num-frames",
+        type=count(1),
+        default=None,
+        help="frames per clip (default: the base model's; Wan2.1 81 × 480 × 832, the paper's)",
+    )
+    p.add_argument("--height", type=count(8), default=None, help="(default: the base model's)")
+    p.add_argument("--width", type=count(8), default=None, help="(default: the base model's)")
     p.add_argument(
         "--resize",
         choices=("stretch", "crop"),

@@ -49,12 +49,16 @@ def _build(args: argparse.Namespace) -> int:
 
     from dit_mem.retrieval import build_index
 
-    out = Path(args.bank) / "index" if args.bank else Path(args.out or DEFAULT_INDEX_DIR)
-    m = build_index(args.csv, out, overwrite=args.overwrite, **index_options(args))
-    if args.bank:
-        from dit_mem.bank import write_bank_manifest
+    if args.bank:  # a change of the bank: all or nothing, recorded
+        from dit_mem.bank.build import index_part
 
-        write_bank_manifest(args.bank)
+        out = Path(args.bank) / "index"
+        options = {**index_options(args), "kind": args.kind or "flat"}
+        m = index_part(Path(args.bank), Path(args.csv), options, overwrite=args.overwrite)
+    else:
+        out = Path(args.out or DEFAULT_INDEX_DIR)
+        options = {**index_options(args), "kind": args.kind or "flat"}
+        m = build_index(args.csv, out, overwrite=args.overwrite, **options)
     print(
         f"index {out}: {m['rows']} captions ({m['dropped_empty_captions']} empty dropped), "
         f"{m['factory']}, {m['model']} {m['dim']}-d {m['pooling']} pooling, "

@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 
 
+def read_manifest_failures(bank) -> list[str]:
+    from dit_mem.bank.journal import read_manifest
+
+    return list(read_manifest(bank).get("without_memory") or [])
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "cache-tokens",
@@ -35,23 +41,26 @@ def _cache(args: argparse.Namespace) -> int:
     if args.bank and (args.latents or args.out):
         raise ValueError("give --bank, or --latents and --out, not both")
     bank = Path(args.bank) if args.bank else None
-    s = build_token_cache(
-        load_memory_encoder(args.encoder),
-        bank / "latents" if bank else args.latents or "latent",
-        bank / "tokens" if bank else args.out or "tokens",
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        num_workers=args.num_workers,
-    )
-    if bank is not None and s.is_main_process:
-        from dit_mem.bank import write_bank_manifest
+    options = {
+        "batch_size": args.batch_size,
+        "shard_size": args.shard_size,
+        "num_workers": args.num_workers,
+    }
+    encoder = load_memory_encoder(args.encoder)
+    if bank is not None:  # a change of the bank: all or nothing, recorded
+        from dit_mem.bank.build import cache_tokens
+        from dit_mem.bank.journal import locked
 
-        failed = write_bank_manifest(bank).get("without_memory", [])
+        with locked(bank, "cache-tokens"):
+            s = cache_tokens(bank, encoder, **options)
+        failed = read_manifest_failures(bank) if s.is_main_process else []
         if failed:
             print(
                 f"{len(failed)} bank video(s) have no latent (their encoding failed, see "
                 f"{bank / 'latents' / 'failures.jsonl'}): no tokens; retrieval leaves them out"
             )
+    else:
+        s = build_token_cache(encoder, args.latents or "latent", args.out or "tokens", **options)
     msg = f"this process cached {s.encoded} videos; {s.skipped} were cached before; {s.total} in total"
     if s.bytes_per_video:
         msg += f"; {s.bytes_per_video:.0f} bytes per video"

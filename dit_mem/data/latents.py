@@ -125,8 +125,9 @@ class LatentStore:
 
     def load_one(self, vid: str, dtype: torch.dtype | None = torch.bfloat16) -> torch.Tensor:
         """One latent ``[C, T, H, W]`` (stored bf16; cast to ``dtype`` unless None)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
+
+        from dit_mem.utils.fingerprint import tensor_sha256
 
         path = self.path(vid)
         if not path.is_file():
@@ -134,9 +135,15 @@ class LatentStore:
                 f"no latent for id {vid!r} in {self.root} ({path.name} missing)"
             )
         try:
-            x = load_file(str(path))[LATENT_KEY]
+            with safe_open(str(path), framework="pt") as f:
+                x, recorded = f.get_tensor(LATENT_KEY), (f.metadata() or {}).get("sha256")
         except (SafetensorError, KeyError, OSError) as e:
             raise ValueError(f"{path}: unreadable latent file ({e})") from e
+        if recorded is not None and recorded != tensor_sha256(x):
+            raise ValueError(
+                f"{path}: damaged (its bytes do not match the checksum written with it); delete "
+                "it and encode it again (`dit-mem bank verify BANK` lists every damaged file)"
+            )
         if self.shape is not None and tuple(x.shape) != self.shape:
             raise ValueError(
                 f"{path}: latent of shape {list(x.shape)}, but {self.root / MANIFEST} says "
@@ -185,6 +192,12 @@ class LatentStore:
                 f"({m.get('vae')})"
             )
 
+    def record_failure(self, vid: str, video: str | Path, error: str) -> None:
+        """``vid`` could not be encoded: it has no memory (one line in ``failures.jsonl``)."""
+        record = {"id": vid, "video": str(video), "error": error}
+        record["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        append_failure(self.root / FAILURES, record)
+
     def fill(self, vid: str, video: str | Path, vae) -> torch.Tensor:
         """Decode ``video`` at the geometry this folder records, encode it with ``vae`` (checked
         by :meth:`check_vae` first), write ``<vid>.safetensors`` atomically; returns the latent.
@@ -207,9 +220,7 @@ class LatentStore:
         )
         z = encode_frames(vae, frames[None])[0].to(torch.bfloat16).cpu()  # (no_grad inside)
         check_plausible(z, video, "latent")
-        write_safetensors_atomic(
-            self.path(vid), {LATENT_KEY: z}, metadata={"id": vid, "video": str(video)}
-        )
+        write_latent(self.path(vid), z, vid, video)
         return z
 
 
@@ -224,9 +235,9 @@ class LatentJobConfig:
     out: Path
     base_model: Path
     videos: Path | None = None  # root of relative paths in the CSV; default: the CSV's folder
-    num_frames: int = 81
-    height: int = 480
-    width: int = 832
+    num_frames: int | None = None  # None: the base model's default (Wan: 81×480×832, SPEC §2)
+    height: int | None = None
+    width: int | None = None
     resize: str = "stretch"  # "stretch" (paper) or "crop"
     backend: str = "pyav"  # "pyav" or "decord"
     vae_dtype: str = "float32"
@@ -238,17 +249,15 @@ class LatentJobConfig:
             raise ValueError(f"limit must be ≥ 1 (or none), got {self.limit}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be ≥ 0, got {self.num_workers}")
+        from dit_mem.loaders.base_model import clip_size
+
+        # None: the base model's default; the VAE's own rule (Wan: 4k+1 frames, multiples of 8)
+        # is checked by its family when the VAE is there (latent_manifest), before any encoding
+        size = clip_size(self.base_model, self.num_frames, self.height, self.width)
+        self.num_frames, self.height, self.width = size
         for name in ("num_frames", "height", "width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.height % 8 or self.width % 8:
-            raise ValueError(
-                f"height and width must be multiples of 8, got {self.height}×{self.width}"
-            )
-        if (self.num_frames - 1) % 4:
-            raise ValueError(
-                f"num_frames must be 4k+1 for the Wan VAE (e.g. 81), got {self.num_frames}"
-            )
         if self.resize not in ("stretch", "crop"):
             raise ValueError(f"resize must be 'stretch' or 'crop', got {self.resize!r}")
         if self.backend not in ("pyav", "decord"):
@@ -342,7 +351,8 @@ def unrecorded(old: dict, keys: tuple[str, ...], where: Any) -> tuple[str, ...]:
     return tuple(k for k in keys if k not in missing)
 
 
-def _manifest_for(cfg: LatentJobConfig, vae) -> dict:
+def latent_manifest(cfg: LatentJobConfig, vae) -> dict:
+    """The ``manifest.json`` of a latent folder made by ``vae`` at ``cfg``'s geometry."""
     settings = vae_settings(vae, cfg.num_frames, cfg.height, cfg.width)
     return {
         "format": FORMAT,
@@ -362,6 +372,15 @@ def _manifest_for(cfg: LatentJobConfig, vae) -> dict:
         "vae": str(cfg.base_model),
         "vae_dtype": cfg.vae_dtype,
     }
+
+
+def write_latent(path: Path, z: torch.Tensor, vid: str, video: Any = None) -> None:
+    """One latent file, written whole, with the checksum of its bytes (checked when read)."""
+    from dit_mem.utils.fingerprint import tensor_sha256
+
+    z = z.to(torch.bfloat16).cpu().contiguous()
+    meta = {"id": vid, "sha256": tensor_sha256(z), **({"video": str(video)} if video else {})}
+    write_safetensors_atomic(path, {LATENT_KEY: z}, metadata=meta)
 
 
 def append_failure(path: Path, record: dict) -> None:
@@ -436,14 +455,23 @@ def encode_latents(cfg: LatentJobConfig, vae=None, rows: list[dict] | None = Non
 def claim_latent_folder(cfg: LatentJobConfig, vae, job, fix: str = "use another --out folder"):
     """Write ``cfg.out``'s manifest (a new folder) or check it against this run's settings and
     VAE (``ValueError`` "already holds latents made with other settings")."""
-    manifest = _manifest_for(cfg, vae)
-
-    def compare(old: dict) -> None:
-        changes = vae_changes(old, manifest, _COMPARED, job.out)
-        refuse_other_settings(job.out, "latents", changes, fix)
-
-    job.claim(manifest, compare)
+    manifest = latent_manifest(cfg, vae)
+    job.claim(manifest, lambda old: _compare(old, manifest, job.out, fix))
     return manifest
+
+
+def claimable(cfg: LatentJobConfig, vae, fix: str) -> dict:
+    """``cfg.out``'s latents could be added to by this run (its settings and VAE), checked
+    without writing anything; returns the manifest this run makes."""
+    manifest = latent_manifest(cfg, vae)
+    path = Path(cfg.out) / MANIFEST
+    if path.is_file():
+        _compare(read_json_mapping(path), manifest, Path(cfg.out), fix)
+    return manifest
+
+
+def _compare(old: dict, new: dict, where: Path, fix: str) -> None:
+    refuse_other_settings(where, "latents", vae_changes(old, new, _COMPARED, where), fix)
 
 
 def _encode_share(cfg: LatentJobConfig, vae, job, rows: list[dict], root: Path) -> JobSummary:
@@ -530,11 +558,7 @@ def _encode_one(vae, item: dict, out: Path) -> str | None:
 
     try:
         z = encode_frames(vae, item["frames"][None])[0]
-        write_safetensors_atomic(
-            out / f"{item['id']}.safetensors",
-            {LATENT_KEY: z.to(torch.bfloat16).cpu()},
-            metadata={"id": item["id"], "video": item["video"]},
-        )
+        write_latent(out / f"{item['id']}.safetensors", z, item["id"], item["video"])
     except (RuntimeError, ValueError, OSError) as e:  # e.g. out of memory on one video
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

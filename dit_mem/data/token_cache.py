@@ -217,8 +217,18 @@ class TokenCache:
             if not 0 <= row < n:
                 raise ValueError(f"{path}: row {row} of {vid!r} is outside the shard ({n} rows)")
             high, low = (f.get_slice(k)[row : row + 1][0] for k in ("high", "low"))
+            names = set(f.keys())  # (shards of dit-mem ≤ 0.1 have no row checksums)
+            recorded = f.get_slice("rowhash")[row : row + 1] if "rowhash" in names else None
         except SafetensorError as e:
             raise ValueError(f"{path}: unreadable token shard ({e})") from None
+        if recorded is not None and not torch.equal(
+            token_row_hashes(high[None], low[None], rows=[row]), recorded
+        ):
+            raise ValueError(
+                f"{path}: the tokens of {vid!r} (row {row}) are damaged; cache them again: "
+                f"delete {path.name} and rerun `dit-mem cache-tokens` (`dit-mem bank verify BANK` "
+                "lists every damaged file)"
+            )
         want = (self.manifest["num_groups"], self.manifest["dim"])
         for part in (high, low):
             if tuple(part.shape) != want:
@@ -347,6 +357,14 @@ def build_token_cache(
     return summary
 
 
+def token_row_hashes(high: torch.Tensor, low: torch.Tensor, rows=None) -> torch.Tensor:
+    """Each row's checksum (both branches' bytes and the row number) as int64 ``[n]``."""
+    from dit_mem.utils.fingerprint import row_hashes
+
+    both = torch.cat([high.flatten(1), low.flatten(1)], dim=1).contiguous().view(torch.int16)
+    return torch.from_numpy(row_hashes(both.numpy(), rows=rows).view(np.int64))
+
+
 class _ShardWriter:
     """This process's next shards ``tokens-r<rank>-<k>.safetensors``, ``shard_size`` videos each."""
 
@@ -371,9 +389,10 @@ class _ShardWriter:
     def flush(self) -> None:
         if not self.ids:
             return
+        high, low = torch.cat(self.high), torch.cat(self.low)
         write_safetensors_atomic(
             self.out / f"{self.prefix}{self.next:06d}.safetensors",
-            {"high": torch.cat(self.high), "low": torch.cat(self.low)},
+            {"high": high, "low": low, "rowhash": token_row_hashes(high, low)},
             metadata={"ids": json.dumps(self.ids)},
         )
         self.next += 1
@@ -396,6 +415,26 @@ def _encode_share(encoder, store, job, pending: list[str], batch_size, shard_siz
     shards.flush()
     bar.close()
     return pos
+
+
+def rewrite_index(out: Path) -> int:
+    """``index.parquet`` (and the manifest's count) of the shards a cache holds now (after
+    damaged shards were removed); returns the count."""
+    import pandas as pd
+
+    where = _scan_shards(out)
+    table = pd.DataFrame(
+        {
+            "id": list(where),
+            "shard": [s for s, _ in where.values()],
+            "row": [r for _, r in where.values()],
+        }
+    )
+    with atomic_path(out / INDEX) as tmp:
+        table.to_parquet(tmp, index=False)
+    manifest = read_json_mapping(out / MANIFEST)
+    write_json_atomic(out / MANIFEST, {**manifest, "count": len(where)})
+    return len(where)
 
 
 def _finish_cache(encoder, store, out: Path, fingerprint: str, probe: str) -> float:

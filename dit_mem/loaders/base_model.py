@@ -90,6 +90,15 @@ class BaseModel:
             return DiTMemWanImageToVideoPipeline
         return self.flavour
 
+    def default_geometry(self) -> tuple[int, int, int]:
+        """``(frames, height, width)`` of a clip at the stock pipeline's defaults (Wan2.1:
+        81×480×832, the paper's; LTX-Video 161×512×704; HunyuanVideo-1.5 121 at its target size)."""
+        stock = self.call_parameters()
+        frames, height, width = (stock[k].default for k in ("num_frames", "height", "width"))
+        if height is None or width is None:
+            height, width = self.family.default_size(self)
+        return frames, height, width
+
     def vae_on_meta(self):
         """The VAE built from its config on the meta device (its geometry, no weights)."""
         config = self.configs["vae"]
@@ -160,6 +169,51 @@ def describe_base_model(source: str | Path | BaseModel, **hub: Any) -> BaseModel
     base.flavour  # noqa: B018  (a pipeline we have no memory flavour for is an error here)
     base.family  # noqa: B018
     return base
+
+
+def clip_size(source, num_frames=None, height=None, width=None) -> tuple[int, int, int]:
+    """The clip size latents are made at: the one given, else the base model's default (Wan:
+    81×480×832, the paper's, SPEC §2), checked against its VAE's rule before the VAE loads. A
+    VAE alone says no size: a Wan VAE's default is the paper's; another's must be given."""
+    given = (num_frames, height, width)
+    try:
+        base = describe_base_model(source)
+    except (OSError, ValueError):
+        base = None
+    if base is not None:
+        size = tuple(g or d for g, d in zip(given, base.default_geometry(), strict=True))
+        base.family.latent_shape(base.vae_on_meta(), *size)  # the VAE's rule, before it loads
+        return size  # type: ignore[return-value]
+    vae = _vae_on_meta(Path(source))
+    if None in given and type(vae).__name__ != "AutoencoderKLWan":
+        raise ValueError(
+            f"{source} is not a base model folder: give the clip size (--num-frames, --height, "
+            "--width; the paper's: 81, 480, 832)"
+        )
+    size = tuple(g or d for g, d in zip(given, (81, 480, 832), strict=True))
+    if vae is not None:
+        from dit_mem.backbone.families import family_of_vae
+
+        family_of_vae(vae).latent_shape(vae, *size)
+    return size  # type: ignore[return-value]
+
+
+def _vae_on_meta(path: Path):
+    """A VAE folder's (or a base folder's vae/) VAE on the meta device (a Wan ``.pth``: Wan2.1's
+    VAE); ``None`` when ``path`` says no VAE class."""
+    if path.suffix in (".pth", ".pt") or (path / ORIGINAL_VAE).is_file():
+        from diffusers import AutoencoderKLWan
+
+        with torch.device("meta"):
+            return AutoencoderKLWan()
+    for config in (path / "config.json", path / "vae" / "config.json"):
+        if config.is_file():
+            cls = _vae_class(config)
+            if cls is not None:
+                data = _read(config)
+                with torch.device("meta"):
+                    return cls.from_config({k: v for k, v in data.items() if not k.startswith("_")})
+    return None
 
 
 def family_of_folder(source: str | Path):

@@ -44,8 +44,10 @@ FORMAT = "dit-mem-index/3"  # /2: sha256 of index.faiss and ids.parquet; /3: ids
 FORMATS = ("dit-mem-index/1", "dit-mem-index/2", FORMAT)
 CHUNK = 65536  # vectors per add() and per embedding chunk: bounded memory at any bank size
 TRAIN_SAMPLE = 256 * 1024  # at most this many vectors train an IVF / PQ index
-RERANK_FILE = "vectors.npy"  # float16 [n, d]: exact re-ranking of pq candidates (size-checked:
-#                              hashing gigabytes at every open would cost more than the search)
+RERANK_FILE = "vectors.npy"  # float16 [n, d]: exact re-ranking of pq candidates; each row checked
+#                              where it is read, against ROWHASH_FILE (hashing gigabytes at every
+#                              open would cost more than the search)
+ROWHASH_FILE = "vectors.rowhash.npy"  # uint64 [n]: each re-rank row's checksum (row_hashes)
 BLAS_THRESHOLD = 16  # batches of ≥ 16 queries use BLAS (faiss 1.15 default: 128,000 = never)
 BLAS_DATABASE_BLOCK = 16384  # rows per GEMM block (default 1,024 makes BLAS no faster than SIMD)
 
@@ -303,19 +305,30 @@ def write_index_folder(
             n, d = sum(len(p) for p in parts), parts[0].shape[1]
             if n != index.ntotal:
                 raise ValueError(f"{n} re-rank vectors for an index of {index.ntotal}")
+            from dit_mem.utils.fingerprint import row_hashes
+
             dest = np.lib.format.open_memmap(tmp / RERANK_FILE, "w+", np.float16, (n, d))
+            hashes = np.empty(n, np.uint64)
             at = 0
             for part in parts:
                 for start in range(0, len(part), CHUNK):
                     chunk = np.asarray(part[start : start + CHUNK], dtype=np.float32)
                     dest[at : at + len(chunk)] = chunk
+                    hashes[at : at + len(chunk)] = row_hashes(dest[at : at + len(chunk)], at)
                     at += len(chunk)
             dest.flush()
             del dest
+            np.save(tmp / ROWHASH_FILE, hashes)
             size = (tmp / RERANK_FILE).stat().st_size
-            manifest["rerank"] = {"file": RERANK_FILE, "dtype": "float16", "bytes": size}
+            manifest["rerank"] = {
+                "file": RERANK_FILE,
+                "dtype": "float16",
+                "bytes": size,
+                "rowhash": ROWHASH_FILE,
+            }
             manifest["search"]["k_factor"] = k_factor
-        manifest["sha256"] = {name: file_sha256(tmp / name) for name in (INDEX_FILE, *FILES)}
+        checked = (INDEX_FILE, *FILES, *((ROWHASH_FILE,) if rerank is not None else ()))
+        manifest["sha256"] = {name: file_sha256(tmp / name) for name in checked}
         write_json_atomic(tmp / MANIFEST, manifest)
 
 
@@ -341,7 +354,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder")
     present = sorted(p.name for p in out.iterdir())
-    known = (INDEX_FILE, "ids.parquet", *FILES, RERANK_FILE, MANIFEST)
+    known = (INDEX_FILE, "ids.parquet", *FILES, RERANK_FILE, ROWHASH_FILE, MANIFEST)
     foreign = [n for n in present if n not in known]
     if foreign:
         raise ValueError(
@@ -359,44 +372,86 @@ def build_index(
     out: str | Path,
     model: str | Path | None = None,
     kind: IndexKind = "flat",
-    nlist: int | None = None,
-    nprobe: int = 16,
-    hnsw_m: int = 32,
-    ef_search: int = 128,
     batch_size: int = 256,
-    recall_queries: int = 1000,
     overwrite: bool = False,
     device: str | None = None,
     embedder=None,
     trust_remote_code: str | None = None,
-    factory: str | None = None,
-    k_factor: int = 4,
-    pq_m: int | None = None,
+    **settings,
 ) -> dict:
     """Embed the captions of ``csv`` and write an index folder at ``out``; returns the manifest.
 
-    Everything is read and computed before anything is written; the folder is then written
-    whole (:func:`write_index_folder`), and an existing index is only replaced with
-    ``overwrite=True``.
+    ``settings``: :func:`build_index_from_table`'s (``nlist``, ``nprobe``, ``hnsw_m``,
+    ``ef_search``, ``factory``, ``k_factor``, ``pq_m``, ``recall_queries``). Everything is read
+    and computed before anything is written; the folder is then written whole
+    (:func:`write_index_folder`), and an existing index is only replaced with ``overwrite=True``.
     """
-    import shutil
-
-    import faiss
-
     from dit_mem.retrieval.embedder import load_embedder
 
     out = Path(out)
     if kind not in KINDS:
         raise ValueError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    check_index_settings(nlist, nprobe, hnsw_m, ef_search, k_factor, pq_m)
-    for name, value, low in (("batch_size", batch_size, 1), ("recall_queries", recall_queries, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+    check_index_settings(
+        settings.get("nlist"),
+        settings.get("nprobe"),
+        settings.get("hnsw_m"),
+        settings.get("ef_search"),
+        settings.get("k_factor"),
+        settings.get("pq_m"),
+    )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")
     _check_out(out, overwrite)
     table = read_video_table(csv)
     emb = embedder
     if emb is None:
         emb = load_embedder(model, device=device, trust_remote_code=trust_remote_code)
+    return build_index_from_table(
+        table,
+        out,
+        emb,
+        kind=kind,
+        batch_size=batch_size,
+        csv=str(Path(csv).resolve()),
+        csv_sha256=file_sha256(csv),
+        **settings,
+    )
+
+
+def build_index_from_table(
+    table,
+    out: str | Path,
+    emb,
+    kind: IndexKind = "flat",
+    nlist: int | None = None,
+    nprobe: int | None = 16,
+    hnsw_m: int | None = 32,
+    ef_search: int | None = 128,
+    batch_size: int = 256,
+    recall_queries: int = 1000,
+    factory: str | None = None,
+    k_factor: int | None = 4,
+    pq_m: int | None = None,
+    csv: str | None = None,
+    csv_sha256: str | None = None,
+) -> dict:
+    """The index folder ``out`` of a video table's captions, embedded with ``emb``."""
+    import shutil
+
+    import faiss
+
+    nprobe, hnsw_m, ef_search = nprobe or 16, hnsw_m or 32, ef_search or 128
+    k_factor = k_factor or 4
+    if kind not in KINDS:
+        raise ValueError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    check_index_settings(nlist, nprobe, hnsw_m, ef_search, k_factor, pq_m)
+    if (
+        isinstance(recall_queries, bool)
+        or not isinstance(recall_queries, int)
+        or recall_queries < 0
+    ):
+        raise ValueError(f"recall_queries must be an integer ≥ 0, got {recall_queries!r}")
+    out = Path(out)
     spec = factory or factory_string(kind, len(table), emb.dim, nlist, hnsw_m, pq_m)
     reranked = kind == "pq" and factory is None  # candidates re-ranked from RERANK_FILE
 
@@ -440,8 +495,8 @@ def build_index(
         "k_factor": settings.get("k_factor"),
         "rows": int(index.ntotal),
         "dropped_empty_captions": int(table.attrs.get("dropped_empty_captions", 0)),
-        "csv": str(Path(csv).resolve()),
-        "csv_sha256": file_sha256(csv),
+        "csv": csv,
+        "csv_sha256": csv_sha256,
         "recall_at_5": round(recall, 4),
         "faiss_version": faiss.__version__,
         "seconds": {"embed": round(t_embed, 2), "build": round(t_build, 2)},

@@ -105,7 +105,9 @@ class Retriever:
             )
         self.manifest = _read_manifest(manifest)
         ids_files = ID_MAP_FILES if (self.root / ARROW_FILE).is_file() else (PARQUET_FILE,)
-        paths = {name: self.root / name for name in (MANIFEST, INDEX_FILE, *ids_files)}
+        rowhash = (self.manifest.get("rerank") or {}).get("rowhash")
+        checked = (MANIFEST, INDEX_FILE, *ids_files, *((rowhash,) if rowhash else ()))
+        paths = {name: self.root / name for name in checked}
         for p in paths.values():
             if not p.is_file():
                 raise FileNotFoundError(
@@ -165,8 +167,17 @@ class Retriever:
                 f"{path} does not match the size in {self.root / MANIFEST}: the folder was "
                 "changed after it was written; rebuild the index"
             )
+        hashes = None
+        if record.get("rowhash"):
+            hashes = np.load(self.root / record["rowhash"], allow_pickle=False)
+        else:
+            log.warning(
+                "%s: written by an older dit-mem, its rows unchecked; rebuild the index to have "
+                "them verified (`dit-mem bank build ... --reindex`)",
+                path,
+            )
         try:
-            vectors = RowReader(path)
+            vectors = RowReader(path, hashes)
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: not a readable vector file ({e})") from None
         if vectors.dtype != np.float16 or vectors.shape != (self.index.ntotal, self.index.d):
@@ -250,9 +261,10 @@ class Retriever:
         return self._embedder
 
     def leave_out(self, ids) -> None:
-        """Never return these bank videos (they have no memory: their encoding failed)."""
+        """Never return these bank videos (besides those left out before): they have no memory
+        (their encoding failed)."""
         rows = [r for r in self.id_map.rows_of(list(ids)) if r is not None]
-        self.unavailable = np.unique(np.asarray(rows, np.int64))
+        self.unavailable = np.union1d(self.unavailable, np.asarray(rows, np.int64))
 
     def row_of(self, vid: str) -> dict | None:
         """The id map's row of bank video ``vid`` (``None`` if it is not in the bank)."""
@@ -353,8 +365,8 @@ class RowReader:
     k_factor·k rows of a file of gigabytes, and nothing of the file is mapped into the process
     (what the operating system caches stays its own, shared and reclaimable)."""
 
-    def __init__(self, path: str | Path):
-        self.path = str(path)
+    def __init__(self, path: str | Path, hashes: np.ndarray | None = None):
+        self.path, self.hashes = str(path), hashes
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):
@@ -369,6 +381,8 @@ class RowReader:
         want = self.offset + shape[0] * self.row_bytes
         if os.path.getsize(path) != want:
             raise ValueError(f"{path}: {os.path.getsize(path)} bytes, expected {want}")
+        if hashes is not None and hashes.shape != (shape[0],):
+            raise ValueError(f"{path}: {len(hashes)} row checksums for {shape[0]} rows")
         self._fd = os.open(path, os.O_RDONLY)
 
     def __len__(self) -> int:
@@ -391,7 +405,21 @@ class RowReader:
                 raise ValueError(f"{self.path}: short read at row {int(rows[i])}")
             buf[i * self.row_bytes : j * self.row_bytes] = np.frombuffer(data, np.uint8)
             i = j
+        if self.hashes is not None:
+            self.check(rows, out)
         return out
+
+    def check(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """``ValueError`` naming the first row whose bytes do not match its checksum."""
+        from dit_mem.utils.fingerprint import row_hashes
+
+        bad = np.flatnonzero(row_hashes(values, rows=rows) != self.hashes[rows])
+        if len(bad):
+            raise ValueError(
+                f"{self.path}: row {int(rows[bad[0]])} is damaged ({len(bad)} of the {len(rows)} "
+                "rows read do not match their checksums); rebuild the index: `dit-mem bank build "
+                "... --reindex` (or `dit-mem bank verify BANK` for the whole file)"
+            )
 
     def __del__(self) -> None:
         fd = getattr(self, "_fd", None)
@@ -399,7 +427,7 @@ class RowReader:
             os.close(fd)
 
     def __getstate__(self) -> dict:  # pickled and copied by path: the copy opens the file again
-        return {"path": self.path}
+        return {"path": self.path, "hashes": self.hashes}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"])
+        self.__init__(state["path"], state.get("hashes"))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dit_mem.toyworld.world import FRAMES, SIZE, Clip, clips, concepts
-from dit_mem.utils import atomic_path, get_logger, write_safetensors_atomic
+from dit_mem.utils import atomic_path, get_logger
 
 log = get_logger(__name__)
 
@@ -36,8 +36,8 @@ def build_bank(out: Path, vae_dir: Path, cfg: BankStageConfig) -> Path:
     import torch
     from diffusers import AutoencoderKLWan
 
-    from dit_mem.bank import write_bank_manifest
-    from dit_mem.data.latents import LATENT_KEY, LatentJobConfig, _manifest_for
+    from dit_mem.bank.journal import Change, history, refresh_manifest
+    from dit_mem.data.latents import LatentJobConfig, latent_manifest, write_latent
     from dit_mem.retrieval import build_index
     from dit_mem.toyworld.base import encode_clips
     from dit_mem.utils import write_json_atomic
@@ -70,10 +70,8 @@ def build_bank(out: Path, vae_dir: Path, cfg: BankStageConfig) -> Path:
             chunk = todo[i : i + 64]
             z = encode_clips(vae, chunk).to(torch.bfloat16)
             for c, zi in zip(chunk, z, strict=True):
-                write_safetensors_atomic(
-                    latent_dir / f"{c.id}.safetensors", {LATENT_KEY: zi.clone()}
-                )
-        manifest = _manifest_for(job, vae)
+                write_latent(latent_dir / f"{c.id}.safetensors", zi, c.id)
+        manifest = latent_manifest(job, vae)
         manifest["vae"] = "toy-world VAE (stage 1)"
         manifest["source"] = "rendered toy-world clips (dit_mem.toyworld.world.render)"
         write_json_atomic(latent_dir / "manifest.json", manifest)  # last: marks it complete
@@ -83,5 +81,9 @@ def build_bank(out: Path, vae_dir: Path, cfg: BankStageConfig) -> Path:
     if not (index_dir / "manifest.json").is_file():
         shutil.rmtree(index_dir, ignore_errors=True)
         build_index(csv_path, index_dir)
-    write_bank_manifest(bank)
+    if history(bank):
+        refresh_manifest(bank)
+    else:  # the parts above, built in place stage by stage, recorded as the bank's build
+        with Change(bank, "build") as change:
+            change.commit({"memory": "eager", "source": "toy world stage 3 (rendered clips)"})
     return bank

@@ -81,3 +81,34 @@ def _onloaded_state(module: torch.nn.Module) -> dict:
 def vae_fingerprint(vae: torch.nn.Module) -> dict:
     """The fingerprint of a VAE's weights (:func:`weights_signature`)."""
     return weights_signature(vae)
+
+
+def row_hashes(block, start: int = 0, rows=None):
+    """A 64-bit checksum of each row of a 2-d array: its bytes and its row number (``start``
+    onwards, or ``rows``): a changed value, or two rows swapped, changes it. Damage detection,
+    not a cryptographic hash."""
+    import numpy as np
+
+    data = np.ascontiguousarray(block)
+    raw = data.view(np.uint8).reshape(len(data), -1)
+    pad = (-raw.shape[1]) % 8
+    if pad:
+        raw = np.concatenate([raw, np.zeros((len(raw), pad), np.uint8)], axis=1)
+    words = np.ascontiguousarray(raw).view(np.uint64)
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        mult = np.arange(1, words.shape[1] + 1, dtype=np.uint64) * golden | np.uint64(1)
+        h = ((words ^ (words >> np.uint64(29))) * mult).sum(axis=1, dtype=np.uint64)
+        where = np.arange(start, start + len(data)) if rows is None else np.asarray(rows)
+        h ^= (where.astype(np.uint64) + np.uint64(1)) * golden
+        h ^= h >> np.uint64(31)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(29)
+    return h
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes (contiguous, on the CPU)."""
+    return hashlib.sha256(
+        t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    ).hexdigest()

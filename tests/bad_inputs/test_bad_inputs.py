@@ -240,14 +240,20 @@ def first_shard(tokens: Path) -> Path:
     return sorted(tokens.glob("tokens-r*.safetensors"))[0]
 
 
-def edit_shard(tokens: Path, fn) -> None:
+def edit_shard(tokens: Path, fn, rehash: bool = True) -> None:
+    """Change the first shard's tensors; ``rehash``: as the cache job would have written them
+    (their row checksums agree), else as damage after the write."""
     from safetensors import safe_open
+
+    from dit_mem.data.token_cache import token_row_hashes
 
     shard = first_shard(tokens)
     with safe_open(str(shard), framework="pt") as f:
         meta = f.metadata()
     tensors = load_file(str(shard))
     fn(tensors)
+    if rehash and "rowhash" in tensors:
+        tensors["rowhash"] = token_row_hashes(tensors["high"], tensors["low"])
     save_file(tensors, str(shard), metadata=meta)
 
 
@@ -653,6 +659,11 @@ CASES: list[Case] = [
         r"tokens-r00-000000\.safetensors: the cached memory of .* holds NaN",
     ),
     token_case(
+        "shard-damaged",
+        lambda t, env: edit_shard(t, lambda x: x["high"].mul_(1.5), rehash=False),
+        r"tokens-r00-000000\.safetensors: the tokens of .* \(row \d+\) are damaged; cache them",
+    ),
+    token_case(
         "shard-path",
         lambda t, env: edit_token_index(t, "shard", "../../../x.safetensors"),
         r"index\.parquet: '\.\./\.\./\.\./x\.safetensors' is not a shard file name",
@@ -907,8 +918,15 @@ CASES: list[Case] = [
     ),
     # ---- latent job options ----
     encode_case("limit-negative", r"--limit: must be ≥ 1", "--limit", "-1"),
-    encode_case("num-frames", r"num_frames must be 4k\+1", "--num-frames", "16"),
-    encode_case("height", r"height and width must be multiples of 8", "--height", "30"),
+    encode_case(
+        "num-frames", r"AutoencoderKLWan takes 4k\+1 frames .* got 16 frames", "--num-frames", "16"
+    ),
+    encode_case(
+        "height",
+        r"height and width that are multiples of 8; got 17 frames of 30×64",
+        "--height",
+        "30",
+    ),
     encode_case("workers", r"--num-workers: must be ≥ 0", "--num-workers", "-1"),
     encode_case(
         "videos-missing", r"video folder not found: .*novideos", "--videos", "/nonexistent/novideos"
@@ -933,7 +951,7 @@ CASES: list[Case] = [
         lambda env: bank_build(
             env, csv=env.write("t.csv", "video,caption\n../model/x.mp4,a\n"), copy=False
         ),
-        r"1 video path\(s\) lie outside .*'\.\./model/x\.mp4'",
+        r"1 video path\(s\) of the table leave .*'\.\./model/x\.mp4'",
     ),
     Case(
         "bank/geometry-mismatch",

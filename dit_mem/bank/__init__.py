@@ -7,9 +7,10 @@
 Layout of a bank folder (``dit-mem bank build`` writes one from a video table, eagerly, lazily or
 for training; ``build-index / encode-latents / cache-tokens --bank DIR`` build its parts;
 ``dit-mem bank export`` makes a token-only copy to share, ``push_to_hub`` uploads one;
-``dit-mem bank import-release`` converts the release's files)::
+``dit-mem bank import-release`` converts the release's files; every change of the folder is
+all or nothing, and recorded: :mod:`dit_mem.bank.journal`)::
 
-    bank.json      format, the parts present, counts
+    bank.json      format, the parts present, counts, the history of its changes
     index/         caption index: index.faiss + id map (ids.arrow, lookups) + manifest.json
     latents/       <id>.safetensors VAE latents + manifest.json (encode-latents)
     tokens/        token cache of one memory encoder (cache-tokens), optional
@@ -22,7 +23,6 @@ encoder is refused: the latents are used instead, or, without latents, it is an 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import weakref
@@ -33,19 +33,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from dit_mem.bank.journal import BANK_MANIFEST, PARTS, read_manifest, wait_for_changes
 from dit_mem.data.latents import LatentStore
 from dit_mem.data.token_cache import TokenCache
+from dit_mem.data.video import VideoDecodeError
 from dit_mem.memory.tokens import MemoryTokens, VideoTokens
 from dit_mem.retrieval.retriever import Exclusion, RetrievalResult, Retriever
-from dit_mem.utils import atomic_dir, get_logger, write_json_atomic
+from dit_mem.utils import atomic_dir, get_logger
 from dit_mem.utils.device import execution_device
 
 log = get_logger(__name__)
 
-BANK_MANIFEST = "bank.json"
-FORMAT = "dit-mem-bank/1"
-PARTS = ("index", "latents", "tokens", "videos")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
+
+
+class NoMemory(Exception):
+    """Retrieved videos turned out to have no memory (undecodable on first use)."""
+
+    def __init__(self, ids: list[str]):
+        super().__init__(f"no memory for {ids}")
+        self.ids = ids
 
 
 class MemoryBank:
@@ -137,20 +144,15 @@ class MemoryBank:
             local_files_only=local_files_only,
             token=token,
         )
+        if local_files_only is not True and Path(path_or_repo_id).exists():
+            wait_for_changes(folder)  # a change being committed, or one a killed run left
         parts = {name: folder / name for name in PARTS if (folder / name).is_dir()}
         if "index" not in parts:
             raise FileNotFoundError(
                 f"{folder} is not a memory bank folder: no index/ (expected {BANK_MANIFEST}, "
                 "index/, latents/ and/or tokens/, videos/)"
             )
-        manifest = folder / BANK_MANIFEST
-        if manifest.is_file():
-            try:
-                meta = json.loads(manifest.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{manifest}: not valid JSON ({e})") from None
-            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-                raise ValueError(f"{manifest}: not a {FORMAT} manifest")
+        read_manifest(folder)  # a damaged or foreign bank.json is an error here
         bank = cls(
             parts["index"],
             parts.get("latents"),
@@ -200,10 +202,14 @@ class MemoryBank:
         """Write this bank as one folder (parts hard-linked where the file system allows, else
         copied), in place whole or not at all."""
         folder = Path(folder)
+        from dit_mem.bank.journal import describe, now
+        from dit_mem.utils import write_json_atomic
+
         with atomic_dir(folder) as tmp:
             for name, src in self.parts.items():
                 shutil.copytree(src, tmp / name, copy_function=_link_or_copy)
-            write_bank_manifest(tmp)
+            record = {"op": "save", "source": self.source["parts"], "when": now()}
+            write_json_atomic(tmp / BANK_MANIFEST, describe(tmp, [record]))
         return folder
 
     def push_to_hub(
@@ -238,7 +244,8 @@ class MemoryBank:
                 revision=revision,
                 commit_message=commit_message,
                 create_pr=create_pr,
-                ignore_patterns=[".lock", "**/.lock", ".tmp-*", "**/.tmp-*"]
+                ignore_patterns=[".lock", "**/.lock", ".tmp-*", "**/.tmp-*", ".journal.json"]
+                + [".building-*", ".building-*/**"]
                 + ([] if include_videos else ["videos/*", "videos/**"]),
             )
 
@@ -310,14 +317,19 @@ class MemoryBank:
         ``device``: where the encoder runs (default: its execution device, see :meth:`encode`);
         ``vae``: encodes retrieved videos that have no memory yet (a lazy bank, :meth:`encode`).
         """
-        hits = self.retrieve(prompts, k=k, exclude=exclude)
-        for prompt, hit in zip(prompts, hits, strict=True):
-            if len(hit) < k:
-                raise ValueError(
-                    f"retrieval found {len(hit)} of k={k} memory videos for prompt {prompt!r} "
-                    f"(the bank has {len(self)} videos)"
-                )
-        return self.encode([hit.ids for hit in hits], encoder, device=device, vae=vae), hits
+        while True:  # a video found undecodable on first use is left out: k from the next hits
+            hits = self.retrieve(prompts, k=k, exclude=exclude)
+            for prompt, hit in zip(prompts, hits, strict=True):
+                if len(hit) < k:
+                    raise ValueError(
+                        f"retrieval found {len(hit)} of k={k} memory videos for prompt {prompt!r} "
+                        f"(the bank has {len(self)} videos, {len(self.retriever.unavailable)} of "
+                        "them without memory)"
+                    )
+            try:
+                return self.encode([hit.ids for hit in hits], encoder, device=device, vae=vae), hits
+            except NoMemory as e:
+                self.retriever.leave_out(e.ids)
 
     @torch.no_grad()
     def encode(
@@ -400,8 +412,22 @@ class MemoryBank:
         self.latents.check_vae(vae)
         vae = self._vae_in_bank_dtype(vae)
         log.info("encoding %d bank video(s) on first use into %s", len(todo), self.latents.root)
+        failed = []
         for vid, path in paths.items():
-            self.latents.fill(vid, path, vae)
+            try:
+                self.latents.fill(vid, path, vae)
+            except VideoDecodeError as e:  # recorded as without memory, as an eager build does
+                self.latents.record_failure(vid, path, str(e))
+                failed.append(vid)
+        if failed:
+            log.warning(
+                "%d bank video(s) cannot be decoded (%s): recorded as without memory in %s; "
+                "retrieval leaves them out",
+                len(failed),
+                ", ".join(failed[:3]),
+                self.latents.root / "failures.jsonl",
+            )
+            raise NoMemory(failed)
 
     def _vae_in_bank_dtype(self, vae):
         """``vae``, or a copy in the dtype the bank's latents were encoded in (same latents)."""
@@ -492,39 +518,3 @@ def _link_or_copy(src: str, dst: str) -> str:
     except OSError:
         shutil.copy2(src, dst)
     return dst
-
-
-def build_record(folder: str | Path) -> dict | None:
-    """How the bank in ``folder`` was built (``bank.json``'s "build"; None if it has none)."""
-    try:
-        record = json.loads((Path(folder) / BANK_MANIFEST).read_text()).get("build")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def write_bank_manifest(folder: str | Path, build: dict | None = None) -> dict:
-    """(Re)write ``bank.json`` from the parts present in ``folder``: counts, the embedding model,
-    the geometry its latents are made at, videos without memory; ``build``: how it was built
-    (kept from the last record when not given)."""
-    folder = Path(folder)
-    parts = [name for name in PARTS if (folder / name).is_dir()]
-    manifest = {"format": FORMAT, "parts": parts}
-    if build is None:
-        build = build_record(folder)
-    if build is not None:
-        manifest["build"] = build
-    index_manifest = folder / "index" / "manifest.json"
-    if index_manifest.is_file():
-        meta = json.loads(index_manifest.read_text())
-        manifest["videos"] = meta.get("rows")
-        manifest["embedding_model"] = meta.get("model")
-    if (folder / "latents" / "manifest.json").is_file():
-        store = LatentStore(folder / "latents")
-        keys = ("num_frames", "height", "width", "resize", "latent_shape", "family")
-        keys += ("vae_class", "vae")  # (the VAE's fingerprint: in latents/manifest.json)
-        manifest["geometry"] = {k: store.manifest.get(k) for k in keys}
-        failed = store.failed_ids()
-        manifest["without_memory"] = sorted(failed)  # encoding failed: retrieval leaves them out
-    write_json_atomic(folder / BANK_MANIFEST, manifest)
-    return manifest
