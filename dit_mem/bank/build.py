@@ -243,6 +243,14 @@ def _check_index_settings(bank: Path, recorded: dict, cfg: BankBuildConfig) -> N
         )
 
 
+def _asks_for_another_index(bank: Path, cfg: BankBuildConfig) -> bool:
+    recorded = json.loads((bank / "index" / "manifest.json").read_text())
+    kind, factory = cfg.index.get("kind"), cfg.index.get("factory")
+    if factory is not None:
+        return factory != recorded.get("factory")
+    return kind is None or kind != recorded.get("kind")  # no kind named: rebuild as it is
+
+
 def _videos_moved(bank: Path, videos: Path) -> bool:
     """Whether ``videos`` is another folder than the bank's (a repair or a move: relinked)."""
     link = bank / "videos"
@@ -349,9 +357,11 @@ def _change_index(cfg: BankBuildConfig, plan: _Plan, vae, embedder, summary: Bui
         return
     if plan.relink:
         _relink(bank, plan, summary)
-    if cfg.reindex:
+    if cfg.reindex and _asks_for_another_index(bank, cfg):
         reindex(bank, cfg.index, embedder=embedder)
         summary.changes.append("reindex")
+    elif cfg.reindex:
+        log.info("%s: the index is of the kind asked for already; nothing to rebuild", bank)
     if cfg.add:
         summary.added, summary.unchanged = add_to_index(
             bank, plan.table, cfg.index, csv_record, embedder=embedder
@@ -470,23 +480,18 @@ def reindex(bank: Path, options: dict, embedder=None) -> dict:
     from dit_mem.retrieval.index import build_index_from_table
 
     r = _open_index(bank / "index", options, embedder)
-    table = r.table
-    settings = {k: v for k, v in options.items() if v is not None}
-    settings.setdefault(
-        "kind", r.manifest.get("kind") if r.manifest.get("kind") != "factory" else "flat"
-    )
+    loading = ("model", "device", "trust_remote_code")
+    settings = {k: v for k, v in options.items() if v is not None and k not in loading}
+    if "factory" not in settings:
+        settings.setdefault("kind", r.manifest.get("kind"))
     with Change(bank, "reindex", lock=False) as change:
         m = build_index_from_table(
-            table,
+            r.table,
             change.stage("index"),
-            embedder=r.embedder,
+            r.embedder,
             csv=r.manifest.get("csv"),
             csv_sha256=r.manifest.get("csv_sha256"),
-            **{
-                k: v
-                for k, v in settings.items()
-                if k not in ("model", "device", "trust_remote_code")
-            },
+            **settings,
         )
         change.commit({"from": r.manifest.get("factory"), "index": m["factory"], "rows": m["rows"]})
     return m

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from dit_mem.utils import get_logger, write_json_atomic
-from dit_mem.utils.io import LOCK_FILE, folder_lock, read_json_mapping
+from dit_mem.utils.io import LOCK_FILE, TMP_PREFIX, folder_lock, read_json_mapping
 
 log = get_logger(__name__)
 
@@ -190,7 +190,7 @@ def recover(bank: Path) -> None:
             ) from None
         log.warning("%s: finishing change %s, interrupted after its commit", bank, journal["tx"])
         _replay(bank, journal)
-    for leftover in bank.glob(f"{STAGING}*"):
+    for leftover in bank.glob(f"{TMP_PREFIX}*"):  # staged parts, and temporary files beside them
         _remove(leftover)
 
 
@@ -243,9 +243,8 @@ def _remove(path: Path) -> None:
 
 def is_bank_file(name: str) -> bool:
     """Whether a name in a bank folder is the bank's own (not a stranger's file)."""
-    return name in (*PARTS, BANK_MANIFEST, LOCK_FILE, JOURNAL, "README.md") or name.startswith(
-        STAGING
-    )
+    own = (*PARTS, BANK_MANIFEST, LOCK_FILE, JOURNAL, "README.md", ".building-tokens")
+    return name in own or name.startswith(TMP_PREFIX)
 
 
 @contextlib.contextmanager
