@@ -279,7 +279,7 @@ class MemoryBank:
             if vae not in self._vae_prints:
                 self._vae_prints[vae] = vae_fingerprint(vae)
             fingerprint = self._vae_prints[vae]
-        check_record(record, f"memory bank {where}", family, fingerprint)
+        check_record(record, where, family, fingerprint)
 
     # ------------------------------------------------------------------ retrieval
     def __len__(self) -> int:
@@ -354,11 +354,7 @@ class MemoryBank:
         device = execution_device(encoder) if device is None else torch.device(device)
         ids = [list(group) for group in ids]
         cached = self.tokens is not None and self._cache_matches(encoder)
-        if self.tokens is not None and not cached and self.latents is None:
-            raise ValueError(
-                f"{self.tokens.root}: the token cache was made by another memory encoder and the "
-                "bank has no latents to encode instead; rebuild it with `dit-mem cache-tokens`"
-            )
+
         unique = list(dict.fromkeys(v for group in ids for v in group))
         in_cache = {v for v in unique if v in self.tokens} if cached else set()
         self._fill([v for v in unique if v not in in_cache], vae)
@@ -454,10 +450,32 @@ class MemoryBank:
                 self._checked[encoder] = True
             except ValueError as e:
                 if self.latents is None:
-                    raise
+                    raise ValueError(self._token_only_advice()) from None
                 log.warning("%s; encoding the bank's latents instead", e)
                 self._checked[encoder] = False
         return self._checked[encoder]
+
+    def _token_only_advice(self) -> str:
+        """Why a token-only bank cannot serve another encoder, and what to do instead."""
+        from dit_mem.bank.journal import history
+
+        source = next(
+            (r.get("source") for r in history(self.tokens.root.parent) if r.get("op") == "export"),
+            None,
+        )
+        made_by = self.tokens.manifest.get("encoder_fingerprint", "?")[:12]
+        fix = (
+            f"export it again from its bank with your encoder: `dit-mem bank export --bank "
+            f"{source} --encoder YOUR_ENCODER --out NEW_FOLDER`"
+            if source
+            else "export it again, from the bank it came from, with your encoder (`dit-mem bank "
+            "export --bank SOURCE --encoder YOUR_ENCODER --out NEW_FOLDER`)"
+        )
+        return (
+            f"{self.tokens.root.parent} is a token-only bank of the memory encoder {made_by}…: its "
+            f"tokens serve that encoder alone (it has no latents to encode for another); use that "
+            f"encoder, or {fix}"
+        )
 
     # ------------------------------------------------------------------ previews
     def video_path(self, vid: str) -> Path | None:
