@@ -41,7 +41,7 @@ INPUTS = ("image", "last_image", "video", "mask", "reference_images")
 @dataclass
 class GenerationConfig:
     """Everything generation needs. ``None``: the family's or the stock pipeline's own (see the
-    module docstring); config/generate.yaml names the paper's Wan settings (SPEC §6)."""
+    module docstring); config/generate.yaml names the paper's Wan settings (method §6)."""
 
     base_model: Path = Path("model/Wan2.1-T2V-1.3B")  # a diffusers folder of any supported
     #  pipeline (Wan T2V / I2V / VACE, LTX-Video, HunyuanVideo-1.5), the original Wan2.1 folder,

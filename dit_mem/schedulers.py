@@ -1,6 +1,6 @@
 """The samplers generation chooses from by config (``GenerationConfig.scheduler``).
 
-* ``"flow-euler"``: :class:`PaperEulerScheduler`, the paper's sampler (SPEC §6): Euler steps of
+* ``"flow-euler"``: :class:`PaperEulerScheduler`, the paper's sampler (method §6): Euler steps of
   flow matching on σ = linspace(1, 0, N + 1)[:-1], shifted by ``shift`` (5), ending at σ = 0.
   That is DiffSynth's ``FlowMatchScheduler(shift=5, sigma_min=0, extra_one_step=True)``, which
   the release sampled with; diffusers' stock Euler spaces its N steps from σ = 1 to σ_min instead.

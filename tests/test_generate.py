@@ -106,7 +106,10 @@ def test_memory_from_token_cache_equals_memory_from_latents(demo, tmp_path):
     err = (from_cache.tokens - from_latents.tokens).norm() / from_latents.tokens.norm()
     assert err < 1e-2  # the cache stores bf16
     other = MemoryEncoder.from_preset("tiny")  # another encoder: the cache refuses it
-    with pytest.raises(ValueError, match="built with another memory encoder"):
+    with pytest.raises(
+        ValueError,
+        match="is a token-only bank of the memory encoder .*: its tokens serve that encoder alone",
+    ):
         MemoryBank.from_pretrained(cached).encode(ids, other)
 
 

@@ -1,4 +1,4 @@
-"""Memory tokens in the self-attention of a stock diffusers video DiT (SPEC §4, §9), any family.
+"""Memory tokens in the self-attention of a stock diffusers video DiT (method §4, §9), any family.
 
 ``attach_memory(model_or_pipeline)`` changes those instances only, and ``detach_memory`` undoes
 it; the family (:mod:`dit_mem.backbone.families`) is picked from the model's class. Memory takes

@@ -1,4 +1,4 @@
-"""The paper's form of memory injection, as the specification (SPEC §4, §9), for any family.
+"""The paper's form of memory injection, as the specification (method §4, §9), for any family.
 
 The release concatenates the 1,000 dense memory tokens to the video tokens inside every block's
 self-attention, as queries *and* keys: they get the block's pre-attention norm and modulation and

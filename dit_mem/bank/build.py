@@ -35,7 +35,7 @@ CARD = "README.md"
 @dataclass
 class BankBuildConfig:
     """Settings of ``dit-mem bank build``. Geometry ``None``: the base model's default (Wan:
-    81×480×832, the paper's, SPEC §2)."""
+    81×480×832, the paper's, method §2)."""
 
     csv: Path
     bank: Path

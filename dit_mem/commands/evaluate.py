@@ -63,7 +63,7 @@ def _shard(text: str) -> tuple[int, int]:
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, type=Path, help="run folder (created if needed)")
     g = p.add_argument_group(
-        "model: GenerationConfig keys, as for `dit-mem generate` (SPEC §6 defaults)"
+        "model: GenerationConfig keys, as for `dit-mem generate` (method §6 defaults)"
     )
     g.add_argument("--config", type=Path, help="YAML file of GenerationConfig keys")
     g.add_argument("--no-memory", action="store_true", help="baseline: the plain base model")

@@ -1,4 +1,4 @@
-"""``dit-mem train``: train the memory encoder (SPEC §5) under accelerate.
+"""``dit-mem train``: train the memory encoder (method §5) under accelerate.
 
     dit-mem train --config config/train_dit_mem.yaml [key=value ...] [--resume latest|PATH]
     accelerate launch --num_processes 8 -m dit_mem.cli train --config ...   (many GPUs)

@@ -229,13 +229,13 @@ class LatentStore:
 # --------------------------------------------------------------------------------------
 @dataclass
 class LatentJobConfig:
-    """Settings of ``dit-mem encode-latents`` (defaults: the paper, SPEC §2)."""
+    """Settings of ``dit-mem encode-latents`` (defaults: the paper, method §2)."""
 
     csv: Path
     out: Path
     base_model: Path
     videos: Path | None = None  # root of relative paths in the CSV; default: the CSV's folder
-    num_frames: int | None = None  # None: the base model's default (Wan: 81×480×832, SPEC §2)
+    num_frames: int | None = None  # None: the base model's default (Wan: 81×480×832, method §2)
     height: int | None = None
     width: int | None = None
     resize: str = "stretch"  # "stretch" (paper) or "crop"

@@ -1,4 +1,4 @@
-"""Video decoding for the memory bank (SPEC §2).
+"""Video decoding for the memory bank (method §2).
 
 ``load_video(path)`` → float tensor ``[3, F, H, W]`` in [-1, 1]:
 
@@ -31,7 +31,7 @@ class VideoDecodeError(ValueError):
 
 
 def sample_frame_indices(num_total: int, num_frames: int) -> np.ndarray:
-    """Indices of ``num_frames`` frames over a clip of ``num_total`` frames (SPEC §2)."""
+    """Indices of ``num_frames`` frames over a clip of ``num_total`` frames (method §2)."""
     if num_total < 1:
         raise ValueError(f"a clip needs at least one frame, got {num_total}")
     if num_frames < 1:

@@ -173,7 +173,7 @@ def describe_base_model(source: str | Path | BaseModel, **hub: Any) -> BaseModel
 
 def clip_size(source, num_frames=None, height=None, width=None) -> tuple[int, int, int]:
     """The clip size latents are made at: the one given, else the base model's default (Wan:
-    81×480×832, the paper's, SPEC §2), checked against its VAE's rule before the VAE loads. A
+    81×480×832, the paper's, method §2), checked against its VAE's rule before the VAE loads. A
     VAE alone says no size: a Wan VAE's default is the paper's; another's must be given."""
     given = (num_frames, height, width)
     try:

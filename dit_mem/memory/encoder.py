@@ -1,4 +1,4 @@
-"""The DiT-Mem memory encoder (SPEC §3).
+"""The DiT-Mem memory encoder (method §3).
 
     latents [B, N, C, T, H, W]                          N retrieved videos' VAE latents
       ├─ high-pass branch ─┐  per video: Conv3d → filter → ReLU → MaxPool  (×2),
@@ -171,7 +171,7 @@ def check_config(config: Mapping[str, Any]) -> None:
 def frequency_gains(
     channels: int, t: int, h: int, w: int, mode: Mode, clamp: tuple[float, float] = (0.2, 1.2)
 ) -> torch.Tensor:
-    """Real filter gains ``[C, t, h, w//2+1]`` for an rfftn over (T, H, W) (SPEC §3).
+    """Real filter gains ``[C, t, h, w//2+1]`` for an rfftn over (T, H, W) (method §3).
 
     f = |(f_t, f_h, f_w)| / √3 with each axis ``linspace(0, 1, bins)``; base curve
     0.2 + 0.8√f (high) or 1.2 − 0.8√f (low); channel c: ·linspace(0.7, 1.3, C)[c]
@@ -341,7 +341,7 @@ class SharedAttention(nn.Module):
 
 
 class MemoryEncoder(ModelMixin, ConfigMixin):
-    """Retrieved videos' latents → memory tokens for a Wan DiT (SPEC §3).
+    """Retrieved videos' latents → memory tokens for a Wan DiT (method §3).
 
     Build from a preset with ``MemoryEncoder.from_preset("wan2.1-1.3b")``; save and load with
     ``save_pretrained`` / ``from_pretrained`` (weights, BatchNorm statistics and config);

@@ -1,6 +1,6 @@
 """Loading the public release's memory encoder checkpoint (``DiT-Mem-1.3B.safetensors``).
 
-The release stores 38 parameter tensors (SPEC §7): names may carry a ``pipe.dit_mem.`` or
+The release stores 38 parameter tensors (method §7): names may carry a ``pipe.dit_mem.`` or
 ``dit_mem.`` prefix; each conv block is reachable as ``conv_block{i}`` or ``cnn.{i-1}``; every
 block has an unused ``bn`` (skipped). There are no filter gains (ours are a deterministic
 function) and no BatchNorm running statistics (defaults are used, and we say so once).

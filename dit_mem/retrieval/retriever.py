@@ -1,4 +1,4 @@
-"""``Retriever``: top-k memory videos for text prompts (SPEC §1, step 1).
+"""``Retriever``: top-k memory videos for text prompts (method §1, step 1).
 
     retriever = Retriever("memory_index/")               # model from the manifest
     [res] = retriever.retrieve(["a red fox in snow"], k=5)

@@ -1,4 +1,4 @@
-"""Training the memory encoder against a frozen Wan DiT (SPEC §5)."""
+"""Training the memory encoder against a frozen Wan DiT (method §5)."""
 
 from dit_mem.training.checkpoint import (
     Checkpoint,

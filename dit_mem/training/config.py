@@ -2,7 +2,7 @@
 
     cfg = load_train_config("config/train_dit_mem.yaml", ["optim.lr=2e-5", "data.k=3"])
 
-Defaults are the paper's (SPEC §5): AdamW, lr 1e-5, weight decay 0, batch 1 per device,
+Defaults are the paper's (method §5): AdamW, lr 1e-5, weight decay 0, batch 1 per device,
 k = 5, 5 epochs, bf16 mixed precision, gradient checkpointing through the frozen DiT, flow
 shift 5. The resolved config is saved into the run folder and into every checkpoint.
 """
@@ -72,10 +72,10 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    """Flow-matching objective (SPEC §5)."""
+    """Flow-matching objective (method §5)."""
 
     num_train_timesteps: int = 1000
-    flow_shift: float | None = None  # None: the family's (Wan: 5, SPEC §5)
+    flow_shift: float | None = None  # None: the family's (Wan: 5, method §5)
     weighting: Literal["wan", "none"] | None = None  # Wan's bell | uniform (None: the family's)
 
 

@@ -1,4 +1,4 @@
-"""The flow-matching training objective of Wan2.1 as DiT-Mem trains with it (SPEC §5).
+"""The flow-matching training objective of Wan2.1 as DiT-Mem trains with it (method §5).
 
 s   = linspace(1, 0, 1001)[:-1]            1000 sigmas, 1 → 0.001
 s'  = shift·s / (1 + (shift − 1)·s)        shift 5

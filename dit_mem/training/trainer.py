@@ -1,4 +1,4 @@
-"""Train the memory encoder against a frozen Wan DiT (SPEC §5) with accelerate.
+"""Train the memory encoder against a frozen Wan DiT (method §5) with accelerate.
 
     train(load_train_config("config/train_dit_mem.yaml", overrides), resume="latest")
 
@@ -624,7 +624,7 @@ def prepare_caches(cfg: TrainConfig, accelerator=None, bank=None):
 
 def training_objective(cfg: TrainConfig, dit: FrozenDiT, dataset) -> FlowMatchingObjective:
     """The flow-matching objective of the run: the config's shift and weighting, or the
-    family's (Wan: shift 5 and Wan's weighting, SPEC §5; LTX-Video: its sequence-length shift)."""
+    family's (Wan: shift 5 and Wan's weighting, method §5; LTX-Video: its sequence-length shift)."""
     shape = dataset[0]["x0"].shape if len(dataset) else ()
     shift = cfg.loss.flow_shift
     if shift is None:

@@ -676,7 +676,7 @@ CASES: list[Case] = [
     token_case(
         "other-encoder",
         lambda t, env: edit_manifest(t, encoder_fingerprint="0" * 64),
-        r"the token cache was built with another memory encoder",
+        r"is a token-only bank of the memory encoder .*: its tokens serve that encoder alone",
     ),
     token_case(
         "shard-garbage",

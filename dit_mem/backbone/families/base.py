@@ -1,7 +1,7 @@
 """What a DiT family is: the one place that knows a diffusers transformer's structure.
 
 Memory joins the block's own self-attention (or the video stream of its joint attention) the same
-way in every family (SPEC §4, §9). What differs, and what a family module says:
+way in every family (method §4, §9). What differs, and what a family module says:
 
 * which model classes it is (:attr:`Family.transformer_classes`), where its blocks and their
   attention are, which stock processor they run, and which pipeline attributes hold experts;

@@ -84,7 +84,7 @@ class WanFamily(Family):
     blocks_attribute = "blocks"
     default_fps = 16
     default_negative_prompt = WAN_NEGATIVE_PROMPT
-    default_loss_weighting = "wan"  # SPEC §5
+    default_loss_weighting = "wan"  # method §5
 
     def patch_size(self, config):
         t, h, _ = config.get("patch_size", (1, 2, 2))
@@ -151,7 +151,7 @@ class WanFamily(Family):
             "latents_std": [round(float(v), 6) for v in std],
         }
 
-    # -- training (SPEC §5): UMT5 text, zeros after the caption, no mask; shift 5 -------------
+    # -- training (method §5): UMT5 text, zeros after the caption, no mask; shift 5 -------------
     @staticmethod
     def tokenize(tokenizer, captions, max_tokens: int):
         """Wan's prompt tokens (``WanPipeline._get_t5_prompt_embeds``): each cleaned caption
