@@ -379,7 +379,9 @@ def test_load_memory_from_hub_ids_offline(world, hf_home):
         )
 
 
-def test_generate_command_with_hub_ids_in_a_temporary_hf_home(hf_home, tmp_path):
+def test_generate_command_with_hub_ids_in_a_temporary_hf_home(
+    hf_home, tmp_path, monkeypatch, capsys
+):
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "out"
     cmd = [
@@ -392,10 +394,19 @@ def test_generate_command_with_hub_ids_in_a_temporary_hf_home(hf_home, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     sidecar = json.loads((out / "a_red_circle_moving_right.json").read_text())
     assert sidecar["retrieved"][0]["caption"] == "a red circle moving right"
-    cmd[cmd.index("bank=toy/memory")] = "bank=toy/absent"
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "other settings (bank differ" in proc.stderr  # out is taken
-    cmd[cmd.index(str(out))] = str(tmp_path / "out2")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "toy/absent" in proc.stderr and "Traceback" not in proc.stderr
+    # the refusals, in this process (huggingface_hub reads its cache and offline mode at call
+    # time: the same temporary HF_HOME)
+    from huggingface_hub import constants
+
+    from dit_mem.cli import main
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    argv = cmd[3:]
+    argv[argv.index("bank=toy/memory")] = "bank=toy/absent"
+    assert main(argv) == 2  # out is taken
+    assert "other settings (bank differ" in capsys.readouterr().err
+    argv[argv.index(str(out))] = str(tmp_path / "out2")
+    assert main(argv) == 2
+    assert "toy/absent" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()  # nothing written for a run that could not start

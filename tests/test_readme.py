@@ -16,8 +16,9 @@ run by bash, top to bottom, with ``set -euo pipefail``, in a folder laid out as 
   49×112×112 clips, 2 denoising steps, 2 training steps, one video of a benchmark (VBench's from
   the temporal-flickering list, which scores offline).
 
-The Python snippets of "DiT-Mem in three lines" and "Every family, every Wan task" run with their
-Hub ids in a local Hub cache (offline), with the same tiny size added to the call.
+The Python snippets of "DiT-Mem in three lines" and "Every family, every Wan task" run in this
+process with their Hub ids in a local Hub cache (offline), with the same tiny size added to the
+call.
 """
 
 from __future__ import annotations
@@ -385,26 +386,10 @@ def test_your_own_bank_tiny_runs_as_written(own_clips, server):
     assert [r["caption"] for r in sidecar["retrieved"]][0].startswith("a magenta circle")
 
 
-SNIPPET_RUNNER = """
-import os, sys, torch
-torch.set_num_threads(1)
-tiny = {tiny!r}
-for folder, code in {snippets!r}:
-    os.chdir(folder)
-    code = code.replace('memory="retrieve"', 'memory="retrieve", **tiny[folder]')
-    scope = {{"tiny": tiny, "folder": folder}}
-    exec(compile(code, "README.md", "exec"), scope)
-    out = scope["out"]
-    assert out.memory and len(out.memory[0].ids) == 5, out.memory
-    print(folder, out.memory[0].ids)
-"""
-
-
-def test_python_snippets_run_with_hub_ids(paper_layout, tmp_path):
+def test_python_snippets_run_with_hub_ids(paper_layout, tmp_path, monkeypatch):
     """ "DiT-Mem in three lines" in the paper's layout (after the block above built its bank) and
     the LTX-Video example under the flavour table, their Hub ids in a local Hub cache, offline;
     the call gets the tiny size."""
-    import subprocess
 
     from dit_mem.bank.build import BankBuildConfig, build_bank
     from dit_mem.memory import MemoryEncoder
@@ -461,14 +446,14 @@ def test_python_snippets_run_with_hub_ids(paper_layout, tmp_path):
             "num_inference_steps": 2,
         },
     }
-    env = {
-        **os.environ,
-        "HF_HOME": str(tmp_path / "hf"),
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    script = SNIPPET_RUNNER.format(tiny=tiny, snippets=snippets)
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))  # (read at call time: offline,
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as HF_HOME=… HF_HUB_OFFLINE=1)
+    for folder, code in snippets:
+        monkeypatch.chdir(folder)
+        code = code.replace('memory="retrieve"', 'memory="retrieve", **tiny[folder]')
+        scope = {"tiny": tiny, "folder": folder}
+        exec(compile(code, "README.md", "exec"), scope)
+        out = scope["out"]
+        assert out.memory and len(out.memory[0].ids) == 5, out.memory

@@ -4,8 +4,6 @@ the caches, the config and the checkpoint bookkeeping."""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -320,15 +318,15 @@ def test_bad_config_is_named(override, message):
         load_train_config(YAML, [override])
 
 
-def test_cli_prints_resolved_config_and_names_unknown_keys():
-    run = [sys.executable, "-m", "dit_mem.cli", "train", "--config", str(YAML), "--print-config"]
-    out = subprocess.run(
-        [*run, "optim.lr=3e-5", "--set", "data.k=4"], capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    assert "lr: 3.0e-05" in out.stdout and "k: 4" in out.stdout
-    bad = subprocess.run([*run, "optim.nope=1"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "unknown config key optim.nope" in bad.stderr
+def test_cli_prints_resolved_config_and_names_unknown_keys(capsys):
+    from dit_mem.cli import main
+
+    run = ["train", "--config", str(YAML), "--print-config"]
+    assert main([*run, "optim.lr=3e-5", "--set", "data.k=4"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 3.0e-05" in out and "k: 4" in out
+    assert main([*run, "optim.nope=1"]) == 2
+    assert "unknown config key optim.nope" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------
