@@ -182,4 +182,15 @@ def format_table(table: dict) -> str:
                 f"| {name.replace('_', '-')} | {label[case]} | {r['colour']:.1%} | {held} "
                 f"| {r['shape']:.1%} | {r['direction']:.1%} | {r['n']} |"
             )
+    frames = [
+        (n, c, r) for n, rows in table.items() for c, r in rows.items() if r.get("colour_by_frame")
+    ]
+    if frames:
+        count = len(frames[0][2]["colour_by_frame"])
+        lines += ["", "Prompt's colour by frame position (share of videos):", ""]
+        lines.append("| prompts | memory | " + " | ".join(f"f{i}" for i in range(count)) + " |")
+        lines.append("|---|---|" + "---:|" * count)
+        for name, case, r in frames:
+            shares = " | ".join(f"{v:.0%}" for v in r["colour_by_frame"])
+            lines.append(f"| {name.replace('_', '-')} | {label[case]} | {shares} |")
     return "\n".join(lines)
