@@ -29,7 +29,7 @@ FAMILIES = ["wan", "ltx", "hunyuan15"]
 ROUTES = {
     "wan": ["auto", "lse", "joint"],
     "ltx": ["auto", "lse", "joint"],
-    "hunyuan15": ["auto", "joint"],
+    "hunyuan15": ["auto", "lse", "joint"],  # lse: the masked kernel, inference only
 }
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,10 +116,39 @@ def test_equals_dense_form_on_every_route(family):
         )
 
 
-def test_hunyuan_has_no_lse_route_for_its_masked_attention():
-    model = attached("hunyuan15", route="lse")
-    with pytest.raises(ValueError, match="'lse' memory route is not available here: a masked"):
-        run(model, tiny_inputs("hunyuan15"), memory_tokens=memory())
+def test_hunyuan_masked_lse_route_is_inference_on_native_only(monkeypatch):
+    """Its text padding mask: the lse route runs the masked kernel with its log-sum-exp (the
+    padded queries see no memory, as in the dense form), without gradients, on ``native``."""
+    model, inputs = attached("hunyuan15", route="lse"), tiny_inputs("hunyuan15")
+    assert not bool(inputs["encoder_attention_mask_2"].all())  # padded text in the batch
+    tokens = memory().tokens.requires_grad_(True)
+    with pytest.raises(ValueError, match="not available here: a masked attention with gradients"):
+        run(model, inputs, memory_tokens=MemoryTokens(tokens, memory().log_counts))
+    monkeypatch.setattr(  # set_attention_backend also sets the active one
+        _AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend
+    )
+    model.set_attention_backend("_native_math")
+    with torch.no_grad(), pytest.raises(ValueError, match="a masked attention on '_native_math'"):
+        run(model, inputs, memory_tokens=memory())
+
+
+def test_hunyuan_auto_route_runs_no_padded_head_dim_without_gradients(monkeypatch):
+    """``auto`` takes the lse route for inference: no joint attention (its padded head dim cost
+    HunyuanVideo-1.5 5% of a step's FLOPs, benchmarks/full_size.py); joint with gradients."""
+    from dit_mem.backbone import attention
+
+    joint = []
+    real = attention._joint_attention
+    monkeypatch.setattr(
+        attention, "_joint_attention", lambda *a, **k: joint.append(1) or real(*a, **k)
+    )
+    model, inputs = attached("hunyuan15"), tiny_inputs("hunyuan15")
+    with torch.no_grad():
+        run(model, inputs, memory_tokens=memory())
+    assert joint == []
+    tokens = memory().tokens.requires_grad_(True)
+    run(model, inputs, memory_tokens=MemoryTokens(tokens, memory().log_counts)).sum().backward()
+    assert len(joint) == 2 and tokens.grad.abs().sum() > 0  # one per block
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -37,11 +37,15 @@ def paper_encode(encoder, latents: torch.Tensor, generator: torch.Generator | No
         perm = torch.randperm(videos.num_videos, generator=generator)
         videos = videos.select(perm.to(videos.high.device))
     b, n, g, d = videos.high.shape
-    counts = videos.log_counts.exp().round().long().repeat(n).to(videos.high.device)
-    dense = [
-        encoder.attention(torch.repeat_interleave(t.reshape(b, n * g, d), counts, dim=1))
-        for t in (videos.high, videos.low)
+    # every distinct token its count of times (the counts are the encoder's pooling, a function
+    # of shapes: taken as numbers, the dense layout needs no tensor's values)
+    rows = [
+        v * g + i
+        for v in range(n)
+        for i, c in enumerate(encoder.high_pass.counts)
+        for _ in range(c)
     ]
+    dense = [encoder.attention(t.reshape(b, n * g, d)[:, rows]) for t in (videos.high, videos.low)]
     return MemoryTokens.from_dense(torch.cat(dense, dim=1))
 
 

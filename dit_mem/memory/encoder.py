@@ -175,8 +175,17 @@ def frequency_gains(
 
     f = |(f_t, f_h, f_w)| / √3 with each axis ``linspace(0, 1, bins)``; base curve
     0.2 + 0.8√f (high) or 1.2 − 0.8√f (low); channel c: ·linspace(0.7, 1.3, C)[c]
-    + linspace(−0.05, 0.05, C)[c], clamped. A pure function of its arguments.
+    + linspace(−0.05, 0.05, C)[c], clamped. A pure function of its arguments, cached: always
+    a real CPU tensor, even when first asked for under a fake-tensor mode or a default device
+    (else a later real call would get the cached fake or meta one).
     """
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes(), torch.device("cpu"):
+        return _compute_gains(channels, t, h, w, mode, clamp)
+
+
+def _compute_gains(channels, t, h, w, mode, clamp) -> torch.Tensor:
     axes = [torch.linspace(0, 1, n, dtype=torch.float64) for n in (t, h, w // 2 + 1)]
     gt, gh, gw = torch.meshgrid(*axes, indexing="ij")
     f = torch.sqrt(gt**2 + gh**2 + gw**2) / math.sqrt(3.0)
@@ -192,12 +201,10 @@ def frequency_gains(
 
 
 @functools.lru_cache(maxsize=64)
-def pooling_groups(in_len: int, out_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adaptive average pooling ``in_len → out_len`` as distinct windows.
-
-    Returns ``(weights [G, in_len], counts [G])``: output token i averages the window
-    ``[floor(i·n/L), ceil((i+1)·n/L))``; equal consecutive windows form one group.
-    """
+def pooling_windows(in_len: int, out_len: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """Adaptive average pooling ``in_len → out_len`` as distinct windows and their counts:
+    output token i averages ``[floor(i·n/L), ceil((i+1)·n/L))``; equal consecutive windows form
+    one group (numbers: a function of the shapes alone)."""
     windows: list[tuple[int, int]] = []
     counts: list[int] = []
     for i in range(out_len):
@@ -207,6 +214,12 @@ def pooling_groups(in_len: int, out_len: int) -> tuple[torch.Tensor, torch.Tenso
         else:
             windows.append(win)
             counts.append(1)
+    return windows, counts
+
+
+def pooling_groups(in_len: int, out_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pooling_windows` as ``(weights [G, in_len], counts [G])``."""
+    windows, counts = pooling_windows(in_len, out_len)
     weights = torch.zeros(len(windows), in_len)
     for g, (a, b) in enumerate(windows):
         weights[g, a:b] = 1.0 / (b - a)
@@ -288,6 +301,8 @@ class MemoryBranch(nn.Module):
         weights, counts = pooling_groups(self.grid[0], self.tokens_per_video)
         self.register_buffer("pool_weights", weights.clone(), persistent=False)
         self.register_buffer("log_counts", counts.float().log(), persistent=False)
+        # the same, as numbers (what shape-only code reads: a fake tensor has no values)
+        self.counts = tuple(pooling_windows(self.grid[0], self.tokens_per_video)[1])
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``[M, C, T, H, W]`` → per-time-step features ``[M, T', C'·H'·W']``."""

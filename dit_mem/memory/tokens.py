@@ -114,6 +114,13 @@ class MemoryTokens:
         )
 
 
+def is_fake(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a fake tensor (shape, dtype and device only, no values)."""
+    from torch._subclasses.fake_tensor import is_fake as fake
+
+    return fake(x)
+
+
 def check_memory_scale(scale: Any) -> float:
     """λ as a float; ``ValueError`` unless it is a finite number ≥ 0 (0: memory off, as an
     IP-Adapter scale of 0 turns that add-on off)."""
@@ -127,7 +134,11 @@ def check_memory_scale(scale: Any) -> float:
 
 
 def check_plausible(x: torch.Tensor, where: Any, what: str) -> None:
-    """``ValueError`` naming ``where`` if ``x`` holds NaN/Inf or values beyond ±1e4."""
+    """``ValueError`` naming ``where`` if ``x`` holds NaN/Inf or values beyond ±1e4. A fake
+    tensor (shapes without values: benchmarks/full_size.py) has no values to check; every real
+    tensor is checked."""
+    if is_fake(x):
+        return
     x = x.detach()
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{where}: the {what} holds NaN or infinite values")
@@ -159,7 +170,7 @@ def as_memory_tokens(memory: Any, name: str = "memory") -> MemoryTokens:
         raise ValueError(f"{name} is empty (G = 0); pass no memory instead")
     if not torch.compiler.is_compiling():
         check_plausible(memory.tokens, name, "memory")
-        if not bool(torch.isfinite(memory.log_counts).all()):
+        if not is_fake(memory.log_counts) and not bool(torch.isfinite(memory.log_counts).all()):
             raise ValueError(f"{name}: the log-multiplicities hold NaN or infinite values")
     return memory
 

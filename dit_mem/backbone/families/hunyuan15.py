@@ -211,6 +211,7 @@ class HunyuanVideo15Family(Family):
         hidden = torch.cat([x_t, torch.zeros_like(x_t), x_t.new_zeros(b, 1, t, h, w)], dim=1)
         image = x_t.new_zeros(b, VISION_TOKENS, transformer.config.image_embed_dim)
         fixed = fixed | {"image_embeds": image}
+        timestep = timestep.to(x_t.dtype)  # as its pipeline does (its time embedder does not cast)
         return super().predict(transformer, hidden, timestep, text, attention_kwargs, fixed)
 
     def latent_geometry(self, vae):
