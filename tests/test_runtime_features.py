@@ -220,3 +220,72 @@ def test_first_block_cache_skips_and_keeps_memory(call, want):
     assert torch.equal(first, want[0])  # the first call: every block, exact
     assert computed == len(model.blocks) and ran[computed:] == [0]  # the second: skipped
     assert rel_err(second, want[0]) <= 1e-6
+
+
+def _pab(model):
+    from diffusers import PyramidAttentionBroadcastConfig
+
+    model.enable_cache(
+        PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2,
+            spatial_attention_timestep_skip_range=(0, 1000),
+            current_timestep_callback=lambda: 500,
+        )
+    )
+
+
+def _pab_calls(model, call, **memory):
+    """Two guidance calls as separate calls (cond, then uncond), PAB's skip range 2: the
+    second call reuses the first's self-attention outputs."""
+    x, t, text, _ = call
+    outs = []
+    with torch.no_grad():
+        for name in ("cond", "uncond"):
+            with model.cache_context(name):
+                kwargs = memory or None
+                outs.append(model(x, t, text, attention_kwargs=kwargs, return_dict=False)[0])
+    return outs
+
+
+def test_pyramid_attention_broadcast_refuses_per_branch_memory(call):
+    """PAB keeps one attention output per module across calls: memory only in the conditional
+    branch would silently be in both. A loud refusal, naming PAB and what to do instead."""
+    mem = call[3]
+    model = attached()
+    _pab(model)
+    for negative in (None, MemoryTokens(mem.tokens.flip(1), mem.log_counts)):
+        with pytest.raises(ValueError, match="cannot hold under Pyramid Attention Broadcast"):
+            _pab_calls(model, call, memory_tokens=mem, negative_memory_tokens=negative)
+    # the same memory in both branches is what PAB computes: it runs and its skip path runs
+    model, ran = attached_with_pab(), []
+    for block in model.blocks:
+        block.attn1.to_q.register_forward_pre_hook(lambda m, a: ran.append(1))
+    x, t, text, _ = call
+    both = {"memory_tokens": mem, "negative_memory_tokens": mem}
+    with torch.no_grad(), model.cache_context("cond"):
+        cond = model(x, t, text, attention_kwargs=both, return_dict=False)[0]
+    computed = len(ran)
+    with torch.no_grad(), model.cache_context("uncond"):
+        model(x, t, text, attention_kwargs=both, return_dict=False)
+    assert computed > 0 and len(ran) == computed  # the second call computed no self-attention
+    plain = attached()
+    with torch.no_grad():
+        expected = plain(call[0], call[1], call[2], attention_kwargs={"memory_tokens": mem})
+    assert torch.equal(cond, expected.sample)
+
+
+def attached_with_pab():
+    model = attached()
+    _pab(model)
+    return model
+
+
+def test_pyramid_attention_broadcast_without_memory_is_stock(call):
+    """No memory given: the attached model under PAB equals the stock model under PAB, bit for
+    bit, skipped calls included."""
+    stock = tiny_transformer(seed=0)
+    _pab(stock)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(_pab_calls(attached_with_pab(), call), _pab_calls(stock, call), strict=True)
+    )

@@ -53,6 +53,7 @@ MEMORY_STRENGTH_KEY = "memory_strength"
 _MEMORY_KEYS = (MEMORY_TOKENS_KEY, NEGATIVE_MEMORY_TOKENS_KEY, MEMORY_STRENGTH_KEY)
 HOOK = "dit_mem.memory"
 BLOCK_HOOK = "dit_mem.memory_block"
+PAB_HOOK = "pyramid_attention_broadcast"  # the name diffusers registers its hook under
 _ATTACHMENT_ATTR = "_dit_mem_attachment"
 
 
@@ -153,6 +154,23 @@ def _unregister(module: nn.Module, name: str) -> None:
         del module.forward  # the registry put the plain bound method back as an attribute
 
 
+class CallContext(StateManager):
+    """The name of the running ``cache_context`` ("cond", "uncond", ...): diffusers hands it to
+    every stateful hook's state manager through ``StateManager.set_context``."""
+
+    def __init__(self):
+        super().__init__(BaseState)
+        self.name: str | None = None
+
+    def set_context(self, context) -> None:
+        super().set_context(context)
+        self.name = None if context is None else context.name
+
+    def reset(self, *args, **kwargs) -> None:
+        super().reset(*args, **kwargs)
+        self.name = None
+
+
 class MemoryHook(ModelHook):
     """The transformer's hook: takes each call's memory, and hears the loop's cache contexts."""
 
@@ -161,11 +179,10 @@ class MemoryHook(ModelHook):
     def __init__(self, attachment: MemoryAttachment):
         super().__init__()
         self.attachment = attachment
-        self.contexts = StateManager(BaseState)  # diffusers sets the running cache_context here
+        self.contexts = CallContext()
 
     def pre_forward(self, module: nn.Module, *args, **kwargs):
-        context = self.contexts._context
-        self.attachment.begin_call(module, args, kwargs, None if context is None else context.name)
+        self.attachment.begin_call(module, args, kwargs, self.contexts.name)
         return args, kwargs
 
     def reset_state(self, module: nn.Module) -> nn.Module:
@@ -280,6 +297,8 @@ class MemoryAttachment:
                 )
             negative = (attention_kwargs[NEGATIVE_MEMORY_TOKENS_KEY], NEGATIVE_MEMORY_TOKENS_KEY)
             given_parts = [negative if branch == "uncond" else memory for branch in layout]
+            if len(layout) == 1 and negative[0] is not memory[0]:
+                self.check_no_broadcast(module)
         else:
             given_parts = [memory] * len(layout or ("cond",))
         if strength == 0 or all(m is None for m, _ in given_parts):
@@ -300,6 +319,22 @@ class MemoryAttachment:
             arguments.get("timestep", args, kwargs)
         )
         self.memory = call
+
+    def check_no_broadcast(self, transformer: nn.Module) -> None:
+        """``ValueError`` if Pyramid Attention Broadcast caches a memory attention: it keeps one
+        output per attention module across calls, so with guidance as separate calls the
+        unconditional call would reuse the conditional call's attention, its memory included."""
+        for i, attn in enumerate(self.attentions(transformer)):
+            registry = getattr(attn, "_diffusers_hook", None)
+            if registry is not None and registry.get_hook(PAB_HOOK) is not None:
+                raise ValueError(
+                    "memory per guidance branch (negative_memory / negative_memory_tokens) cannot "
+                    f"hold under Pyramid Attention Broadcast (on block {i}'s attention): it keeps "
+                    "one attention output per module and reuses it in the next call, so the "
+                    "unconditional call would get the conditional call's memory. Use the same "
+                    "memory in both branches, or a cache that keeps a state per branch "
+                    "(FirstBlockCache, TaylorSeer, MagCache)"
+                )
 
     def check_processors(self, transformer: nn.Module) -> None:
         processors = [attn.processor for attn in self.attentions(transformer)]
