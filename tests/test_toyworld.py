@@ -216,8 +216,18 @@ def shipped():
 
 
 def test_shipped_manifest_records_how_the_assets_were_made():
+    """The recorded command, parsed by the package's own config loader today, gives the recorded
+    config: the recipe that made the assets is the recipe the package runs (a changed default
+    shows here)."""
+    import shlex
+
+    from dit_mem.config import load_config, to_dict
+    from dit_mem.toyworld.recipe import ToyWorldConfig
+
     manifest = json.loads((SHIPPED / "manifest.json").read_text())
     assert manifest["command"].startswith("dit-mem toyworld train")
+    overrides = shlex.split(manifest["command"])[3:]
+    assert to_dict(load_config(ToyWorldConfig, overrides=overrides)) == manifest["config"]
     assert manifest["config"]["memory"]["k"] == 2
     assert {"vae_s", "base_s", "memory_s"} <= set(manifest["stage_seconds"])
     held_out = manifest["metrics"]["held_out"]
