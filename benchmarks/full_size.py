@@ -38,7 +38,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-ROOT = Path(__file__).resolve().parents[1]
 K = 5
 
 # --------------------------------------------------------------------------------------
@@ -71,8 +70,10 @@ def register_missing_formulas() -> None:
 # The presets at their real size
 # --------------------------------------------------------------------------------------
 def _wan_config(name: str) -> dict:
-    data = json.loads((ROOT / "dit_mem" / "loaders" / "configs" / f"{name}.json").read_text())
-    return {k: v for k, v in data["transformer"].items() if not k.startswith("_")}
+    """The shipped Wan2.1 transformer config (``dit_mem/models/configs``)."""
+    from dit_mem.models.wan import preset_configs
+
+    return {k: v for k, v in preset_configs(name)["transformer"].items() if not k.startswith("_")}
 
 
 @dataclass

@@ -25,26 +25,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import full_size  # benchmarks/full_size.py (this folder is on sys.path when a script here runs)
 import torch
 
 HERE = Path(__file__).resolve().parent
-
-
-def _full_size():
-    name = "full_size"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "full_size.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up by name
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def _relative(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -67,7 +57,7 @@ def run(preset, frames: int | None = None, repeats: int = 3, seed: int = 0) -> d
     family = family_of(model)
     c, (t, h, w) = encoder.config.in_channels, encoder.config.latent_shape
     x = torch.randn(1, c, frames or t, h, w)
-    memory_latents = torch.randn(1, _full_size().K, c, t, h, w)
+    memory_latents = torch.randn(1, full_size.K, c, t, h, w)
     texts = [{s: torch.randn(n, d) for s, (n, d) in preset.text.items()}]
     text = family.text_kwargs(texts, max(n for n, _ in preset.text.values()))
     timestep = torch.tensor([500.0])
@@ -152,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # its note on casting with to() is for loaded weights
-    fs = _full_size()
+    fs = full_size
     every = {**fs.presets(), **fs.tiny_presets()}
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="all", choices=[*every, "all", "tiny"])

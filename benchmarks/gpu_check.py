@@ -22,26 +22,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import full_size  # benchmarks/full_size.py (this folder is on sys.path when a script here runs)
 import torch
 
 HERE = Path(__file__).resolve().parent
-
-
-def _full_size():
-    name = "full_size"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "full_size.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def backends(device: torch.device) -> list[str]:
@@ -99,7 +89,7 @@ def build(preset, device: torch.device, dtype: torch.dtype, seed: int = 0):
     text = family.text_kwargs(texts, max(n for n, _ in preset.text.values()))
     io = {
         "x": torch.randn(1, c, t, h, w, generator=g),
-        "memory_latents": torch.randn(1, _full_size().K, c, t, h, w, generator=g),
+        "memory_latents": torch.randn(1, full_size.K, c, t, h, w, generator=g),
         "text": text,
         "t": torch.tensor([500.0]),
     }
@@ -247,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    fs = _full_size()
+    fs = full_size
     if args.tiny:
         preset, device = fs.tiny_presets()["tiny-wan"], torch.device("cpu")
     else:

@@ -80,7 +80,7 @@ def get_size(family: str, name: str) -> Size:
     """``full``: the real models (Wan2.1-T2V-1.3B at 480×832×81; LTX-Video 2B at 512×704×161;
     HunyuanVideo-1.5 at 480×848×121), the family's encoder preset. ``reduced``: 2 blocks of width
     128, an encoder of that width, small latents, a 2-layer UMT5 of width 384."""
-    from dit_mem.loaders.wan import preset_configs
+    from dit_mem.models.wan import preset_configs
 
     if family == "wan":
         shipped = preset_configs("wan2.1-t2v-1.3b")

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dit-mem",
         description="DiT-Mem: retrieve reference videos, encode them into memory tokens, "
-        "and guide a frozen Wan DiT with them.",
+        "and guide a frozen video DiT (Wan, LTX-Video, HunyuanVideo-1.5) with them.",
     )
     parser.add_argument("--version", action="version", version=f"dit-mem {__version__}")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
@@ -47,12 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (a file, a folder, an option), not a bug of ours.
 
-    ``OSError`` covers missing, unreadable or wrongly laid out files and folders (diffusers and
-    transformers raise it for model folders); ``SafetensorError`` a damaged weights file.
+    ``UserError`` is what dit-mem raises for bad input; ``OSError`` covers missing, unreadable or
+    wrongly laid out files and folders (diffusers and transformers raise it for model folders);
+    ``SafetensorError`` a damaged weights file. Anything else is a bug and keeps its traceback.
     """
     from safetensors import SafetensorError
 
-    return (ValueError, OSError, SafetensorError)
+    from dit_mem.errors import UserError
+
+    return (UserError, OSError, SafetensorError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dit-mem {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        print(
+            f"dit-mem {args.command}: internal error (a bug in dit-mem, not in your input): "
+            "please report it with the traceback below",
+            file=sys.stderr,
+        )
+        raise
 
 
 if __name__ == "__main__":

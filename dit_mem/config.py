@@ -19,12 +19,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from dit_mem.errors import UserError
 from dit_mem.utils.io import write_text_atomic
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override that does not fit the config's schema."""
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from dit_mem.config import ConfigError, to_dict
+from dit_mem.errors import UserError
 from dit_mem.retrieval.retriever import RetrievalResult
 from dit_mem.schedulers import SchedulerKind
 from dit_mem.utils.logging import get_logger
@@ -190,8 +191,8 @@ def load_generation_config(path: str | Path | None, overrides: list[str] | None 
 def resolve_config(cfg: GenerationConfig, base=None) -> GenerationConfig:
     """``cfg`` with every ``None`` setting the family's or the stock pipeline's own, checked
     against the base model (its configs only: nothing loads); ``base``: a described base model
-    (:func:`~dit_mem.loaders.base_model.describe_base_model`), read from ``cfg`` if not given."""
-    from dit_mem.loaders.base_model import describe_base_model
+    (:func:`~dit_mem.models.base_model.describe_base_model`), read from ``cfg`` if not given."""
+    from dit_mem.models.base_model import describe_base_model
 
     base = describe_base_model(base if base is not None else cfg.base_model)
     family = base.family
@@ -227,7 +228,7 @@ def resolve_config(cfg: GenerationConfig, base=None) -> GenerationConfig:
         )
     try:
         base.check_geometry(values["num_frames"], values["height"], values["width"])
-    except ValueError as e:
+    except UserError as e:
         raise ConfigError(f"{cfg.base_model}: {e}") from None
     if values["scheduler"] != "model" and cfg.shift is None:
         latent = latent_shape(base, values["num_frames"], values["height"], values["width"])
@@ -244,12 +245,14 @@ def latent_shape(base, num_frames: int, height: int, width: int) -> list[int]:
 def check_inputs(base, inputs: dict[str, Any], where: str, required: bool = True) -> None:
     """``ValueError`` for a conditioning input the base model's pipeline does not take, or (with
     ``required``) a required one missing (the option that gives it named)."""
+    from dit_mem.pipeline import runner_of
+
     stock = base.call_parameters(image=inputs.get("image") is not None)
     for name in inputs:
         if name not in stock:
             takes = [n for n in INPUTS if n in stock]
             raise ConfigError(
-                f"{where} gives {name}, but a {base.runner(image=True).__name__} ({base.folder}) "
+                f"{where} gives {name}, but a {runner_of(base, image=True).__name__} ({base.folder}) "
                 f"takes {', '.join(takes) if takes else 'no conditioning input'}"
             )
     for name in INPUTS if required else ():
@@ -333,7 +336,8 @@ def load_pipeline(cfg: GenerationConfig):
     """The base model's memory flavour (its own ``from_pretrained``: everything the folder
     carries is kept), on the config's device, with the config's scheduler (:func:`resolve_config`)
     and, unless ``no_memory``, memory loaded."""
-    from dit_mem.loaders.base_model import describe_base_model, load_base_model
+    from dit_mem.models.base_model import describe_base_model
+    from dit_mem.pipeline import load_base_model
     from dit_mem.schedulers import make_scheduler
 
     base = describe_base_model(cfg.base_model)
@@ -396,7 +400,7 @@ def generate(
     use_memory = not (cfg.no_memory if no_memory is None else no_memory)
     mode = memory_mode or cfg.memory_mode
     if use_memory and getattr(pipe, "memory_bank", None) is None:
-        raise ValueError("this pipeline was loaded with no_memory=true (no bank to retrieve from)")
+        raise UserError("this pipeline was loaded with no_memory=true (no bank to retrieve from)")
     given = {**cfg.inputs, **{k: v for k, v in (inputs or {}).items() if v is not None}}
     runner = runner_for(pipe, "image" in given)
     call = call_arguments(runner, cfg, seed, use_memory, mode)

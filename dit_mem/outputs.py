@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dit_mem.errors import UserError
 from dit_mem.evaluation.video_io import write_mp4
 from dit_mem.utils.io import atomic_path, write_json_atomic
 
@@ -42,7 +43,7 @@ def check_stem(name: str, what: str) -> str:
     if stem.lower().endswith(".mp4"):
         stem = stem[: -len(".mp4")]
     if not stem or stem in (".", "..") or stem.startswith(".") or any(c in stem for c in "/\\\0"):
-        raise ValueError(
+        raise UserError(
             f"{what}: bad file name {name!r} (a name inside the output folder: no '/', no '..', "
             "not starting with '.')"
         )
@@ -77,7 +78,7 @@ def contact_sheet(
 ) -> Path:
     """Write rows of ``columns`` frames (each ``[F, H, W, 3]`` uint8) with a label above each row."""
     if not rows:
-        raise ValueError("contact sheet needs at least one row")
+        raise UserError("contact sheet needs at least one row")
     label_h, pad = 16, 4
     first = rows[0][1]
     aspect = first.shape[2] / first.shape[1]

@@ -19,18 +19,38 @@ folder's ``model_index.json``, as diffusers' ``AutoPipelineFor*`` classes do.
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 import torch
 from diffusers import (
+    AutoencoderKLHunyuanVideo15,
+    AutoencoderKLLTXVideo,
+    AutoencoderKLWan,
+    ClassifierFreeGuidance,
     DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
     HunyuanVideo15Pipeline,
+    HunyuanVideo15Transformer3DModel,
     LTXPipeline,
+    LTXVideoTransformer3DModel,
     WanImageToVideoPipeline,
     WanPipeline,
+    WanTransformer3DModel,
     WanVACEPipeline,
+    WanVACETransformer3DModel,
 )
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
+from transformers import (
+    AutoTokenizer,
+    ByT5Tokenizer,
+    CLIPImageProcessor,
+    CLIPVisionModel,
+    Qwen2_5_VLTextModel,
+    Qwen2Tokenizer,
+    T5EncoderModel,
+    T5TokenizerFast,
+    UMT5EncoderModel,
+)
 
 from dit_mem.backbone.families.wan import WAN_NEGATIVE_PROMPT  # noqa: F401 (re-exported)
 from dit_mem.backbone.injection import (
@@ -40,9 +60,13 @@ from dit_mem.backbone.injection import (
     experts,
     get_attachment,
 )
+from dit_mem.errors import UserError
 from dit_mem.loaders import MemoryLoaderMixin
 from dit_mem.memory.encoder import MemoryEncoder
 from dit_mem.memory.tokens import MemoryTokens, as_memory_tokens, check_memory_scale
+from dit_mem.models.base_model import BaseModel, component_names, describe_base_model
+from dit_mem.models.wan import COMPONENTS as WAN_COMPONENTS
+from dit_mem.models.wan import load_wan_components
 from dit_mem.retrieval.retriever import RetrievalResult
 from dit_mem.utils.logging import get_logger
 
@@ -163,7 +187,7 @@ class MemoryPipelineMixin(MemoryLoaderMixin):
         if path is not None:
             record |= read_json_mapping(path)
             if record.get("format") != MEMORY_RECORD_FORMAT:
-                raise ValueError(f"{path}: not a {MEMORY_RECORD_FORMAT} record")
+                raise UserError(f"{path}: not a {MEMORY_RECORD_FORMAT} record")
         bank = memory_bank
         if bank is SAME:
             bank = None
@@ -196,17 +220,17 @@ class MemoryPipelineMixin(MemoryLoaderMixin):
         scale = self._memory_scale if memory_scale is None else check_memory_scale(memory_scale)
         if memory is None or scale == 0:
             if memory is None and negative_memory is not SAME and negative_memory is not None:
-                raise ValueError("negative_memory was given without memory")
+                raise UserError("negative_memory was given without memory")
             if given and not self._memory_attached():
-                raise ValueError(
+                raise UserError(
                     f"attention_kwargs carry {given}, but no memory is attached to this pipeline: "
                     "call pipe.load_memory(...) (or dit_mem.attach_memory(pipe)) first"
                 )
             return self._output(self._stock.__call__(self, **call), None, call)
         if given:
-            raise ValueError(f"give memory as memory=..., not also in attention_kwargs ({given})")
+            raise UserError(f"give memory as memory=..., not also in attention_kwargs ({given})")
         if not self._memory_attached():
-            raise ValueError(
+            raise UserError(
                 "memory was given, but this pipeline has none loaded: call "
                 "pipe.load_memory(encoder, bank=...) first (or dit_mem.attach_memory(pipe) "
                 "to pass MemoryTokens)"
@@ -217,13 +241,13 @@ class MemoryPipelineMixin(MemoryLoaderMixin):
         hits = None
         if isinstance(memory, str):
             if memory != RETRIEVE:
-                raise ValueError(
+                raise UserError(
                     f"memory must be {RETRIEVE!r}, MemoryTokens or None, got {memory!r}"
                 )
             memory, hits = self._retrieve(call, k)
         memory = self._prepare(memory, batch, per_prompt, "memory")
         if isinstance(negative_memory, str):
-            raise ValueError("negative_memory must be MemoryTokens, None or the default (same)")
+            raise UserError("negative_memory must be MemoryTokens, None or the default (same)")
         attention_kwargs = {**user_kwargs, MEMORY_TOKENS_KEY: memory, MEMORY_STRENGTH_KEY: scale}
         if negative_memory is not SAME:  # the unconditional rows' own memory (or none)
             negative = negative_memory
@@ -249,20 +273,20 @@ class MemoryPipelineMixin(MemoryLoaderMixin):
             return len(prompt)
         embeds = call.get("prompt_embeds")
         if embeds is None:
-            raise ValueError("Provide either `prompt` or `prompt_embeds`.")
+            raise UserError("Provide either `prompt` or `prompt_embeds`.")
         return embeds.shape[0]
 
     def _retrieve(self, call: dict, k: int) -> tuple[MemoryTokens, list[RetrievalResult]]:
         if self.memory_bank is None or getattr(self, "memory_encoder", None) is None:
-            raise ValueError(
+            raise UserError(
                 'memory="retrieve" needs a memory bank and encoder: pipe.load_memory(encoder, '
                 "bank=...)"
             )
         prompt = call.get("prompt")
         if prompt is None:
-            raise ValueError('memory="retrieve" needs the prompt text (not only prompt_embeds)')
+            raise UserError('memory="retrieve" needs the prompt text (not only prompt_embeds)')
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an integer ≥ 1, got {k!r}")
+            raise UserError(f"k must be an integer ≥ 1, got {k!r}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         return self.memory_bank.memory(  # the VAE fills a lazy bank's videos on first use
             prompts, self.memory_encoder, k=k, device=self._execution_device, vae=self.vae
@@ -271,14 +295,14 @@ class MemoryPipelineMixin(MemoryLoaderMixin):
     def _prepare(self, memory: Any, batch: int, per_prompt: int, name: str) -> MemoryTokens:
         """Check, broadcast over ``num_videos_per_prompt`` and cast to the transformer."""
         if isinstance(memory, str):
-            raise ValueError(
+            raise UserError(
                 f"{name} must be MemoryTokens, a dense [B, L, D] tensor, {RETRIEVE!r} or None"
             )
         memory = as_memory_tokens(memory, name)
         if memory.batch_size == batch and per_prompt > 1:
             memory = memory.repeat_batch(per_prompt)  # prompt-major, as the prompt embeddings
         elif memory.batch_size not in (1, batch * per_prompt):
-            raise ValueError(
+            raise UserError(
                 f"{name} has batch {memory.batch_size}; expected 1 (shared), {batch} (one per "
                 f"prompt) or {batch * per_prompt} (one per video)"
             )
@@ -295,25 +319,12 @@ class MemoryPipelineMixin(MemoryLoaderMixin):
 # --------------------------------------------------------------------------------------
 # The flavours: a stock pipeline + the mixin + an optional ``memory_encoder`` component
 # --------------------------------------------------------------------------------------
-def _memory_flavour(stock: type[DiffusionPipeline], name: str) -> type:
-    init = inspect.signature(stock.__init__)
-    encoder = inspect.Parameter(
-        "memory_encoder",
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        default=None,
-        annotation=MemoryEncoder | None,
-    )
+def _memory_call(stock: type[DiffusionPipeline]):
+    """The ``__call__`` of a flavour: the stock ``__call__``'s arguments, then memory's.
 
-    def __init__(self, *args, memory_encoder: MemoryEncoder | None = None, **kwargs):
-        stock.__init__(self, *args, **kwargs)
-        self.register_modules(memory_encoder=memory_encoder)
-
-    __init__.__signature__ = init.replace(parameters=[*init.parameters.values(), encoder])
-    try:  # diffusers reads the component types with get_type_hints (from_pipe, from_pretrained)
-        hints = get_type_hints(stock.__init__)
-    except Exception:  # unresolvable string annotations: the signature's objects
-        hints = {n: p.annotation for n, p in init.parameters.items() if p.annotation is not p.empty}
-    __init__.__annotations__ = {**hints, "memory_encoder": MemoryEncoder | None}
+    The signature is the stock's with :data:`MEMORY_ARGUMENTS` appended, so ``help()``, IDEs and
+    :meth:`inspect.signature` show every argument without this module repeating twenty of them.
+    """
 
     @torch.no_grad()
     def __call__(self, *args, memory=None, negative_memory=SAME, memory_scale=None, k=5, **kwargs):
@@ -335,29 +346,174 @@ def _memory_flavour(stock: type[DiffusionPipeline], name: str) -> type:
     stock_call = inspect.signature(stock.__call__)
     ours = [p for n, p in inspect.signature(__call__).parameters.items() if n in MEMORY_ARGUMENTS]
     __call__.__signature__ = stock_call.replace(parameters=[*stock_call.parameters.values(), *ours])
-    seq = stock.model_cpu_offload_seq.replace("transformer", "memory_encoder->transformer", 1)
-    namespace = {
-        "__module__": __name__,
-        "__qualname__": name,
-        "__doc__": f"``{stock.__name__}`` with DiT-Mem's memory (see :mod:`dit_mem.pipeline`).",
-        "_stock": stock,
-        "_optional_components": [*getattr(stock, "_optional_components", []), "memory_encoder"],
-        "model_cpu_offload_seq": seq,
-        "__init__": __init__,
-        "__call__": __call__,
-    }
-    return type(name, (MemoryPipelineMixin, stock), namespace)
+    return __call__
 
 
-DiTMemPipeline = _memory_flavour(WanPipeline, "DiTMemPipeline")
-DiTMemWanImageToVideoPipeline = _memory_flavour(
-    WanImageToVideoPipeline, "DiTMemWanImageToVideoPipeline"
-)
-DiTMemWanVACEPipeline = _memory_flavour(WanVACEPipeline, "DiTMemWanVACEPipeline")
-DiTMemLTXPipeline = _memory_flavour(LTXPipeline, "DiTMemLTXPipeline")
-DiTMemHunyuanVideo15Pipeline = _memory_flavour(
-    HunyuanVideo15Pipeline, "DiTMemHunyuanVideo15Pipeline"
-)
+def _offload_seq(stock: type[DiffusionPipeline]) -> str:
+    """The stock offload order with the memory encoder just before the transformer."""
+    return stock.model_cpu_offload_seq.replace("transformer", "memory_encoder->transformer", 1)
+
+
+class DiTMemPipeline(MemoryPipelineMixin, WanPipeline):
+    """``WanPipeline`` (Wan2.1 / Wan2.2 T2V, TI2V, A14B) with DiT-Mem's memory."""
+
+    _stock = WanPipeline
+    _optional_components = [*WanPipeline._optional_components, "memory_encoder"]
+    model_cpu_offload_seq = _offload_seq(WanPipeline)
+    __call__ = _memory_call(WanPipeline)
+
+    def __init__(
+        self,
+        tokenizer: AutoTokenizer,
+        text_encoder: UMT5EncoderModel,
+        vae: AutoencoderKLWan,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        transformer: WanTransformer3DModel | None = None,
+        transformer_2: WanTransformer3DModel | None = None,
+        boundary_ratio: float | None = None,
+        expand_timesteps: bool = False,
+        memory_encoder: MemoryEncoder | None = None,
+    ):
+        super().__init__(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            scheduler=scheduler,
+            transformer=transformer,
+            transformer_2=transformer_2,
+            boundary_ratio=boundary_ratio,
+            expand_timesteps=expand_timesteps,
+        )
+        self.register_modules(memory_encoder=memory_encoder)
+
+
+class DiTMemWanImageToVideoPipeline(MemoryPipelineMixin, WanImageToVideoPipeline):
+    """``WanImageToVideoPipeline`` (Wan2.1 / Wan2.2 I2V) with DiT-Mem's memory."""
+
+    _stock = WanImageToVideoPipeline
+    _optional_components = [*WanImageToVideoPipeline._optional_components, "memory_encoder"]
+    model_cpu_offload_seq = _offload_seq(WanImageToVideoPipeline)
+    __call__ = _memory_call(WanImageToVideoPipeline)
+
+    def __init__(
+        self,
+        tokenizer: AutoTokenizer,
+        text_encoder: UMT5EncoderModel,
+        vae: AutoencoderKLWan,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        image_processor: CLIPImageProcessor = None,
+        image_encoder: CLIPVisionModel = None,
+        transformer: WanTransformer3DModel = None,
+        transformer_2: WanTransformer3DModel = None,
+        boundary_ratio: float | None = None,
+        expand_timesteps: bool = False,
+        memory_encoder: MemoryEncoder | None = None,
+    ):
+        super().__init__(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            scheduler=scheduler,
+            image_processor=image_processor,
+            image_encoder=image_encoder,
+            transformer=transformer,
+            transformer_2=transformer_2,
+            boundary_ratio=boundary_ratio,
+            expand_timesteps=expand_timesteps,
+        )
+        self.register_modules(memory_encoder=memory_encoder)
+
+
+class DiTMemWanVACEPipeline(MemoryPipelineMixin, WanVACEPipeline):
+    """``WanVACEPipeline`` (Wan2.1 VACE) with DiT-Mem's memory."""
+
+    _stock = WanVACEPipeline
+    _optional_components = [*WanVACEPipeline._optional_components, "memory_encoder"]
+    model_cpu_offload_seq = _offload_seq(WanVACEPipeline)
+    __call__ = _memory_call(WanVACEPipeline)
+
+    def __init__(
+        self,
+        tokenizer: AutoTokenizer,
+        text_encoder: UMT5EncoderModel,
+        vae: AutoencoderKLWan,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        transformer: WanVACETransformer3DModel = None,
+        transformer_2: WanVACETransformer3DModel = None,
+        boundary_ratio: float | None = None,
+        memory_encoder: MemoryEncoder | None = None,
+    ):
+        super().__init__(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            scheduler=scheduler,
+            transformer=transformer,
+            transformer_2=transformer_2,
+            boundary_ratio=boundary_ratio,
+        )
+        self.register_modules(memory_encoder=memory_encoder)
+
+
+class DiTMemLTXPipeline(MemoryPipelineMixin, LTXPipeline):
+    """``LTXPipeline`` (LTX-Video) with DiT-Mem's memory."""
+
+    _stock = LTXPipeline
+    _optional_components = [*LTXPipeline._optional_components, "memory_encoder"]
+    model_cpu_offload_seq = _offload_seq(LTXPipeline)
+    __call__ = _memory_call(LTXPipeline)
+
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKLLTXVideo,
+        text_encoder: T5EncoderModel,
+        tokenizer: T5TokenizerFast,
+        transformer: LTXVideoTransformer3DModel,
+        memory_encoder: MemoryEncoder | None = None,
+    ):
+        super().__init__(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
+        )
+        self.register_modules(memory_encoder=memory_encoder)
+
+
+class DiTMemHunyuanVideo15Pipeline(MemoryPipelineMixin, HunyuanVideo15Pipeline):
+    """``HunyuanVideo15Pipeline`` (HunyuanVideo-1.5 T2V) with DiT-Mem's memory."""
+
+    _stock = HunyuanVideo15Pipeline
+    _optional_components = [*HunyuanVideo15Pipeline._optional_components, "memory_encoder"]
+    model_cpu_offload_seq = _offload_seq(HunyuanVideo15Pipeline)
+    __call__ = _memory_call(HunyuanVideo15Pipeline)
+
+    def __init__(
+        self,
+        text_encoder: Qwen2_5_VLTextModel,
+        tokenizer: Qwen2Tokenizer,
+        transformer: HunyuanVideo15Transformer3DModel,
+        vae: AutoencoderKLHunyuanVideo15,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        text_encoder_2: T5EncoderModel,
+        tokenizer_2: ByT5Tokenizer,
+        guider: ClassifierFreeGuidance,
+        memory_encoder: MemoryEncoder | None = None,
+    ):
+        super().__init__(
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
+            vae=vae,
+            scheduler=scheduler,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            guider=guider,
+        )
+        self.register_modules(memory_encoder=memory_encoder)
+
 
 # stock and saved class names (model_index.json's "_class_name") → flavour
 FLAVOURS: dict[str, type] = {
@@ -377,5 +533,53 @@ def flavour_of(stock_name: str) -> type:
     """The memory pipeline for a stock pipeline class name (``ValueError`` if none)."""
     if stock_name not in FLAVOURS:
         known = sorted({f._stock.__name__ for f in FLAVOURS.values()})
-        raise ValueError(f"no memory pipeline for {stock_name!r}; supported: {', '.join(known)}")
+        raise UserError(f"no memory pipeline for {stock_name!r}; supported: {', '.join(known)}")
     return FLAVOURS[stock_name]
+
+
+def runner_of(base: BaseModel, image: bool = False) -> type:
+    """The memory flavour that runs a call on ``base``; ``image``: the call has an image."""
+    return flavour_of(base.stock_runner(image).__name__)
+
+
+def load_base_model(
+    source: str | Path | BaseModel,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    skip: tuple[str, ...] = (),
+    vae_dtype: torch.dtype | None = None,
+):
+    """A base model folder (either layout, or a Hub id) as its memory flavour: a diffusers folder
+    through the flavour's own ``from_pretrained`` (picked from ``model_index.json``), so all the
+    folder carries is kept (both experts and ``boundary_ratio`` of Wan2.2 A14B,
+    ``expand_timesteps`` of Wan2.2 TI2V, its scheduler); the original Wan2.1 release layout
+    becomes the same pipeline as its diffusers twin. Generation and training load here.
+
+    ``skip``: components left out (``None``); ``vae_dtype``: the VAE's dtype (default ``dtype``).
+    """
+    base = describe_base_model(source)
+    skip = tuple(c for c in skip if c not in base.family.init_components)
+    if base.layout == "diffusers":
+        dtypes = dtype if vae_dtype is None else {"default": dtype, "vae": vae_dtype}
+        return flavour_of(base.pipeline).from_pretrained(
+            base.folder, dtype=dtypes, **dict.fromkeys(skip), memory_bank=None
+        )
+    wanted = [c for c in WAN_COMPONENTS if c not in skip]
+    parts = load_wan_components(base.folder, dtype, components=wanted, vae_dtype=vae_dtype or dtype)
+    scheduler = None
+    if "scheduler" not in skip:
+        import diffusers
+
+        config = parts.scheduler_config
+        scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
+    components = {k: getattr(parts, k) for k in ("tokenizer", "text_encoder", "transformer", "vae")}
+    return flavour_of(base.pipeline)(**components, scheduler=scheduler)
+
+
+def load_transformers(source: str | Path | BaseModel, dtype: torch.dtype = torch.bfloat16):
+    """``(experts, base)``: the base model's transformer(s), frozen (Wan2.2 A14B: two)."""
+    base = describe_base_model(source)
+    skip = tuple(c for c in component_names(base) if c not in base.experts)
+    pipe = load_base_model(base, dtype, skip=skip)
+    experts = [getattr(pipe, name).eval().requires_grad_(False) for name in base.experts]
+    return experts, base

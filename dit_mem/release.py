@@ -28,6 +28,7 @@ from dit_mem.data.latents import FORMAT as LATENT_FORMAT
 from dit_mem.data.latents import LATENT_KEY, write_latent
 from dit_mem.data.latents import MANIFEST as LATENT_MANIFEST
 from dit_mem.data.table import is_safe_id, source_id, video_id
+from dit_mem.errors import UserError
 from dit_mem.utils import folder_lock, get_logger, write_json_atomic
 
 log = get_logger(__name__)
@@ -64,7 +65,7 @@ def _read_json(path: Path, what: str):
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         hint = " (it looks like a pickle: we never load those)" if raw[:1] == b"\x80" else ""
-        raise ValueError(f"{path}: not JSON{hint} ({e})") from None
+        raise UserError(f"{path}: not JSON{hint} ({e})") from None
 
 
 def read_release_index(index_dir: str | Path):
@@ -79,37 +80,35 @@ def read_release_index(index_dir: str | Path):
     try:
         index = faiss.read_index(str(index_file))
     except RuntimeError as e:
-        raise ValueError(f"{index_file}: not a readable FAISS index ({e})") from None
+        raise UserError(f"{index_file}: not a readable FAISS index ({e})") from None
     id_map = _read_json(index_dir / RELEASE_ID_MAP, "row → video")
     if not isinstance(id_map, dict | list):
-        raise ValueError(f"{index_dir / RELEASE_ID_MAP}: expected a mapping of rows to videos")
+        raise UserError(f"{index_dir / RELEASE_ID_MAP}: expected a mapping of rows to videos")
     videos = id_map if isinstance(id_map, list) else _rows(id_map, index_dir / RELEASE_ID_MAP)
     metadata = _read_json(index_dir / RELEASE_METADATA, "captions")
     if not isinstance(metadata, list) or not all(isinstance(m, dict) for m in metadata):
-        raise ValueError(f"{index_dir / RELEASE_METADATA}: expected a list of records")
+        raise UserError(f"{index_dir / RELEASE_METADATA}: expected a list of records")
     n = index.ntotal
     if not len(videos) == len(metadata) == n:
-        raise ValueError(
+        raise UserError(
             f"{index_dir}: {RELEASE_INDEX} has {n} vectors, {RELEASE_ID_MAP} {len(videos)} rows, "
             f"{RELEASE_METADATA} {len(metadata)} records; they must match"
         )
     rows = []
     for i, (video, meta) in enumerate(zip(videos, metadata, strict=True)):
         if not isinstance(video, str) or not video.strip():
-            raise ValueError(f"{index_dir / RELEASE_ID_MAP}: row {i} has no video name")
+            raise UserError(f"{index_dir / RELEASE_ID_MAP}: row {i} has no video name")
         if meta.get("video", video) != video:
-            raise ValueError(
+            raise UserError(
                 f"{index_dir}: row {i} is {video!r} in {RELEASE_ID_MAP} but "
                 f"{meta.get('video')!r} in {RELEASE_METADATA}"
             )
         vid = video_id(video)
         if not is_safe_id(vid):
-            raise ValueError(
-                f"{index_dir / RELEASE_ID_MAP}: row {i}: unusable video name {video!r}"
-            )
+            raise UserError(f"{index_dir / RELEASE_ID_MAP}: row {i}: unusable video name {video!r}")
         caption = meta.get("caption")
         if not isinstance(caption, str) or not caption.strip():
-            raise ValueError(f"{index_dir / RELEASE_METADATA}: record {i} has no caption")
+            raise UserError(f"{index_dir / RELEASE_METADATA}: record {i} has no caption")
         extra = {k: v for k, v in meta.items() if k not in ("index", "video", "caption")}
         rows.append(
             {"id": vid, "video": video, "caption": caption, "source": source_id(vid), **extra}
@@ -117,7 +116,7 @@ def read_release_index(index_dir: str | Path):
     table = pd.DataFrame(rows)
     dup = table["id"][table["id"].duplicated()]
     if len(dup):
-        raise ValueError(f"{index_dir}: {len(dup)} duplicate video id(s), e.g. {dup.iloc[0]!r}")
+        raise UserError(f"{index_dir}: {len(dup)} duplicate video id(s), e.g. {dup.iloc[0]!r}")
     return index, table
 
 
@@ -125,9 +124,9 @@ def _rows(id_map: dict, path: Path) -> list:
     try:
         keys = sorted(int(k) for k in id_map)
     except ValueError:
-        raise ValueError(f"{path}: keys must be row numbers") from None
+        raise UserError(f"{path}: keys must be row numbers") from None
     if keys != list(range(len(keys))):
-        raise ValueError(f"{path}: rows must be 0 … {len(keys) - 1}, each once")
+        raise UserError(f"{path}: rows must be 0 … {len(keys) - 1}, each once")
     return [id_map[str(k)] if str(k) in id_map else id_map[k] for k in keys]
 
 
@@ -136,12 +135,12 @@ def read_release_latent(path: Path) -> torch.Tensor:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several kinds for corrupt or unsafe files
-        raise ValueError(f"{path}: not a readable latent file ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: not a readable latent file ({type(e).__name__}: {e})") from None
     latent = data.get(LATENT_KEY) if isinstance(data, dict) else data
     if not isinstance(latent, torch.Tensor) or latent.ndim != 4:
-        raise ValueError(f"{path}: expected a dict with a 4-d tensor 'latent' [C, T, H, W]")
+        raise UserError(f"{path}: expected a dict with a 4-d tensor 'latent' [C, T, H, W]")
     if not bool(torch.isfinite(latent).all()):
-        raise ValueError(f"{path}: the latent holds NaN or infinite values")
+        raise UserError(f"{path}: the latent holds NaN or infinite values")
     return latent
 
 
@@ -159,7 +158,7 @@ def import_release(
     if not latents_dir.is_dir():
         raise FileNotFoundError(f"latent folder not found: {latents_dir}")
     if out.exists() and any(not is_bank_file(p.name) for p in out.iterdir()):
-        raise ValueError(f"{out} holds other files; import into a new folder")
+        raise UserError(f"{out} holds other files; import into a new folder")
     index, table = read_release_index(index_dir)  # checked before anything is written
     _check_embedding_model(index, index_dir, embedding_model)
     with folder_lock(out, "bank import-release"):
@@ -172,7 +171,7 @@ def _check_embedding_model(index, index_dir, embedding_model) -> None:
 
     if embedding_model is None:
         if index.d != RELEASE_EMBEDDING_DIM:
-            raise ValueError(
+            raise UserError(
                 f"{Path(index_dir) / 'labels.index'} holds {index.d}-d vectors, but the release's "
                 f"{RELEASE_EMBEDDING_MODEL} embeds at {RELEASE_EMBEDDING_DIM}-d: pass "
                 "--embedding-model, the folder of the model this index was built with"
@@ -182,7 +181,7 @@ def _check_embedding_model(index, index_dir, embedding_model) -> None:
         raise FileNotFoundError(f"--embedding-model: no such folder: {embedding_model}")
     dim, _ = declared_facts(embedding_model)
     if dim is not None and dim != index.d:
-        raise ValueError(
+        raise UserError(
             f"--embedding-model {embedding_model} embeds at {dim}-d, but "
             f"{Path(index_dir) / 'labels.index'} holds {index.d}-d vectors: give the model this "
             "index was built with"
@@ -220,11 +219,11 @@ def _import(
         if shape is None:
             shape = list(latent.shape)
         elif list(latent.shape) != shape:
-            raise ValueError(f"{source}: latent shape {list(latent.shape)}, the others {shape}")
+            raise UserError(f"{source}: latent shape {list(latent.shape)}, the others {shape}")
         write_latent(target, latent, vid, source)
         summary.converted += 1
     if shape is None:
-        raise ValueError(f"{latents_dir}: none of the {len(table)} indexed videos has a .pt latent")
+        raise UserError(f"{latents_dir}: none of the {len(table)} indexed videos has a .pt latent")
     write_json_atomic(
         old,
         {

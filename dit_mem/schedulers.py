@@ -19,6 +19,8 @@ from typing import Literal
 import numpy as np
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
+from dit_mem.errors import UserError
+
 SchedulerKind = Literal["flow-euler", "unipc", "euler", "model"]
 SCHEDULERS: tuple[str, ...] = ("flow-euler", "unipc", "euler", "model")
 
@@ -36,7 +38,7 @@ class PaperEulerScheduler(FlowMatchEulerDiscreteScheduler):
     ):
         if sigmas is None and timesteps is None:
             if num_inference_steps is None or num_inference_steps < 1:
-                raise ValueError(f"num_inference_steps must be ≥ 1, got {num_inference_steps}")
+                raise UserError(f"num_inference_steps must be ≥ 1, got {num_inference_steps}")
             sigmas = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
         super().set_timesteps(
             num_inference_steps, device, sigmas=sigmas, mu=mu, timesteps=timesteps
@@ -56,7 +58,7 @@ def make_scheduler(kind: SchedulerKind = "flow-euler", shift: float = 5.0):
             use_flow_sigmas=True,
             flow_shift=shift,
         )
-    raise ValueError(
+    raise UserError(
         f"unknown scheduler {kind!r}; choose one of {', '.join(SCHEDULERS[:-1])} (or 'model': "
         "the base model's own, when a pipeline is loaded)"
     )

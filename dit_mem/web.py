@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from dit_mem.errors import UserError
 from dit_mem.utils import get_logger
 
 log = get_logger(__name__)
@@ -75,7 +76,7 @@ def whole_number(value: Any, name: str, low: int, high: int | None = None) -> in
         or (high is not None and number > high)
     ):
         within = f"in [{low}, {high}]" if high is not None else f"≥ {low}"
-        raise ValueError(f"{name} must be a whole number {within}, got {value!r}")
+        raise UserError(f"{name} must be a whole number {within}, got {value!r}")
     return int(number)
 
 
@@ -84,7 +85,7 @@ def real_number(value: Any, name: str, low: float, high: float | None = None) ->
     number = _number(value)
     if not math.isfinite(number) or number < low or (high is not None and number > high):
         within = f"in [{low:g}, {high:g}]" if high is not None else f"≥ {low:g}"
-        raise ValueError(f"{name} must be a number {within}, got {value!r}")
+        raise UserError(f"{name} must be a number {within}, got {value!r}")
     return number
 
 
@@ -108,10 +109,10 @@ class MemoryPage:
 
     def __init__(self, pipe, cfg, examples: list[str], out_dir: Path | None = None):
         from dit_mem.generation import resolve_config
-        from dit_mem.loaders.base_model import describe_base_model
+        from dit_mem.models.base_model import describe_base_model
 
         if getattr(pipe, "memory_bank", None) is None:
-            raise ValueError("the page needs a pipeline with memory loaded (no_memory=false)")
+            raise UserError("the page needs a pipeline with memory loaded (no_memory=false)")
         base = describe_base_model(cfg.base_model)
         cfg = resolve_config(cfg, base)
         self.pipe, self.cfg, self.examples = pipe, cfg, examples
@@ -120,7 +121,7 @@ class MemoryPage:
         own = base.call_parameters().get("image")
         self.needs_image = own is not None and own.default is own.empty
         if cfg.k > self.bank_size:
-            raise ValueError(f"k={cfg.k} is larger than the bank ({self.bank_size} videos)")
+            raise UserError(f"k={cfg.k} is larger than the bank ({self.bank_size} videos)")
         self.out = Path(out_dir or tempfile.mkdtemp(prefix="dit-mem-serve-"))
         self.out.mkdir(parents=True, exist_ok=True)
 
@@ -131,13 +132,13 @@ class MemoryPage:
     # ------------------------------------------------------------------ checks
     def _prompt(self, prompt: Any) -> str:
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("Type a prompt first.")
+            raise UserError("Type a prompt first.")
         return prompt.strip()
 
     def _k(self, k: Any) -> int:
         k = whole_number(k, "k", 1)
         if k > self.bank_size:
-            raise ValueError(f"k = {k} is larger than the bank ({self.bank_size} videos)")
+            raise UserError(f"k = {k} is larger than the bank ({self.bank_size} videos)")
         return k
 
     def _scale(self, scale: Any) -> float:
@@ -145,7 +146,7 @@ class MemoryPage:
 
         number = _number(scale)
         if math.isnan(number):
-            raise ValueError(f"memory scale must be a number, got {scale!r}")
+            raise UserError(f"memory scale must be a number, got {scale!r}")
         return check_memory_scale(number)
 
     def _image(self, image: Any) -> dict[str, Path]:
@@ -154,12 +155,12 @@ class MemoryPage:
             image = image.get("path")
         if image in (None, ""):
             if self.needs_image:
-                raise ValueError("This model makes a video from an image: upload one first.")
+                raise UserError("This model makes a video from an image: upload one first.")
             return {}
         if not self.takes_image:
-            raise ValueError("This model takes no image.")
+            raise UserError("This model takes no image.")
         if not isinstance(image, str) or not Path(image).is_file():
-            raise ValueError(f"image must be an uploaded image file, got {image!r}")
+            raise UserError(f"image must be an uploaded image file, got {image!r}")
         return {"image": Path(image)}
 
     def _request_folder(self) -> Path:
@@ -212,7 +213,7 @@ class MemoryPage:
         prompt, k, scale = self._prompt(prompt), self._k(k), self._scale(scale)
         inputs = self._image(image)
         if not isinstance(mode, str) or mode not in MODES:
-            raise ValueError(f"memory mode must be one of {', '.join(MODES)}; got {mode!r}")
+            raise UserError(f"memory mode must be one of {', '.join(MODES)}; got {mode!r}")
         memory_mode = MODES[mode]
         try:
             cfg = dataclasses.replace(
@@ -225,7 +226,7 @@ class MemoryPage:
                 guidance_scale=real_number(guidance, "guidance", 0.0, GUIDANCE_MAX),
             )
         except (TypeError, ValueError) as e:  # GenerationConfig checks every value
-            raise ValueError(str(e)) from None
+            raise UserError(str(e)) from None
         folder = self._request_folder()
         without = generate(self.pipe, cfg, prompt, cfg.seed, no_memory=True, inputs=inputs)
         files, shown = [], []
@@ -272,7 +273,7 @@ def _message_on_page():
 
     try:
         yield
-    except (ValueError, OSError, SafetensorError, FloatingPointError) as e:
+    except (UserError, OSError, SafetensorError, FloatingPointError) as e:
         log.info("request refused: %s", e)  # one line in the server's log, not a traceback
         raise gr.Error(str(e), print_exception=False) from None
 

@@ -142,7 +142,7 @@ FILL = textwrap.dedent(
     import sys, torch
     torch.set_num_threads(1)
     from dit_mem.bank import MemoryBank
-    from dit_mem.loaders.base_model import load_vae
+    from dit_mem.models.base_model import load_vae
     from dit_mem.memory import MemoryEncoder
     bank = MemoryBank.from_pretrained(sys.argv[1])
     enc = MemoryEncoder.from_pretrained(sys.argv[2]).eval()

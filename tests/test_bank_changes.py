@@ -257,7 +257,7 @@ def test_an_undecodable_video_in_a_lazy_bank_is_recorded_and_skipped(world, tmp_
     first = b.retrieve([prompt], 1)[0].ids[0]
     (videos / f"{first}.mp4").write_bytes(b"not a video")
     encoder = MemoryEncoder.from_pretrained(world["root"] / "encoder").eval()
-    from dit_mem.loaders.base_model import load_vae
+    from dit_mem.models.base_model import load_vae
 
     vae = load_vae(world["model"])
     memory, hits = b.memory([prompt], encoder, k=3, vae=vae)

@@ -7,24 +7,18 @@ keys, ``dit_mem.backbone.reference``) must give the same transformer output as o
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_overhead.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("memory_overhead", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    return load("memory_overhead")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import yaml
 
 from dit_mem.cli import main
 from dit_mem.config import ConfigError, load_config, save_config, to_dict
+from dit_mem.errors import UserError
 
 
 @dataclass
@@ -87,3 +88,40 @@ def test_cli_help_runs(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
+
+
+@pytest.mark.parametrize(
+    ("raised", "user"),
+    [
+        (ConfigError("train.steps must be ≥ 1, got 0"), True),
+        (FileNotFoundError("no such folder: runs/x"), True),
+        (ValueError("operands could not be broadcast together"), False),  # a library's, a bug
+        (KeyError("latents"), False),
+    ],
+)
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys, raised, user):
+    """Bad input (``UserError``, a file problem): one line and exit 2. Anything else raised
+    inside a command is a bug: it propagates with its traceback after a line asking for a
+    report, never disguised as bad input."""
+    import dit_mem.cli as cli
+
+    build = cli.build_parser
+
+    def with_a_command_that_raises():
+        parser = build()
+        sub = next(a for a in parser._actions if a.dest == "command")
+        sub.add_parser("boom").set_defaults(func=lambda args: (_ for _ in ()).throw(raised))
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", with_a_command_that_raises)
+    if user:
+        assert main(["boom"]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err.count("\n") == 1 and str(raised).strip("'") in err and "dit-mem boom: error" in err
+        )
+    else:
+        with pytest.raises(type(raised)):
+            main(["boom"])
+        assert "internal error (a bug in dit-mem" in capsys.readouterr().err
+    assert isinstance(ConfigError("x"), UserError) and isinstance(UserError("x"), ValueError)

@@ -8,14 +8,13 @@ tensors must stay as strict as before for real ones.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "full_size.py"
 KEYS = ("tflops_none", "tflops_memory", "tflops_paper", "train_tflops_memory", "train_tflops_paper")
@@ -23,12 +22,7 @@ KEYS = ("tflops_none", "tflops_memory", "tflops_paper", "train_tflops_memory", "
 
 @pytest.fixture(scope="module")
 def full_size():
-    spec = importlib.util.spec_from_file_location("full_size", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    return load("full_size")
 
 
 @pytest.fixture(scope="module")
@@ -119,17 +113,10 @@ def test_value_checks_stay_strict_for_real_tensors():
         check_plausible(fake, "memory", "memory tokens")  # nothing to read: skipped
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_one_block_against_the_float64_oracle(full_size):
     """``benchmarks/full_size_block.py`` on the tiny Wan: ours in fp32 equals the float64 dense
     form to float32 rounding; in bf16 ours is as close to it as the paper's form in bf16."""
-    block = _load("full_size_block")
+    block = load("full_size_block")
     row = block.run(full_size.tiny_presets()["tiny-wan"], repeats=1)
     assert row["tokens"] == {"video": 80, "memory_dense": 1000, "memory_distinct": 10}
     assert row["err_fp32"] <= 1e-5
@@ -141,7 +128,7 @@ def test_one_block_against_the_float64_oracle(full_size):
 def test_gpu_check_runs_its_code_on_cpu(tmp_path, capsys):
     """``benchmarks/gpu_check.py --tiny``: every call it times on a GPU, and its full-size
     correctness check, on the tiny Wan."""
-    check = _load("gpu_check")
+    check = load("gpu_check")
     out = tmp_path / "gpu.json"
     assert check.main(["--tiny", "--repeats", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())

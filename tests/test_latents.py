@@ -26,7 +26,7 @@ from dit_mem.data import (
     load_video,
     sample_frame_indices,
 )
-from dit_mem.loaders.base_model import load_vae
+from dit_mem.models.base_model import load_vae
 
 SIZE = {"num_frames": 17, "height": 64, "width": 64}  # latent [16, 5, 8, 8]
 GOOD = ["aaaaaaaaaaa_1_0to40", "aaaaaaaaaaa_2_40to80", "b-b_bbbbbbb_1_0to9", "ccccccccccc_1_0to30"]

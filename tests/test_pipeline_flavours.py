@@ -11,6 +11,7 @@ HunyuanVideo-1.5 guider's calls alike), and be picked from ``model_index.json``.
 from __future__ import annotations
 
 import inspect
+from typing import get_type_hints
 
 import pytest
 import torch
@@ -69,6 +70,28 @@ def test_call_signature_is_stock_plus_memory(flavour):
     assert all(ours[n].default == p.default for n, p in stock.items())
     assert list(ours)[len(stock) :] == ["memory", "negative_memory", "memory_scale", "k"]
     assert ours["negative_memory"].default is SAME
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_flavour_is_a_written_subclass_with_the_stock_components(flavour):
+    """Each flavour is a ``class`` statement (grep and go-to-definition find it) whose
+    ``__init__`` takes the stock's components, same names, order, defaults and types (diffusers
+    reads them with ``get_type_hints``), then ``memory_encoder``."""
+    stock_cls = pipeline_class(flavour)
+    ours_cls = flavour_of(stock_cls.__name__)
+    assert inspect.getsource(ours_cls).startswith(f"class {ours_cls.__name__}(")
+    stock = inspect.signature(stock_cls.__init__).parameters
+    ours = inspect.signature(ours_cls.__init__).parameters
+    assert list(ours) == [*stock, "memory_encoder"]
+    assert all(ours[n].default == p.default for n, p in stock.items())
+    hints = get_type_hints(ours_cls.__init__)
+    assert {n: hints[n] for n in get_type_hints(stock_cls.__init__)} == get_type_hints(
+        stock_cls.__init__
+    )
+    assert "memory_encoder" in ours_cls._optional_components
+    assert ours_cls.model_cpu_offload_seq.index("memory_encoder") < (
+        ours_cls.model_cpu_offload_seq.index("transformer")
+    )
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -144,3 +167,13 @@ def test_ltx_memory_per_prompt_and_per_video_in_batched_guidance():
     assert torch.equal(a, b)  # one per prompt == one per video, prompt-major
     with pytest.raises(ValueError, match="batch 3; expected 1 .* 2 .* or 4"):
         run(MemoryTokens.cat([memory(1)] * 3))
+
+
+def test_base_models_know_every_flavour():
+    """dit_mem.models reads a folder's pipeline without importing dit_mem.pipeline: its table of
+    stock pipelines and the flavours agree, name for name."""
+    from dit_mem.models.base_model import STOCK_PIPELINES
+    from dit_mem.pipeline import FLAVOURS as BY_NAME
+
+    assert set(STOCK_PIPELINES) == set(BY_NAME)
+    assert all(BY_NAME[n]._stock.__name__ == stock for n, stock in STOCK_PIPELINES.items())

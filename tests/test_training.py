@@ -333,7 +333,7 @@ def test_cli_prints_resolved_config_and_names_unknown_keys(capsys):
 # Checkpoint bookkeeping
 # --------------------------------------------------------------------------------------
 def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
-    from dit_mem.training.checkpoint import checkpoint_name, write_state_file
+    from dit_mem.checkpoint import checkpoint_name, write_state_file
 
     path = root / "checkpoints" / checkpoint_name(step)
     (path / "encoder").mkdir(parents=True)

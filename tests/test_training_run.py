@@ -71,7 +71,7 @@ def test_resume_continues_exactly(tmp_path, base_model):
         4,
     ]
     assert (run / "loss_curve.png").stat().st_size > 0
-    from dit_mem.loaders import load_memory_encoder
+    from dit_mem.memory.loading import load_memory_encoder
 
     with pytest.raises(FileNotFoundError) as e:  # the run folder given where an encoder goes
         load_memory_encoder(run)

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import UMT5Config, UMT5EncoderModel
 
-from dit_mem.loaders.wan import (
+from dit_mem.models.wan import (
     ORIGINAL_T5,
     ORIGINAL_TOKENIZER,
     ORIGINAL_TRANSFORMER,
@@ -421,7 +421,8 @@ def test_diffusers_layout_loads_through_its_pipeline_and_clear_errors(tmp_path):
     """A diffusers folder loads through the flavour's from_pretrained (everything its
     model_index.json carries kept); the release-layout reader points there, and names what
     each layout needs."""
-    from dit_mem.loaders.base_model import describe_base_model, load_base_model
+    from dit_mem.models.base_model import describe_base_model
+    from dit_mem.pipeline import load_base_model
     from dit_mem.testing import build_tiny_model
 
     folder = build_tiny_model(tmp_path / "a14b", "wan2.2-a14b")

@@ -44,6 +44,7 @@ import torch
 from diffusers.models import attention_dispatch as dispatch
 from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 
+from dit_mem.errors import UserError
 from dit_mem.utils import get_logger
 
 logger = get_logger(__name__)
@@ -82,7 +83,7 @@ _DIFFUSERS_OP_PAIRS = {
 
 def check_route(route: str) -> None:
     if route not in ROUTES:
-        raise ValueError(f"memory attention route must be one of {ROUTES}, got {route!r}")
+        raise UserError(f"memory attention route must be one of {ROUTES}, got {route!r}")
 
 
 def resolve_backend(backend: Any) -> str:
@@ -121,7 +122,7 @@ def cpu_flash_forward_op(
     (a boolean ``attn_mask`` forward only: rows it hides entirely give 0 with a log-sum-exp of 0,
     as SDPA gives)."""
     if enable_gqa or dropout_p or (attn_mask is not None and _save_ctx):
-        raise ValueError("the CPU flash kernel pair takes no GQA or dropout, a mask forward only")
+        raise UserError("the CPU flash kernel pair takes no GQA or dropout, a mask forward only")
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, is_causal, attn_mask=_additive(attn_mask, q.dtype), scale=scale
@@ -300,7 +301,7 @@ def attend(
             None, query, key, value, None, 0.0, False, scale, False, True, _save_ctx=False
         )
     if return_lse and not has_lse(name, query, parallel_config):
-        raise ValueError(f"attention backend {name!r} returns no log-sum-exp here")
+        raise UserError(f"attention backend {name!r} returns no log-sum-exp here")
     out = dispatch_attention_fn(
         query,
         key,
@@ -363,16 +364,16 @@ def memory_attention(
     check_route(route)
     b, _, h, d = query.shape
     if memory_key.shape[0] != b or memory_key.shape[2:] != (h, d):
-        raise ValueError(
+        raise UserError(
             f"memory keys must be [B={b}, G, H={h}, Dh={d}], got {tuple(memory_key.shape)}"
         )
     if memory_value.shape != memory_key.shape:
-        raise ValueError(
+        raise UserError(
             f"memory values {tuple(memory_value.shape)} must match memory keys "
             f"{tuple(memory_key.shape)}"
         )
     if memory_bias.shape != memory_key.shape[:2]:
-        raise ValueError(
+        raise UserError(
             f"memory bias must be [B, G] = {tuple(memory_key.shape[:2])}, "
             f"got {tuple(memory_bias.shape)}"
         )
@@ -381,7 +382,7 @@ def memory_attention(
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if attention_mask is not None or memory_visible is not None:
         if parallel_config is not None:
-            raise ValueError("memory in a masked attention does not run under context parallelism")
+            raise UserError("memory in a masked attention does not run under context parallelism")
         kernel = None if route == "joint" or needs_grad else masked_lse_kernel(backend, query)
         if kernel is not None:
             out, lse = kernel(
@@ -401,7 +402,7 @@ def memory_attention(
                 query, out, lse, memory_key, memory_value, memory_bias, scale, memory_visible
             )[0]
         if route == "lse":
-            raise ValueError(
+            raise UserError(
                 "the 'lse' memory route is not available here: a masked attention "
                 + ("with gradients" if needs_grad else f"on {resolve_backend(backend)!r}")
             )
@@ -424,7 +425,7 @@ def memory_attention(
             )
             return merge_memory(query, out, lse, memory_key, memory_value, memory_bias, scale)[0]
         if route == "lse":
-            raise ValueError(f"the 'lse' memory route is not available here: {lse_reason}")
+            raise UserError(f"the 'lse' memory route is not available here: {lse_reason}")
     return _joint_attention(*tensors, scale, backend, parallel_config)
 
 

@@ -42,6 +42,7 @@ from torch import nn
 
 from dit_mem.backbone.attention import Route, check_route
 from dit_mem.backbone.families import Family, family_of
+from dit_mem.errors import UserError
 from dit_mem.memory.tokens import MemoryTokens, as_memory_tokens, check_memory_scale
 from dit_mem.utils import get_logger
 
@@ -74,7 +75,7 @@ def check_width(dim: int, transformer: nn.Module, what: str = "memory encoder wi
     """``ValueError`` unless memory of width ``dim`` fits the DiT's hidden size."""
     width = family_of(transformer).hidden_size(transformer)
     if dim != width:
-        raise ValueError(
+        raise UserError(
             f"{what} {dim} does not match the DiT's hidden size {width} (use the memory encoder "
             "of this backbone)"
         )
@@ -86,11 +87,11 @@ def _rows(memory: MemoryTokens | None, rows: int, dim: int, name: str) -> Memory
         return None
     memory = as_memory_tokens(memory, name)
     if memory.dim != dim:
-        raise ValueError(
+        raise UserError(
             f"memory tokens have dim {memory.dim} but the transformer's hidden size is {dim}"
         )
     if memory.batch_size not in (1, rows):
-        raise ValueError(
+        raise UserError(
             f"memory batch {memory.batch_size} does not match the transformer batch {rows} "
             "(give one memory per batch element, or batch 1 to share it)"
         )
@@ -248,7 +249,7 @@ class MemoryAttachment:
                 old.route = self.route
                 continue
             if not isinstance(old, self.family.stock_processors):
-                raise ValueError(
+                raise UserError(
                     f"block {i}'s attention uses {type(old).__name__}, not a "
                     f"{' / '.join(p.__name__ for p in self.family.stock_processors)}; cannot "
                     "attach memory"
@@ -281,7 +282,7 @@ class MemoryAttachment:
             return
         unknown = [k for k in given if k not in _MEMORY_KEYS]
         if unknown:
-            raise ValueError(f"unknown memory option(s) {unknown}; known: {list(_MEMORY_KEYS)}")
+            raise UserError(f"unknown memory option(s) {unknown}; known: {list(_MEMORY_KEYS)}")
         strength = attention_kwargs.get(MEMORY_STRENGTH_KEY, 1.0)
         if not torch.compiler.is_compiling():  # a traced λ is checked where it entered
             strength = check_memory_scale(strength)
@@ -289,7 +290,7 @@ class MemoryAttachment:
         layout = self.family.branch_layout(context)
         if NEGATIVE_MEMORY_TOKENS_KEY in attention_kwargs:
             if layout is None:
-                raise ValueError(
+                raise UserError(
                     f"{NEGATIVE_MEMORY_TOKENS_KEY} needs to know which classifier-free guidance "
                     "branch each call is: the denoising loop must name its calls with "
                     "cache_context('cond' / 'uncond'), as stock diffusers pipelines do "
@@ -306,7 +307,7 @@ class MemoryAttachment:
         self.check_processors(module)
         batch = arguments.get("hidden_states", args, kwargs).shape[0]
         if batch % len(given_parts):
-            raise ValueError(
+            raise UserError(
                 f"a call of {batch} rows cannot hold the {len(given_parts)} guidance branches "
                 f"{layout} of cache_context {context!r}"
             )
@@ -327,7 +328,7 @@ class MemoryAttachment:
         for i, attn in enumerate(self.attentions(transformer)):
             registry = getattr(attn, "_diffusers_hook", None)
             if registry is not None and registry.get_hook(PAB_HOOK) is not None:
-                raise ValueError(
+                raise UserError(
                     "memory per guidance branch (negative_memory / negative_memory_tokens) cannot "
                     f"hold under Pyramid Attention Broadcast (on block {i}'s attention): it keeps "
                     "one attention output per module and reuses it in the next call, so the "
@@ -341,7 +342,7 @@ class MemoryAttachment:
         replaced = [i for i, p in enumerate(processors) if not self.is_ours(p)]
         if replaced:  # e.g. set_attn_processor after attach_memory
             kind = type(processors[replaced[0]])
-            raise ValueError(
+            raise UserError(
                 f"memory tokens were given, but the attention of {len(replaced)} block(s) "
                 f"(first: block {replaced[0]}) no longer has the memory processor (it has "
                 f"{kind.__name__}; was set_attn_processor called after attach_memory?). "
@@ -356,7 +357,7 @@ def experts(pipe: Any) -> list[nn.Module]:
     """The transformers of a pipeline that memory goes into (Wan2.2 A14B: both experts)."""
     first = getattr(pipe, "transformer", None)
     if first is None:
-        raise ValueError(f"{type(pipe).__name__} holds no transformer to attach memory to")
+        raise UserError(f"{type(pipe).__name__} holds no transformer to attach memory to")
     family = family_of(first)
     found = [getattr(pipe, name, None) for name in family.expert_names]
     return [e for e in found if e is not None]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from dit_mem.backbone.families import Family, family_of
+from dit_mem.errors import UserError
 from dit_mem.memory.tokens import as_memory_tokens
 
 
@@ -90,7 +91,7 @@ class PaperFormMemory:
         if memory is not None:
             memory = as_memory_tokens(memory).dense()
             if float(strength) != int(strength) or strength < 1:
-                raise ValueError(f"the paper's form takes λ as a whole number ≥ 1, got {strength}")
+                raise UserError(f"the paper's form takes λ as a whole number ≥ 1, got {strength}")
         noisy, _ = self.family.noisy_token(arguments.get("timestep", args, kwargs))
         for block in self.blocks:
             block.memory, block.repeats, block.noisy_token = memory, int(strength), noisy

@@ -37,6 +37,7 @@ from dit_mem.bank.journal import BANK_MANIFEST, PARTS, read_manifest, wait_for_c
 from dit_mem.data.latents import LatentStore
 from dit_mem.data.token_cache import TokenCache
 from dit_mem.data.video import VideoDecodeError
+from dit_mem.errors import UserError
 from dit_mem.memory.tokens import MemoryTokens, VideoTokens
 from dit_mem.retrieval.retriever import Exclusion, RetrievalResult, Retriever
 from dit_mem.utils import atomic_dir, get_logger
@@ -90,7 +91,7 @@ class MemoryBank:
         self.tokens = TokenCache(tokens) if isinstance(tokens, str | Path) else tokens
         self.videos = Path(videos) if videos is not None else None
         if self.latents is None and self.tokens is None:
-            raise ValueError(
+            raise UserError(
                 f"memory bank {self.retriever.root}: needs latents or a token cache besides the "
                 "index (dit-mem encode-latents / cache-tokens)"
             )
@@ -181,7 +182,7 @@ class MemoryBank:
             return cls.from_pretrained(**source["from_pretrained"], **options)
         parts = dict(source.get("parts") or {})
         if "index" not in parts:
-            raise ValueError(f"not a memory bank record: {source!r}")
+            raise UserError(f"not a memory bank record: {source!r}")
         options.pop("local_files_only", None), options.pop("cache_dir", None)
         options.pop("token", None)
         return cls(parts.pop("index"), **parts, **options)
@@ -321,7 +322,7 @@ class MemoryBank:
             hits = self.retrieve(prompts, k=k, exclude=exclude)
             for prompt, hit in zip(prompts, hits, strict=True):
                 if len(hit) < k:
-                    raise ValueError(
+                    raise UserError(
                         f"retrieval found {len(hit)} of k={k} memory videos for prompt {prompt!r} "
                         f"(the bank has {len(self)} videos, {len(self.retriever.unavailable)} of "
                         "them without memory)"
@@ -382,7 +383,7 @@ class MemoryBank:
         if not todo:
             return
         if self.latents is None:
-            raise ValueError(
+            raise UserError(
                 f"memory bank {self.retriever.root.parent}: {len(todo)} retrieved video(s) have "
                 f"no memory ({', '.join(todo[:3])}): not in its token cache, and it has no latents"
             )
@@ -400,7 +401,7 @@ class MemoryBank:
                 )
             paths[vid] = path
         if vae is None:
-            raise ValueError(
+            raise UserError(
                 f"{len(todo)} retrieved bank video(s) have no memory yet ({', '.join(todo[:3])}): "
                 "a lazy bank encodes them on first use with the VAE of its base model: "
                 "bank.memory(..., vae=pipe.vae) (a DiTMemPipeline passes its own)"
@@ -433,7 +434,7 @@ class MemoryBank:
             return vae
         if self._vae_copy is None or self._vae_copy[0] is not vae:
             if any(p.is_meta for p in vae.parameters()):
-                raise ValueError(
+                raise UserError(
                     f"the bank's latents were encoded by a {want} VAE; the given VAE is {have} "
                     "and offloaded (weights on meta): give the VAE in "
                     f"{str(want).removeprefix('torch.')}"
@@ -448,9 +449,9 @@ class MemoryBank:
             try:
                 self.tokens.check_encoder(encoder)
                 self._checked[encoder] = True
-            except ValueError as e:
+            except UserError as e:
                 if self.latents is None:
-                    raise ValueError(self._token_only_advice()) from None
+                    raise UserError(self._token_only_advice()) from None
                 log.warning("%s; encoding the bank's latents instead", e)
                 self._checked[encoder] = False
         return self._checked[encoder]
@@ -518,7 +519,7 @@ class MemoryBank:
                 if not required:
                     out.append(None)
                     continue
-                raise ValueError(
+                raise UserError(
                     f"no preview of {vid!r}: the bank has no video file for it, and no VAE "
                     "and latents to decode one"
                 )

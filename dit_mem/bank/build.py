@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dit_mem.bank.journal import Change, history, is_bank_file, refresh_manifest
+from dit_mem.errors import UserError
 from dit_mem.utils import get_logger
 
 log = get_logger(__name__)
@@ -58,24 +59,24 @@ class BankBuildConfig:
 
     def __post_init__(self) -> None:
         if self.lazy and self.for_training is not None:
-            raise ValueError("--lazy and --for-training exclude each other (lazy encodes nothing)")
+            raise UserError("--lazy and --for-training exclude each other (lazy encodes nothing)")
         if self.lazy and self.tokens is not None:
-            raise ValueError(
+            raise UserError(
                 "--tokens caches tokens of encoded latents; a --lazy bank has none yet (its "
                 "memory is computed on first use)"
             )
         if self.add and self.for_training is not None:
-            raise ValueError("--add and --for-training exclude each other")
+            raise UserError("--add and --for-training exclude each other")
         if self.add and self.reindex:
-            raise ValueError("--add keeps the index's rows and appends; --reindex rebuilds it: one")
+            raise UserError("--add keeps the index's rows and appends; --reindex rebuilds it: one")
         if self.k is not None and self.for_training is None:
-            raise ValueError(
+            raise UserError(
                 "-k is the videos retrieved per training sample: it needs --for-training"
             )
         if self.k is not None and (
             isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1
         ):
-            raise ValueError(f"k must be an integer ≥ 1, got {self.k!r}")
+            raise UserError(f"k must be an integer ≥ 1, got {self.k!r}")
 
     def latent_job(self, geometry: tuple[int, int, int]):
         from dit_mem.data.latents import LatentJobConfig
@@ -142,7 +143,7 @@ def check_video_paths(table, videos: Path, lazy: bool) -> None:
         elif lazy and not (videos / rel).is_file():
             missing.append(rel)
     if outside:
-        raise ValueError(
+        raise UserError(
             f"{len(outside)} video path(s) of the table leave {videos} (e.g. {outside[0]!r}): a "
             "bank's video paths are relative to its --videos folder (a symbolic link inside it "
             "may point anywhere)"
@@ -158,7 +159,7 @@ def check_video_paths(table, videos: Path, lazy: bool) -> None:
 
 def _geometry(cfg: BankBuildConfig) -> tuple[int, int, int]:
     """The clip size latents are made at: the config's, else the base model's default."""
-    from dit_mem.loaders.base_model import clip_size
+    from dit_mem.models.base_model import clip_size
 
     return clip_size(cfg.base_model, cfg.num_frames, cfg.height, cfg.width)
 
@@ -170,7 +171,7 @@ def _plan(cfg: BankBuildConfig, vae) -> _Plan:
 
     bank, csv = Path(cfg.bank), Path(cfg.csv)
     if bank.exists() and not bank.is_dir():
-        raise ValueError(f"{bank} exists and is not a folder")
+        raise UserError(f"{bank} exists and is not a folder")
     table = read_video_table(csv)
     videos = Path(cfg.videos) if cfg.videos is not None else csv.parent
     check_video_paths(table, videos, cfg.lazy)
@@ -192,7 +193,7 @@ def _plan(cfg: BankBuildConfig, vae) -> _Plan:
         if bank.is_dir():
             strangers = [p.name for p in bank.iterdir() if not is_bank_file(p.name)]
             if strangers:
-                raise ValueError(
+                raise UserError(
                     f"{bank} holds files that are not a bank's ({', '.join(strangers[:3])}); give "
                     "a new or empty folder"
                 )
@@ -203,7 +204,7 @@ def _plan(cfg: BankBuildConfig, vae) -> _Plan:
             r.get("csv_sha256") == file_sha256(csv) for r in history(bank)
         )
         if not (cfg.add or same):
-            raise ValueError(
+            raise UserError(
                 f"{bank} already holds a bank of another table; add rows with `dit-mem bank build "
                 "--add`, or give another --bank"
             )
@@ -212,7 +213,7 @@ def _plan(cfg: BankBuildConfig, vae) -> _Plan:
     if train is not None and cfg.k is not None:
         rows = len(table) if plan.new else recorded["rows"]  # type: ignore[possibly-undefined]
         if cfg.k >= rows:
-            raise ValueError(
+            raise UserError(
                 f"-k {cfg.k} with a bank of {rows} videos: a training sample retrieves k others "
                 f"(its own left out); give -k < {rows}"
             )
@@ -236,7 +237,7 @@ def _check_index_settings(bank: Path, recorded: dict, cfg: BankBuildConfig) -> N
     )
     if other and not cfg.reindex:
         wanted = f"--index-factory {factory}" if factory else f"--kind {kind}"
-        raise ValueError(
+        raise UserError(
             f"{bank} has a {recorded.get('factory')} index ({recorded.get('kind')}); {wanted} asks "
             f"for another: add --reindex to rebuild the index (its {recorded.get('rows')} captions "
             "embedded again), or leave the option off"
@@ -273,13 +274,13 @@ def build_bank(cfg: BankBuildConfig, vae=None, embedder=None, encoder=None) -> B
 
     from dit_mem.bank.journal import locked
     from dit_mem.data.jobs import process_state
-    from dit_mem.loaders.base_model import load_vae
+    from dit_mem.models.base_model import load_vae
 
     state = process_state()
     if vae is None:
         vae = load_vae(cfg.base_model, getattr(torch, cfg.vae_dtype), state.device)
     if cfg.tokens is not None and encoder is None:
-        from dit_mem.loaders import load_memory_encoder
+        from dit_mem.memory.loading import load_memory_encoder
 
         encoder = load_memory_encoder(cfg.tokens)
     plan = _plan(cfg, vae)
@@ -445,7 +446,7 @@ def add_to_index(bank: Path, table, options: dict, record: dict, embedder=None) 
         old = r.id_map.record(rows[i])
         new = table.iloc[i]
         if (old["caption"], old.get("video")) != (new["caption"], new["video"]):
-            raise ValueError(
+            raise UserError(
                 f"{new['id']!r} is already in the bank with another caption or video "
                 f"({old['caption']!r}, {old.get('video')!r}); ids name one video: give the new "
                 "one another id"
@@ -509,7 +510,7 @@ def reindex_from_id_map(bank: Path, trust_remote_code: str | None = None) -> dic
     manifest = json.loads((folder / MANIFEST).read_text())
     for name in FILES:
         if file_sha256(folder / name) != (manifest.get("sha256") or {}).get(name):
-            raise ValueError(f"{folder / name} is damaged too: rebuild the bank from its table")
+            raise UserError(f"{folder / name} is damaged too: rebuild the bank from its table")
     table = IdMap.open(folder).table.to_pandas()
     emb = load_embedder(manifest.get("model_path"), trust_remote_code=trust_remote_code)
     kind = manifest.get("kind")
@@ -538,7 +539,7 @@ def index_part(bank: Path, csv: Path, options: dict, overwrite: bool = False) ->
     from dit_mem.retrieval.index import build_index
 
     if (bank / "index").exists() and not overwrite:
-        raise ValueError(
+        raise UserError(
             f"{bank / 'index'} already holds an index; pass --overwrite to replace it (or "
             "`dit-mem bank build --reindex` to rebuild it from the bank's own rows)"
         )
@@ -611,26 +612,26 @@ def export_bank(bank, encoder, out: str | Path, license: str | None = None) -> d
         bank = MemoryBank.from_pretrained(bank)
     out = Path(out)
     if out.exists():
-        raise ValueError(
+        raise UserError(
             f"{out} exists; export writes a new folder (to upload an export again: "
             f"`dit-mem bank push {out} REPO_ID`)"
         )
     source = [Path(p).resolve() for p in bank.parts.values()]
     target = out.resolve()
     if any(target.is_relative_to(p) or p.is_relative_to(target) for p in source):
-        raise ValueError(
+        raise UserError(
             f"--out {out} lies inside the bank it exports (or holds it): give a folder outside"
         )
     left_out = set(bank.retriever.ids.take(bank.retriever.unavailable))  # no memory: failed
     ids = [v for v in bank.ids if v not in left_out]
     if not ids:
-        raise ValueError(f"{bank.retriever.root.parent}: no bank video has memory to export")
+        raise UserError(f"{bank.retriever.root.parent}: no bank video has memory to export")
     own = bank.tokens is not None and bank._cache_matches(encoder)
     untokened = [v for v in ids if v not in bank.tokens] if own else ids
     latents = bank.latents if bank.latents is not None else ()
     lacking = [v for v in untokened if v not in latents]
     if lacking:
-        raise ValueError(
+        raise UserError(
             f"{len(lacking)} of {len(ids)} bank videos have no latent or tokens yet (e.g. "
             f"{lacking[0]!r}; a lazy bank fills them on first use): encode them first with "
             "`dit-mem encode-latents --bank BANK --csv ...` (or build with `--tokens`)"

@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from dit_mem.errors import UserError
 from dit_mem.utils import get_logger, write_json_atomic
 from dit_mem.utils.io import LOCK_FILE, TMP_PREFIX, folder_lock, read_json_mapping
 
@@ -63,7 +64,7 @@ def read_manifest(folder: str | Path) -> dict:
         return {}
     meta = read_json_mapping(path)
     if meta.get("format") not in FORMATS:
-        raise ValueError(f"{path}: not a {FORMAT} manifest")
+        raise UserError(f"{path}: not a {FORMAT} manifest")
     if "history" not in meta:
         build = meta.get("build")
         meta["history"] = [{"op": "build", **build}] if isinstance(build, dict) else []
@@ -142,7 +143,7 @@ class Change:
     def stage(self, part: str) -> Path:
         """The path where this change writes the new ``part`` (a folder, or a link for videos)."""
         if part not in PARTS:
-            raise ValueError(f"unknown bank part {part!r}; parts: {PARTS}")
+            raise UserError(f"unknown bank part {part!r}; parts: {PARTS}")
         path = self.bank / f"{STAGING}{self.tx}-{part}"
         _remove(path)
         self.staged[part] = path
@@ -152,7 +153,7 @@ class Change:
         """The path where this change writes a new version of the file ``relpath`` of a part
         (e.g. ``latents/manifest.json``), put in place at the commit."""
         if relpath.split("/")[0] not in PARTS or ".." in relpath.split("/"):
-            raise ValueError(f"{relpath!r} is not a file of a bank part")
+            raise UserError(f"{relpath!r} is not a file of a bank part")
         path = self.bank / f"{STAGING}{self.tx}-file{len(self.staged)}"
         self.staged[relpath] = path
         return path
@@ -165,7 +166,7 @@ class Change:
             entry = {"op": self.op, **record, "tx": self.tx, "when": now()}
         missing = [p for p, path in self.staged.items() if not os.path.lexists(path)]
         if missing:
-            raise ValueError(f"change {self.tx}: nothing was staged for {missing}")
+            raise UserError(f"change {self.tx}: nothing was staged for {missing}")
         journal = {
             "tx": self.tx,
             "swaps": {part: path.name for part, path in self.staged.items()},
@@ -184,7 +185,7 @@ def recover(bank: Path) -> None:
         try:
             journal = read_json_mapping(journal_path)
         except ValueError:  # cannot be torn (written atomically): anything else is damage
-            raise ValueError(
+            raise UserError(
                 f"{journal_path} is damaged: the bank's last change cannot be finished; run "
                 f"`dit-mem bank verify {bank}`"
             ) from None

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from dit_mem.bank.journal import BANK_MANIFEST, JOURNAL, STAGING, history, read_manifest
+from dit_mem.errors import UserError
 from dit_mem.utils import get_logger
 
 log = get_logger(__name__)
@@ -242,7 +243,7 @@ def _record_vae(bank: Path, base_model, report: Report) -> None:
     is of the recorded class and latent space."""
     from dit_mem.bank.journal import Change
     from dit_mem.data.latents import MANIFEST, vae_settings
-    from dit_mem.loaders.base_model import load_vae
+    from dit_mem.models.base_model import load_vae
     from dit_mem.utils import write_json_atomic
     from dit_mem.utils.io import read_json_mapping
 
@@ -254,7 +255,7 @@ def _record_vae(bank: Path, base_model, report: Report) -> None:
     have = vae_settings(load_vae(base_model), m["num_frames"], m["height"], m["width"])
     for key in ("vae_class", "latent_shape", "normalization", "latents_mean", "latents_std"):
         if m.get(key) is not None and m.get(key) != have.get(key):
-            raise ValueError(
+            raise UserError(
                 f"{base_model}'s VAE is not the one this bank's latents were made with ({key} "
                 f"{m.get(key)!r} → {have.get(key)!r})"
             )

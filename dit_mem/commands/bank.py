@@ -34,6 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     cmds = p.add_subparsers(dest="bank_command", metavar="ACTION", required=True)
 
+    for add in (_add_build, _add_export, _add_push, _add_verify, _add_info, _add_import):
+        add(cmds)
+
+
+def _add_build(cmds: argparse._SubParsersAction) -> None:
     build = cmds.add_parser(
         "build",
         help="a bank folder from a video table: caption index + latents (or lazily, or only what "
@@ -77,6 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     build.set_defaults(func=_build)
 
+
+def _add_export(cmds: argparse._SubParsersAction) -> None:
     export = cmds.add_parser(
         "export",
         help="a token-only copy of a bank (index + token cache + dataset card) to share",
@@ -88,12 +95,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="then upload it")
     export.set_defaults(func=_export)
 
+
+def _add_push(cmds: argparse._SubParsersAction) -> None:
     push = cmds.add_parser("push", help="upload a bank folder (an export) to a Hub dataset repo")
     push.add_argument("folder", type=Path, help="the bank folder (e.g. what bank export wrote)")
     push.add_argument("repo_id", help="the Hub dataset repository (user/name)")
     push.add_argument("--private", action="store_true", help="create the repository private")
     push.set_defaults(func=_push)
 
+
+def _add_verify(cmds: argparse._SubParsersAction) -> None:
     verify = cmds.add_parser(
         "verify",
         help="check every file of a bank in full; say what is damaged and how to repair it",
@@ -113,11 +124,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_trust_remote_code(verify)
     verify.set_defaults(func=_verify)
 
+
+def _add_info(cmds: argparse._SubParsersAction) -> None:
     info = cmds.add_parser("info", help="what a bank folder holds")
     info.add_argument("bank", help="bank folder or Hub id")
     info.add_argument("--subfolder", default=None, help="the bank's folder in a Hub repository")
     info.set_defaults(func=_info)
 
+
+def _add_import(cmds: argparse._SubParsersAction) -> None:
     imp = cmds.add_parser(
         "import-release",
         help="convert the release's memory_index/ (labels.index, id_map.json, metadata.json) and "
@@ -250,7 +265,7 @@ def _build(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from dit_mem.bank.build import export_bank
-    from dit_mem.loaders import load_memory_encoder
+    from dit_mem.memory.loading import load_memory_encoder
 
     encoder = load_memory_encoder(args.encoder).eval()
     f = export_bank(args.bank, encoder, args.out, license=args.license)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dit_mem.cli_types import count
 from dit_mem.commands.generate import add_input_arguments
+from dit_mem.errors import UserError
 from dit_mem.evaluation import benchmarks as B
 
 
@@ -29,7 +30,7 @@ def make_generator(args: argparse.Namespace):
     satisfies ``VideoGenerator``: ``gen(prompt, seed) -> uint8 [F, H, W, 3]`` and ``gen.metadata``.
     """
     from dit_mem.generation import PipelineGenerator, check_inputs, load_pipeline, resolve_config
-    from dit_mem.loaders.base_model import describe_base_model
+    from dit_mem.models.base_model import describe_base_model
 
     cfg = generation_config(args)
     base = describe_base_model(cfg.base_model)
@@ -159,7 +160,7 @@ def _generate(args: argparse.Namespace, jobs, root: Path, benchmark: str) -> int
 
     jobs = filter_jobs(jobs, prompt_filter=args.prompt_filter, limit=args.limit, shard=args.shard)
     if not jobs:
-        raise ValueError("no video selected (check --prompt-filter/--limit/--shard)")
+        raise UserError("no video selected (check --prompt-filter/--limit/--shard)")
     todo = missing_videos(jobs, root)
     print(f"{benchmark}: {len(jobs)} videos selected, {len(todo)} not on disk yet, under {root}")
     generator = make_generator(args)
@@ -272,7 +273,7 @@ def _vbench_flicker(args: argparse.Namespace) -> int:
             j.filename for j in plan_vbench(full=args.full) if j.folder == "temporal_flickering"
         ]
     else:
-        raise ValueError("give --run RUN or --videos FOLDER")
+        raise UserError("give --run RUN or --videos FOLDER")
     result = flicker_folder(folder, out=out, expected=expected)
     mean, per_video = result[UNFILTERED_DIMENSION]
     score = "—" if mean is None else f"{100 * mean:.2f}%"

@@ -6,6 +6,8 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dit_mem.errors import UserError
+
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """``--config`` and trailing ``key=value`` overrides of :class:`GenerationConfig`."""
@@ -96,7 +98,7 @@ def _row_inputs(row: dict, folder: Path, where: str) -> dict:
         paths = [folder / part.strip() for part in text.split(";") if part.strip()]
         for path in paths:
             if not path.is_file():
-                raise ValueError(f"{where}: {name} {path} not found")
+                raise UserError(f"{where}: {name} {path} not found")
         out[name] = tuple(paths) if name == "reference_images" else paths[0]
     return out
 
@@ -107,7 +109,7 @@ def _jobs(args, cfg) -> list[Job]:
 
     if args.prompt is not None:
         if not args.prompt.strip():
-            raise ValueError("--prompt is empty")
+            raise UserError("--prompt is empty")
         if args.name is not None:
             return [Job(args.prompt, cfg.seed, check_stem(args.name, "--name"), True, "--name")]
         return [Job(args.prompt, cfg.seed, slugify(args.prompt), False, "--prompt")]
@@ -118,23 +120,21 @@ def _jobs(args, cfg) -> list[Job]:
         "prompt" if "prompt" in table.columns else "caption" if "caption" in table.columns else None
     )
     if column is None:
-        raise ValueError(
-            f"{args.csv}: missing required column(s) prompt (or the release's caption)"
-        )
+        raise UserError(f"{args.csv}: missing required column(s) prompt (or the release's caption)")
     if table.empty:
-        raise ValueError(f"{args.csv}: no prompts (a header and no rows)")
+        raise UserError(f"{args.csv}: no prompts (a header and no rows)")
     jobs, names = [], {}
     for i, row in enumerate(table.to_dict("records")):
         line = i + 2  # header is line 1
         where = f"{args.csv}, line {line}"
         prompt = row[column].strip()
         if not prompt:
-            raise ValueError(f"{where}: empty prompt")
+            raise UserError(f"{where}: empty prompt")
         seed = cfg.seed
         if row.get("seed", "").strip():
             text = row["seed"].strip()
             if not text.isdigit() or int(text) >= 2**63:
-                raise ValueError(f"{where}: seed must be a whole number ≥ 0, got {text!r}")
+                raise UserError(f"{where}: seed must be a whole number ≥ 0, got {text!r}")
             seed = int(text)
         if row.get("filename", "").strip():
             name, named = check_stem(row["filename"].strip(), f"{where}: filename"), True
@@ -146,7 +146,7 @@ def _jobs(args, cfg) -> list[Job]:
         else:
             name, named = f"{i:04d}_{slugify(prompt, 60)}", False
         if named and name in names:
-            raise ValueError(
+            raise UserError(
                 f"{args.csv}, lines {names[name]} and {line}: both write {name}.mp4; give every "
                 "row its own filename"
             )
@@ -176,7 +176,7 @@ def _place(jobs: list[Job], out: Path, settings) -> tuple[list[Job], int]:
                 break
             if job.named or attempt:
                 other = record or {}
-                raise ValueError(
+                raise UserError(
                     f"{job.where}: {out / job.name}.mp4 is another video (prompt "
                     f"{other.get('prompt')!r}, seed {other.get('seed')!r}, or other settings); "
                     "give it another name, or another --out folder"
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         resolve_config,
         settings_for,
     )
-    from dit_mem.loaders.base_model import describe_base_model
+    from dit_mem.models.base_model import describe_base_model
     from dit_mem.outputs import save_generation, videos_in
     from dit_mem.utils import folder_lock
 
@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
         from dit_mem.toyworld.recipe import SHIPPED
 
         if args.config is not None:
-            raise ValueError("give --config or --toyworld, not both")
+            raise UserError("give --config or --toyworld, not both")
         cfg = with_overrides(toy_config(SHIPPED), overrides)
     else:
         cfg = load_generation_config(args.config, overrides)  # checked here

@@ -6,6 +6,7 @@ import argparse
 
 from dit_mem.cli_types import count
 from dit_mem.commands.options import add_index_options, add_trust_remote_code, index_options
+from dit_mem.errors import UserError
 
 DEFAULT_INDEX_DIR = "memory_index"
 
@@ -71,7 +72,7 @@ def _retrieve(args: argparse.Namespace) -> int:
     from dit_mem.retrieval import Retriever
 
     if args.bank and args.index:
-        raise ValueError("give --bank or --index, not both")
+        raise UserError("give --bank or --index, not both")
     search = {"nprobe": args.nprobe, "ef_search": args.ef_search, "k_factor": args.k_factor}
     if args.bank:
         from dit_mem.bank import MemoryBank

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from dit_mem.cli_types import count
+from dit_mem.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from dit_mem.web import REAL_EXAMPLES, TOY_EXAMPLES, serve
 
     if importlib.util.find_spec("gradio") is None:
-        raise ValueError("the web page needs Gradio: pip install 'dit-mem[web]'")
+        raise UserError("the web page needs Gradio: pip install 'dit-mem[web]'")
 
     if args.config is None:
         from dit_mem.config import with_overrides

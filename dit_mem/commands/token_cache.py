@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dit_mem.errors import UserError
+
 
 def read_manifest_failures(bank) -> list[str]:
     from dit_mem.bank.journal import read_manifest
@@ -36,10 +38,10 @@ def _cache(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from dit_mem.data import build_token_cache
-    from dit_mem.loaders import load_memory_encoder
+    from dit_mem.memory.loading import load_memory_encoder
 
     if args.bank and (args.latents or args.out):
-        raise ValueError("give --bank, or --latents and --out, not both")
+        raise UserError("give --bank, or --latents and --out, not both")
     bank = Path(args.bank) if args.bank else None
     options = {
         "batch_size": args.batch_size,

@@ -16,7 +16,7 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train the memory encoder against a frozen Wan DiT",
+        help="train the memory encoder against a frozen video DiT",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dit_mem.errors import UserError
+
 ARROW_FILE = "ids.arrow"
 PARQUET_FILE = "ids.parquet"  # index folders of format dit-mem-index/1 and /2
 ID_LOOKUP = "ids.lookup.npy"
@@ -132,29 +134,29 @@ class IdMap:
             try:
                 table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
             except (pa.ArrowInvalid, OSError) as e:
-                raise ValueError(f"{path}: not a readable Arrow id map ({e})") from None
+                raise UserError(f"{path}: not a readable Arrow id map ({e})") from None
             lookups = []
             for name in (ID_LOOKUP, SOURCE_LOOKUP):
                 try:
                     lookup = np.load(folder / name, mmap_mode="r", allow_pickle=False)
                 except (OSError, ValueError) as e:
-                    raise ValueError(f"{folder / name}: not a readable lookup ({e})") from None
+                    raise UserError(f"{folder / name}: not a readable lookup ({e})") from None
                 if lookup.dtype != np.uint64 or lookup.shape != (2, table.num_rows):
-                    raise ValueError(
+                    raise UserError(
                         f"{folder / name}: expected uint64 [2, {table.num_rows}], got "
                         f"{lookup.dtype} {list(lookup.shape)}"
                     )
                 lookups.append(lookup)
             n = table.num_rows
             if n and int(lookups[0][1].max()) >= n:
-                raise ValueError(f"{folder / ID_LOOKUP}: rows outside the id map ({n} rows)")
+                raise UserError(f"{folder / ID_LOOKUP}: rows outside the id map ({n} rows)")
             _check_columns(table, path)
             return cls(table, *lookups)
         path = folder / PARQUET_FILE
         try:
             table = pq.read_table(str(path))
         except (OSError, ValueError, pa.ArrowInvalid) as e:
-            raise ValueError(f"{path}: not a readable parquet id map ({e})") from None
+            raise UserError(f"{path}: not a readable parquet id map ({e})") from None
         if "source" not in table.column_names and "id" in table.column_names:
             from dit_mem.data.table import source_id
 
@@ -224,4 +226,4 @@ class IdMap:
 def _check_columns(table, path: Path) -> None:
     missing = [c for c in ("id", "caption", "source") if c not in table.column_names]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}")
+        raise UserError(f"{path}: missing column(s) {missing}")

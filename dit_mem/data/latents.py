@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from dit_mem.data.table import is_safe_id, read_video_table
+from dit_mem.errors import UserError
 from dit_mem.memory.tokens import check_plausible
 from dit_mem.utils import get_logger, write_safetensors_atomic
 from dit_mem.utils.io import (
@@ -88,12 +89,12 @@ class LatentStore:
             or len(shape) != 4
             or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
         ):
-            raise ValueError(f"{manifest}: latent_shape must be [C, T, H, W], got {shape!r}")
+            raise UserError(f"{manifest}: latent_shape must be [C, T, H, W], got {shape!r}")
         self.shape: tuple[int, ...] | None = tuple(shape) if shape else None
 
     def path(self, vid: str) -> Path:
         if not is_safe_id(vid):
-            raise ValueError(f"{vid!r} is not a video id (ids are plain file names)")
+            raise UserError(f"{vid!r} is not a video id (ids are plain file names)")
         return self.root / f"{vid}.safetensors"
 
     def __contains__(self, vid: str) -> bool:
@@ -138,19 +139,19 @@ class LatentStore:
             with safe_open(str(path), framework="pt") as f:
                 x, recorded = f.get_tensor(LATENT_KEY), (f.metadata() or {}).get("sha256")
         except (SafetensorError, KeyError, OSError) as e:
-            raise ValueError(f"{path}: unreadable latent file ({e})") from e
+            raise UserError(f"{path}: unreadable latent file ({e})") from e
         if recorded is not None and recorded != tensor_sha256(x):
-            raise ValueError(
+            raise UserError(
                 f"{path}: damaged (its bytes do not match the checksum written with it); delete "
                 "it and encode it again (`dit-mem bank verify BANK` lists every damaged file)"
             )
         if self.shape is not None and tuple(x.shape) != self.shape:
-            raise ValueError(
+            raise UserError(
                 f"{path}: latent of shape {list(x.shape)}, but {self.root / MANIFEST} says "
                 f"{list(self.shape)}"
             )
         if not x.is_floating_point():
-            raise ValueError(f"{path}: latent of dtype {x.dtype}, expected floating point")
+            raise UserError(f"{path}: latent of dtype {x.dtype}, expected floating point")
         check_plausible(x, path, "latent")
         return x if dtype is None else x.to(dtype)
 
@@ -162,11 +163,11 @@ class LatentStore:
     ) -> torch.Tensor:
         """Latents of ``ids`` stacked as ``[1, N, C, T, H, W]`` (the memory encoder's input)."""
         if not ids:
-            raise ValueError("LatentStore.load needs at least one id")
+            raise UserError("LatentStore.load needs at least one id")
         xs = [self.load_one(v, dtype) for v in ids]
         shapes = {tuple(x.shape) for x in xs}
         if len(shapes) > 1:
-            raise ValueError(f"latents of {ids} in {self.root} have different shapes: {shapes}")
+            raise UserError(f"latents of {ids} in {self.root} have different shapes: {shapes}")
         out = torch.stack(xs)[None]
         return out if device is None else out.to(device)
 
@@ -181,12 +182,12 @@ class LatentStore:
         m = self.manifest
         missing = [k for k in ("num_frames", "height", "width") if not isinstance(m.get(k), int)]
         if missing:
-            raise ValueError(f"{self.root / MANIFEST}: no {', '.join(missing)} recorded")
+            raise UserError(f"{self.root / MANIFEST}: no {', '.join(missing)} recorded")
         have = vae_settings(vae, m["num_frames"], m["height"], m["width"])
         changes = vae_changes(m, have, _VAE_KEYS, self.root)
         if changes:
             details = "; ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in changes.items())
-            raise ValueError(
+            raise UserError(
                 f"{self.root}: a foreign VAE: the bank's latents were made with another VAE "
                 f"({', '.join(changes)} differ: {details}); give the VAE of the bank's base model "
                 f"({m.get('vae')})"
@@ -246,10 +247,10 @@ class LatentJobConfig:
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be ≥ 1 (or none), got {self.limit}")
+            raise UserError(f"limit must be ≥ 1 (or none), got {self.limit}")
         if self.num_workers < 0:
-            raise ValueError(f"num_workers must be ≥ 0, got {self.num_workers}")
-        from dit_mem.loaders.base_model import clip_size
+            raise UserError(f"num_workers must be ≥ 0, got {self.num_workers}")
+        from dit_mem.models.base_model import clip_size
 
         # None: the base model's default; the VAE's own rule (Wan: 4k+1 frames, multiples of 8)
         # is checked by its family when the VAE is there (latent_manifest), before any encoding
@@ -257,13 +258,13 @@ class LatentJobConfig:
         self.num_frames, self.height, self.width = size
         for name in ("num_frames", "height", "width"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+                raise UserError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.resize not in ("stretch", "crop"):
-            raise ValueError(f"resize must be 'stretch' or 'crop', got {self.resize!r}")
+            raise UserError(f"resize must be 'stretch' or 'crop', got {self.resize!r}")
         if self.backend not in ("pyav", "decord"):
-            raise ValueError(f"backend must be 'pyav' or 'decord', got {self.backend!r}")
+            raise UserError(f"backend must be 'pyav' or 'decord', got {self.backend!r}")
         if self.vae_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(
+            raise UserError(
                 f"vae_dtype must be float32, bfloat16 or float16, got {self.vae_dtype!r}"
             )
 
@@ -309,14 +310,14 @@ def check_record(record: dict, where: Any, family: str | None = None, vae=None) 
 
     keys = unrecorded(record, ("family", "vae_fingerprint"), where)
     if family is not None and "family" in keys and record["family"] != family:
-        raise ValueError(
+        raise UserError(
             f"{where} holds latents of a {record['family']} VAE ({record.get('vae_class')}); this "
             f"model is of the {family} family: use latents made with this base model "
             "(dit-mem bank build --base-model ...)"
         )
     recorded = record.get("vae_fingerprint") if "vae_fingerprint" in keys else None
     if vae is not None and recorded is not None and not same_weights(recorded, vae):
-        raise ValueError(
+        raise UserError(
             f"{where} was encoded by another {record.get('vae_class')} (the VAE weights it "
             "records differ from this model's): use latents made with this base model's VAE"
         )
@@ -475,7 +476,7 @@ def _compare(old: dict, new: dict, where: Path, fix: str) -> None:
 
 
 def _encode_share(cfg: LatentJobConfig, vae, job, rows: list[dict], root: Path) -> JobSummary:
-    from dit_mem.loaders.base_model import load_vae
+    from dit_mem.models.base_model import load_vae
 
     if vae is None:
         vae = load_vae(cfg.base_model, dtype=getattr(torch, cfg.vae_dtype), device=job.device)

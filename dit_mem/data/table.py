@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
+from dit_mem.errors import UserError
 from dit_mem.utils import get_logger
 
 log = get_logger(__name__)
@@ -32,7 +33,7 @@ def video_id(video: str) -> str:
     name = PurePosixPath(str(video).replace("\\", "/")).name
     stem = name.rsplit(".", 1)[0] if "." in name else name
     if not stem:
-        raise ValueError(f"cannot derive a video id from {video!r}")
+        raise UserError(f"cannot derive a video id from {video!r}")
     return stem
 
 
@@ -73,28 +74,28 @@ def read_csv_strict(path: str | Path, required: tuple[str, ...] = ()) -> pd.Data
         with path.open(newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f, strict=True))
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+        raise UserError(f"{path}: not UTF-8 text ({e})") from None
     except csv.Error as e:
-        raise ValueError(f"{path}: not a readable CSV ({e})") from None
+        raise UserError(f"{path}: not a readable CSV ({e})") from None
     numbered = [(i + 1, r) for i, r in enumerate(rows) if any(cell.strip() for cell in r)]
     if not numbered:
-        raise ValueError(f"{path}: the CSV is empty (no header, no rows)")
+        raise UserError(f"{path}: the CSV is empty (no header, no rows)")
     (_, header), body = numbered[0], numbered[1:]
     header = [h.strip() for h in header]
     dup = sorted({h for h in header if header.count(h) > 1})
     if dup or "" in header:
-        raise ValueError(
+        raise UserError(
             f"{path}: the header has {'duplicate' if dup else 'empty'} column names {dup}"
         )
     for line, row in body:
         if len(row) != len(header):
-            raise ValueError(
+            raise UserError(
                 f"{path}, line {line}: {len(row)} fields, but the header has {len(header)} "
                 f"({', '.join(header)}); quote fields that contain commas"
             )
     missing = [c for c in required if c not in header]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{path}: missing required column(s) {', '.join(missing)}; found columns {header}"
         )
     return pd.DataFrame([r for _, r in body], columns=header, dtype=str)
@@ -118,12 +119,12 @@ def read_video_table(path: str | Path, require_caption: bool = True) -> pd.DataF
         c for c in needed if c not in df.columns
     ]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{path}: missing required column(s) {', '.join(missing)}; "
             f"found columns {list(df.columns)}"
         )
     if df.empty:
-        raise ValueError(f"{path}: the CSV has a header but no rows")
+        raise UserError(f"{path}: the CSV has a header but no rows")
     if video_col != "video":
         df = df.rename(columns={video_col: "video"})
     df = df.assign(video=df["video"].str.strip())
@@ -137,14 +138,14 @@ def read_video_table(path: str | Path, require_caption: bool = True) -> pd.DataF
     else:
         dropped = 0
     if df.empty:
-        raise ValueError(f"{path}: no usable rows (every row lacks a video or a caption)")
+        raise UserError(f"{path}: no usable rows (every row lacks a video or a caption)")
     ids = df["video"].map(video_id)
     unsafe = ids[~ids.map(is_safe_id)]
     if len(unsafe):
-        raise ValueError(f"{path}: video {unsafe.index[0]!r} gives no usable id")
+        raise UserError(f"{path}: video {unsafe.index[0]!r} gives no usable id")
     dup = ids[ids.duplicated()]
     if len(dup):
-        raise ValueError(
+        raise UserError(
             f"{path}: {len(dup)} duplicate video id(s) (file name without extension), "
             f"e.g. {dup.iloc[0]!r}; ids must be unique"
         )

@@ -32,6 +32,7 @@ import torch
 
 from dit_mem.data.idmap import Column, hash64
 from dit_mem.data.latents import LatentStore
+from dit_mem.errors import UserError
 from dit_mem.memory.tokens import VideoTokens, check_plausible
 from dit_mem.utils import get_logger, write_json_atomic, write_safetensors_atomic
 from dit_mem.utils.device import execution_device
@@ -97,28 +98,28 @@ class TokenCache:
         self.manifest: dict = read_json_mapping(manifest)
         m = self.manifest
         if m.get("format") != FORMAT or not m.get("complete"):
-            raise ValueError(f"{manifest}: not a complete token cache ({FORMAT})")
+            raise UserError(f"{manifest}: not a complete token cache ({FORMAT})")
         for key in ("num_groups", "dim"):
             if not isinstance(m.get(key), int) or isinstance(m.get(key), bool) or m[key] < 1:
-                raise ValueError(f"{manifest}: {key!r} must be a positive integer")
+                raise UserError(f"{manifest}: {key!r} must be a positive integer")
         log_counts = m.get("log_counts")
         if not isinstance(log_counts, list) or len(log_counts) != m["num_groups"]:
-            raise ValueError(f"{manifest}: 'log_counts' must list one value per group")
+            raise UserError(f"{manifest}: 'log_counts' must list one value per group")
         self.log_counts = torch.tensor(log_counts, dtype=torch.float32)
         if not bool(torch.isfinite(self.log_counts).all()):
-            raise ValueError(f"{manifest}: 'log_counts' holds NaN or infinite values")
+            raise UserError(f"{manifest}: 'log_counts' holds NaN or infinite values")
         try:
             table = pq.read_table(str(index))
         except (OSError, ValueError, pa.ArrowInvalid) as e:
-            raise ValueError(f"{index}: not a readable parquet table ({e})") from None
+            raise UserError(f"{index}: not a readable parquet table ({e})") from None
         missing = [c for c in ("id", "shard", "row") if c not in table.column_names]
         if missing:
-            raise ValueError(f"{index}: missing column(s) {missing}")
+            raise UserError(f"{index}: missing column(s) {missing}")
         shards = table.column("shard").cast(pa.string()).dictionary_encode().combine_chunks()
         self._shards = [str(s) for s in shards.dictionary.to_pylist()]
         bad = [s for s in self._shards if not _SHARD_NAME.fullmatch(s)]
         if bad:
-            raise ValueError(f"{index}: {bad[0]!r} is not a shard file name of this folder")
+            raise UserError(f"{index}: {bad[0]!r} is not a shard file name of this folder")
         # id → (shard, row) without a Python object per video: sorted 64-bit id hashes, the
         # shard and row of each (a hash collision is caught: the shard's own id list is checked)
         self._ids = Column(table.column("id").cast(pa.string()))
@@ -137,7 +138,7 @@ class TokenCache:
 
         fp, recorded = encoder_fingerprint(encoder), self.manifest["encoder_fingerprint"]
         if fp != recorded and weights_fingerprint(encoder, legacy=True) != recorded:
-            raise ValueError(
+            raise UserError(
                 f"{self.root / MANIFEST}: the token cache was built with another memory encoder "
                 f"(fingerprint {self.manifest['encoder_fingerprint'][:12]}…, given {fp[:12]}…); "
                 "rebuild it with `dit-mem cache-tokens`"
@@ -157,14 +158,14 @@ class TokenCache:
             shard, row = self._shards[self._shard[j]], int(self._row[j])
             listed = self._listed(shard)
             if not 0 <= row < len(listed):
-                raise ValueError(
+                raise UserError(
                     f"{self.root / shard}: row {row} of {vid!r} is outside the shard "
                     f"({len(listed)} rows; {self.root / INDEX} is corrupt)"
                 )
             if listed[row] == vid:
                 return shard, row
             if hi - lo == 1:  # no other id shares its hash: the index points elsewhere
-                raise ValueError(
+                raise UserError(
                     f"{self.root / INDEX} puts {vid!r} at row {row} of {shard}, which holds "
                     f"{listed[row]!r}: the index is corrupt; rebuild it with `dit-mem cache-tokens`"
                 )
@@ -175,11 +176,11 @@ class TokenCache:
             try:
                 listed = json.loads((self._handle(shard).metadata() or {})["ids"])
             except (KeyError, TypeError, ValueError):
-                raise ValueError(
+                raise UserError(
                     f"{self.root / shard}: unreadable token shard (no id list in its metadata)"
                 ) from None
             if not isinstance(listed, list):
-                raise ValueError(f"{self.root / shard}: unreadable token shard (ids not a list)")
+                raise UserError(f"{self.root / shard}: unreadable token shard (ids not a list)")
             self._shard_ids[shard] = listed
         return self._shard_ids[shard]
 
@@ -199,7 +200,7 @@ class TokenCache:
             try:
                 self._handles[shard] = safe_open(str(path), framework="pt")
             except (SafetensorError, OSError) as e:
-                raise ValueError(f"{path}: unreadable token shard ({e})") from None
+                raise UserError(f"{path}: unreadable token shard ({e})") from None
         return self._handles[shard]
 
     def load_one(self, vid: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,16 +216,16 @@ class TokenCache:
         try:
             n = f.get_slice("high").get_shape()[0]
             if not 0 <= row < n:
-                raise ValueError(f"{path}: row {row} of {vid!r} is outside the shard ({n} rows)")
+                raise UserError(f"{path}: row {row} of {vid!r} is outside the shard ({n} rows)")
             high, low = (f.get_slice(k)[row : row + 1][0] for k in ("high", "low"))
             names = set(f.keys())  # (shards of dit-mem ≤ 0.1 have no row checksums)
             recorded = f.get_slice("rowhash")[row : row + 1] if "rowhash" in names else None
         except SafetensorError as e:
-            raise ValueError(f"{path}: unreadable token shard ({e})") from None
+            raise UserError(f"{path}: unreadable token shard ({e})") from None
         if recorded is not None and not torch.equal(
             token_row_hashes(high[None], low[None], rows=[row]), recorded
         ):
-            raise ValueError(
+            raise UserError(
                 f"{path}: the tokens of {vid!r} (row {row}) are damaged; cache them again: "
                 f"delete {path.name} and rerun `dit-mem cache-tokens` (`dit-mem bank verify BANK` "
                 "lists every damaged file)"
@@ -232,7 +233,7 @@ class TokenCache:
         want = (self.manifest["num_groups"], self.manifest["dim"])
         for part in (high, low):
             if tuple(part.shape) != want:
-                raise ValueError(
+                raise UserError(
                     f"{path}: tokens of {vid!r} are {list(part.shape)}, not {list(want)}"
                 )
             check_plausible(part, path, f"cached memory of {vid!r}")
@@ -246,7 +247,7 @@ class TokenCache:
     ) -> VideoTokens:
         """``VideoTokens`` (high/low ``[1, N, G, D]``, log_counts ``[G]``) for ``ids``."""
         if not ids:
-            raise ValueError("TokenCache.load needs at least one id")
+            raise UserError("TokenCache.load needs at least one id")
         pairs = [self.load_one(v) for v in ids]
         high = torch.stack([h for h, _ in pairs])[None].to(device=device, dtype=dtype)
         low = torch.stack([lo for _, lo in pairs])[None].to(device=device, dtype=dtype)
@@ -304,28 +305,28 @@ def build_token_cache(
 
     for name, value, low in (("batch_size", batch_size, 1), ("shard_size", shard_size, 1)):
         if value < low:
-            raise ValueError(f"{name} must be ≥ {low}, got {value}")
+            raise UserError(f"{name} must be ≥ {low}, got {value}")
     if num_workers < 0:
-        raise ValueError(f"num_workers must be ≥ 0, got {num_workers}")
+        raise UserError(f"num_workers must be ≥ 0, got {num_workers}")
     store = LatentStore(latents)
     channels = store.shape[0] if store.shape else None
     if channels is not None and channels != encoder.config.in_channels:
         m = store.manifest
-        raise ValueError(
+        raise UserError(
             f"{store.root} holds {channels}-channel latents of a {m.get('family', '?')} VAE "
             f"({m.get('vae_class', '?')}); the memory encoder takes "
             f"{encoder.config.in_channels}-channel latents: use the encoder of that base model"
         )
     wanted = store.ids() if ids is None else list(ids)
     if not wanted:
-        raise ValueError(f"{store.root}: no latents to cache")
+        raise UserError(f"{store.root}: no latents to cache")
     with FolderJob(out, "cache-tokens") as job:
         encoder = encoder.eval().to(job.device)
         fingerprint = encoder_fingerprint(encoder)
 
         def compare(old: dict) -> None:
             if old.get("encoder_fingerprint") != fingerprint:
-                raise ValueError(
+                raise UserError(
                     f"{job.out / MANIFEST}: this folder caches tokens of another memory encoder "
                     "(fingerprint differs); use another --out folder"
                 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from dit_mem.backbone.families import family_of_vae
+from dit_mem.errors import UserError
 from dit_mem.utils.device import execution_device
 
 
@@ -19,7 +20,7 @@ from dit_mem.utils.device import execution_device
 def encode_frames(vae, frames: torch.Tensor) -> torch.Tensor:
     """``frames [B, 3, F, H, W]`` in [-1, 1] → normalised latents ``[B, C, T, h, w]`` (float32)."""
     if frames.ndim != 5 or frames.shape[1] != 3:
-        raise ValueError(f"frames must be [B, 3, F, H, W], got {tuple(frames.shape)}")
+        raise UserError(f"frames must be [B, 3, F, H, W], got {tuple(frames.shape)}")
     dtype = next(vae.parameters()).dtype
     z = vae.encode(frames.to(execution_device(vae), dtype)).latent_dist.mode().float()
     return family_of_vae(vae).normalize_latents(vae, z)

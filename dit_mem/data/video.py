@@ -22,20 +22,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dit_mem.errors import UserError
+
 Backend = Literal["pyav", "decord"]
 ResizeMode = Literal["stretch", "crop"]
 
 
-class VideoDecodeError(ValueError):
+class VideoDecodeError(UserError):
     """A video that cannot be opened or decoded (missing, corrupt, no video stream, no frames)."""
 
 
 def sample_frame_indices(num_total: int, num_frames: int) -> np.ndarray:
     """Indices of ``num_frames`` frames over a clip of ``num_total`` frames (method §2)."""
     if num_total < 1:
-        raise ValueError(f"a clip needs at least one frame, got {num_total}")
+        raise UserError(f"a clip needs at least one frame, got {num_total}")
     if num_frames < 1:
-        raise ValueError(f"num_frames must be ≥ 1, got {num_frames}")
+        raise UserError(f"num_frames must be ≥ 1, got {num_frames}")
     if num_total >= num_frames:
         return np.floor(np.linspace(0, num_total - 1, num_frames)).astype(np.int64)
     return np.concatenate(
@@ -53,7 +55,7 @@ def resize_frame(frame: np.ndarray, height: int, width: int, mode: ResizeMode) -
     elif mode == "stretch":
         rh, rw = height, width
     else:
-        raise ValueError(f"resize mode must be 'stretch' or 'crop', got {mode!r}")
+        raise UserError(f"resize mode must be 'stretch' or 'crop', got {mode!r}")
     if (rh, rw) != (h, w):
         x = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
     top, left = (rh - height) // 2, (rw - width) // 2
@@ -123,7 +125,7 @@ def load_video(
         elif backend == "decord":
             frames, distinct = _decode_decord(path, num_frames)
         else:
-            raise ValueError(f"video backend must be 'pyav' or 'decord', got {backend!r}")
+            raise UserError(f"video backend must be 'pyav' or 'decord', got {backend!r}")
     except VideoDecodeError:
         raise
     except ValueError as e:

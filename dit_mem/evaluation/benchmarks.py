@@ -20,6 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from dit_mem.errors import UserError
+
 VBENCH_LISTS: tuple[str, ...] = (
     "appearance_style",
     "color",
@@ -85,7 +87,7 @@ def read_prompt_file(path: str | Path) -> list[str]:
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     prompts = [p for p in prompts if p]
     if not prompts:
-        raise ValueError(f"prompt list {path} is empty")
+        raise UserError(f"prompt list {path} is empty")
     return prompts
 
 

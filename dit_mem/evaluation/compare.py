@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dit_mem.errors import UserError
 from dit_mem.evaluation import benchmarks as B
 from dit_mem.evaluation import vbench_scores as V
 from dit_mem.evaluation.flicker import UNFILTERED_DIMENSION, UNFILTERED_LABEL
@@ -180,7 +181,7 @@ def plot(runs: Sequence[RunMetrics], out: str | Path) -> Path:
     panels = [(g, t, [m for m in rows if m.group == g]) for g, t in groups]
     panels = [p for p in panels if p[2]]
     if not panels:
-        raise ValueError("no metric available in any run; nothing to plot")
+        raise UserError("no metric available in any run; nothing to plot")
     widths = [max(3.0, 0.45 * len(ms) * max(1, len(runs)) ** 0.5 + 1.5) for _, _, ms in panels]
     fig, axes = plt.subplots(
         len(panels), 1, figsize=(max(widths) + 1, 4.2 * len(panels)), squeeze=False
@@ -245,10 +246,10 @@ def plot(runs: Sequence[RunMetrics], out: str | Path) -> Path:
 def compare(runs: Sequence[RunMetrics], out_dir: str | Path | None = None) -> str:
     """Markdown table; with ``out_dir``, also writes compare.md, compare.csv and compare.png."""
     if not runs:
-        raise ValueError("compare needs at least one run")
+        raise UserError("compare needs at least one run")
     labels = [r.label for r in runs]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"run labels must be unique, got {labels}; use label=path")
+        raise UserError(f"run labels must be unique, got {labels}; use label=path")
     md = to_markdown(runs)
     if out_dir is not None:
         out_dir = Path(out_dir)

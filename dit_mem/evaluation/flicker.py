@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dit_mem.errors import UserError
 from dit_mem.utils import get_logger, write_json_atomic
 
 logger = get_logger(__name__)
@@ -34,16 +35,16 @@ def temporal_flickering_score(frames: Iterable[np.ndarray]) -> float:
     for frame in frames:
         frame = np.asarray(frame)
         if frame.dtype != np.uint8:
-            raise ValueError(f"frames must be uint8, got {frame.dtype}")
+            raise UserError(f"frames must be uint8, got {frame.dtype}")
         cur = frame.astype(np.float32)
         if prev is not None:
             if cur.shape != prev.shape:
-                raise ValueError(f"frame shape changed from {prev.shape} to {cur.shape}")
+                raise UserError(f"frame shape changed from {prev.shape} to {cur.shape}")
             total += float(np.abs(cur - prev).mean(dtype=np.float64))
             pairs += 1
         prev = cur
     if pairs == 0:
-        raise ValueError("temporal flickering needs a video with at least two frames")
+        raise UserError("temporal flickering needs a video with at least two frames")
     return (255.0 - total / pairs) / 255.0
 
 

@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from dit_mem.errors import UserError
 from dit_mem.evaluation.jobs import VideoJob
 from dit_mem.evaluation.video_io import check_frames, is_complete_video, write_mp4
 from dit_mem.utils import folder_lock, get_logger, write_json_atomic
@@ -65,7 +66,7 @@ def _check_manifest(root: Path, benchmark: str, metadata: Mapping[str, Any]) -> 
         return
     old = json.loads(path.read_text(encoding="utf-8"))
     if old.get("benchmark") != benchmark or old.get("generator") != dict(metadata):
-        raise ValueError(
+        raise UserError(
             f"{root} holds videos from different settings (see {path}): recorded "
             f"{old.get('benchmark')} {old.get('generator')}, now {benchmark} {dict(metadata)}; "
             "use another output folder for another configuration"
@@ -113,7 +114,7 @@ def _generate(jobs, generator, root, benchmark, metadata, fps, expected_frames, 
             report.replaced.append(path)
         frames = check_frames(generator(job.prompt, job.seed))
         if expected_frames is not None and frames.shape[0] != expected_frames:
-            raise ValueError(
+            raise UserError(
                 f"generator returned {frames.shape[0]} frames for {job.relpath}, "
                 f"expected {expected_frames}"
             )

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dit_mem.errors import UserError
 from dit_mem.evaluation import benchmarks as B
 
 
@@ -31,16 +32,16 @@ class VideoJob:
 def vbench_filename(prompt: str, index: int) -> str:
     """VBench's file name for video ``index`` of ``prompt``: ``{prompt}-{i}.mp4``, ``/`` -> ``_``."""
     if index < 0:
-        raise ValueError(f"video index must be >= 0, got {index}")
+        raise UserError(f"video index must be >= 0, got {index}")
     return f"{prompt.replace('/', '_')}-{index}.mp4"
 
 
 def vbench_seed(prompt_position: int, index: int, base_seed: int = B.BASE_SEED) -> int:
     """Seed ``base + 10*p + i`` with ``p`` the 1-based prompt position in its list."""
     if prompt_position < 1:
-        raise ValueError(f"prompt position is 1-based, got {prompt_position}")
+        raise UserError(f"prompt position is 1-based, got {prompt_position}")
     if not 0 <= index < B.SEED_STRIDE:
-        raise ValueError(f"video index must be in [0, {B.SEED_STRIDE}), got {index}")
+        raise UserError(f"video index must be in [0, {B.SEED_STRIDE}), got {index}")
     return base_seed + B.SEED_STRIDE * prompt_position + index
 
 
@@ -65,7 +66,7 @@ def check_prompts_in_vbench_info(
                 )
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise ValueError(
+        raise UserError(
             "VBench standard mode scores only prompts from its info file; "
             + "; ".join(problems[:3])
             + more
@@ -87,7 +88,7 @@ def plan_vbench(
     ``standard`` mode every prompt must appear in VBench's info file (clear error otherwise).
     """
     if not 1 <= videos_per_prompt <= B.SEED_STRIDE:
-        raise ValueError(f"videos_per_prompt must be in [1, {B.SEED_STRIDE}]")
+        raise UserError(f"videos_per_prompt must be in [1, {B.SEED_STRIDE}]")
     if lists is None:
         lists = B.vbench_prompt_lists(full=full)
     if standard:
@@ -111,7 +112,7 @@ def plan_phygenbench(
 ) -> list[VideoJob]:
     """PhyGenEval's layout: ``PhyVideos/<model>/output_video_{i}.mp4``, i from 1, one seed."""
     if not model_name or "/" in model_name or model_name in (".", ".."):
-        raise ValueError(f"model name must be a plain folder name, got {model_name!r}")
+        raise UserError(f"model name must be a plain folder name, got {model_name!r}")
     if prompts is None:
         prompts = [entry["caption"] for entry in B.phygenbench_prompts()]
     folder = f"PhyVideos/{model_name}"
@@ -138,7 +139,7 @@ def filter_jobs(
     if folders:
         unknown = sorted(set(folders) - {j.folder for j in out})
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"unknown folder(s) {unknown}; known: {sorted({j.folder for j in out})}"
             )
         out = [j for j in out if j.folder in set(folders)]
@@ -148,10 +149,10 @@ def filter_jobs(
     if shard is not None:
         index, count = shard
         if not 0 <= index < count:
-            raise ValueError(f"shard index must be in [0, {count}), got {index}")
+            raise UserError(f"shard index must be in [0, {count}), got {index}")
         out = out[index::count]
     if limit is not None:
         if limit < 0:
-            raise ValueError(f"limit must be >= 0, got {limit}")
+            raise UserError(f"limit must be >= 0, got {limit}")
         out = out[:limit]
     return out

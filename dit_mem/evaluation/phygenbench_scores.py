@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dit_mem.errors import UserError
 from dit_mem.evaluation import benchmarks as B
 from dit_mem.utils import get_logger
 
@@ -44,7 +45,7 @@ def combine(scores: Mapping[str, Any]) -> tuple[int, int, int]:
     for stage in STAGES:
         v = scores.get(stage)
         if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 3:
-            raise ValueError(f"stage score {stage!r} must be a number in [0, 3], got {v!r}")
+            raise UserError(f"stage score {stage!r} must be a number in [0, 3], got {v!r}")
         values[stage] = v
     closed = round((values["single"] + values["multi_gpt"] + values["video_gpt"]) / 3)
     open_ = round((values["single"] + values["multi_llava"] + values["video_intern"]) / 3)
@@ -83,7 +84,7 @@ def _category_of(entry: Mapping[str, Any], index: int | None, prompts: Sequence[
     if main is None and index is not None and 1 <= index <= len(prompts):
         main = prompts[index - 1]["main_category"]
     if main not in B.PHYGENBENCH_CATEGORY:
-        raise ValueError(f"unknown main_category {main!r}")
+        raise UserError(f"unknown main_category {main!r}")
     return B.PHYGENBENCH_CATEGORY[main]
 
 
@@ -128,9 +129,9 @@ def load_results(path: str | Path) -> list[dict[str, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise UserError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, list) or not all(isinstance(e, dict) for e in data):
-        raise ValueError(f"{path}: expected a JSON list of per-video objects")
+        raise UserError(f"{path}: expected a JSON list of per-video objects")
     return data
 
 

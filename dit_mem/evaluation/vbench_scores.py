@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dit_mem.errors import UserError
 from dit_mem.evaluation.flicker import UNFILTERED_DIMENSION
 from dit_mem.utils import get_logger
 
@@ -90,9 +91,9 @@ def parse_results_file(path: str | Path) -> dict[str, DimensionResult]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise UserError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(
+        raise UserError(
             f"{path}: expected {{dimension: [mean, per_video]}}, got {type(data).__name__}"
         )
     out: dict[str, DimensionResult] = {}
@@ -102,7 +103,7 @@ def parse_results_file(path: str | Path) -> dict[str, DimensionResult]:
                 logger.warning("%s: unknown dimension %r ignored", path, key)
             continue
         if not isinstance(value, list | tuple) or len(value) != 2:
-            raise ValueError(f"{path}: {key} must be [mean, per_video], got {value!r:.80}")
+            raise UserError(f"{path}: {key} must be [mean, per_video], got {value!r:.80}")
         mean = _as_score(value[0])
         if mean is None:
             logger.warning(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dit_mem.errors import UserError
 from dit_mem.utils.io import atomic_path
 
 
@@ -15,9 +16,9 @@ def check_frames(frames: np.ndarray) -> np.ndarray:
     """Validate a video array: uint8, shape ``[F, H, W, 3]`` with F >= 1."""
     frames = np.asarray(frames)
     if frames.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8, got {frames.dtype}")
+        raise UserError(f"frames must be uint8, got {frames.dtype}")
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
-        raise ValueError(f"frames must have shape [F, H, W, 3] with F >= 1, got {frames.shape}")
+        raise UserError(f"frames must have shape [F, H, W, 3] with F >= 1, got {frames.shape}")
     return frames
 
 
@@ -34,7 +35,7 @@ def write_mp4(
     frames = check_frames(frames)
     f, h, w, _ = frames.shape
     if not lossless and (h % 2 or w % 2):
-        raise ValueError(f"yuv420p needs even height and width, got {h}x{w}")
+        raise UserError(f"yuv420p needs even height and width, got {h}x{w}")
     if lossless:
         codec, pix_fmt, params = "libx264rgb", "rgb24", ["-crf", "0", "-preset", "ultrafast"]
     else:
@@ -74,7 +75,7 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
     """All frames of a video as ``[F, H, W, 3]`` uint8."""
     frames = list(iter_frames(path))
     if not frames:
-        raise ValueError(f"{path}: no video frames")
+        raise UserError(f"{path}: no video frames")
     return np.stack(frames)
 
 

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dit_mem.errors import UserError
+
 
 def check_finite_state(model: nn.Module, source: Any) -> None:
     """``ValueError`` naming ``source`` if any weight or buffer of ``model`` is NaN/Inf."""
@@ -16,4 +18,4 @@ def check_finite_state(model: nn.Module, source: Any) -> None:
         if is_fake(tensor):  # no values (benchmarks/full_size.py): nothing to check
             continue
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{source}: the memory encoder's {name} holds NaN or infinite values")
+            raise UserError(f"{source}: the memory encoder's {name} holds NaN or infinite values")

@@ -28,6 +28,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from dit_mem.errors import UserError
 from dit_mem.memory.checks import check_finite_state
 from dit_mem.memory.official import load_official_checkpoint
 from dit_mem.memory.tokens import MemoryTokens, VideoTokens
@@ -103,7 +104,7 @@ def preset_for(family: str, dim: int, channels: int) -> str:
         fields = get_preset(name)
         if owner == family and (fields["dim"], fields["in_channels"]) == (dim, channels):
             return name
-    raise ValueError(
+    raise UserError(
         f"no memory encoder preset serves a {family} DiT of width {dim} with {channels}-channel "
         f"latents (presets: {', '.join(f'{n} ({f})' for n, f in PRESET_FAMILY.items())}); name "
         "one, with its fields replaced where they differ"
@@ -113,12 +114,12 @@ def preset_for(family: str, dim: int, channels: int) -> str:
 def get_preset(name: str, **overrides) -> dict[str, Any]:
     """Every ``MemoryEncoder.__init__`` field of a named preset, some optionally replaced."""
     if name not in PRESETS:
-        raise ValueError(f"unknown memory encoder preset {name!r}; known: {sorted(PRESETS)}")
+        raise UserError(f"unknown memory encoder preset {name!r}; known: {sorted(PRESETS)}")
     fields = {k: p.default for k, p in inspect.signature(MemoryEncoder.__init__).parameters.items()}
     del fields["self"]
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
-        raise ValueError(f"unknown memory encoder field(s) {unknown}; known: {sorted(fields)}")
+        raise UserError(f"unknown memory encoder field(s) {unknown}; known: {sorted(fields)}")
     return {**fields, **PRESETS[name], **overrides}
 
 
@@ -138,7 +139,7 @@ def cnn_output_shape(
         size = [(n + 2 * (k // 2) - k) // s + 1 for n in size]
         size = [n // pool for n in size]
         if min(size) < 1:
-            raise ValueError(
+            raise UserError(
                 f"latent of size (T, H, W) = {tuple(latent_thw)} is too small for the memory "
                 f"encoder's conv stack (kernels {tuple(kernels)}, strides {tuple(strides)}, "
                 f"max-pool {pool}): it vanishes after block {i + 1}"
@@ -156,14 +157,14 @@ def check_config(config: Mapping[str, Any]) -> None:
     """``ValueError`` for an inconsistent encoder config."""
     n = len(config["conv_channels"])
     if not (len(config["kernel_sizes"]) == len(config["strides"]) == n) or n == 0:
-        raise ValueError(
+        raise UserError(
             "conv_channels, kernel_sizes and strides need one entry per conv block, got "
             f"{config['conv_channels']}, {config['kernel_sizes']}, {config['strides']}"
         )
     if config["dim"] % config["num_heads"]:
-        raise ValueError(f"dim {config['dim']} is not divisible by num_heads {config['num_heads']}")
+        raise UserError(f"dim {config['dim']} is not divisible by num_heads {config['num_heads']}")
     if len(config["latent_shape"]) != 3:
-        raise ValueError(f"latent_shape must be (T, H, W), got {config['latent_shape']}")
+        raise UserError(f"latent_shape must be (T, H, W), got {config['latent_shape']}")
     cnn_output_shape(config, config["latent_shape"])
 
 
@@ -194,7 +195,7 @@ def _compute_gains(channels, t, h, w, mode, clamp) -> torch.Tensor:
     elif mode == "low":
         base = 1.2 - 0.8 * torch.sqrt(f)
     else:
-        raise ValueError(f"filter mode must be 'high' or 'low', got {mode!r}")
+        raise UserError(f"filter mode must be 'high' or 'low', got {mode!r}")
     slope = torch.linspace(0.7, 1.3, channels, dtype=torch.float64).view(-1, 1, 1, 1)
     offset = torch.linspace(-0.05, 0.05, channels, dtype=torch.float64).view(-1, 1, 1, 1)
     return (slope * base + offset).clamp(*clamp).float()
@@ -450,15 +451,15 @@ class MemoryEncoder(ModelMixin, ConfigMixin):
     def check_latents(self, latents: torch.Tensor) -> None:
         cfg = self.config
         if latents.ndim != 6:
-            raise ValueError(
+            raise UserError(
                 "memory latents must be [B, N, C, T, H, W] (N retrieved videos), got shape "
                 f"{tuple(latents.shape)}"
             )
         b, n, c = latents.shape[:3]
         if n == 0 or b == 0:
-            raise ValueError(f"memory latents need B ≥ 1 and N ≥ 1 videos, got B={b}, N={n}")
+            raise UserError(f"memory latents need B ≥ 1 and N ≥ 1 videos, got B={b}, N={n}")
         if c != cfg.in_channels:
-            raise ValueError(
+            raise UserError(
                 f"memory latents must have {cfg.in_channels} channels (dim 2 of [B, N, C, T, H, W]), "
                 f"got {c}"
             )

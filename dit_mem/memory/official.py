@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from dit_mem.errors import UserError
 from dit_mem.memory.checks import check_finite_state
 from dit_mem.utils.logging import get_logger
 
@@ -85,7 +86,7 @@ def load_official_checkpoint(
     if not path.is_file():
         raise FileNotFoundError(f"official checkpoint not found: {path}")
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: the official checkpoint is a .safetensors file")
+        raise UserError(f"{path}: the official checkpoint is a .safetensors file")
     tensors: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
     try:
@@ -99,7 +100,7 @@ def load_official_checkpoint(
                     continue  # the same tensor under both conv_block / cnn names
                 tensors[ours] = f.get_tensor(name)
     except SafetensorError as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
 
     cfg = dict(config or _config_from_shapes({k: tuple(v.shape) for k, v in tensors.items()}))
     model = cls(**cfg)
@@ -123,7 +124,7 @@ def load_official_checkpoint(
     if unexpected:
         problems.append(f"unexpected tensors: {', '.join(unexpected)}")
     if problems:
-        raise ValueError(
+        raise UserError(
             f"{path} does not fit a memory encoder {dict(model.config)}:\n  "
             + "\n  ".join(problems)
         )

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from dit_mem.errors import UserError
+
 # Memory tokens (and normalised latents) are O(1): a value this large is broken input, and one
 # that overflows in half precision inside the DiT (a NaN video, not an error).
 MAX_ABS_VALUE = 1e4
@@ -31,11 +33,11 @@ class MemoryTokens:
 
     def __post_init__(self) -> None:
         if self.tokens.ndim != 3:
-            raise ValueError(
+            raise UserError(
                 f"MemoryTokens.tokens must be [B, G, D], got {tuple(self.tokens.shape)}"
             )
         if self.log_counts.shape != self.tokens.shape[:2]:
-            raise ValueError(
+            raise UserError(
                 f"MemoryTokens.log_counts must be [B, G] = {tuple(self.tokens.shape[:2])}, "
                 f"got {tuple(self.log_counts.shape)}"
             )
@@ -45,7 +47,7 @@ class MemoryTokens:
     def from_dense(cls, tokens: torch.Tensor) -> MemoryTokens:
         """Wrap already-dense tokens ``[B, L, D]`` (every multiplicity 1)."""
         if tokens.ndim != 3:
-            raise ValueError(f"dense memory tokens must be [B, L, D], got {tuple(tokens.shape)}")
+            raise UserError(f"dense memory tokens must be [B, L, D], got {tuple(tokens.shape)}")
         return cls(tokens, tokens.new_zeros(tokens.shape[:2], dtype=torch.float32))
 
     @classmethod
@@ -82,7 +84,7 @@ class MemoryTokens:
         """The paper's layout ``[B, sum(counts), D]``: each vector repeated by its count."""
         counts = self.counts()
         if not bool((counts == counts[:1]).all()):
-            raise ValueError("dense() needs the same multiplicity pattern for every batch element")
+            raise UserError("dense() needs the same multiplicity pattern for every batch element")
         return torch.repeat_interleave(self.tokens, counts[0].to(self.tokens.device), dim=1)
 
     def attention_bias(self, strength: float = 1.0) -> torch.Tensor:
@@ -94,7 +96,7 @@ class MemoryTokens:
         if torch.compiler.is_compiling():  # λ may be a traced number here (checked before)
             return bias + torch.as_tensor(strength, dtype=torch.float32, device=bias.device).log()
         if strength <= 0:
-            raise ValueError(f"memory strength must be > 0 here (0 is memory off), got {strength}")
+            raise UserError(f"memory strength must be > 0 here (0 is memory off), got {strength}")
         return bias + math.log(strength) if strength != 1.0 else bias
 
     # ------------------------------------------------------------------ movement
@@ -127,9 +129,9 @@ def check_memory_scale(scale: Any) -> float:
     if isinstance(scale, torch.Tensor) and scale.numel() == 1:
         scale = float(scale)
     if isinstance(scale, bool) or not isinstance(scale, int | float):
-        raise ValueError(f"memory scale must be a number, got {scale!r}")
+        raise UserError(f"memory scale must be a number, got {scale!r}")
     if not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"memory scale must be a finite number ≥ 0, got {scale!r}")
+        raise UserError(f"memory scale must be a finite number ≥ 0, got {scale!r}")
     return float(scale)
 
 
@@ -141,10 +143,10 @@ def check_plausible(x: torch.Tensor, where: Any, what: str) -> None:
         return
     x = x.detach()
     if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{where}: the {what} holds NaN or infinite values")
+        raise UserError(f"{where}: the {what} holds NaN or infinite values")
     peak = float(x.abs().max()) if x.numel() else 0.0
     if peak > MAX_ABS_VALUE:
-        raise ValueError(f"{where}: the {what} holds values up to {peak:.3g} (> {MAX_ABS_VALUE:g})")
+        raise UserError(f"{where}: the {what} holds values up to {peak:.3g} (> {MAX_ABS_VALUE:g})")
 
 
 def as_memory_tokens(memory: Any, name: str = "memory") -> MemoryTokens:
@@ -157,21 +159,21 @@ def as_memory_tokens(memory: Any, name: str = "memory") -> MemoryTokens:
     """
     if isinstance(memory, torch.Tensor):
         if memory.ndim != 3:
-            raise ValueError(
+            raise UserError(
                 f"{name} as a tensor must be dense tokens [B, L, D], got {tuple(memory.shape)}"
             )
         memory = MemoryTokens.from_dense(memory)
     if not isinstance(memory, MemoryTokens):
-        raise ValueError(
+        raise UserError(
             f"{name} must be a MemoryTokens (or a dense [B, L, D] tensor), "
             f"got {type(memory).__name__}"
         )
     if memory.num_distinct == 0:
-        raise ValueError(f"{name} is empty (G = 0); pass no memory instead")
+        raise UserError(f"{name} is empty (G = 0); pass no memory instead")
     if not torch.compiler.is_compiling():
         check_plausible(memory.tokens, name, "memory")
         if not is_fake(memory.log_counts) and not bool(torch.isfinite(memory.log_counts).all()):
-            raise ValueError(f"{name}: the log-multiplicities hold NaN or infinite values")
+            raise UserError(f"{name}: the log-multiplicities hold NaN or infinite values")
     return memory
 
 
@@ -189,12 +191,12 @@ class VideoTokens:
 
     def __post_init__(self) -> None:
         if self.high.ndim != 4 or self.high.shape != self.low.shape:
-            raise ValueError(
+            raise UserError(
                 f"VideoTokens.high/low must both be [B, N, G, D], got {tuple(self.high.shape)} "
                 f"and {tuple(self.low.shape)}"
             )
         if self.log_counts.shape != self.high.shape[2:3]:
-            raise ValueError(
+            raise UserError(
                 f"VideoTokens.log_counts must be [G] = [{self.high.shape[2]}], "
                 f"got {tuple(self.log_counts.shape)}"
             )

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from dit_mem.errors import UserError
 from dit_mem.utils import get_logger
 
 log = get_logger(__name__)
@@ -99,12 +100,12 @@ def _remote_code(folder: Path) -> dict[str, str]:
     try:
         config = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
     auto_map = config.get("auto_map") if isinstance(config, dict) else None
     if not auto_map:
         return {}
     if not isinstance(auto_map, dict):
-        raise ValueError(f"{cfg_path}: auto_map must be a mapping, got {type(auto_map).__name__}")
+        raise UserError(f"{cfg_path}: auto_map must be a mapping, got {type(auto_map).__name__}")
     refs = {}
     for key, ref in auto_map.items():
         ref = ref[0] if isinstance(ref, list) else ref
@@ -120,14 +121,14 @@ def _allow_remote_code(folder: Path, name: str, trust_remote_code: str | None) -
         return False
     cfg_path = folder / "config.json"
     if trust_remote_code not in (name, str(folder)):
-        raise ValueError(
+        raise UserError(
             f"{folder}: the embedding model ships its own Python code ({cfg_path} auto_map: "
             f"{', '.join(f'{k} → {v}' for k, v in refs.items())}); it only runs when you ask for "
             f"it by name: --trust-remote-code {name} (Python: trust_remote_code={name!r})"
         )
     for key, ref in refs.items():
         if "--" in ref:
-            raise ValueError(
+            raise UserError(
                 f"{cfg_path}: auto_map[{key!r}] = {ref!r} points at another Hub repository, which "
                 "cannot be used offline; copy that repository's code files (for gte-base-en-v1.5: "
                 "configuration.py and modeling.py from Alibaba-NLP/new-impl) into the folder and "
@@ -136,7 +137,7 @@ def _allow_remote_code(folder: Path, name: str, trust_remote_code: str | None) -
             )
         module = ref.rsplit(".", 1)[0]
         if not (folder / f"{module}.py").is_file():
-            raise ValueError(f"{cfg_path}: auto_map[{key!r}] needs {module}.py in {folder}")
+            raise UserError(f"{cfg_path}: auto_map[{key!r}] needs {module}.py in {folder}")
     return True
 
 
@@ -175,7 +176,7 @@ def load_embedder(
     else:
         folder = Path(model)  # type: ignore[arg-type]
         if not folder.is_dir():
-            raise ValueError(
+            raise UserError(
                 f"embedding model {str(model)!r} is not a local folder; offline use needs a "
                 f"sentence-transformers folder (or omit --model for {DEFAULT_MODEL})"
             )

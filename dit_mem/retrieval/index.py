@@ -31,6 +31,7 @@ import numpy as np
 
 from dit_mem.data.idmap import ARROW_FILE, FILES, IdMap
 from dit_mem.data.table import file_sha256, read_video_table, source_id
+from dit_mem.errors import UserError
 from dit_mem.utils import atomic_dir, get_logger, write_json_atomic
 
 log = get_logger(__name__)
@@ -88,7 +89,7 @@ def check_index_settings(
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or value < low
         ):
-            raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+            raise UserError(f"{name} must be an integer ≥ {low}, got {value!r}")
 
 
 def default_nlist(n: int) -> int:
@@ -101,19 +102,19 @@ def factory_string(
 ) -> str:
     """The FAISS ``index_factory`` string of ``kind`` for ``n`` vectors of ``d`` dimensions."""
     if kind not in KINDS:
-        raise ValueError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise UserError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if kind == "flat":
         return "Flat"
     if kind == "hnsw":
         return f"HNSW{hnsw_m},Flat"
     nlist = nlist or default_nlist(n)
     if nlist > n:
-        raise ValueError(f"IVF needs nlist ≤ number of vectors, got nlist={nlist}, n={n}")
+        raise UserError(f"IVF needs nlist ≤ number of vectors, got nlist={nlist}, n={n}")
     if kind == "ivf":
         return f"IVF{nlist},Flat"
     m = pq_m or min(96, d // 4)
     if d % m:
-        raise ValueError(
+        raise UserError(
             f"pq_m={m} must divide the embedding width {d} (codes of {m} sub-vectors); pick "
             "another --pq-m"
         )
@@ -146,7 +147,7 @@ def make_index(
     try:
         index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise ValueError(f"FAISS cannot build index_factory {spec!r}: {e}") from None
+        raise UserError(f"FAISS cannot build index_factory {spec!r}: {e}") from None
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(n, size=min(n, TRAIN_SAMPLE), replace=False))
@@ -154,7 +155,7 @@ def make_index(
         try:
             index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
         except RuntimeError as e:
-            raise ValueError(f"FAISS cannot train {spec!r} on {len(rows)} vectors: {e}") from None
+            raise UserError(f"FAISS cannot train {spec!r} on {len(rows)} vectors: {e}") from None
     configure_search(index, nprobe=nprobe, ef_search=ef_search, k_factor=k_factor)
     bar = tqdm(total=n, desc="index", unit="vec", disable=not progress, dynamic_ncols=True)
     for start in range(0, n, CHUNK):
@@ -304,7 +305,7 @@ def write_index_folder(
             parts = rerank if isinstance(rerank, list | tuple) else [rerank]
             n, d = sum(len(p) for p in parts), parts[0].shape[1]
             if n != index.ntotal:
-                raise ValueError(f"{n} re-rank vectors for an index of {index.ntotal}")
+                raise UserError(f"{n} re-rank vectors for an index of {index.ntotal}")
             from dit_mem.utils.fingerprint import row_hashes
 
             dest = np.lib.format.open_memmap(tmp / RERANK_FILE, "w+", np.float16, (n, d))
@@ -352,17 +353,17 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if not out.exists():
         return
     if not out.is_dir():
-        raise ValueError(f"{out} exists and is not a folder")
+        raise UserError(f"{out} exists and is not a folder")
     present = sorted(p.name for p in out.iterdir())
     known = (INDEX_FILE, "ids.parquet", *FILES, RERANK_FILE, ROWHASH_FILE, MANIFEST)
     foreign = [n for n in present if n not in known]
     if foreign:
-        raise ValueError(
+        raise UserError(
             f"{out} holds files that are not an index ({', '.join(foreign[:5])}); the index "
             "folder is replaced as a whole, so give it a folder of its own"
         )
     if present and not overwrite:
-        raise ValueError(
+        raise UserError(
             f"{out} already holds an index ({', '.join(present)}); pass --overwrite to replace it"
         )
 
@@ -390,7 +391,7 @@ def build_index(
 
     out = Path(out)
     if kind not in KINDS:
-        raise ValueError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise UserError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
     check_index_settings(
         settings.get("nlist"),
         settings.get("nprobe"),
@@ -400,7 +401,7 @@ def build_index(
         settings.get("pq_m"),
     )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")
+        raise UserError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")
     _check_out(out, overwrite)
     table = read_video_table(csv)
     emb = embedder
@@ -443,14 +444,14 @@ def build_index_from_table(
     nprobe, hnsw_m, ef_search = nprobe or 16, hnsw_m or 32, ef_search or 128
     k_factor = k_factor or 4
     if kind not in KINDS:
-        raise ValueError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise UserError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
     check_index_settings(nlist, nprobe, hnsw_m, ef_search, k_factor, pq_m)
     if (
         isinstance(recall_queries, bool)
         or not isinstance(recall_queries, int)
         or recall_queries < 0
     ):
-        raise ValueError(f"recall_queries must be an integer ≥ 0, got {recall_queries!r}")
+        raise UserError(f"recall_queries must be an integer ≥ 0, got {recall_queries!r}")
     out = Path(out)
     spec = factory or factory_string(kind, len(table), emb.dim, nlist, hnsw_m, pq_m)
     reranked = kind == "pq" and factory is None  # candidates re-ranked from RERANK_FILE

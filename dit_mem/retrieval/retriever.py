@@ -22,6 +22,7 @@ import numpy as np
 from dit_mem.data.idmap import ARROW_FILE, PARQUET_FILE, IdMap, hash64
 from dit_mem.data.idmap import FILES as ID_MAP_FILES
 from dit_mem.data.table import file_sha256, is_safe_id, source_id, video_id
+from dit_mem.errors import UserError
 from dit_mem.retrieval.embedder import Embedder, load_embedder, model_name
 from dit_mem.retrieval.index import (
     FORMATS,
@@ -65,12 +66,12 @@ def _read_manifest(path: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") not in FORMATS:
-        raise ValueError(f"{path}: not an index manifest (format {FORMATS[-1]})")
+        raise UserError(f"{path}: not an index manifest (format {FORMATS[-1]})")
     for key, kind in (("rows", int), ("dim", int), ("model", str)):
         if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
-            raise ValueError(f"{path}: {key!r} must be a {kind.__name__}")
+            raise UserError(f"{path}: {key!r} must be a {kind.__name__}")
     return manifest
 
 
@@ -117,23 +118,23 @@ class Retriever:
         try:
             self.index = faiss.read_index(str(paths[INDEX_FILE]))
         except RuntimeError as e:
-            raise ValueError(f"{paths[INDEX_FILE]}: not a readable FAISS index ({e})") from None
+            raise UserError(f"{paths[INDEX_FILE]}: not a readable FAISS index ({e})") from None
         self.id_map = IdMap.open(self.root)
         n_index, n_ids, n_manifest = self.index.ntotal, len(self.id_map), self.manifest["rows"]
         if not n_index == n_ids == n_manifest:
-            raise ValueError(
+            raise UserError(
                 f"{self.root}: index/id-map row mismatch: {INDEX_FILE} has {n_index} vectors, "
                 f"{ids_files[0]} has {n_ids} rows, {MANIFEST} says {n_manifest}; rebuild the index"
             )
         if self.index.d != self.manifest["dim"]:
-            raise ValueError(
+            raise UserError(
                 f"{paths[INDEX_FILE]}: vectors are {self.index.d}-d but {MANIFEST} says "
                 f"{self.manifest['dim']}-d; rebuild the index"
             )
         self.ids, self.captions = self.id_map.ids, self.id_map.captions
         bad = self.id_map.unsafe_ids(is_safe_id)
         if bad:
-            raise ValueError(
+            raise UserError(
                 f"{paths[ids_files[0]]}: {len(bad)} id(s) are not plain file names (e.g. "
                 f"{bad[0]!r}); ids name files inside the bank's folders"
             )
@@ -163,7 +164,7 @@ class Retriever:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: {self.root} is not a complete index folder")
         if path.stat().st_size != record.get("bytes"):
-            raise ValueError(
+            raise UserError(
                 f"{path} does not match the size in {self.root / MANIFEST}: the folder was "
                 "changed after it was written; rebuild the index"
             )
@@ -179,9 +180,9 @@ class Retriever:
         try:
             vectors = RowReader(path, hashes)
         except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: not a readable vector file ({e})") from None
+            raise UserError(f"{path}: not a readable vector file ({e})") from None
         if vectors.dtype != np.float16 or vectors.shape != (self.index.ntotal, self.index.d):
-            raise ValueError(
+            raise UserError(
                 f"{path}: expected float16 [{self.index.ntotal}, {self.index.d}], got "
                 f"{vectors.dtype} {list(vectors.shape)}"
             )
@@ -203,7 +204,7 @@ class Retriever:
             return
         for name in paths:
             if name != MANIFEST and sums.get(name) != file_sha256(paths[name]):
-                raise ValueError(
+                raise UserError(
                     f"{paths[name]} does not match the checksum in {paths[MANIFEST]}: the folder "
                     "was changed after it was written (or only partly replaced); rebuild the index"
                 )
@@ -222,7 +223,7 @@ class Retriever:
                         "; if the manifest is wrong, import the release again with "
                         "`dit-mem bank import-release ... --embedding-model FOLDER`"
                     )
-                raise ValueError(
+                raise UserError(
                     f"{self.root / MANIFEST}: the index was built with embedding model "
                     f"{want_name!r}, not {model_name(model)!r}{fix}"
                 )
@@ -234,7 +235,7 @@ class Retriever:
         if path is not None and not path.is_absolute():
             path = self.root / path
         if path is None or not path.is_dir():
-            raise ValueError(
+            raise UserError(
                 f"{self.root / MANIFEST}: the index was built with {want_name}"
                 + (f" from {recorded}, which is not there" if recorded else "")
                 + "; pass the model folder explicitly (--embedding-model / embedding_model=)"
@@ -244,7 +245,7 @@ class Retriever:
     def _check_embedder(self, emb: Embedder) -> None:
         want_name, want_dim = self.manifest["model"], self.manifest["dim"]
         if emb.name != want_name or emb.dim != want_dim:
-            raise ValueError(
+            raise UserError(
                 f"{self.root / MANIFEST}: the index was built with {want_name!r} ({want_dim}-d); "
                 f"the given model is {emb.name!r} ({emb.dim}-d)"
             )
@@ -293,14 +294,14 @@ class Retriever:
         that of an excluded id is dropped, the excluded ids themselves included.
         """
         if isinstance(prompts, str):
-            raise ValueError("retrieve() takes a list of prompts, not a single string")
+            raise UserError("retrieve() takes a list of prompts, not a single string")
         if not prompts:
             return []
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"prompt {i} is empty (retrieval needs text)")
+                raise UserError(f"prompt {i} is empty (retrieval needs text)")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an integer ≥ 1, got {k!r}")
+            raise UserError(f"k must be an integer ≥ 1, got {k!r}")
         return self.search(self.embed(prompts, batch_size=batch_size), k, exclude)
 
     def search(
@@ -308,15 +309,15 @@ class Retriever:
     ) -> list[RetrievalResult]:
         """Like :meth:`retrieve`, for precomputed normalised query vectors ``[Q, dim]``."""
         if k < 1:
-            raise ValueError(f"k must be ≥ 1, got {k}")
+            raise UserError(f"k must be ≥ 1, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.index.d:
-            raise ValueError(f"queries must be [Q, {self.index.d}], got {queries.shape}")
+            raise UserError(f"queries must be [Q, {self.index.d}], got {queries.shape}")
         if exclude is None:
             banned: list[set[str]] = [set() for _ in range(len(queries))]
         else:
             if isinstance(exclude, str) or len(exclude) != len(queries):
-                raise ValueError(
+                raise UserError(
                     "exclude needs one entry (an id, a list of ids, or None) per prompt: "
                     f"got {'a string' if isinstance(exclude, str) else len(exclude)} for "
                     f"{len(queries)} prompts"
@@ -375,14 +376,14 @@ class RowReader:
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
             self.offset = f.tell()
         if fortran or len(shape) != 2 or dtype.hasobject:
-            raise ValueError(f"{path}: not a C-ordered 2-d numeric array")
+            raise UserError(f"{path}: not a C-ordered 2-d numeric array")
         self.shape, self.dtype = tuple(shape), dtype
         self.row_bytes = shape[1] * dtype.itemsize
         want = self.offset + shape[0] * self.row_bytes
         if os.path.getsize(path) != want:
-            raise ValueError(f"{path}: {os.path.getsize(path)} bytes, expected {want}")
+            raise UserError(f"{path}: {os.path.getsize(path)} bytes, expected {want}")
         if hashes is not None and hashes.shape != (shape[0],):
-            raise ValueError(f"{path}: {len(hashes)} row checksums for {shape[0]} rows")
+            raise UserError(f"{path}: {len(hashes)} row checksums for {shape[0]} rows")
         self._fd = os.open(path, os.O_RDONLY)
 
     def __len__(self) -> int:
@@ -402,7 +403,7 @@ class RowReader:
             size = (j - i) * self.row_bytes
             data = os.pread(self._fd, size, start)
             if len(data) != size:
-                raise ValueError(f"{self.path}: short read at row {int(rows[i])}")
+                raise UserError(f"{self.path}: short read at row {int(rows[i])}")
             buf[i * self.row_bytes : j * self.row_bytes] = np.frombuffer(data, np.uint8)
             i = j
         if self.hashes is not None:
@@ -415,7 +416,7 @@ class RowReader:
 
         bad = np.flatnonzero(row_hashes(values, rows=rows) != self.hashes[rows])
         if len(bad):
-            raise ValueError(
+            raise UserError(
                 f"{self.path}: row {int(rows[bad[0]])} is damaged ({len(bad)} of the {len(rows)} "
                 "rows read do not match their checksums); rebuild the index: `dit-mem bank build "
                 "... --reindex` (or `dit-mem bank verify BANK` for the whole file)"

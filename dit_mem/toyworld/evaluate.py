@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dit_mem.errors import UserError
 from dit_mem.toyworld.metrics import accuracy
 from dit_mem.toyworld.world import COLOURS, HELD_OUT, caption, concepts
 
@@ -88,7 +89,7 @@ def generate_batch(
     from dit_mem.pipeline import SAME
 
     if case not in CASES:
-        raise ValueError(f"case must be one of {CASES}, got {case!r}")
+        raise UserError(f"case must be one of {CASES}, got {case!r}")
     memory = None
     if case != "none":
         memory, _ = pipe.memory_bank.memory(
@@ -119,7 +120,7 @@ def prompt_set(name: str, repeats: int) -> list[tuple[str, str, str]]:
     elif name == "seen":
         base = concepts(SEEN)
     else:
-        raise ValueError(f"prompt set must be 'held_out' or 'seen', got {name!r}")
+        raise UserError(f"prompt set must be 'held_out' or 'seen', got {name!r}")
     return [c for c in base for _ in range(repeats)]
 
 

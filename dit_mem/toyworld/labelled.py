@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dit_mem.errors import UserError
 from dit_mem.toyworld.world import (
     COLOURS,
     DIRECTIONS,
@@ -53,7 +54,7 @@ def changed(clip: Clip, change: str, rng: np.random.Generator) -> np.ndarray:
     from scipy import ndimage
 
     if change not in CHANGES:
-        raise ValueError(f"change must be one of {CHANGES}, got {change!r}")
+        raise UserError(f"change must be one of {CHANGES}, got {change!r}")
     if change == "render":
         return render(clip)
     r, travel = float(rng.uniform(4.0, 6.0)), float(rng.uniform(11.0, 16.0))

@@ -89,8 +89,8 @@ def train_memory(
     out: Path, base_dir: Path, bank_dir: Path, cfg: MemoryStageConfig, progress=True
 ) -> Path:
     """Train (or resume) the memory encoder; the result is copied to ``out/encoder``."""
+    from dit_mem.checkpoint import latest_checkpoint
     from dit_mem.training import train
-    from dit_mem.training.checkpoint import latest_checkpoint
 
     final = out / "encoder"
     if (final / "config.json").is_file():

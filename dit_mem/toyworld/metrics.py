@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from dit_mem.errors import UserError
 from dit_mem.toyworld.world import HUES
 
 SATURATION_MIN = 0.45
@@ -156,7 +157,7 @@ def accuracy(
         by_frame = frame_hits if by_frame is None else by_frame + frame_hits
         n += 1
     if n == 0:
-        raise ValueError("accuracy of no videos")
+        raise UserError("accuracy of no videos")
     colour, shape, direction = hits / n
     return {
         "colour": float(colour),

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dit_mem.errors import UserError
+
 FRAMES, SIZE = 9, 32
 # Named colours (RGB) and their hues in degrees, the hue the colour metric snaps to.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -60,7 +62,7 @@ class Clip:
             (self.direction, DIRECTIONS, "direction"),
         ):
             if value not in known:
-                raise ValueError(f"unknown {what} {value!r}; known: {', '.join(known)}")
+                raise UserError(f"unknown {what} {value!r}; known: {', '.join(known)}")
 
     @property
     def caption(self) -> str:
@@ -79,7 +81,7 @@ def parse_caption(text: str) -> tuple[str, str, str]:
     """``"a red circle moving left"`` → ``("red", "circle", "left")``; ValueError otherwise."""
     words = text.strip().lower().split()
     if len(words) != 5 or words[0] != "a" or words[3] != "moving":
-        raise ValueError(
+        raise UserError(
             f"not a toy-world caption: {text!r} (expected 'a <colour> <shape> moving <direction>')"
         )
     colour, shape, direction = words[1], words[2], words[4]

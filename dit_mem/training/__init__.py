@@ -1,6 +1,6 @@
-"""Training the memory encoder against a frozen Wan DiT (method §5)."""
+"""Training the memory encoder against a frozen video DiT (Wan, LTX-Video, HunyuanVideo-1.5) (method §5)."""
 
-from dit_mem.training.checkpoint import (
+from dit_mem.checkpoint import (
     Checkpoint,
     latest_checkpoint,
     list_checkpoints,

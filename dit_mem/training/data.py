@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dit_mem.errors import UserError
 from dit_mem.utils import get_logger
 
 log = get_logger(__name__)
@@ -79,7 +80,7 @@ class TrainingSamples(torch.utils.data.Dataset):
                 (s.missing_latent + s.missing_memory + s.no_retrieval)[:3],
             )
         if not self.ids:
-            raise ValueError(self._nothing_left(ids, memory))
+            raise UserError(self._nothing_left(ids, memory))
         # Every latent must have its folder's shape (the manifest says it); else the first seen.
         self._shape: dict[int, tuple[int, ...] | None] = {}
         for store in (latents, memory_latents):
@@ -118,7 +119,7 @@ class TrainingSamples(torch.utils.data.Dataset):
 
     def _check(self, x: torch.Tensor, vid: str, role: str, store) -> None:
         if x.ndim != 4 or x.shape[0] != self.channels:
-            raise ValueError(
+            raise UserError(
                 f"{role} latent {vid!r} has shape {tuple(x.shape)}; expected [C={self.channels}, "
                 f"T, H, W] ({store.path(vid)})"
             )
@@ -126,7 +127,7 @@ class TrainingSamples(torch.utils.data.Dataset):
         if expected is None:
             self._shape[id(store)] = tuple(x.shape)
         elif tuple(x.shape) != expected:
-            raise ValueError(
+            raise UserError(
                 f"{role} latent {vid!r} has shape {tuple(x.shape)}, but the latents in "
                 f"{store.root} have shape {expected} ({store.path(vid)})"
             )
@@ -149,7 +150,7 @@ def collate(items: list[dict]) -> dict:
     samples' text streams (the frozen DiT's family pads them)."""
     shapes = {tuple(it["x0"].shape) for it in items}
     if len(shapes) > 1:
-        raise ValueError(
+        raise UserError(
             f"training latents in one batch have different shapes {sorted(shapes)}; "
             "use batch_size=1 or latents of one size"
         )
@@ -183,7 +184,7 @@ class EpochPlan:
 
     def check(self) -> None:
         if self.steps == 0:
-            raise ValueError(
+            raise UserError(
                 f"{self.num_samples} usable training samples are too few for one optimizer step "
                 f"({self.num_processes} processes × batch {self.batch_size} × "
                 f"{self.accumulation} accumulation steps)"

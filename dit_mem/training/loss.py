@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dit_mem.errors import UserError
+
 WEIGHTINGS = ("wan", "none")
 
 
@@ -31,11 +33,11 @@ class FlowMatchingObjective:
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"loss weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+            raise UserError(f"loss weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps must be ≥ 2, got {self.num_train_timesteps}")
+            raise UserError(f"num_train_timesteps must be ≥ 2, got {self.num_train_timesteps}")
         if self.shift <= 0:
-            raise ValueError(f"flow shift must be > 0, got {self.shift}")
+            raise UserError(f"flow shift must be > 0, got {self.shift}")
         n = self.num_train_timesteps
         s = torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)[:-1]
         sigmas = self.shift * s / (1 + (self.shift - 1) * s)
@@ -60,7 +62,7 @@ class FlowMatchingObjective:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x_t, t, target)`` for clean latents ``x0 [B, ...]``, indices ``[B]`` and noise."""
         if noise.shape != x0.shape:
-            raise ValueError(f"noise shape {tuple(noise.shape)} != latent shape {tuple(x0.shape)}")
+            raise UserError(f"noise shape {tuple(noise.shape)} != latent shape {tuple(x0.shape)}")
         index = index.to("cpu")
         sigma = self.sigmas[index].to(x0.device, torch.float32)
         sigma = sigma.view(-1, *([1] * (x0.ndim - 1)))

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dit_mem.errors import UserError
 from dit_mem.utils import get_logger
 from dit_mem.utils.io import write_text_atomic
 
@@ -69,7 +70,7 @@ class MetricsLogger:
             try:
                 import wandb
             except ImportError:
-                raise ValueError("log_with includes wandb, but wandb is not installed") from None
+                raise UserError("log_with includes wandb, but wandb is not installed") from None
             self._wandb = wandb.init(
                 project=wandb_project,
                 name=run_dir.name,

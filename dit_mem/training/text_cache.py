@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from dit_mem.backbone.families.base import pad_rows
+from dit_mem.errors import UserError
 from dit_mem.utils import get_logger, write_json_atomic, write_safetensors_atomic
 from dit_mem.utils.io import TMP_PREFIX, changed_settings, refuse_other_settings
 
@@ -123,7 +124,7 @@ class TextEmbeddingCache:
         from tqdm.auto import tqdm
 
         if len(ids) != len(captions):
-            raise ValueError(f"{len(ids)} ids but {len(captions)} captions")
+            raise UserError(f"{len(ids)} ids but {len(captions)} captions")
         todo = [(v, c) for v, c in dict(zip(ids, captions, strict=True)).items() if v not in self]
         if not todo:
             return 0

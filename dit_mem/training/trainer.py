@@ -1,10 +1,10 @@
-"""Train the memory encoder against a frozen Wan DiT (method §5) with accelerate.
+"""Train the memory encoder against a frozen video DiT (method §5) with accelerate.
 
     train(load_train_config("config/train_dit_mem.yaml", overrides), resume="latest")
 
 Stages:
   1. run folder, resolved config, checkpoint to resume from
-  2. caches: retrieved memory per sample (CSV) and UMT5 caption embeddings (safetensors)
+  2. caches: retrieved memory per sample (CSV) and the family's caption embeddings (safetensors)
   3. dataset (rows with missing latents skipped with a count)
   4. frozen DiT with memory attached (eval, no grad, gradient checkpointing)
   5. trainable memory encoder + AdamW, prepared by accelerate; resume
@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 
+from dit_mem import checkpoint as ckpt_io
 from dit_mem.backbone.injection import check_width
 from dit_mem.config import ConfigError, save_config, to_dict
-from dit_mem.training import checkpoint as ckpt_io
+from dit_mem.errors import UserError
 from dit_mem.training.config import TrainConfig
 from dit_mem.training.data import EpochPlan, TrainingSamples, collate
 from dit_mem.training.loss import FlowMatchingObjective
@@ -105,8 +106,8 @@ def encoder_preset(cfg: TrainConfig) -> str:
     defaults if ``model.encoder_overrides`` replace fields of it, else ``ConfigError``."""
     if cfg.model.encoder_preset is not None:
         return cfg.model.encoder_preset
-    from dit_mem.loaders.base_model import describe_base_model
     from dit_mem.memory import preset_for
+    from dit_mem.models.base_model import describe_base_model
 
     base = describe_base_model(cfg.model.base_model_dir)
     t = base.configs["transformer"]
@@ -115,7 +116,7 @@ def encoder_preset(cfg: TrainConfig) -> str:
         return preset_for(
             base.family.name, t["num_attention_heads"] * t["attention_head_dim"], channels
         )
-    except ValueError as e:
+    except UserError as e:
         if cfg.model.encoder_overrides:  # fields replaced: of the encoder's defaults (the paper's)
             return "wan2.1-1.3b"
         raise ConfigError(f"model.encoder_preset: {e}") from None
@@ -150,7 +151,8 @@ class FrozenDiT:
     ):
         """The base model's transformer(s), frozen, with memory attached."""
         from dit_mem.backbone import attach_memory
-        from dit_mem.loaders.base_model import describe_base_model, load_transformers
+        from dit_mem.models.base_model import describe_base_model
+        from dit_mem.pipeline import load_transformers
 
         base = describe_base_model(base_dir)
         check_text_to_video(base)
@@ -256,7 +258,7 @@ def resolve_train_config(cfg: TrainConfig) -> TrainConfig:
     import dataclasses
 
     from dit_mem.data import LatentStore
-    from dit_mem.loaders.base_model import describe_base_model
+    from dit_mem.models.base_model import describe_base_model
 
     base = describe_base_model(cfg.model.base_model_dir)
     check_text_to_video(base)
@@ -340,7 +342,7 @@ def _train(cfg: TrainConfig, resume, accelerator) -> TrainResult:
     run_dir = Path(cfg.output_dir)
     resume_ckpt = ckpt_io.resolve_resume(resume, run_dir) if resume is not None else None
     if resume_ckpt is None and ckpt_io.latest_checkpoint(run_dir) is not None:
-        raise ValueError(
+        raise UserError(
             f"{run_dir} already has checkpoints; continue it with --resume latest, or set "
             "output_dir to a new run folder"
         )
@@ -387,7 +389,7 @@ def _train(cfg: TrainConfig, resume, accelerator) -> TrainResult:
         expert.to(device)
         try:
             check_width(encoder.config.dim, expert)
-        except ValueError as e:
+        except UserError as e:
             raise ConfigError(f"model.encoder_preset: {e}") from None
         if cfg.model.gradient_checkpointing:
             expert.enable_gradient_checkpointing()
@@ -411,7 +413,7 @@ def _train(cfg: TrainConfig, resume, accelerator) -> TrainResult:
             accelerator.load_state(str(resume_ckpt.accelerate_dir))
             ckpt_io.load_rng_state(resume_ckpt.rng_file(rank), generator)
         except Exception as e:  # torch / safetensors raise many kinds for a damaged file
-            raise ValueError(ckpt_io.damaged_message(resume_ckpt, run_dir, e)) from e
+            raise UserError(ckpt_io.damaged_message(resume_ckpt, run_dir, e)) from e
         step = resume_ckpt.step
         log.info("resumed from %s (step %d)", resume_ckpt.path, step)
     result = TrainResult(
@@ -536,7 +538,7 @@ def check_latents(dit: FrozenDiT, training, bank) -> None:
             theirs = bank.latent_record["vae_fingerprint"]
             if theirs is not None:
                 check_record(training.manifest, where, vae=theirs)
-    except ValueError as e:
+    except UserError as e:
         raise ConfigError(str(e)) from None
 
 
@@ -581,11 +583,8 @@ def prepare_caches(cfg: TrainConfig, accelerator=None, bank=None):
                 raise RuntimeError(
                     "text-embedding cache incomplete after the main process built it"
                 )
-            from dit_mem.loaders.base_model import (
-                component_names,
-                describe_base_model,
-                load_base_model,
-            )
+            from dit_mem.models.base_model import component_names, describe_base_model
+            from dit_mem.pipeline import load_base_model
 
             device = accelerator.device if accelerator is not None else torch.device("cpu")
             base = describe_base_model(cfg.model.base_model_dir)

@@ -11,6 +11,8 @@ import json
 
 import torch
 
+from dit_mem.errors import UserError
+
 
 def weights_fingerprint(module: torch.nn.Module, legacy: bool = False) -> str:
     """SHA-256 over ``module``'s public config (not where it was loaded from) and every tensor
@@ -73,7 +75,7 @@ def _onloaded_state(module: torch.nn.Module) -> dict:
         onloaded = get_state_dict_offloaded_model(module)
         if onloaded.keys() != state.keys():
             missing = sorted(set(state) - set(onloaded))[:3]
-            raise ValueError(f"the {type(module).__name__}'s weights {missing} are on 'meta' only")
+            raise UserError(f"the {type(module).__name__}'s weights {missing} are on 'meta' only")
         state = onloaded
     return state
 

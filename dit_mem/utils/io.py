@@ -18,6 +18,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from dit_mem.errors import UserError
+
 TMP_PREFIX = ".tmp-"
 LOCK_FILE = ".lock"
 
@@ -126,9 +128,9 @@ def read_json_mapping(path: str | os.PathLike) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -150,7 +152,7 @@ def folder_lock(folder: str | os.PathLike, job: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise ValueError(
+            raise UserError(
                 f"{folder} is in use by another job ({holder}); wait for it to finish, or use "
                 "another folder"
             ) from None
@@ -194,7 +196,7 @@ def refuse_other_settings(
     """``ValueError`` ("``where`` already holds ``what`` made with other settings") if any."""
     if changes:
         details = "; ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in changes.items())
-        raise ValueError(
+        raise UserError(
             f"{where} already holds {what} made with other settings ({', '.join(changes)} "
             f"differ: {details}); {fix}"
         )

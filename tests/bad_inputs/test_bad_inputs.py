@@ -1101,10 +1101,17 @@ def test_accepted_on_purpose(name, argv, world, tmp_path):
     env = Env(world, tmp_path / "case", tmp_path / "MARKER")
     env.case.mkdir()
     assert main(argv(env)) == 0
-    if name == "csv/video-named-null":
-        from dit_mem.retrieval import Retriever
+    from dit_mem.retrieval import Retriever
 
-        assert Retriever(env.case / "i").ids.tolist() == ["null", "NaN"]
+    retriever = Retriever(env.case / "i")
+    manifest = json.loads((env.case / "i" / "manifest.json").read_text())
+    if name == "csv/video-named-null":
+        assert retriever.ids.tolist() == ["null", "NaN"]
+    elif name == "csv/empty-caption-rows-dropped":  # one row kept, the drop counted
+        assert retriever.ids.tolist() == ["a"] and manifest["dropped_empty_captions"] == 1
+    else:  # the extra columns kept in the id map, as text of the row
+        row = retriever.row_of("a")
+        assert retriever.ids.tolist() == ["a"] and (row["score"], row["misc"]) == ("5", "q")
 
 
 def test_bad_pickled_files_are_never_loaded(world, tmp_path, capsys):

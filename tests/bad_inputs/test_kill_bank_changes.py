@@ -30,7 +30,7 @@ RUNNER = textwrap.dedent(
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
     import functools
-    import dit_mem.loaders.base_model, dit_mem.retrieval.embedder, dit_mem.retrieval.index
+    import dit_mem.models.base_model, dit_mem.retrieval.embedder, dit_mem.retrieval.index
     import dit_mem.retrieval.retriever
     from dit_mem.bank import MemoryBank
     from dit_mem.bank.journal import history
@@ -41,8 +41,8 @@ RUNNER = textwrap.dedent(
     embedder = functools.cache(dit_mem.retrieval.embedder.load_embedder)
     for module in (dit_mem.retrieval.embedder, dit_mem.retrieval.index, dit_mem.retrieval.retriever):
         module.load_embedder = embedder
-    vae = functools.cache(dit_mem.loaders.base_model.load_vae)
-    dit_mem.loaders.base_model.load_vae = vae
+    vae = functools.cache(dit_mem.models.base_model.load_vae)
+    dit_mem.models.base_model.load_vae = vae
 
     plan = json.loads(pathlib.Path(sys.argv[1]).read_text())
     root = pathlib.Path(plan["root"])

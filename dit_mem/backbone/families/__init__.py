@@ -14,6 +14,7 @@ from functools import cache
 from typing import Any
 
 from dit_mem.backbone.families.base import Family, names
+from dit_mem.errors import UserError
 
 FAMILY_MODULES: tuple[str, ...] = ("wan", "ltx", "hunyuan15")
 
@@ -32,7 +33,7 @@ def family_of(model: Any) -> Family:
         if family.matches(model):
             return family
     supported = names([c for f in families() for c in f.transformer_classes])
-    raise ValueError(
+    raise UserError(
         f"memory attaches to a diffusers {supported} (or a pipeline holding one), "
         f"got {type(model).__name__}"
     )
@@ -44,9 +45,7 @@ def family_of_class_name(name: str | None, where: Any = None) -> Family:
         if name in {c.__name__ for c in family.transformer_classes}:
             return family
     supported = names([c for f in families() for c in f.transformer_classes])
-    raise ValueError(
-        f"{where or 'the model'}: a {name}; memory attaches to a diffusers {supported}"
-    )
+    raise UserError(f"{where or 'the model'}: a {name}; memory attaches to a diffusers {supported}")
 
 
 def family_of_vae(vae: Any) -> Family:
@@ -55,7 +54,7 @@ def family_of_vae(vae: Any) -> Family:
         if isinstance(vae, family.vae_classes):
             return family
     supported = names([c for f in families() for c in f.vae_classes])
-    raise ValueError(f"no DiT family uses a {type(vae).__name__} (known VAEs: {supported})")
+    raise UserError(f"no DiT family uses a {type(vae).__name__} (known VAEs: {supported})")
 
 
 __all__ = [

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from dit_mem.backbone.attention import Route, check_route, memory_attention
+from dit_mem.errors import UserError
 
 if TYPE_CHECKING:
     from dit_mem.backbone.injection import CallMemory, MemoryAttachment
@@ -188,7 +189,7 @@ class Family:
     def check(self, transformer: nn.Module) -> None:
         for i, block in enumerate(self.blocks(transformer)):
             if not isinstance(block, self.block_classes):
-                raise ValueError(
+                raise UserError(
                     f"block {i} is a {type(block).__name__}, not a stock "
                     f"{' / '.join(c.__name__ for c in self.block_classes)}; cannot attach memory"
                 )
@@ -279,7 +280,7 @@ class Family:
         """``[C, T, H, W]`` of a clip's latent; ``ValueError`` for a geometry the VAE cannot take."""
         channels, t, s = self.latent_geometry(vae)
         if (num_frames - 1) % t or height % s or width % s:
-            raise ValueError(
+            raise UserError(
                 f"the {type(vae).__name__} takes {t}k+1 frames of a height and width that are "
                 f"multiples of {s}; got {num_frames} frames of {height}×{width}"
             )

@@ -31,6 +31,7 @@ from dit_mem.backbone.families.base import (
     read_config,
     repeat_tokens,
 )
+from dit_mem.errors import UserError
 
 VISION_TOKENS = 729  # HunyuanVideo15Pipeline's vision_num_semantic_tokens (zeros for text to video)
 
@@ -60,7 +61,7 @@ class HunyuanVideo15MemoryProcessor(MemoryProcessor):
                 "gives HunyuanVideo15Transformer3DModel no _cp_plan); run it without parallelism"
             )
         if encoder_hidden_states is None:
-            raise ValueError("HunyuanVideo-1.5 memory needs the block's text stream")
+            raise UserError("HunyuanVideo-1.5 memory needs the block's text stream")
         memory, bias = self.memory_inputs(hidden_states)
         # video stream: projections, per-head q/k norm, RoPE (memory: the same, no RoPE)
         query, key, value = (

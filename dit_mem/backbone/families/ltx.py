@@ -32,6 +32,7 @@ from dit_mem.backbone.families.base import (
     read_config,
     repeat_tokens,
 )
+from dit_mem.errors import UserError
 
 FRAME_RATE = 25  # LTXPipeline's default frame_rate (its RoPE interpolation depends on it)
 
@@ -52,7 +53,7 @@ class LTXMemoryProcessor(MemoryProcessor):
                 attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
             )
         if attention_mask is not None:
-            raise ValueError("memory tokens only go into self-attention without a mask")
+            raise UserError("memory tokens only go into self-attention without a mask")
         rotate = (
             None if image_rotary_emb is None else partial(apply_rotary_emb, freqs=image_rotary_emb)
         )

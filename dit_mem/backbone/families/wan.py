@@ -30,6 +30,7 @@ from dit_mem.backbone.families.base import (
     pad_rows,
     repeat_tokens,
 )
+from dit_mem.errors import UserError
 
 # Wan2.1's standard negative prompt (``sample_neg_prompt`` in Wan's shared config).
 WAN_NEGATIVE_PROMPT = (
@@ -64,7 +65,7 @@ class WanMemoryProcessor(MemoryProcessor):
                 attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
             )
         if attention_mask is not None:
-            raise ValueError("memory tokens only go into self-attention without a mask")
+            raise UserError("memory tokens only go into self-attention without a mask")
         rotate = (
             None
             if rotary_emb is None
@@ -199,7 +200,7 @@ def _stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``(mean, std)`` of a Wan VAE's latent space, shaped for ``[B, C, T, H, W]``."""
     cfg = vae.config
     if cfg.latents_mean is None or cfg.latents_std is None:
-        raise ValueError("the VAE config has no latents_mean/latents_std to normalise with")
+        raise UserError("the VAE config has no latents_mean/latents_std to normalise with")
     return tuple(
         torch.tensor(s, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
         for s in (cfg.latents_mean, cfg.latents_std)

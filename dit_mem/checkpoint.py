@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from dit_mem.errors import UserError
 from dit_mem.utils import get_logger, write_json_atomic, write_safetensors_atomic
 
 log = get_logger(__name__)
@@ -66,14 +67,14 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
     state_file = path / STATE_FILE
     if not state_file.is_file():
-        raise ValueError(
+        raise UserError(
             f"{path} is not a complete training checkpoint (no {STATE_FILE}); "
             "pass a step-* folder under <run>/checkpoints, a run folder, or 'latest'"
         )
     state = json.loads(state_file.read_text())
     for part in ("encoder", "accelerate"):
         if not (path / part).is_dir():
-            raise ValueError(f"checkpoint {path} is incomplete: missing {part}/")
+            raise UserError(f"checkpoint {path} is incomplete: missing {part}/")
     return Checkpoint(path=path, step=int(state["step"]), state=state)
 
 
@@ -104,7 +105,7 @@ def resolve_resume(resume: str | Path, run_dir: str | Path) -> Checkpoint:
     if str(resume) == "latest":
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
-            raise ValueError(
+            raise UserError(
                 f"--resume latest: no complete checkpoint under {Path(run_dir) / CHECKPOINTS}"
             )
         return ckpt
@@ -117,7 +118,7 @@ def resolve_resume(resume: str | Path, run_dir: str | Path) -> Checkpoint:
         ckpt = latest_checkpoint(path if path.name != CHECKPOINTS else path.parent)
         if ckpt is not None:
             return ckpt
-    raise ValueError(
+    raise UserError(
         f"--resume {path}: no complete checkpoint there (expected a step-* folder with "
         f"{STATE_FILE}, or a run folder with {CHECKPOINTS}/step-*)"
     )
@@ -169,7 +170,7 @@ def load_rng_state(path: Path, generator: torch.Generator) -> None:
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise ValueError(
+        raise UserError(
             f"checkpoint has no RNG state for this process ({path.name}): was it written by a "
             "run with a different number of processes?"
         )

@@ -4,11 +4,11 @@ A folder in the release layout (``Wan-AI/Wan2.1-T2V-1.3B``) holds
 ``diffusion_pytorch_model.safetensors`` (or its shards + ``.index.json``), ``Wan2.1_VAE.pth``,
 ``models_t5_umt5-xxl-enc-bf16.pth`` and the tokenizer in ``google/umt5-xxl/``. The transformer goes
 through diffusers' ``from_single_file`` with the diffusers configs shipped in
-``dit_mem/loaders/configs/`` (picked from the folder's ``config.json``, or given with
+``dit_mem/models/configs/`` (picked from the folder's ``config.json``, or given with
 ``config_dir=``/``preset=``); the VAE file is renamed with diffusers' own
 ``convert_wan_vae_to_diffusers`` and loaded strictly; the T5 file is Wan's own encoder-only
 UMT5-XXL, mapped here onto transformers' ``UMT5EncoderModel``. A diffusers folder is not read
-here: :func:`dit_mem.loaders.base_model.load_base_model` loads either layout as a pipeline.
+here: :func:`dit_mem.pipeline.load_base_model` loads either layout as a pipeline.
 
 ``.pth`` files are only ever read with ``torch.load(weights_only=True)``.
 """
@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from dit_mem.errors import UserError
 from dit_mem.utils import get_logger
 
 logger = get_logger(__name__)
@@ -88,7 +89,7 @@ def load_tensors_file(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{path}: not a plain file of tensors ({first})") from None
+        raise UserError(f"{path}: not a plain file of tensors ({first})") from None
 
 
 def _compile(template: str) -> re.Pattern[str]:
@@ -117,7 +118,7 @@ def wan_t5_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
         else:
             out[new] = value
     if unknown:
-        raise ValueError(f"not a Wan UMT5 encoder state dict; unknown keys: {unknown[:8]}")
+        raise UserError(f"not a Wan UMT5 encoder state dict; unknown keys: {unknown[:8]}")
     if "shared.weight" in out:
         out[_TIED_EMBEDDING] = out["shared.weight"]
     return out
@@ -134,14 +135,14 @@ def load_wan_t5(path: str | Path, config: Any, torch_dtype: torch.dtype = torch.
     expected = set(model.state_dict())
     missing, unexpected = expected - set(converted), set(converted) - expected
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"{path}: T5 weights do not fit the UMT5 config: missing {sorted(missing)[:8]}, "
             f"unexpected {sorted(unexpected)[:8]}"
         )
     shapes = model.state_dict()
     wrong = [k for k, v in converted.items() if v.shape != shapes[k].shape]
     if wrong:
-        raise ValueError(
+        raise UserError(
             f"{path}: shape mismatch for {wrong[:4]} (e.g. {tuple(converted[wrong[0]].shape)} vs "
             f"{tuple(shapes[wrong[0]].shape)}): wrong config for these weights?"
         )
@@ -157,8 +158,8 @@ def load_wan_t5(path: str | Path, config: Any, torch_dtype: torch.dtype = torch.
 def preset_configs(preset: str) -> dict[str, dict[str, Any]]:
     """Diffusers configs (transformer, vae, text_encoder, scheduler) of a shipped preset."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown Wan preset {preset!r}; known: {PRESETS}")
-    text = resources.files("dit_mem.loaders.configs").joinpath(f"{preset}.json").read_text()
+        raise UserError(f"unknown Wan preset {preset!r}; known: {PRESETS}")
+    text = resources.files("dit_mem.models.configs").joinpath(f"{preset}.json").read_text()
     data = json.loads(text)
     return {k: data[k] for k in ("transformer", "vae", "text_encoder", "scheduler")}
 
@@ -183,9 +184,9 @@ def transformer_config_from_original(config: dict[str, Any]) -> dict[str, Any]:
             "eps": float(config.get("eps", 1e-6)),
         }
     except KeyError as err:
-        raise ValueError(f"original Wan config.json lacks {err}") from None
+        raise UserError(f"original Wan config.json lacks {err}") from None
     if config.get("model_type", "t2v") != "t2v":
-        raise ValueError(
+        raise UserError(
             f"only Wan text-to-video models load here, got {config.get('model_type')!r}"
         )
     return out
@@ -251,7 +252,7 @@ def detect_layout(base_model_dir: str | Path, components: Sequence[str] = COMPON
     """``"diffusers"`` or ``"original"``; ValueError listing what each layout needs otherwise."""
     base = Path(base_model_dir)
     if not base.is_dir():
-        raise ValueError(f"base model folder {base} does not exist")
+        raise UserError(f"base model folder {base} does not exist")
     wanted = [c for c in components if c != "scheduler"]
     diffusers_missing = _diffusers_missing(base, components)
     if not diffusers_missing:
@@ -260,7 +261,7 @@ def detect_layout(base_model_dir: str | Path, components: Sequence[str] = COMPON
     if not original_missing:
         return "original"
     present = sorted(p.name + ("/" if p.is_dir() else "") for p in base.iterdir())[:20]
-    raise ValueError(
+    raise UserError(
         f"{base} is neither a diffusers Wan folder (missing: {', '.join(diffusers_missing)}) "
         f"nor the original Wan2.1 release layout (missing: {', '.join(original_missing)}); "
         f"found: {', '.join(present) or 'nothing'}"
@@ -280,7 +281,7 @@ def load_original_vae(pth: Path, config: dict[str, Any] | None, dtype: torch.dty
 
     state = load_tensors_file(pth)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{pth}: not a plain state dict of tensors")
+        raise UserError(f"{pth}: not a plain state dict of tensors")
     state = convert_wan_vae_to_diffusers(state)
     config = config if config is not None else preset_configs(PRESETS[0])["vae"]
     vae = AutoencoderKLWan.from_config({k: v for k, v in config.items() if k != "_class_name"})
@@ -289,7 +290,7 @@ def load_original_vae(pth: Path, config: dict[str, Any] | None, dtype: torch.dty
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
     if missing or unexpected or wrong:
-        raise ValueError(
+        raise UserError(
             f"{pth}: does not match the Wan2.1 VAE; missing keys {missing[:3]} "
             f"({len(missing)}), unexpected keys {unexpected[:3]} ({len(unexpected)}), "
             f"wrong shapes {wrong[:3]} ({len(wrong)})"
@@ -322,18 +323,18 @@ def original_configs(
     if config_dir is not None:
         configs = _read_config_dir(Path(config_dir))
         if not configs:
-            raise ValueError(f"config_dir {config_dir} holds no <component>/config.json")
+            raise UserError(f"config_dir {config_dir} holds no <component>/config.json")
         return configs
     if preset is None:
         original = base / "config.json"
         if not original.is_file():
-            raise ValueError(
+            raise UserError(
                 f"{base} has no config.json; pass preset= (one of {PRESETS}) or config_dir="
             )
         transformer = transformer_config_from_original(json.loads(original.read_text()))
         preset = match_preset(transformer)
         if preset is None:
-            raise ValueError(
+            raise UserError(
                 f"{original} describes no shipped Wan2.1 model ({PRESETS}); pass config_dir= "
                 "with diffusers configs for transformer/, vae/, text_encoder/, scheduler/"
             )
@@ -351,7 +352,7 @@ def load_wan_components(
     preset: str | None = None,
 ) -> WanComponents:
     """Load the parts of an original Wan2.1 release folder (a diffusers folder loads through
-    its pipeline's ``from_pretrained``: :func:`dit_mem.loaders.base_model.load_base_model`).
+    its pipeline's ``from_pretrained``: :func:`dit_mem.pipeline.load_base_model`).
 
     Args:
         base_model_dir: the folder.
@@ -365,12 +366,12 @@ def load_wan_components(
     """
     unknown = set(components) - set(COMPONENTS)
     if unknown:
-        raise ValueError(f"unknown components {sorted(unknown)}; known: {COMPONENTS}")
+        raise UserError(f"unknown components {sorted(unknown)}; known: {COMPONENTS}")
     base = Path(base_model_dir)
     if detect_layout(base, components) != "original":
-        raise ValueError(
+        raise UserError(
             f"{base} is a diffusers folder: load it with its pipeline's from_pretrained "
-            "(dit_mem.loaders.base_model.load_base_model)"
+            "(dit_mem.pipeline.load_base_model)"
         )
     parts = _load_original(base, torch_dtype, vae_dtype, components, config_dir, preset)
     parts.layout = "original"
@@ -392,7 +393,7 @@ def _load_original(
     needed = [c for c in components if c != "tokenizer"]
     absent = [c for c in needed if c not in configs]
     if absent:
-        raise ValueError(f"no config for {absent} (config_dir={config_dir})")
+        raise UserError(f"no config for {absent} (config_dir={config_dir})")
     parts = WanComponents()
     with tempfile.TemporaryDirectory(prefix="dit-mem-wan-config-") as tmp:
         _write_config_dir(Path(tmp), configs)

@@ -1,16 +1,14 @@
 """Base models: one way to read and load a base model folder, for every front door.
 
     base = describe_base_model("model/Wan2.2-T2V-A14B-Diffusers")   # configs only, no weights
-    base.family, base.flavour, base.boundary_ratio, base.check_geometry(81, 480, 832)
-    pipe = load_base_model(base, torch.bfloat16)                     # the memory flavour
-    pipe = load_base_model(base, torch.bfloat16, skip=("text_encoder", "tokenizer"))
+    base.family, base.stock_pipeline, base.boundary_ratio, base.check_geometry(81, 480, 832)
+    vae = load_vae(base.folder)                                      # the latent job's VAE
 
-A diffusers folder loads through its flavour's own ``from_pretrained`` (picked from
-``model_index.json``), so everything the folder carries is kept: both experts and
-``boundary_ratio`` of Wan2.2 A14B, ``expand_timesteps`` of Wan2.2 TI2V, its scheduler. The
-original Wan2.1 release layout (:mod:`dit_mem.loaders.wan`) becomes the same pipeline as its
-diffusers twin. Generation, training (its frozen DiT and text encoders) and the latent job (its
-VAE) all load here; ``skip`` leaves components out (they are ``None``).
+What a folder is (its layout, stock pipeline, family, configs, clip sizes) and its VAE are read
+here, below every pipeline: the bank, the latent job and the data loaders use them without
+importing a pipeline. Loading the folder as a pipeline is :func:`dit_mem.pipeline.load_base_model`
+(the flavour's own ``from_pretrained``); the original Wan2.1 release layout is
+:mod:`dit_mem.models.wan`.
 """
 
 from __future__ import annotations
@@ -24,21 +22,26 @@ from typing import Any
 
 import torch
 
-from dit_mem.loaders.wan import (
-    COMPONENTS as WAN_COMPONENTS,
-)
-from dit_mem.loaders.wan import (
-    ORIGINAL_VAE,
-    detect_layout,
-    load_original_vae,
-    load_wan_components,
-    original_configs,
-)
+from dit_mem.errors import UserError
+from dit_mem.models.wan import COMPONENTS as WAN_COMPONENTS
+from dit_mem.models.wan import ORIGINAL_VAE, detect_layout, load_original_vae, original_configs
 from dit_mem.utils import get_logger
 
 logger = get_logger(__name__)
 
 INDEX = "model_index.json"
+
+# model_index.json's "_class_name" → the stock diffusers pipeline it runs as (a saved memory
+# pipeline names its flavour; dit_mem.pipeline.FLAVOURS has one flavour for each)
+STOCK_PIPELINES: dict[str, str] = {
+    **{name: name for name in ("WanPipeline", "WanImageToVideoPipeline", "WanVACEPipeline")},
+    **{name: name for name in ("LTXPipeline", "HunyuanVideo15Pipeline")},
+    "DiTMemPipeline": "WanPipeline",
+    "DiTMemWanImageToVideoPipeline": "WanImageToVideoPipeline",
+    "DiTMemWanVACEPipeline": "WanVACEPipeline",
+    "DiTMemLTXPipeline": "LTXPipeline",
+    "DiTMemHunyuanVideo15Pipeline": "HunyuanVideo15Pipeline",
+}
 
 
 @dataclass
@@ -58,10 +61,16 @@ class BaseModel:
         return family_of_class_name(self.configs["transformer"].get("_class_name"), self.folder)
 
     @property
-    def flavour(self) -> type:
-        from dit_mem.pipeline import flavour_of
+    def stock_pipeline(self) -> type:
+        """The stock diffusers pipeline class the folder runs as (``UserError`` if none of ours)."""
+        import diffusers
 
-        return flavour_of(self.pipeline)
+        if self.pipeline not in STOCK_PIPELINES:
+            known = ", ".join(sorted({v for v in STOCK_PIPELINES.values()}))
+            raise UserError(
+                f"{self.folder}: no memory pipeline for {self.pipeline!r}; supported: {known}"
+            )
+        return getattr(diffusers, STOCK_PIPELINES[self.pipeline])
 
     @property
     def expand_timesteps(self) -> bool:
@@ -77,18 +86,19 @@ class BaseModel:
         names = ("transformer", "transformer_2")
         return tuple(n for n in names if n == "transformer" or _present(self.index.get(n)))
 
+    def stock_runner(self, image: bool = False) -> type:
+        """The stock pipeline that runs a call; ``image``: the call has an image (a
+        text-to-video Wan2.2 TI2V folder runs it as image-to-video)."""
+        import diffusers
+
+        stock = self.stock_pipeline
+        if image and stock is diffusers.WanPipeline and self.expand_timesteps:
+            return diffusers.WanImageToVideoPipeline
+        return stock
+
     def call_parameters(self, image: bool = False) -> dict[str, inspect.Parameter]:
-        """The stock ``__call__``'s parameters of the pipeline that runs a call (with an image,
-        a text-to-video Wan2.2 TI2V folder runs as image-to-video)."""
-        return dict(inspect.signature(self.runner(image)._stock.__call__).parameters)
-
-    def runner(self, image: bool = False) -> type:
-        """The memory flavour that runs a call; ``image``: the call has an image."""
-        from dit_mem.pipeline import DiTMemPipeline, DiTMemWanImageToVideoPipeline
-
-        if image and self.flavour is DiTMemPipeline and self.expand_timesteps:
-            return DiTMemWanImageToVideoPipeline
-        return self.flavour
+        """The stock ``__call__``'s parameters of the pipeline that runs a call."""
+        return dict(inspect.signature(self.stock_runner(image).__call__).parameters)
 
     def default_geometry(self) -> tuple[int, int, int]:
         """``(frames, height, width)`` of a clip at the stock pipeline's defaults (Wan2.1:
@@ -113,12 +123,12 @@ class BaseModel:
         _, t, s = self.family.latent_geometry(self.vae_on_meta())
         pt, ps = self.family.patch_size(self.configs["transformer"])
         if (num_frames - 1) % t or ((num_frames - 1) // t + 1) % pt:
-            raise ValueError(
+            raise UserError(
                 f"num_frames must be {t}k+1 for this {self.family.name} model (e.g. {8 * t + 1}), "
                 f"got {num_frames}"
             )
         if height % (s * ps) or width % (s * ps):
-            raise ValueError(
+            raise UserError(
                 f"height and width must be multiples of {s * ps} for this {self.family.name} "
                 f"model, got {height}×{width}"
             )
@@ -135,7 +145,7 @@ def _read(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable JSON config ({e})") from None
+        raise UserError(f"{path}: not a readable JSON config ({e})") from None
 
 
 def describe_base_model(source: str | Path | BaseModel, **hub: Any) -> BaseModel:
@@ -166,7 +176,7 @@ def describe_base_model(source: str | Path | BaseModel, **hub: Any) -> BaseModel
         detect_layout(folder, ("transformer", "vae"))  # the original Wan2.1 layout, or an error
         configs = original_configs(folder)
         base = BaseModel(folder, "original", "WanPipeline", {}, configs)
-    base.flavour  # noqa: B018  (a pipeline we have no memory flavour for is an error here)
+    base.stock_pipeline  # noqa: B018  (a pipeline we have no memory flavour for: an error here)
     base.family  # noqa: B018
     return base
 
@@ -186,7 +196,7 @@ def clip_size(source, num_frames=None, height=None, width=None) -> tuple[int, in
         return size  # type: ignore[return-value]
     vae = _vae_on_meta(Path(source))
     if None in given and type(vae).__name__ != "AutoencoderKLWan":
-        raise ValueError(
+        raise UserError(
             f"{source} is not a base model folder: give the clip size (--num-frames, --height, "
             "--width; the paper's: 81, 480, 832)"
         )
@@ -221,45 +231,6 @@ def family_of_folder(source: str | Path):
     return describe_base_model(source).family
 
 
-def load_base_model(
-    source: str | Path | BaseModel,
-    dtype: torch.dtype = torch.bfloat16,
-    *,
-    skip: tuple[str, ...] = (),
-    vae_dtype: torch.dtype | None = None,
-):
-    """The base model as its memory flavour (see the module docstring).
-
-    ``skip``: components left out (``None``); ``vae_dtype``: the VAE's dtype (default ``dtype``).
-    """
-    base = describe_base_model(source)
-    skip = tuple(c for c in skip if c not in base.family.init_components)
-    if base.layout == "diffusers":
-        dtypes = dtype if vae_dtype is None else {"default": dtype, "vae": vae_dtype}
-        return base.flavour.from_pretrained(
-            base.folder, dtype=dtypes, **dict.fromkeys(skip), memory_bank=None
-        )
-    wanted = [c for c in WAN_COMPONENTS if c not in skip]
-    parts = load_wan_components(base.folder, dtype, components=wanted, vae_dtype=vae_dtype or dtype)
-    scheduler = None
-    if "scheduler" not in skip:
-        import diffusers
-
-        config = parts.scheduler_config
-        scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
-    components = {k: getattr(parts, k) for k in ("tokenizer", "text_encoder", "transformer", "vae")}
-    return base.flavour(**components, scheduler=scheduler)
-
-
-def load_transformers(source: str | Path | BaseModel, dtype: torch.dtype = torch.bfloat16):
-    """``(experts, base)``: the base model's transformer(s), frozen (Wan2.2 A14B: two)."""
-    base = describe_base_model(source)
-    skip = tuple(c for c in component_names(base) if c not in base.experts)
-    pipe = load_base_model(base, dtype, skip=skip)
-    experts = [getattr(pipe, name).eval().requires_grad_(False) for name in base.experts]
-    return experts, base
-
-
 def component_names(base: BaseModel) -> tuple[str, ...]:
     if base.layout == "original":
         return WAN_COMPONENTS
@@ -289,7 +260,7 @@ def load_vae(
     path = Path(source)
     if path.is_file():
         if path.suffix not in (".pth", ".pt", ".ckpt"):
-            raise ValueError(f"{path}: expected a Wan2.1 VAE .pth file or a model folder")
+            raise UserError(f"{path}: expected a Wan2.1 VAE .pth file or a model folder")
         kind, vae = "original Wan2.1", load_original_vae(path, config, dtype)
     elif not path.is_dir():
         raise FileNotFoundError(f"base model not found: {path}")
@@ -302,7 +273,7 @@ def load_vae(
     elif (path / ORIGINAL_VAE).is_file():
         kind, vae = "original Wan2.1", load_original_vae(path / ORIGINAL_VAE, config, dtype)
     else:
-        raise ValueError(
+        raise UserError(
             f"{path}: no VAE found; expected a diffusers folder with vae/config.json or a VAE "
             f"folder with config.json ({', '.join(vae_classes())}), or {ORIGINAL_VAE}"
         )
