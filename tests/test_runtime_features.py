@@ -289,3 +289,72 @@ def test_pyramid_attention_broadcast_without_memory_is_stock(call):
         torch.equal(a, b)
         for a, b in zip(_pab_calls(attached_with_pab(), call), _pab_calls(stock, call), strict=True)
     )
+
+
+STEPS = 6
+
+
+def _cache_config(name: str):
+    """Each cache of diffusers.hooks set so that its skip path runs within six steps."""
+    import diffusers
+
+    if name == "taylorseer":  # Wan's blocks by name (its default patterns name no Wan module)
+        return diffusers.TaylorSeerCacheConfig(
+            cache_interval=2,
+            disable_cache_before_step=1,
+            taylor_factors_dtype=torch.float32,
+            cache_identifiers=[r"blocks\.\d+"],
+        )
+    if name == "magcache":
+        return diffusers.MagCacheConfig(
+            threshold=10.0, max_skip_steps=2, num_inference_steps=STEPS, mag_ratios=[1.0] * STEPS
+        )
+    if name == "seacache":
+        return diffusers.SeaCacheConfig(threshold=10.0, max_consecutive_cached=2)
+    return diffusers.FirstBlockCacheConfig(threshold=10.0)
+
+
+def _guided_loop(model, call, kwargs, steps: int = STEPS):
+    """A denoising loop's transformer calls, guidance as two named calls a step (as Wan's and
+    HunyuanVideo-1.5's pipelines make them), with the step information SeaCache reads."""
+    x, _, text, _ = call
+    outs = []
+    with torch.no_grad():
+        for i in range(steps):
+            t = torch.tensor([1000.0 - 150 * i])
+            for name in ("cond", "uncond"):
+                step = {"step_index": i, "sigma": 1.0 - i / steps, "num_inference_steps": steps}
+                with model.cache_context(name, **step):
+                    out = model(x[:1] + 0.01 * i, t, text[:1], attention_kwargs=kwargs)
+                    outs.append(out.sample)
+    return outs
+
+
+@pytest.mark.parametrize("cache", ["firstblock", "taylorseer", "magcache", "seacache"])
+def test_caches_skip_keep_per_branch_memory_and_are_stock_without_it(call, cache):
+    """Under each cache: the skip path runs (the last block's attention computes in fewer calls
+    than were made), the attached model without memory is the stock model under the same cache
+    bit for bit, and memory per branch holds (each cache keeps a state per ``cache_context``):
+    with ``negative_memory_tokens=None`` the conditional calls are those of memory in both
+    branches, bit for bit, and every unconditional call differs."""
+    mem = call[3]
+    outputs, computed = {}, {}
+    for mode, kwargs in (
+        ("stock", None),
+        ("no memory", None),
+        ("both", {"memory_tokens": mem}),
+        ("cond only", {"memory_tokens": mem, "negative_memory_tokens": None}),
+    ):
+        model = tiny_transformer(seed=0) if mode == "stock" else attached()
+        model.enable_cache(_cache_config(cache))
+        ran = []
+        model.blocks[-1].attn1.to_out[0].register_forward_pre_hook(
+            lambda m, a, ran=ran: ran.append(1)
+        )
+        outputs[mode], computed[mode] = _guided_loop(model, call, kwargs), len(ran)
+    assert all(n < 2 * STEPS for n in computed.values()), computed
+    assert computed["stock"] == computed["no memory"]
+    assert all(map(torch.equal, outputs["stock"], outputs["no memory"]))
+    both, cond_only = outputs["both"], outputs["cond only"]
+    assert all(map(torch.equal, both[0::2], cond_only[0::2]))
+    assert all(rel_err(a, b) > 0.05 for a, b in zip(both[1::2], cond_only[1::2], strict=True))

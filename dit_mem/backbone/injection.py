@@ -222,9 +222,12 @@ class MemoryAttachment:
         self.memory: CallMemory | None = None
         self.temb: torch.Tensor | None = None
         self.original_processors: dict[int, Any] = {}
+        # the blocks as attached: a cache that wraps the block list later (cache-dit swaps it
+        # while forward runs) leaves the same blocks running, and these are they
+        self.blocks: list[nn.Module] = list(family.blocks(transformer))
         family.arguments(transformer)  # read the signatures now, not inside a compiled graph
         registry = _register(transformer, MemoryHook(self), HOOK)
-        for block in family.blocks(transformer):
+        for block in self.blocks:
             family.arguments(block)
             _register(block, BlockMemoryHook(self), BLOCK_HOOK)
         registry.invalidate_child_registries_cache()
@@ -235,15 +238,16 @@ class MemoryAttachment:
 
     # -- processors ------------------------------------------------------------------------
     def attentions(self, transformer: nn.Module) -> list[nn.Module]:
-        return [self.family.attention(b) for b in self.family.blocks(transformer)]
+        return [self.family.attention(b) for b in self.blocks]
 
     def is_ours(self, processor: Any) -> bool:
         return isinstance(processor, self.family.processor) and processor.attachment is self
 
     def install_processors(self, transformer: nn.Module) -> None:
         """Give every block the memory processor (again, where ``set_attn_processor`` replaced it)."""
-        blocks = self.family.blocks(transformer)
-        for i, (block, attn) in enumerate(zip(blocks, self.attentions(transformer), strict=True)):
+        for i, (block, attn) in enumerate(
+            zip(self.blocks, self.attentions(transformer), strict=True)
+        ):
             old = attn.processor
             if self.is_ours(old):
                 old.route = self.route
@@ -266,7 +270,7 @@ class MemoryAttachment:
         for i, attn in enumerate(self.attentions(transformer)):
             if self.is_ours(attn.processor):
                 attn.set_processor(self.original_processors[i])
-        for block in self.family.blocks(transformer):
+        for block in self.blocks:
             _unregister(block, BLOCK_HOOK)
         _unregister(transformer, HOOK)
         self.memory = self.temb = None
