@@ -6,7 +6,7 @@ the same output. A memory pipeline is cached whole through cache-dit's own adapt
 (``cache_dit.enable_cache(pipe)`` picks adapters by class-name prefix, and ``DiTMem...`` is
 not one of them): caching skips blocks (its statistics say so), the output without memory is the
 stock pipeline's under the same cache bit for bit, and per-branch memory keeps its meaning
-(cache-dit caches the two guidance branches apart for Wan).
+(cache-dit caches the two guidance branches apart for Wan and HunyuanVideo-1.5).
 """
 
 from __future__ import annotations
@@ -67,31 +67,35 @@ def test_either_order_on_a_transformer_runs_the_skip_path_and_agrees():
     assert not torch.allclose(first[0], outputs["no memory"][0])  # memory is in the output
 
 
-def test_a_memory_pipeline_cached_whole_with_its_family_adapter():
-    from cache_dit.caching.block_adapters.adapters import wan_adapter
-    from diffusers import WanPipeline
+ADAPTERS = {"wan2.1": "wan_adapter", "ltx": "ltxvideo_adapter", "hunyuan15": "hunyuanvideo_adapter"}
 
-    from dit_mem.pipeline import DiTMemPipeline
 
-    parts = tiny_components("wan2.1")
-    stock = tiny_pipeline("wan2.1", cls=WanPipeline, components=parts)
-    ours = tiny_pipeline("wan2.1", cls=DiTMemPipeline, components=parts)
+@pytest.mark.parametrize("flavour", list(ADAPTERS))
+def test_a_memory_pipeline_cached_whole_with_its_family_adapter(flavour):
+    from cache_dit.caching.block_adapters import adapters
+
+    from dit_mem.pipeline import flavour_of
+    from dit_mem.testing import pipeline_class
+
+    parts = tiny_components(flavour)
+    stock_cls = pipeline_class(flavour)
+    stock = tiny_pipeline(flavour, cls=stock_cls, components=parts)
+    ours = tiny_pipeline(flavour, cls=flavour_of(stock_cls.__name__), components=parts)
     attach_memory(ours)
     for pipe in (stock, ours):
-        cache_dit.enable_cache(wan_adapter(pipe), cache_config=config())
+        cache_dit.enable_cache(getattr(adapters, ADAPTERS[flavour])(pipe), cache_config=config())
 
     def run(pipe, **kwargs):
-        call = {**tiny_call("wan2.1"), "num_inference_steps": 4, "output_type": "latent"}
+        call = {**tiny_call(flavour), "num_inference_steps": 4, "output_type": "latent"}
         generator = torch.Generator().manual_seed(0)
         return pipe(prompt="a red circle", generator=generator, **call, **kwargs).frames
 
     assert torch.equal(run(ours), run(stock))  # no memory: the stock pipeline under the cache
     stats = cache_dit.summary(ours)  # per cached transformer and block list
-    assert stats and all(s.cached_steps == [1, 2, 3] == s.cfg_cached_steps for s in stats)
+    assert stats and all(s.cached_steps == [1, 2, 3] for s in stats)
     mem = memory()
-    both, cond_only, none = (
-        run(ours, memory=mem),
-        run(ours, memory=mem, negative_memory=None),
-        run(ours),
-    )
-    assert not torch.allclose(both, none) and not torch.allclose(both, cond_only)
+    both, none = run(ours, memory=mem), run(ours)
+    assert not torch.allclose(both, none)
+    if flavour != "ltx":  # guidance as two calls, cached apart: per-branch memory holds
+        assert all(s.cfg_cached_steps == [1, 2, 3] for s in stats)
+        assert not torch.allclose(both, run(ours, memory=mem, negative_memory=None))
