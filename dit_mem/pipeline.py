@@ -86,6 +86,7 @@ class _Same:
 
 
 SAME = _Same()
+NO_MEMORY = "none"  # negative_memory="none": no memory in the unconditional branch (as None)
 
 
 @dataclass
@@ -236,26 +237,23 @@ class MemoryPipelineMixin(MemoryLoaderMixin):
                 "to pass MemoryTokens)"
             )
 
-        # 1. memory for each prompt: retrieved, or given; broadcast like the prompts
-        batch, per_prompt = self._batch_size(call), call.get("num_videos_per_prompt") or 1
-        hits = None
-        if isinstance(memory, str):
-            if memory != RETRIEVE:
-                raise UserError(
-                    f"memory must be {RETRIEVE!r}, MemoryTokens or None, got {memory!r}"
-                )
-            memory, hits = self._retrieve(call, k)
-        memory = self._prepare(memory, batch, per_prompt, "memory")
-        if isinstance(negative_memory, str):
-            raise UserError("negative_memory must be MemoryTokens, None or the default (same)")
-        attention_kwargs = {**user_kwargs, MEMORY_TOKENS_KEY: memory, MEMORY_STRENGTH_KEY: scale}
-        if negative_memory is not SAME:  # the unconditional rows' own memory (or none)
-            negative = negative_memory
-            if negative is not None:
-                negative = self._prepare(negative, batch, per_prompt, "negative_memory")
-            attention_kwargs[NEGATIVE_MEMORY_TOKENS_KEY] = negative
-
-        # 2. the stock call, memory in attention_kwargs (the transformer's hook takes it)
+        models = experts(self)
+        attention_kwargs, hits = memory_call(
+            memory,
+            negative_memory,
+            scale,
+            k,
+            prompt=call.get("prompt"),
+            batch=self._batch_size(call),
+            per_prompt=call.get("num_videos_per_prompt") or 1,
+            bank=self.memory_bank,
+            encoder=getattr(self, "memory_encoder", None),
+            vae=self.vae,
+            device=self._execution_device,
+            dtype=models[0].dtype,
+            attention_kwargs=user_kwargs,
+        )
+        # the stock call, memory in attention_kwargs (the transformer's hook takes it)
         output = self._stock.__call__(self, **{**call, "attention_kwargs": attention_kwargs})
         return self._output(output, hits, call)
 
@@ -276,44 +274,87 @@ class MemoryPipelineMixin(MemoryLoaderMixin):
             raise UserError("Provide either `prompt` or `prompt_embeds`.")
         return embeds.shape[0]
 
-    def _retrieve(self, call: dict, k: int) -> tuple[MemoryTokens, list[RetrievalResult]]:
-        if self.memory_bank is None or getattr(self, "memory_encoder", None) is None:
-            raise UserError(
-                'memory="retrieve" needs a memory bank and encoder: pipe.load_memory(encoder, '
-                "bank=...)"
-            )
-        prompt = call.get("prompt")
-        if prompt is None:
-            raise UserError('memory="retrieve" needs the prompt text (not only prompt_embeds)')
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise UserError(f"k must be an integer ≥ 1, got {k!r}")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        return self.memory_bank.memory(  # the VAE fills a lazy bank's videos on first use
-            prompts, self.memory_encoder, k=k, device=self._execution_device, vae=self.vae
-        )
-
-    def _prepare(self, memory: Any, batch: int, per_prompt: int, name: str) -> MemoryTokens:
-        """Check, broadcast over ``num_videos_per_prompt`` and cast to the transformer."""
-        if isinstance(memory, str):
-            raise UserError(
-                f"{name} must be MemoryTokens, a dense [B, L, D] tensor, {RETRIEVE!r} or None"
-            )
-        memory = as_memory_tokens(memory, name)
-        if memory.batch_size == batch and per_prompt > 1:
-            memory = memory.repeat_batch(per_prompt)  # prompt-major, as the prompt embeddings
-        elif memory.batch_size not in (1, batch * per_prompt):
-            raise UserError(
-                f"{name} has batch {memory.batch_size}; expected 1 (shared), {batch} (one per "
-                f"prompt) or {batch * per_prompt} (one per video)"
-            )
-        model = experts(self)[0]
-        return memory.to(device=self._execution_device, dtype=model.dtype)
-
     @staticmethod
     def _output(output, hits, call: dict):
         if not call.get("return_dict", True):
             return tuple(output) if hits is None else (*output, hits)
         return DiTMemPipelineOutput(frames=output.frames, memory=hits)
+
+
+# --------------------------------------------------------------------------------------
+# One call's memory: every pipeline (ours, and modular ones through dit_mem.modular) uses this
+# --------------------------------------------------------------------------------------
+def memory_call(
+    memory: Any,
+    negative_memory: Any,
+    scale: float,
+    k: int,
+    *,
+    prompt: str | list[str] | None,
+    batch: int,
+    per_prompt: int,
+    bank: Any,
+    encoder: MemoryEncoder | None,
+    vae: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    attention_kwargs: dict | None = None,
+) -> tuple[dict, list[RetrievalResult] | None]:
+    """``attention_kwargs`` carrying a call's memory, and what was retrieved (``None``: given).
+
+    ``memory``: ``"retrieve"`` (the top ``k`` of ``bank`` for each prompt, encoded by
+    ``encoder``; ``vae`` fills a lazy bank), ``MemoryTokens`` or a dense tensor; broadcast like
+    the prompts (``batch`` prompts × ``per_prompt`` videos) and cast to the transformer's
+    ``device`` / ``dtype``. ``negative_memory``: :data:`SAME`, ``None`` (or ``"none"``, where
+    ``None`` means "not given", as in modular pipelines) or memory of its own.
+    """
+    hits = None
+    if isinstance(memory, str):
+        if memory != RETRIEVE:
+            raise UserError(f"memory must be {RETRIEVE!r}, MemoryTokens or None, got {memory!r}")
+        if bank is None or encoder is None:
+            raise UserError(
+                'memory="retrieve" needs a memory bank and encoder: pipe.load_memory(encoder, '
+                "bank=...)"
+            )
+        if prompt is None:
+            raise UserError('memory="retrieve" needs the prompt text (not only prompt_embeds)')
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise UserError(f"k must be an integer ≥ 1, got {k!r}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        # the VAE fills a lazy bank's videos on first use
+        memory, hits = bank.memory(prompts, encoder, k=k, device=device, vae=vae)
+
+    def prepare(given: Any, name: str) -> MemoryTokens:
+        """Check, broadcast over ``per_prompt`` and cast to the transformer."""
+        if isinstance(given, str):
+            raise UserError(
+                f"{name} must be MemoryTokens, a dense [B, L, D] tensor, {RETRIEVE!r} or None"
+            )
+        given = as_memory_tokens(given, name)
+        if given.batch_size == batch and per_prompt > 1:
+            given = given.repeat_batch(per_prompt)  # prompt-major, as the prompt embeddings
+        elif given.batch_size not in (1, batch * per_prompt):
+            raise UserError(
+                f"{name} has batch {given.batch_size}; expected 1 (shared), {batch} (one per "
+                f"prompt) or {batch * per_prompt} (one per video)"
+            )
+        return given.to(device=device, dtype=dtype)
+
+    kwargs = {**(attention_kwargs or {}), MEMORY_TOKENS_KEY: prepare(memory, "memory")}
+    kwargs[MEMORY_STRENGTH_KEY] = scale
+    if isinstance(negative_memory, str):
+        if negative_memory != NO_MEMORY:
+            raise UserError(
+                f"negative_memory must be MemoryTokens, None ({NO_MEMORY!r}) or the default (same)"
+            )
+        negative_memory = None
+    if negative_memory is not SAME:  # the unconditional rows' own memory (or none)
+        negative = negative_memory
+        kwargs[NEGATIVE_MEMORY_TOKENS_KEY] = (
+            None if negative is None else prepare(negative, "negative_memory")
+        )
+    return kwargs, hits
 
 
 # --------------------------------------------------------------------------------------
@@ -335,7 +376,7 @@ def _memory_call(stock: type[DiffusionPipeline]):
                 encoded by the loaded encoder), ``MemoryTokens`` (batch 1, one per prompt, or one
                 per video), a dense ``[B, L, D]`` tensor, or ``None`` (the stock pipeline).
             negative_memory: the unconditional rows' memory; by default the same (the paper),
-                ``None`` for the conditional rows only, or other ``MemoryTokens``.
+                ``None`` (or ``"none"``) for the conditional rows only, or other ``MemoryTokens``.
             memory_scale: λ for this call (default: :meth:`set_memory_scale`'s, 1); 0: off.
             k: videos to retrieve per prompt.
 

@@ -51,7 +51,16 @@ logger = get_logger(__name__)
 MEMORY_TOKENS_KEY = "memory_tokens"
 NEGATIVE_MEMORY_TOKENS_KEY = "negative_memory_tokens"  # the unconditional rows', if different
 MEMORY_STRENGTH_KEY = "memory_strength"
-_MEMORY_KEYS = (MEMORY_TOKENS_KEY, NEGATIVE_MEMORY_TOKENS_KEY, MEMORY_STRENGTH_KEY)
+# a callable saying which guidance branch the running call is ("cond" / "uncond"), asked at each
+# call: a loop that does not name its calls with cache_context (Wan's modular denoise) hands it
+# over, read from what its guider runs (dit_mem.modular)
+MEMORY_BRANCH_KEY = "memory_branch"
+_MEMORY_KEYS = (
+    MEMORY_TOKENS_KEY,
+    NEGATIVE_MEMORY_TOKENS_KEY,
+    MEMORY_STRENGTH_KEY,
+    MEMORY_BRANCH_KEY,
+)
 HOOK = "dit_mem.memory"
 BLOCK_HOOK = "dit_mem.memory_block"
 PAB_HOOK = "pyramid_attention_broadcast"  # the name diffusers registers its hook under
@@ -291,6 +300,13 @@ class MemoryAttachment:
         if not torch.compiler.is_compiling():  # a traced λ is checked where it entered
             strength = check_memory_scale(strength)
         memory = (attention_kwargs.get(MEMORY_TOKENS_KEY), MEMORY_TOKENS_KEY)
+        branch = attention_kwargs.get(MEMORY_BRANCH_KEY)
+        if branch is not None:  # what the loop's guider runs now decides, not a name
+            context = branch()
+            if context not in ("cond", "uncond"):
+                raise UserError(
+                    f"{MEMORY_BRANCH_KEY}() must say 'cond' or 'uncond', got {context!r}"
+                )
         layout = self.family.branch_layout(context)
         if NEGATIVE_MEMORY_TOKENS_KEY in attention_kwargs:
             if layout is None:

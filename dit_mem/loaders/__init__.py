@@ -31,6 +31,65 @@ from dit_mem.utils import get_logger
 log = get_logger(__name__)
 
 
+def memory_parts(
+    pipe: Any,
+    encoder: Any,
+    bank: Any = None,
+    *,
+    subfolder: str | None = None,
+    weight_name: str | None = None,
+    revision: str | None = None,
+    bank_subfolder: str | None = None,
+    bank_revision: str | None = None,
+    bank_repo_type: str = "dataset",
+    cache_dir: str | Path | None = None,
+    local_files_only: bool | None = None,
+    token: str | bool | None = None,
+    embedding_model: Any = None,
+    trust_remote_code: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+):
+    """``(encoder, bank)`` for ``pipe`` (any pipeline with a ``transformer``, modular ones too),
+    loaded and checked against it: the encoder's width against every expert, the bank's family
+    and VAE against the pipeline's; the encoder on the transformer's device, in its dtype (or
+    ``torch_dtype``), frozen. See :meth:`MemoryLoaderMixin.load_memory` for the arguments."""
+    from dit_mem.bank import MemoryBank
+
+    models = experts(pipe)
+    hub = {"cache_dir": cache_dir, "local_files_only": local_files_only, "token": token}
+    model = load_memory_encoder(
+        encoder, subfolder=subfolder, weight_name=weight_name, revision=revision, **hub
+    )
+    for expert in models:
+        check_width(model.config.dim, expert)
+    if bank is not None and not isinstance(bank, MemoryBank):
+        bank = MemoryBank.from_pretrained(
+            bank,
+            subfolder=bank_subfolder,
+            revision=bank_revision,
+            repo_type=bank_repo_type,
+            embedding_model=embedding_model,
+            trust_remote_code=trust_remote_code,
+            **hub,
+        )
+    if bank is not None:  # a bank of another family's (or another VAE's) latents is noise
+        from dit_mem.backbone import family_of
+
+        bank.check_serves(family_of(models[0]).name, vae=getattr(pipe, "vae", None))
+        if bank.tokens is not None and bank.latents is None:
+            check_width(bank.tokens.manifest["dim"], models[0], "the bank's token width")
+    dtype = torch_dtype or models[0].dtype
+    device = models[0].device
+    model = torch.nn.Module.to(model, device=device, dtype=dtype).eval().requires_grad_(False)
+    log.info(
+        "memory loaded: encoder %s (%s), bank %s",
+        encoder if isinstance(encoder, str | Path) else type(encoder).__name__,
+        dtype,
+        "none" if bank is None else f"{len(bank)} videos",
+    )
+    return model, bank
+
+
 class MemoryLoaderMixin:
     """``load_memory`` / ``set_memory_scale`` / ``unload_memory`` for a pipeline."""
 
@@ -73,44 +132,28 @@ class MemoryLoaderMixin:
             route: memory attention route (``"auto"``, ``"lse"``, ``"joint"``).
             torch_dtype: dtype of the encoder (default: the transformer's).
         """
-        from dit_mem.bank import MemoryBank
-
-        models = experts(self)
-        hub = {"cache_dir": cache_dir, "local_files_only": local_files_only, "token": token}
-        model = load_memory_encoder(
-            encoder, subfolder=subfolder, weight_name=weight_name, revision=revision, **hub
+        scale = check_memory_scale(scale)  # checked before anything loads or changes
+        model, bank = memory_parts(
+            self,
+            encoder,
+            bank,
+            subfolder=subfolder,
+            weight_name=weight_name,
+            revision=revision,
+            bank_subfolder=bank_subfolder,
+            bank_revision=bank_revision,
+            bank_repo_type=bank_repo_type,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+            embedding_model=embedding_model,
+            trust_remote_code=trust_remote_code,
+            torch_dtype=torch_dtype,
         )
-        for expert in models:
-            check_width(model.config.dim, expert)
-        if bank is not None and not isinstance(bank, MemoryBank):
-            bank = MemoryBank.from_pretrained(
-                bank,
-                subfolder=bank_subfolder,
-                revision=bank_revision,
-                repo_type=bank_repo_type,
-                embedding_model=embedding_model,
-                trust_remote_code=trust_remote_code,
-                **hub,
-            )
-        if bank is not None:  # a bank of another family's (or another VAE's) latents is noise
-            from dit_mem.backbone import family_of
-
-            bank.check_serves(family_of(models[0]).name, vae=getattr(self, "vae", None))
-            if bank.tokens is not None and bank.latents is None:
-                check_width(bank.tokens.manifest["dim"], models[0], "the bank's token width")
-        self.set_memory_scale(scale)  # checked before anything changes
-        dtype = torch_dtype or models[0].dtype
-        device = models[0].device
-        model = torch.nn.Module.to(model, device=device, dtype=dtype).eval().requires_grad_(False)
         self.register_modules(memory_encoder=model)
         self.memory_bank = bank
+        self._memory_scale = scale
         attach_memory(self, route=route)
-        log.info(
-            "memory loaded: encoder %s (%s), bank %s",
-            encoder if isinstance(encoder, str | Path) else type(encoder).__name__,
-            dtype,
-            "none" if bank is None else f"{len(bank)} videos",
-        )
 
     def set_memory_scale(self, scale: float) -> None:
         """Memory strength λ for the following calls: log λ is added to every memory logit
