@@ -188,19 +188,11 @@ def _check_embedding_model(index, index_dir, embedding_model) -> None:
         )
 
 
-def _import(
-    index, table, index_dir, latents_dir: Path, out: Path, videos, embedding_model, progress
-):
+def _import_latents(table, latents_dir: Path, dest: Path, summary, progress: bool) -> None:
+    """Convert the release's ``<id>.pt`` latents of the indexed videos into ``dest`` (the long
+    part, resumable: converted files are kept) and write its manifest."""
     from tqdm.auto import tqdm
 
-    from dit_mem.retrieval.embedder import declared_facts, model_name
-    from dit_mem.retrieval.index import FORMAT as INDEX_FORMAT
-    from dit_mem.retrieval.index import write_index_folder
-
-    summary = ImportSummary(videos=len(table))
-
-    # latents first (the long part, resumable), then the index and the manifest
-    dest = out / "latents"
     dest.mkdir(parents=True, exist_ok=True)
     shape = None
     old = dest / LATENT_MANIFEST
@@ -244,6 +236,17 @@ def _import(
             "source": f"DiT-Mem release latents ({latents_dir})",
         },
     )
+
+
+def _import(
+    index, table, index_dir, latents_dir: Path, out: Path, videos, embedding_model, progress
+):
+    from dit_mem.retrieval.embedder import declared_facts, model_name
+    from dit_mem.retrieval.index import FORMAT as INDEX_FORMAT
+    from dit_mem.retrieval.index import write_index_folder
+
+    summary = ImportSummary(videos=len(table))
+    _import_latents(table, latents_dir, out / "latents", summary, progress)  # resumable
     manifest = {
         "format": INDEX_FORMAT,
         "model": model_name(embedding_model) if embedding_model else RELEASE_EMBEDDING_MODEL,

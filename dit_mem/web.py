@@ -278,6 +278,41 @@ def _message_on_page():
         raise gr.Error(str(e), print_exception=False) from None
 
 
+def _settings(page: MemoryPage):
+    """The rows of settings: k, λ, memory mode; seed, steps, guidance."""
+    import gradio as gr
+
+    cfg = page.cfg
+    with gr.Row():
+        k = gr.Slider(
+            1, min(max(10, cfg.k), page.bank_size), value=cfg.k, step=1, label="k (memory videos)"
+        )
+        scale = gr.Number(value=cfg.memory_strength, label="memory scale λ")
+        mode = gr.Radio(list(MODES), value=next(iter(MODES)), label="memory mode")
+    with gr.Row():
+        seed = gr.Number(value=cfg.seed, minimum=0, step=1, label="seed")
+        steps = gr.Slider(1, STEPS_MAX, value=cfg.steps, step=1, label="steps")
+        guidance = gr.Slider(
+            0.0, GUIDANCE_MAX, value=cfg.guidance_scale, step=0.5, label="guidance"
+        )
+    return k, scale, mode, seed, steps, guidance
+
+
+def _bank_browser(page: MemoryPage):
+    """The accordion that searches the bank's captions: its inputs, button and outputs."""
+    import gradio as gr
+
+    with gr.Accordion("Bank browser: search the bank's captions", open=False):
+        with gr.Row():
+            query = gr.Textbox(label="search captions", scale=4, elem_id="query")
+            size = page.bank_size
+            hits = gr.Slider(1, min(50, size), value=min(10, size), step=1, label="hits")
+            search_btn = gr.Button("Search", elem_id="search")
+        table = gr.Dataframe(headers=["rank", "id", "caption", "score"], label="hits")
+        found = gr.Gallery(label="previews", columns=8, height="auto")
+    return query, hits, search_btn, table, found
+
+
 def build_app(page: MemoryPage):
     """The Gradio ``Blocks`` of the page (not launched)."""
     import gradio as gr
@@ -295,22 +330,7 @@ def build_app(page: MemoryPage):
             retrieve_btn = gr.Button("Retrieve", elem_id="retrieve")
             generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
         gr.Examples(page.examples, inputs=[prompt], label="Example prompts")
-        with gr.Row():
-            k = gr.Slider(
-                1,
-                min(max(10, cfg.k), page.bank_size),
-                value=cfg.k,
-                step=1,
-                label="k (memory videos)",
-            )
-            scale = gr.Number(value=cfg.memory_strength, label="memory scale λ")
-            mode = gr.Radio(list(MODES), value=next(iter(MODES)), label="memory mode")
-        with gr.Row():
-            seed = gr.Number(value=cfg.seed, minimum=0, step=1, label="seed")
-            steps = gr.Slider(1, STEPS_MAX, value=cfg.steps, step=1, label="steps")
-            guidance = gr.Slider(
-                0.0, GUIDANCE_MAX, value=cfg.guidance_scale, step=0.5, label="guidance"
-            )
+        k, scale, mode, seed, steps, guidance = _settings(page)
         image = None
         if page.takes_image:
             label = "image (the first frame)" + ("" if page.needs_image else ", optional")
@@ -321,15 +341,7 @@ def build_app(page: MemoryPage):
             with_memory = gr.Video(label="with memory", elem_id="with", autoplay=True, loop=True)
         report = gr.JSON(label="retrieval report")
         files = gr.File(label="download (mp4s and the JSON sidecar)", file_count="multiple")
-        with gr.Accordion("Bank browser: search the bank's captions", open=False):
-            with gr.Row():
-                query = gr.Textbox(label="search captions", scale=4, elem_id="query")
-                hits = gr.Slider(
-                    1, min(50, page.bank_size), value=min(10, page.bank_size), step=1, label="hits"
-                )
-                search_btn = gr.Button("Search", elem_id="search")
-            table = gr.Dataframe(headers=["rank", "id", "caption", "score"], label="hits")
-            found = gr.Gallery(label="previews", columns=8, height="auto")
+        query, hits, search_btn, table, found = _bank_browser(page)
 
         def retrieve(prompt, k):
             with _message_on_page():

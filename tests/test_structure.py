@@ -140,3 +140,15 @@ def test_import_graph_has_no_cycle(level):
     found = cycles(graph)
     edges = [f"{a} -> {b}" for c in found for a in c for b in sorted(graph[a]) if b in c]
     assert not found, "import cycles:\n" + "\n".join(edges)
+
+
+def test_no_function_over_80_lines():
+    """Long units are where two routes of one job hide: every function stays readable whole."""
+    long = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+    assert not long, long

@@ -329,6 +329,48 @@ def has_lse(backend: Any, query: torch.Tensor, parallel_config: Any = None) -> b
 # --------------------------------------------------------------------------------------
 # The memory attention
 # --------------------------------------------------------------------------------------
+def _check_memory_shapes(query, memory_key, memory_value, memory_bias) -> None:
+    b, _, h, d = query.shape
+    if memory_key.shape[0] != b or memory_key.shape[2:] != (h, d):
+        raise UserError(
+            f"memory keys must be [B={b}, G, H={h}, Dh={d}], got {tuple(memory_key.shape)}"
+        )
+    if memory_value.shape != memory_key.shape:
+        raise UserError(
+            f"memory values {tuple(memory_value.shape)} must match memory keys "
+            f"{tuple(memory_key.shape)}"
+        )
+    if memory_bias.shape != memory_key.shape[:2]:
+        raise UserError(
+            f"memory bias must be [B, G] = {tuple(memory_key.shape[:2])}, "
+            f"got {tuple(memory_bias.shape)}"
+        )
+
+
+def _masked_memory_attention(
+    tensors, scale, route, backend, needs_grad, attention_mask, memory_visible
+) -> torch.Tensor:
+    """:func:`memory_attention` with a key mask or queries that do not all see the memory: the
+    backend's masked kernel with its log-sum-exp (inference, where it has one), else one joint
+    attention over ``[video ; memory]`` keys with the mask extended to the memory keys."""
+    query, key, value, memory_key, memory_value, memory_bias = tensors
+    kernel = None if route == "joint" or needs_grad else masked_lse_kernel(backend, query)
+    if kernel is not None:
+        out, lse = kernel(
+            None, query, key, value, attention_mask, 0.0, False, scale, False, True, _save_ctx=False
+        )
+        return merge_memory(
+            query, out, lse, memory_key, memory_value, memory_bias, scale, memory_visible
+        )[0]
+    if route == "lse":
+        raise UserError(
+            "the 'lse' memory route is not available here: a masked attention "
+            + ("with gradients" if needs_grad else f"on {resolve_backend(backend)!r}")
+        )
+    mask = _memory_mask(attention_mask, memory_visible, query, key, memory_key)
+    return _joint_attention(*tensors, scale, backend, None, mask)
+
+
 def memory_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -362,52 +404,16 @@ def memory_attention(
     Returns ``[B, S, H, Dh]`` in ``query``'s dtype.
     """
     check_route(route)
-    b, _, h, d = query.shape
-    if memory_key.shape[0] != b or memory_key.shape[2:] != (h, d):
-        raise UserError(
-            f"memory keys must be [B={b}, G, H={h}, Dh={d}], got {tuple(memory_key.shape)}"
-        )
-    if memory_value.shape != memory_key.shape:
-        raise UserError(
-            f"memory values {tuple(memory_value.shape)} must match memory keys "
-            f"{tuple(memory_key.shape)}"
-        )
-    if memory_bias.shape != memory_key.shape[:2]:
-        raise UserError(
-            f"memory bias must be [B, G] = {tuple(memory_key.shape[:2])}, "
-            f"got {tuple(memory_bias.shape)}"
-        )
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    _check_memory_shapes(query, memory_key, memory_value, memory_bias)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     tensors = (query, key, value, memory_key, memory_value, memory_bias)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if attention_mask is not None or memory_visible is not None:
         if parallel_config is not None:
             raise UserError("memory in a masked attention does not run under context parallelism")
-        kernel = None if route == "joint" or needs_grad else masked_lse_kernel(backend, query)
-        if kernel is not None:
-            out, lse = kernel(
-                None,
-                query,
-                key,
-                value,
-                attention_mask,
-                0.0,
-                False,
-                scale,
-                False,
-                True,
-                _save_ctx=False,
-            )
-            return merge_memory(
-                query, out, lse, memory_key, memory_value, memory_bias, scale, memory_visible
-            )[0]
-        if route == "lse":
-            raise UserError(
-                "the 'lse' memory route is not available here: a masked attention "
-                + ("with gradients" if needs_grad else f"on {resolve_backend(backend)!r}")
-            )
-        mask = _memory_mask(attention_mask, memory_visible, query, key, memory_key)
-        return _joint_attention(*tensors, scale, backend, None, mask)
+        return _masked_memory_attention(
+            tensors, scale, route, backend, needs_grad, attention_mask, memory_visible
+        )
     if route != "joint":
         lse_reason = _lse_unavailable(backend, parallel_config, query, needs_grad)
         if lse_reason is None:

@@ -419,6 +419,36 @@ def build_index(
     )
 
 
+def _manifest(index, emb, kind, factory, spec, hnsw_m, table, recall: float) -> dict:
+    """An index folder's manifest: the embedding model, the index and its search settings."""
+    import faiss
+
+    settings = search_settings(index)
+    ivf = _ivf_of(index)
+    return {
+        "format": FORMAT,
+        "model": emb.name,
+        "model_path": str(Path(emb.path).resolve()),
+        "dim": emb.dim,
+        "pooling": emb.pooling,
+        "normalized": True,
+        "metric": "inner_product",
+        "kind": kind if factory is None else "factory",
+        "factory": spec,
+        "nlist": int(ivf.nlist) if ivf is not None else None,
+        "nprobe": settings.get("nprobe"),
+        "hnsw_m": hnsw_m if kind == "hnsw" and factory is None else None,
+        "ef_search": settings.get("ef_search"),
+        "k_factor": settings.get("k_factor"),
+        "rows": int(index.ntotal),
+        "dropped_empty_captions": int(table.attrs.get("dropped_empty_captions", 0)),
+        "csv": None,
+        "csv_sha256": None,
+        "recall_at_5": round(recall, 4),
+        "faiss_version": faiss.__version__,
+    }
+
+
 def build_index_from_table(
     table,
     out: str | Path,
@@ -438,8 +468,6 @@ def build_index_from_table(
 ) -> dict:
     """The index folder ``out`` of a video table's captions, embedded with ``emb``."""
     import shutil
-
-    import faiss
 
     nprobe, hnsw_m, ef_search = nprobe or 16, hnsw_m or 32, ef_search or 128
     k_factor = k_factor or 4
@@ -478,30 +506,9 @@ def build_index_from_table(
         raise
 
     meta = table.assign(source=table["id"].map(source_id))
-    settings = search_settings(index)
-    manifest = {
-        "format": FORMAT,
-        "model": emb.name,
-        "model_path": str(Path(emb.path).resolve()),
-        "dim": emb.dim,
-        "pooling": emb.pooling,
-        "normalized": True,
-        "metric": "inner_product",
-        "kind": kind if factory is None else "factory",
-        "factory": spec,
-        "nlist": int(_ivf_of(index).nlist) if _ivf_of(index) is not None else None,
-        "nprobe": settings.get("nprobe"),
-        "hnsw_m": hnsw_m if kind == "hnsw" and factory is None else None,
-        "ef_search": settings.get("ef_search"),
-        "k_factor": settings.get("k_factor"),
-        "rows": int(index.ntotal),
-        "dropped_empty_captions": int(table.attrs.get("dropped_empty_captions", 0)),
-        "csv": csv,
-        "csv_sha256": csv_sha256,
-        "recall_at_5": round(recall, 4),
-        "faiss_version": faiss.__version__,
-        "seconds": {"embed": round(t_embed, 2), "build": round(t_build, 2)},
-    }
+    manifest = _manifest(index, emb, kind, factory, spec, hnsw_m, table, recall)
+    manifest |= {"csv": csv, "csv_sha256": csv_sha256}
+    manifest["seconds"] = {"embed": round(t_embed, 2), "build": round(t_build, 2)}
     rerank = vectors if reranked else None
     try:
         write_index_folder(out, index, meta, manifest, rerank=rerank, k_factor=k_factor)

@@ -157,12 +157,49 @@ def seen_concepts() -> list[tuple[str, str, str]]:
     return [c for c in concepts() if c[0] != HELD_OUT]
 
 
+def _training_latents(work: Path, vae, cfg: BaseStageConfig):
+    """``(latents, captions)`` of the seen concepts' training clips: encoded once, cached
+    (atomic safetensors)."""
+    from dit_mem.toyworld.world import clips
+
+    cache = work / "latents.safetensors"
+    train_clips = clips(seen_concepts(), cfg.clips_per_concept, seed=cfg.seed + 1)
+    captions = [c.caption for c in train_clips]
+    if cache.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(cache))["latents"], captions
+    from dit_mem.utils import write_safetensors_atomic
+
+    t = time.time()
+    latents = encode_clips(vae, train_clips)
+    write_safetensors_atomic(cache, {"latents": latents})
+    log.info("encoded %d training clips in %.1f s", len(train_clips), time.time() - t)
+    return latents, captions
+
+
+def _draw_caption(rng, cfg: BaseStageConfig, caption: str, colourless: str) -> str:
+    """A training caption: dropped (unconditional), without its colour, or whole."""
+    draw = rng.random()
+    if draw < cfg.caption_dropout:
+        return ""
+    if draw < cfg.caption_dropout + cfg.colour_dropout:
+        return colourless
+    return caption
+
+
+@torch.no_grad()
+def _ema_update(pairs, decay: float) -> None:
+    for ema, live in pairs:
+        for pe, pl in zip(ema.parameters(), live.parameters(), strict=True):
+            pe.lerp_(pl, 1 - decay)
+
+
 def train_base(out: Path, vae_dir: Path, cfg: BaseStageConfig, progress: bool = True) -> Path:
     """Train (or resume) tokenizer + UMT5 + Wan DiT into the diffusers folder ``out/base``."""
     from diffusers import AutoencoderKLWan
     from tqdm.auto import tqdm
 
-    from dit_mem.toyworld.world import clips
     from dit_mem.training.loss import FlowMatchingObjective
 
     final = out / "base"
@@ -173,21 +210,7 @@ def train_base(out: Path, vae_dir: Path, cfg: BaseStageConfig, progress: bool = 
     work.mkdir(parents=True, exist_ok=True)
     vae = AutoencoderKLWan.from_pretrained(vae_dir).eval()
 
-    # training latents: encoded once, cached (atomic safetensors)
-    cache = work / "latents.safetensors"
-    train_clips = clips(seen_concepts(), cfg.clips_per_concept, seed=cfg.seed + 1)
-    captions = [c.caption for c in train_clips]
-    if cache.is_file():
-        from safetensors.torch import load_file
-
-        latents = load_file(str(cache))["latents"]
-    else:
-        t = time.time()
-        latents = encode_clips(vae, train_clips)
-        from dit_mem.utils import write_safetensors_atomic
-
-        write_safetensors_atomic(cache, {"latents": latents})
-        log.info("encoded %d training clips in %.1f s", len(train_clips), time.time() - t)
+    latents, captions = _training_latents(work, vae, cfg)
 
     tokenizer = build_tokenizer(cfg.held_out_word)
     colourless = [
@@ -216,15 +239,7 @@ def train_base(out: Path, vae_dir: Path, cfg: BaseStageConfig, progress: bool = 
     while step < cfg.steps:
         idx = rng.integers(0, len(latents), cfg.batch_size)
         x0 = latents[idx]
-        caps = []
-        for i in idx:
-            draw = rng.random()
-            if draw < cfg.caption_dropout:
-                caps.append("")
-            elif draw < cfg.caption_dropout + cfg.colour_dropout:
-                caps.append(colourless[i])
-            else:
-                caps.append(captions[i])
+        caps = [_draw_caption(rng, cfg, captions[i], colourless[i]) for i in idx]
         text = embed_text(tokenizer, text_encoder, caps)
         index = objective.sample_indices(len(idx), gen)
         noise = torch.randn(x0.shape, generator=gen)
@@ -239,10 +254,7 @@ def train_base(out: Path, vae_dir: Path, cfg: BaseStageConfig, progress: bool = 
         optimizer.step()
         step += 1
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema, live in ((ema_text, text_encoder), (ema_dit, transformer)):
-                for pe, pl in zip(ema.parameters(), live.parameters(), strict=True):
-                    pe.lerp_(pl, 1 - decay)
+        _ema_update(((ema_text, text_encoder), (ema_dit, transformer)), decay)
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")

@@ -325,76 +325,27 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
 
 def _train(cfg: TrainConfig, resume, accelerator) -> TrainResult:
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
-    rank, world, main = (
-        accelerator.process_index,
-        accelerator.num_processes,
-        accelerator.is_main_process,
-    )
-    device = accelerator.device
+    rank, main, device = accelerator.process_index, accelerator.is_main_process, accelerator.device
     if device.type == "cpu" and cfg.mixed_precision == "bf16" and main:
         log.warning("bf16 mixed precision on CPU: %s", _CPU_BF16_NOTE.removeprefix(". On CPU, "))
     if not main:  # progress, metrics and INFO messages come from the main process only
         logging.getLogger("dit_mem").setLevel(logging.WARNING)
 
-    # 1. run folder, config, resume point -------------------------------------------------
+    # 1. run folder, config, resume point; 2. caches and the frozen DiT; 3. data
     run_dir = Path(cfg.output_dir)
-    resume_ckpt = ckpt_io.resolve_resume(resume, run_dir) if resume is not None else None
-    if resume_ckpt is None and ckpt_io.latest_checkpoint(run_dir) is not None:
-        raise UserError(
-            f"{run_dir} already has checkpoints; continue it with --resume latest, or set "
-            "output_dir to a new run folder"
-        )
-    if resume_ckpt is not None:
-        _check_resume_config(cfg, resume_ckpt)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_io.remove_stale_temporaries(run_dir)
-        save_config(cfg, run_dir / "config.yaml")
-    accelerator.wait_for_everyone()
-
-    # 2. caches (the main process builds them, the others then read them) ------------------
-    from dit_mem.data import LatentStore
-
-    bank = open_bank(cfg) if cfg.data.bank is not None else None
-    if bank is not None and bank.latents is None:
-        raise ConfigError(f"data.bank {cfg.data.bank}: the bank has no latents to train with")
-    ids, retrieval, text_cache = prepare_caches(cfg, accelerator, bank)
-    dit = FrozenDiT.from_pretrained(
-        cfg.model.base_model_dir, DTYPES[cfg.model.dit_dtype], cfg.data.max_text_tokens
+    resume_ckpt = _start_run(cfg, resume, accelerator, run_dir)
+    dit, encoder, dataset, text_cache = _build_data(cfg, accelerator)
+    plan = EpochPlan(
+        len(dataset), accelerator.num_processes, cfg.batch_size, cfg.gradient_accumulation_steps
     )
-
-    # 3. data ------------------------------------------------------------------------------
-    encoder = _seeded(cfg.seed, build_encoder, cfg)
-    training_latents = LatentStore(cfg.data.latent_dir)
-    check_latents(dit, training_latents, bank)
-    dataset = TrainingSamples(
-        ids,
-        memory_ids_by_sample(retrieval),
-        training_latents,
-        bank.latents if bank is not None else training_latents,
-        text_cache,
-        k=cfg.data.k,
-        channels=encoder.config.in_channels,
-    )
-    plan = EpochPlan(len(dataset), world, cfg.batch_size, cfg.gradient_accumulation_steps)
     plan.check()
     total_steps = plan.steps * cfg.epochs
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
-    # 4. frozen DiT ------------------------------------------------------------------------
-    for expert in dit.experts:
-        expert.to(device)
-        try:
-            check_width(encoder.config.dim, expert)
-        except UserError as e:
-            raise ConfigError(f"model.encoder_preset: {e}") from None
-        if cfg.model.gradient_checkpointing:
-            expert.enable_gradient_checkpointing()
-
-    # 5. encoder, optimizer, resume ----------------------------------------------------------
+    # 4. frozen DiT on the device; 5. encoder, optimizer, resume
+    _place_frozen_dit(cfg, dit, encoder, device)
     encoder.train()
     optimizer = torch.optim.AdamW(
         encoder.parameters(),
@@ -404,7 +355,6 @@ def _train(cfg: TrainConfig, resume, accelerator) -> TrainResult:
         weight_decay=cfg.optim.weight_decay,
     )
     encoder, optimizer = accelerator.prepare(encoder, optimizer)
-    objective = training_objective(cfg, dit, dataset)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     set_seed(cfg.seed + rank)  # dropout (global RNG), different per process
     step = 0
@@ -428,91 +378,182 @@ def _train(cfg: TrainConfig, resume, accelerator) -> TrainResult:
             "from step %d; %d trainable parameters",
             len(dataset),
             dataset.skipped.total,
-            world,
+            accelerator.num_processes,
             plan.steps,
             total_steps,
             step,
             sum(p.numel() for p in encoder.parameters() if p.requires_grad),
         )
-    metrics = MetricsLogger(
-        run_dir,
-        main,
-        cfg.loggers,
-        resume_step=step,
-        config=to_dict(cfg),
-        wandb_project=cfg.wandb_project,
-    )
 
-    # 6. loop ------------------------------------------------------------------------------
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        desc="train",
-        unit="step",
-        disable=not (main and cfg.progress_bar),
-        dynamic_ncols=True,
-    )
-    params = [p for p in encoder.parameters() if p.requires_grad]
-    dropped_text = None
-    if cfg.data.caption_dropout > 0:
-        dropped_text = text_cache.load_texts([DROPPED_CAPTION_KEY])[0]
-    cpu_bf16 = device.type == "cpu" and cfg.mixed_precision == "bf16"
-    try:
-        while step < total_steps:
-            epoch, done_in_epoch = divmod(step, plan.steps)
-            batches = plan.batches(cfg.seed, epoch, rank)[done_in_epoch * plan.accumulation :]
-            step_losses: list[torch.Tensor] = []
-            for indices in batches:
-                batch = collate([dataset[i] for i in indices])
-                with accelerator.accumulate(encoder):
-                    with accelerator.autocast():
-                        loss = training_loss(
-                            dit,
-                            encoder,
-                            objective,
-                            batch,
-                            generator,
-                            caption_dropout=cfg.data.caption_dropout,
-                            dropped_text=dropped_text,
-                        )
-                    accelerator.backward(loss)
-                    step_losses.append(loss.detach())
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(
-                            params, cfg.optim.max_grad_norm or math.inf
-                        )
-                        _check_finite(grad_norm, loss, step + 1, cpu_bf16)
-                        lr = _lr_at(cfg, step)
-                        for group in optimizer.param_groups:
-                            group["lr"] = lr
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if not accelerator.sync_gradients:
-                    continue
-                step += 1
-                mean_loss = accelerator.gather(torch.stack(step_losses).mean()[None]).mean().item()
-                step_losses = []
-                result.losses.append(mean_loss)
-                result.step = step
-                bar.update(1)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
-                if step % cfg.log_every == 0 or step == total_steps:
-                    metrics.log(step, epoch, mean_loss, lr, float(grad_norm))
-                if step % cfg.checkpoint_every == 0 or step == total_steps:
-                    result.last_checkpoint = save_checkpoint(
-                        accelerator, encoder, generator, cfg, step, epoch
-                    )
-                if step >= total_steps:
-                    break
-    finally:
-        bar.close()
-        metrics.close()
+    # 6. the loop
+    loop = _Loop(cfg, accelerator, dit, encoder, optimizer, dataset, text_cache, generator)
+    loop.run(plan, step, total_steps, result)
     _check_ranks_agree(accelerator, encoder, run_dir)
     if main:
         _write_final_encoder(accelerator.unwrap_model(encoder), run_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def _start_run(cfg: TrainConfig, resume, accelerator, run_dir: Path):
+    """The checkpoint to resume from (``None``: a new run), checked; the run folder and its
+    resolved config written by the main process."""
+    resume_ckpt = ckpt_io.resolve_resume(resume, run_dir) if resume is not None else None
+    if resume_ckpt is None and ckpt_io.latest_checkpoint(run_dir) is not None:
+        raise UserError(
+            f"{run_dir} already has checkpoints; continue it with --resume latest, or set "
+            "output_dir to a new run folder"
+        )
+    if resume_ckpt is not None:
+        _check_resume_config(cfg, resume_ckpt)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_io.remove_stale_temporaries(run_dir)
+        save_config(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    return resume_ckpt
+
+
+def _build_data(cfg: TrainConfig, accelerator):
+    """``(dit, encoder, dataset, text_cache)``: the caches (the main process builds them, the
+    others then read them), the frozen DiT, the seeded encoder and the training samples."""
+    from dit_mem.data import LatentStore
+
+    bank = open_bank(cfg) if cfg.data.bank is not None else None
+    if bank is not None and bank.latents is None:
+        raise ConfigError(f"data.bank {cfg.data.bank}: the bank has no latents to train with")
+    ids, retrieval, text_cache = prepare_caches(cfg, accelerator, bank)
+    dit = FrozenDiT.from_pretrained(
+        cfg.model.base_model_dir, DTYPES[cfg.model.dit_dtype], cfg.data.max_text_tokens
+    )
+    encoder = _seeded(cfg.seed, build_encoder, cfg)
+    training_latents = LatentStore(cfg.data.latent_dir)
+    check_latents(dit, training_latents, bank)
+    dataset = TrainingSamples(
+        ids,
+        memory_ids_by_sample(retrieval),
+        training_latents,
+        bank.latents if bank is not None else training_latents,
+        text_cache,
+        k=cfg.data.k,
+        channels=encoder.config.in_channels,
+    )
+    return dit, encoder, dataset, text_cache
+
+
+def _place_frozen_dit(cfg: TrainConfig, dit, encoder, device) -> None:
+    """Every expert on the device, checked against the encoder's width, checkpointed if asked."""
+    for expert in dit.experts:
+        expert.to(device)
+        try:
+            check_width(encoder.config.dim, expert)
+        except UserError as e:
+            raise ConfigError(f"model.encoder_preset: {e}") from None
+        if cfg.model.gradient_checkpointing:
+            expert.enable_gradient_checkpointing()
+
+
+class _Loop:
+    """The optimisation loop: accumulation, clipping, the learning-rate schedule, metrics and
+    checkpoints, resumable at any step."""
+
+    def __init__(self, cfg, accelerator, dit, encoder, optimizer, dataset, text_cache, generator):
+        self.cfg, self.accelerator, self.dit = cfg, accelerator, dit
+        self.encoder, self.optimizer, self.dataset = encoder, optimizer, dataset
+        self.generator = generator
+        self.objective = training_objective(cfg, dit, dataset)
+        self.params = [p for p in encoder.parameters() if p.requires_grad]
+        self.dropped_text = None
+        if cfg.data.caption_dropout > 0:
+            self.dropped_text = text_cache.load_texts([DROPPED_CAPTION_KEY])[0]
+        device = accelerator.device
+        self.cpu_bf16 = device.type == "cpu" and cfg.mixed_precision == "bf16"
+
+    def run(self, plan: EpochPlan, step: int, total_steps: int, result: TrainResult) -> None:
+        from tqdm.auto import tqdm
+
+        cfg, accelerator = self.cfg, self.accelerator
+        main = accelerator.is_main_process
+        run_dir = Path(cfg.output_dir)
+        metrics = MetricsLogger(
+            run_dir,
+            main,
+            cfg.loggers,
+            resume_step=step,
+            config=to_dict(cfg),
+            wandb_project=cfg.wandb_project,
+        )
+        bar = tqdm(
+            total=total_steps,
+            initial=step,
+            desc="train",
+            unit="step",
+            disable=not (main and cfg.progress_bar),
+            dynamic_ncols=True,
+        )
+        rank = accelerator.process_index
+        try:
+            while step < total_steps:
+                epoch, done_in_epoch = divmod(step, plan.steps)
+                batches = plan.batches(cfg.seed, epoch, rank)[done_in_epoch * plan.accumulation :]
+                step_losses: list[torch.Tensor] = []
+                for indices in batches:
+                    stepped = self.micro_step(indices, step, step_losses)
+                    if stepped is None:
+                        continue
+                    lr, grad_norm = stepped
+                    step += 1
+                    losses = torch.stack(step_losses).mean()[None]
+                    mean_loss = accelerator.gather(losses).mean().item()
+                    step_losses = []
+                    result.losses.append(mean_loss)
+                    result.step = step
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
+                    if step % cfg.log_every == 0 or step == total_steps:
+                        metrics.log(step, epoch, mean_loss, lr, float(grad_norm))
+                    if step % cfg.checkpoint_every == 0 or step == total_steps:
+                        result.last_checkpoint = save_checkpoint(
+                            accelerator, self.encoder, self.generator, cfg, step, epoch
+                        )
+                    if step >= total_steps:
+                        break
+        finally:
+            bar.close()
+            metrics.close()
+
+    def micro_step(self, indices, step: int, step_losses: list):
+        """One micro-batch forward and backward; ``(lr, grad_norm)`` when the optimizer stepped
+        (the last micro-batch of an accumulation), else ``None``."""
+        cfg, accelerator = self.cfg, self.accelerator
+        batch = collate([self.dataset[i] for i in indices])
+        stepped = None
+        with accelerator.accumulate(self.encoder):
+            with accelerator.autocast():
+                loss = training_loss(
+                    self.dit,
+                    self.encoder,
+                    self.objective,
+                    batch,
+                    self.generator,
+                    caption_dropout=cfg.data.caption_dropout,
+                    dropped_text=self.dropped_text,
+                )
+            accelerator.backward(loss)
+            step_losses.append(loss.detach())
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(
+                    self.params, cfg.optim.max_grad_norm or math.inf
+                )
+                _check_finite(grad_norm, loss, step + 1, self.cpu_bf16)
+                lr = _lr_at(cfg, step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                stepped = (lr, grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return stepped if accelerator.sync_gradients else None
 
 
 def _check_finite(grad_norm, loss: torch.Tensor, step: int, cpu_bf16: bool) -> None:
