@@ -284,7 +284,7 @@ def lazy(args) -> None:
     import shutil
 
     from dit_mem.evaluation.video_io import write_mp4
-    from dit_mem.toyworld.bank import BankStageConfig, bank_clips
+    from dit_mem.toyworld.memory_bank import BankStageConfig, bank_clips
     from dit_mem.toyworld.world import render
 
     assets = Path(__file__).resolve().parents[1] / "dit_mem" / "toyworld" / "assets"

@@ -24,8 +24,8 @@ from dit_mem.evaluation.flicker import (
     flicker_folder,
     temporal_flickering_score,
 )
-from dit_mem.evaluation.generation import run_generation
-from dit_mem.evaluation.jobs import filter_jobs, plan_phygenbench, plan_vbench, vbench_filename
+from dit_mem.evaluation.loop import run_generation
+from dit_mem.evaluation.plan import filter_jobs, plan_phygenbench, plan_vbench, vbench_filename
 from dit_mem.evaluation.video_io import read_video, write_mp4
 
 

@@ -177,7 +177,7 @@ def python_frames(
 @pytest.fixture
 def written(monkeypatch):
     """Frames as each door hands them to the mp4 writer: ``{file name: frames}``."""
-    from dit_mem.evaluation import generation as eval_generation
+    from dit_mem.evaluation import loop as eval_generation
     from dit_mem.evaluation import video_io
 
     seen: dict[str, np.ndarray] = {}
@@ -262,7 +262,7 @@ def test_web_generate_api_equals_python(world, flavour, written, tmp_path):
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_eval_generate_equals_python(world, flavour, written, tmp_path):
     from dit_mem.evaluation import benchmarks as B
-    from dit_mem.evaluation.jobs import plan_vbench
+    from dit_mem.evaluation.plan import plan_vbench
 
     job = plan_vbench(B.vbench_prompt_lists())[0]
     args = ["eval", "vbench", "generate", "--run", str(tmp_path / "run"), "--limit", "1"]

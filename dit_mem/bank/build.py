@@ -273,7 +273,7 @@ def build_bank(cfg: BankBuildConfig, vae=None, embedder=None, encoder=None) -> B
     import torch
 
     from dit_mem.bank.journal import locked
-    from dit_mem.data.jobs import process_state
+    from dit_mem.data.folder_job import process_state
     from dit_mem.models.base_model import load_vae
 
     state = process_state()

@@ -252,7 +252,7 @@ def is_bank_file(name: str) -> bool:
 def locked(bank: str | Path, job: str) -> Iterator[None]:
     """Hold the bank's lock (the main process of a multi-process job; the others wait for it
     elsewhere) and finish or undo what an interrupted change left first."""
-    from dit_mem.data.jobs import process_state
+    from dit_mem.data.folder_job import process_state
 
     if not process_state().is_main_process:
         yield

@@ -155,8 +155,8 @@ def _vbench_root(run: Path, full: bool) -> Path:
 
 
 def _generate(args: argparse.Namespace, jobs, root: Path, benchmark: str) -> int:
-    from dit_mem.evaluation.generation import missing_videos, run_generation
-    from dit_mem.evaluation.jobs import filter_jobs
+    from dit_mem.evaluation.loop import missing_videos, run_generation
+    from dit_mem.evaluation.plan import filter_jobs
 
     jobs = filter_jobs(jobs, prompt_filter=args.prompt_filter, limit=args.limit, shard=args.shard)
     if not jobs:
@@ -178,7 +178,7 @@ def _generate(args: argparse.Namespace, jobs, root: Path, benchmark: str) -> int
 
 
 def _vbench_generate(args: argparse.Namespace) -> int:
-    from dit_mem.evaluation.jobs import filter_jobs, plan_vbench
+    from dit_mem.evaluation.plan import filter_jobs, plan_vbench
 
     lists = B.vbench_prompt_lists(full=args.full, prompt_dir=args.prompt_dir)
     jobs = filter_jobs(plan_vbench(lists), folders=args.folders)
@@ -187,7 +187,7 @@ def _vbench_generate(args: argparse.Namespace) -> int:
 
 
 def _phygen_generate(args: argparse.Namespace) -> int:
-    from dit_mem.evaluation.jobs import plan_phygenbench
+    from dit_mem.evaluation.plan import plan_phygenbench
 
     return _generate(
         args, plan_phygenbench(args.model_name), args.run / "phygenbench", "phygenbench"
@@ -200,7 +200,7 @@ def _phygen_generate(args: argparse.Namespace) -> int:
 def _vbench_score(args: argparse.Namespace) -> int:
     from dit_mem.evaluation import vbench_runner as R
     from dit_mem.evaluation import vbench_scores as V
-    from dit_mem.evaluation.jobs import plan_vbench
+    from dit_mem.evaluation.plan import plan_vbench
     from dit_mem.utils import write_json_atomic
 
     base = _vbench_root(args.run, args.full)
@@ -258,7 +258,7 @@ def _vbench_score(args: argparse.Namespace) -> int:
 
 def _vbench_flicker(args: argparse.Namespace) -> int:
     from dit_mem.evaluation.flicker import UNFILTERED_DIMENSION, UNFILTERED_LABEL, flicker_folder
-    from dit_mem.evaluation.jobs import plan_vbench
+    from dit_mem.evaluation.plan import plan_vbench
 
     expected = None
     if args.videos is not None:

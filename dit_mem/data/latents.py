@@ -439,7 +439,7 @@ def encode_latents(cfg: LatentJobConfig, vae=None, rows: list[dict] | None = Non
     (``bank build --for-training`` / ``--add``). Safe to re-run: complete files are skipped; a
     second job on the same folder is refused while one runs.
     """
-    from dit_mem.data.jobs import FolderJob
+    from dit_mem.data.folder_job import FolderJob
 
     if rows is None:
         table = read_video_table(cfg.csv, require_caption=False)

@@ -301,7 +301,7 @@ def build_token_cache(
     accelerator; process i of n takes ids i::n. Re-running skips cached ids; a cache built
     with another encoder is an error.
     """
-    from dit_mem.data.jobs import FolderJob
+    from dit_mem.data.folder_job import FolderJob
 
     for name, value, low in (("batch_size", batch_size, 1), ("shard_size", shard_size, 1)):
         if value < low:
@@ -418,12 +418,10 @@ def _encode_share(encoder, store, job, pending: list[str], batch_size, shard_siz
     return pos
 
 
-def rewrite_index(out: Path) -> int:
-    """``index.parquet`` (and the manifest's count) of the shards a cache holds now (after
-    damaged shards were removed); returns the count."""
+def _write_index(out: Path, where: dict) -> None:
+    """``index.parquet``: each cached id's shard and row."""
     import pandas as pd
 
-    where = _scan_shards(out)
     table = pd.DataFrame(
         {
             "id": list(where),
@@ -433,6 +431,14 @@ def rewrite_index(out: Path) -> int:
     )
     with atomic_path(out / INDEX) as tmp:
         table.to_parquet(tmp, index=False)
+
+
+def rewrite_index(out: Path) -> int:
+    """``index.parquet`` (and the manifest's count) of the shards a cache holds now (after
+    damaged shards were removed); returns the count."""
+
+    where = _scan_shards(out)
+    _write_index(out, where)
     manifest = read_json_mapping(out / MANIFEST)
     write_json_atomic(out / MANIFEST, {**manifest, "count": len(where)})
     return len(where)
@@ -441,7 +447,6 @@ def rewrite_index(out: Path) -> int:
 def _finish_cache(encoder, store, out: Path, fingerprint: str, probe: str) -> float:
     """The main process: ``index.parquet`` over every shard, the complete manifest; returns the
     bytes per cached video."""
-    import pandas as pd
     from safetensors import safe_open
 
     where = _scan_shards(out)
@@ -453,15 +458,7 @@ def _finish_cache(encoder, store, out: Path, fingerprint: str, probe: str) -> fl
     first = next(iter(where.values()))
     with safe_open(str(out / first[0]), framework="pt") as f:
         g, d = f.get_slice("high").get_shape()[1:]
-    table = pd.DataFrame(
-        {
-            "id": list(where),
-            "shard": [s for s, _ in where.values()],
-            "row": [r for _, r in where.values()],
-        }
-    )
-    with atomic_path(out / INDEX) as tmp:
-        table.to_parquet(tmp, index=False)
+    _write_index(out, where)
     latent_keys = ("latent_shape", "normalized", "num_frames", "height", "width", "resize")
     latent_keys += ("family", "vae_class", "vae_fingerprint")  # whose latents (bank.check_serves)
     write_json_atomic(

@@ -3,8 +3,8 @@
 Modules (import what you need; nothing heavy is imported here):
 
 - ``benchmarks``: packaged prompt lists / info files and protocol constants;
-- ``jobs``: file names and seeds per protocol (``plan_vbench``, ``plan_phygenbench``);
-- ``generation``: the ``VideoGenerator`` interface and the resumable ``run_generation`` loop;
+- ``plan``: file names and seeds per protocol (``plan_vbench``, ``plan_phygenbench``);
+- ``loop``: the ``VideoGenerator`` interface and the resumable ``run_generation`` loop;
 - ``video_io``: atomic mp4 writing, reading;
 - ``flicker``: temporal flickering offline (without VBench's static filter);
 - ``vbench_scores`` / ``phygenbench_scores``: result parsing and aggregation;

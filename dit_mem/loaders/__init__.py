@@ -97,59 +97,29 @@ class MemoryLoaderMixin:
     _memory_scale: float = 1.0
 
     def load_memory(
-        self,
-        encoder: Any,
-        bank: Any = None,
-        *,
-        subfolder: str | None = None,
-        weight_name: str | None = None,
-        revision: str | None = None,
-        bank_subfolder: str | None = None,
-        bank_revision: str | None = None,
-        bank_repo_type: str = "dataset",
-        cache_dir: str | Path | None = None,
-        local_files_only: bool | None = None,
-        token: str | bool | None = None,
-        embedding_model: Any = None,
-        trust_remote_code: str | None = None,
-        scale: float = 1.0,
-        route: str = "auto",
-        torch_dtype: torch.dtype | None = None,
+        self, encoder: Any, bank: Any = None, *, scale: float = 1.0, route: str = "auto", **options
     ) -> None:
         """Load a memory encoder (and a bank to retrieve from), and attach memory to every expert.
 
         Args:
             encoder: a ``MemoryEncoder``, a ``save_pretrained`` folder, the release's
-                ``DiT-Mem-1.3B.safetensors``, or a Hub id (``subfolder``, ``weight_name``,
-                ``revision``).
-            bank: a :class:`~dit_mem.bank.MemoryBank`, a bank folder or a Hub id
-                (``bank_subfolder``, ``bank_revision``, ``bank_repo_type``); needed for
+                ``DiT-Mem-1.3B.safetensors``, or a Hub id (options ``subfolder``,
+                ``weight_name``, ``revision``).
+            bank: a :class:`~dit_mem.bank.MemoryBank`, a bank folder or a Hub id (options
+                ``bank_subfolder``, ``bank_revision``, ``bank_repo_type``); needed for
                 ``memory="retrieve"``.
-            embedding_model, trust_remote_code: for the bank's caption index (its model folder if
-                the recorded one is elsewhere; remote code only for the model named here).
             scale: memory strength λ (log λ is added to the memory logits); see
                 :meth:`set_memory_scale`.
             route: memory attention route (``"auto"``, ``"lse"``, ``"joint"``).
-            torch_dtype: dtype of the encoder (default: the transformer's).
+            options: where the encoder and the bank come from (above; ``cache_dir``,
+                ``local_files_only``, ``token`` for both), ``embedding_model`` and
+                ``trust_remote_code`` for the bank's caption index (its model folder if the
+                recorded one is elsewhere; remote code only for the model named here),
+                ``torch_dtype`` of the encoder (default: the transformer's); see
+                :func:`memory_parts`.
         """
         scale = check_memory_scale(scale)  # checked before anything loads or changes
-        model, bank = memory_parts(
-            self,
-            encoder,
-            bank,
-            subfolder=subfolder,
-            weight_name=weight_name,
-            revision=revision,
-            bank_subfolder=bank_subfolder,
-            bank_revision=bank_revision,
-            bank_repo_type=bank_repo_type,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            token=token,
-            embedding_model=embedding_model,
-            trust_remote_code=trust_remote_code,
-            torch_dtype=torch_dtype,
-        )
+        model, bank = memory_parts(self, encoder, bank, **options)
         self.register_modules(memory_encoder=model)
         self.memory_bank = bank
         self._memory_scale = scale

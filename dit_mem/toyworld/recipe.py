@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from dit_mem.toyworld.bank import BankStageConfig, build_bank
 from dit_mem.toyworld.base import BaseStageConfig, train_base
 from dit_mem.toyworld.evaluate import (
     ToyGenerationSettings,
@@ -30,6 +29,7 @@ from dit_mem.toyworld.evaluate import (
     metric_table,
 )
 from dit_mem.toyworld.memory import MemoryStageConfig, train_memory
+from dit_mem.toyworld.memory_bank import BankStageConfig, build_bank
 from dit_mem.toyworld.vae import VAEStageConfig, train_vae
 from dit_mem.utils import atomic_dir, folder_lock, get_logger, write_json_atomic
 

@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from dit_mem.errors import UserError
-from dit_mem.evaluation.jobs import VideoJob
+from dit_mem.evaluation.plan import VideoJob
 from dit_mem.evaluation.video_io import check_frames, is_complete_video, write_mp4
 from dit_mem.utils import folder_lock, get_logger, write_json_atomic
 
