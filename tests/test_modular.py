@@ -27,6 +27,8 @@ BLOCKS = {
     "wan2.2-a14b": "Wan22Blocks",
     "ltx": "LTXAutoBlocks",
     "hunyuan15": "HunyuanVideo15AutoBlocks",
+    "wan-i2v": "Wan22Image2VideoBlocks",  # the tiny I2V / VACE have one expert: boundary 0
+    "wan-vace": "Wan22VaceBlocks",
 }
 PROMPT = "a red circle moving left"
 
@@ -50,7 +52,12 @@ def modular(flavour: str, parts: dict, memory: bool = True):
     if scale is not None:  # the classic call's guidance_scale is the modular guider's
         names = [n for n in ("guider", "guider_2") if n in pipe._component_specs]
         guiders = {n: ClassifierFreeGuidance(guidance_scale=scale) for n in names}
-    pipe.update_components(**parts, **guiders)
+    one_expert = {}
+    if "boundary_ratio" in pipe._config_specs and parts.get("transformer_2") is None:
+        one_expert = {"boundary_ratio": 0.0}  # the first expert denoises every step
+    pipe.update_components(**{k: v for k, v in parts.items() if v is not None}, **guiders)
+    if one_expert:
+        pipe.update_components(**one_expert)
     return pipe
 
 
