@@ -365,3 +365,33 @@ def test_layerwise_casting(family, storage, tol, want):
     with torch.no_grad():
         got = run(model, inputs, memory_tokens=memory())
     assert rel_err(got, want[family][0]) <= tol
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pyramid_attention_broadcast_per_branch_memory_by_family(family):
+    """PAB reuses an attention output across calls: per-branch memory in separate guidance
+    calls (Wan, HunyuanVideo-1.5; LTX-Video's modular loop) is refused by name; memory in both
+    branches runs, and a second call within PAB's range reuses the first's attention."""
+    from diffusers import PyramidAttentionBroadcastConfig
+
+    model = attached(family)
+    model.enable_cache(
+        PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2,
+            spatial_attention_timestep_skip_range=(0, 1000),
+            current_timestep_callback=lambda: 500,
+        )
+    )
+    inputs, mem = tiny_inputs(family, batch=1), memory()
+    refused = pytest.raises(ValueError, match="cannot hold under Pyramid Attention Broadcast")
+    with torch.no_grad(), model.cache_context("cond"), refused:
+        run(model, inputs, memory_tokens=mem, negative_memory_tokens=None)
+    fam, ran = family_of(model), []
+    for block in fam.blocks(model):
+        fam.attention(block).to_out[0].register_forward_pre_hook(lambda m, a: ran.append(1))
+    with torch.no_grad(), model.cache_context("cond"):
+        run(model, inputs, memory_tokens=mem)
+    computed = len(ran)
+    with torch.no_grad(), model.cache_context("uncond"):
+        run(model, inputs, memory_tokens=mem)
+    assert computed == len(fam.blocks(model)) and len(ran) == computed  # the second: broadcast
