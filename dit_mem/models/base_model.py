@@ -33,14 +33,10 @@ INDEX = "model_index.json"
 
 # model_index.json's "_class_name" → the stock diffusers pipeline it runs as (a saved memory
 # pipeline names its flavour; dit_mem.pipeline.FLAVOURS has one flavour for each)
-STOCK_PIPELINES: dict[str, str] = {
-    **{name: name for name in ("WanPipeline", "WanImageToVideoPipeline", "WanVACEPipeline")},
-    **{name: name for name in ("LTXPipeline", "HunyuanVideo15Pipeline")},
-    "DiTMemPipeline": "WanPipeline",
-    "DiTMemWanImageToVideoPipeline": "WanImageToVideoPipeline",
-    "DiTMemWanVACEPipeline": "WanVACEPipeline",
-    "DiTMemLTXPipeline": "LTXPipeline",
-    "DiTMemHunyuanVideo15Pipeline": "HunyuanVideo15Pipeline",
+_STOCK = ("WanPipeline", "WanImageToVideoPipeline", "WanVACEPipeline", "LTXPipeline")
+_STOCK += ("HunyuanVideo15Pipeline",)
+STOCK_PIPELINES: dict[str, str] = {name: name for name in _STOCK} | {
+    "DiTMemPipeline" if name == "WanPipeline" else f"DiTMem{name}": name for name in _STOCK
 }
 
 
