@@ -36,7 +36,7 @@ from diffusers.modular_pipelines.modular_pipeline_utils import (
     OutputParam,
 )
 
-from dit_mem.backbone.injection import MEMORY_BRANCH_KEY, experts, get_attachment
+from dit_mem.backbone.injection import MEMORY_BRANCH_KEY, experts
 from dit_mem.bank import MemoryBank
 from dit_mem.errors import UserError
 from dit_mem.loaders import memory_parts
@@ -113,50 +113,30 @@ class MemoryStep(ModularPipelineBlocks):
 
     def __call__(self, components, state: PipelineState):
         block = self.get_block_state(state)
-        block.memory_hits = None
-        scale = check_memory_scale(block.memory_scale)
-        negative = SAME if block.negative_memory is None else block.negative_memory
-        if block.memory is None or scale == 0:
-            if block.memory is None and negative is not SAME:
-                raise UserError("negative_memory was given without memory")
-        else:
-            models = experts(components)
-            if not all(get_attachment(m) is not None for m in models):
-                raise UserError(
-                    "memory was given, but this pipeline has none loaded: call "
-                    "dit_mem.modular.load_memory(pipe, encoder, bank=...) first"
-                )
-            given = [key for key in block.attention_kwargs or {} if "memory" in key]
-            if given:
-                raise UserError(f"give memory as memory=..., not in attention_kwargs ({given})")
-            prompt = block.prompt
-            if isinstance(prompt, str | list):
-                batch = 1 if isinstance(prompt, str) else len(prompt)
-            elif block.prompt_embeds is not None:
-                batch = block.prompt_embeds.shape[0]
-            else:
-                raise UserError("Provide either `prompt` or `prompt_embeds`.")
-            kwargs, block.memory_hits = memory_call(
-                block.memory,
-                negative,
-                scale,
-                block.k,
-                prompt=prompt,
-                batch=batch,
-                per_prompt=block.num_videos_per_prompt or 1,
-                bank=getattr(components, "memory_bank", None),
-                encoder=getattr(components, "memory_encoder", None),
-                vae=getattr(components, "vae", None),
-                device=models[0].device,
-                dtype=models[0].dtype,
-                attention_kwargs=block.attention_kwargs,
-            )
-            guiders = [g for g in (getattr(components, n, None) for n in GUIDERS) if g is not None]
-            if guiders:
-                kwargs[MEMORY_BRANCH_KEY] = GuidanceBranch(guiders)
-                for guider in guiders:  # a state from an earlier call must not look like this one's
-                    guider.set_state(step=-1, num_inference_steps=0, timestep=None)
-            block.attention_kwargs = kwargs
+        memory, scale = block.memory, check_memory_scale(block.memory_scale)
+        has_transformer = getattr(components, "transformer", None) is not None
+        kwargs, block.memory_hits = memory_call(
+            memory,
+            SAME if block.negative_memory is None else block.negative_memory,
+            scale,
+            block.k,
+            prompt=block.prompt,
+            prompt_embeds=block.prompt_embeds,
+            per_prompt=block.num_videos_per_prompt or 1,
+            models=experts(components) if has_transformer else [],
+            bank=getattr(components, "memory_bank", None),
+            encoder=getattr(components, "memory_encoder", None),
+            vae=getattr(components, "vae", None),
+            device=components._execution_device,
+            attention_kwargs=block.attention_kwargs,
+            load_hint="dit_mem.modular.load_memory(pipe, encoder, bank=...)",
+        )
+        guiders = [g for g in (getattr(components, n, None) for n in GUIDERS) if g is not None]
+        if memory is not None and scale != 0 and guiders:  # memory given: tell its branch
+            kwargs[MEMORY_BRANCH_KEY] = GuidanceBranch(guiders)
+            for guider in guiders:  # a state from an earlier call must not look like this one's
+                guider.set_state(step=-1, num_inference_steps=0, timestep=None)
+        block.attention_kwargs = kwargs
         self.set_block_state(state, block)
         return components, state
 

@@ -103,6 +103,21 @@ class MemoryPipelineMixin(MemoryLoaderMixin):
 
     _stock: type[DiffusionPipeline]  # the stock pipeline this flavour extends
 
+    def __init_subclass__(cls, **kwargs):
+        """A flavour (``class F(MemoryPipelineMixin, StockPipeline)``) derives from its stock
+        pipeline: the ``memory_encoder`` optional component, the offload order with the encoder
+        before the transformer, and ``__call__`` with the stock signature plus memory's. A user's
+        subclass of a flavour inherits them."""
+        super().__init_subclass__(**kwargs)
+        stocks = [b for b in cls.__bases__ if not issubclass(b, MemoryPipelineMixin)]
+        if not stocks:
+            return
+        stock = cls._stock = stocks[0]
+        cls._optional_components = [*stock._optional_components, "memory_encoder"]
+        seq = stock.model_cpu_offload_seq.replace("transformer", "memory_encoder->transformer", 1)
+        cls.model_cpu_offload_seq = seq
+        cls.__call__ = _memory_call(stock)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, memory_bank: Any = SAME, **kwargs):
         """diffusers' ``from_pretrained``; ``DiTMemPipeline.from_pretrained`` gives the flavour the
@@ -216,63 +231,26 @@ class MemoryPipelineMixin(MemoryLoaderMixin):
     def _call_with_memory(self, args, kwargs, memory, negative_memory, memory_scale, k):
         call = inspect.signature(self._stock.__call__).bind(self, *args, **kwargs).arguments
         del call["self"]
-        user_kwargs = dict(call.get("attention_kwargs") or {})
-        given = [key for key in user_kwargs if "memory" in key]
         scale = self._memory_scale if memory_scale is None else check_memory_scale(memory_scale)
-        if memory is None or scale == 0:
-            if memory is None and negative_memory is not SAME and negative_memory is not None:
-                raise UserError("negative_memory was given without memory")
-            if given and not self._memory_attached():
-                raise UserError(
-                    f"attention_kwargs carry {given}, but no memory is attached to this pipeline: "
-                    "call pipe.load_memory(...) (or dit_mem.attach_memory(pipe)) first"
-                )
-            return self._output(self._stock.__call__(self, **call), None, call)
-        if given:
-            raise UserError(f"give memory as memory=..., not also in attention_kwargs ({given})")
-        if not self._memory_attached():
-            raise UserError(
-                "memory was given, but this pipeline has none loaded: call "
-                "pipe.load_memory(encoder, bank=...) first (or dit_mem.attach_memory(pipe) "
-                "to pass MemoryTokens)"
-            )
-
-        models = experts(self)
         attention_kwargs, hits = memory_call(
             memory,
             negative_memory,
             scale,
             k,
             prompt=call.get("prompt"),
-            batch=self._batch_size(call),
+            prompt_embeds=call.get("prompt_embeds"),
             per_prompt=call.get("num_videos_per_prompt") or 1,
+            models=experts(self) if getattr(self, "transformer", None) is not None else [],
             bank=self.memory_bank,
             encoder=getattr(self, "memory_encoder", None),
             vae=self.vae,
             device=self._execution_device,
-            dtype=models[0].dtype,
-            attention_kwargs=user_kwargs,
+            attention_kwargs=call.get("attention_kwargs"),
+            load_hint="pipe.load_memory(encoder, bank=...)",
         )
-        # the stock call, memory in attention_kwargs (the transformer's hook takes it)
+        # the stock call, memory (if any) in attention_kwargs (the transformer's hook takes it)
         output = self._stock.__call__(self, **{**call, "attention_kwargs": attention_kwargs})
         return self._output(output, hits, call)
-
-    # ------------------------------------------------------------------ pieces of __call__
-    def _memory_attached(self) -> bool:
-        models = experts(self) if getattr(self, "transformer", None) is not None else []
-        return bool(models) and all(get_attachment(t) is not None for t in models)
-
-    @staticmethod
-    def _batch_size(call: dict) -> int:
-        prompt = call.get("prompt")
-        if isinstance(prompt, str):
-            return 1
-        if isinstance(prompt, list):
-            return len(prompt)
-        embeds = call.get("prompt_embeds")
-        if embeds is None:
-            raise UserError("Provide either `prompt` or `prompt_embeds`.")
-        return embeds.shape[0]
 
     @staticmethod
     def _output(output, hits, call: dict):
@@ -291,55 +269,58 @@ def memory_call(
     k: int,
     *,
     prompt: str | list[str] | None,
-    batch: int,
+    prompt_embeds: torch.Tensor | None,
     per_prompt: int,
+    models: list,
     bank: Any,
     encoder: MemoryEncoder | None,
     vae: Any,
     device: torch.device,
-    dtype: torch.dtype,
-    attention_kwargs: dict | None = None,
-) -> tuple[dict, list[RetrievalResult] | None]:
+    attention_kwargs: dict | None,
+    load_hint: str,
+) -> tuple[dict | None, list[RetrievalResult] | None]:
     """``attention_kwargs`` carrying a call's memory, and what was retrieved (``None``: given).
 
     ``memory``: ``"retrieve"`` (the top ``k`` of ``bank`` for each prompt, encoded by
     ``encoder``; ``vae`` fills a lazy bank), ``MemoryTokens`` or a dense tensor; broadcast like
-    the prompts (``batch`` prompts × ``per_prompt`` videos) and cast to the transformer's
-    ``device`` / ``dtype``. ``negative_memory``: :data:`SAME`, ``None`` (or ``"none"``, where
-    ``None`` means "not given", as in modular pipelines) or memory of its own.
+    the prompts (one per prompt × ``per_prompt`` videos) and cast to ``device`` and the dtype of
+    ``models`` (the transformers memory is attached to; ``load_hint`` says how to load it).
+    ``negative_memory``: :data:`SAME`, ``None`` (or ``"none"``, where ``None`` means "not
+    given", as in modular pipelines) or memory of its own. Without memory (``None``, or λ = 0)
+    the given ``attention_kwargs`` come back as they are (the stock call).
     """
+    given = [key for key in attention_kwargs or {} if "memory" in key]
+    attached = bool(models) and all(get_attachment(m) is not None for m in models)
+    if memory is None or scale == 0:
+        if memory is None and negative_memory is not SAME and negative_memory is not None:
+            raise UserError("negative_memory was given without memory")
+        if given and not attached:
+            raise UserError(
+                f"attention_kwargs carry {given}, but no memory is attached to this pipeline: "
+                "call pipe.load_memory(...) (or dit_mem.attach_memory(pipe)) first"
+            )
+        return attention_kwargs, None
+    if given:
+        raise UserError(f"give memory as memory=..., not also in attention_kwargs ({given})")
+    if not attached:
+        raise UserError(
+            f"memory was given, but this pipeline has none loaded: call {load_hint} first (or "
+            "dit_mem.attach_memory(pipe) to pass MemoryTokens)"
+        )
+    if isinstance(prompt, str | list):
+        batch = 1 if isinstance(prompt, str) else len(prompt)
+    elif prompt_embeds is not None:
+        batch = prompt_embeds.shape[0]
+    else:
+        raise UserError("Provide either `prompt` or `prompt_embeds`.")
     hits = None
     if isinstance(memory, str):
         if memory != RETRIEVE:
             raise UserError(f"memory must be {RETRIEVE!r}, MemoryTokens or None, got {memory!r}")
-        if bank is None or encoder is None:
-            raise UserError(
-                'memory="retrieve" needs a memory bank and encoder: pipe.load_memory(encoder, '
-                "bank=...)"
-            )
-        if prompt is None:
-            raise UserError('memory="retrieve" needs the prompt text (not only prompt_embeds)')
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise UserError(f"k must be an integer ≥ 1, got {k!r}")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        # the VAE fills a lazy bank's videos on first use
-        memory, hits = bank.memory(prompts, encoder, k=k, device=device, vae=vae)
+        memory, hits = _retrieve(bank, encoder, prompt, k, device, vae, load_hint)
 
     def prepare(given: Any, name: str) -> MemoryTokens:
-        """Check, broadcast over ``per_prompt`` and cast to the transformer."""
-        if isinstance(given, str):
-            raise UserError(
-                f"{name} must be MemoryTokens, a dense [B, L, D] tensor, {RETRIEVE!r} or None"
-            )
-        given = as_memory_tokens(given, name)
-        if given.batch_size == batch and per_prompt > 1:
-            given = given.repeat_batch(per_prompt)  # prompt-major, as the prompt embeddings
-        elif given.batch_size not in (1, batch * per_prompt):
-            raise UserError(
-                f"{name} has batch {given.batch_size}; expected 1 (shared), {batch} (one per "
-                f"prompt) or {batch * per_prompt} (one per video)"
-            )
-        return given.to(device=device, dtype=dtype)
+        return _broadcast(given, name, batch, per_prompt).to(device=device, dtype=models[0].dtype)
 
     kwargs = {**(attention_kwargs or {}), MEMORY_TOKENS_KEY: prepare(memory, "memory")}
     kwargs[MEMORY_STRENGTH_KEY] = scale
@@ -350,11 +331,41 @@ def memory_call(
             )
         negative_memory = None
     if negative_memory is not SAME:  # the unconditional rows' own memory (or none)
-        negative = negative_memory
         kwargs[NEGATIVE_MEMORY_TOKENS_KEY] = (
-            None if negative is None else prepare(negative, "negative_memory")
+            None if negative_memory is None else prepare(negative_memory, "negative_memory")
         )
     return kwargs, hits
+
+
+def _broadcast(given: Any, name: str, batch: int, per_prompt: int) -> MemoryTokens:
+    """Checked memory for ``batch`` prompts × ``per_prompt`` videos (shared, one per prompt
+    repeated prompt-major as the prompt embeddings, or one per video)."""
+    if isinstance(given, str):
+        raise UserError(
+            f"{name} must be MemoryTokens, a dense [B, L, D] tensor, {RETRIEVE!r} or None"
+        )
+    given = as_memory_tokens(given, name)
+    if given.batch_size == batch and per_prompt > 1:
+        return given.repeat_batch(per_prompt)
+    if given.batch_size not in (1, batch * per_prompt):
+        raise UserError(
+            f"{name} has batch {given.batch_size}; expected 1 (shared), {batch} (one per "
+            f"prompt) or {batch * per_prompt} (one per video)"
+        )
+    return given
+
+
+def _retrieve(bank, encoder, prompt, k: int, device, vae, load_hint: str):
+    """``(memory, hits)``: the top ``k`` of ``bank`` for each prompt, encoded by ``encoder`` (the
+    VAE fills a lazy bank's videos on first use)."""
+    if bank is None or encoder is None:
+        raise UserError(f'memory="retrieve" needs a memory bank and encoder: {load_hint}')
+    if prompt is None:
+        raise UserError('memory="retrieve" needs the prompt text (not only prompt_embeds)')
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise UserError(f"k must be an integer ≥ 1, got {k!r}")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    return bank.memory(prompts, encoder, k=k, device=device, vae=vae)
 
 
 # --------------------------------------------------------------------------------------
@@ -390,18 +401,8 @@ def _memory_call(stock: type[DiffusionPipeline]):
     return __call__
 
 
-def _offload_seq(stock: type[DiffusionPipeline]) -> str:
-    """The stock offload order with the memory encoder just before the transformer."""
-    return stock.model_cpu_offload_seq.replace("transformer", "memory_encoder->transformer", 1)
-
-
 class DiTMemPipeline(MemoryPipelineMixin, WanPipeline):
     """``WanPipeline`` (Wan2.1 / Wan2.2 T2V, TI2V, A14B) with DiT-Mem's memory."""
-
-    _stock = WanPipeline
-    _optional_components = [*WanPipeline._optional_components, "memory_encoder"]
-    model_cpu_offload_seq = _offload_seq(WanPipeline)
-    __call__ = _memory_call(WanPipeline)
 
     def __init__(
         self,
@@ -430,11 +431,6 @@ class DiTMemPipeline(MemoryPipelineMixin, WanPipeline):
 
 class DiTMemWanImageToVideoPipeline(MemoryPipelineMixin, WanImageToVideoPipeline):
     """``WanImageToVideoPipeline`` (Wan2.1 / Wan2.2 I2V) with DiT-Mem's memory."""
-
-    _stock = WanImageToVideoPipeline
-    _optional_components = [*WanImageToVideoPipeline._optional_components, "memory_encoder"]
-    model_cpu_offload_seq = _offload_seq(WanImageToVideoPipeline)
-    __call__ = _memory_call(WanImageToVideoPipeline)
 
     def __init__(
         self,
@@ -468,11 +464,6 @@ class DiTMemWanImageToVideoPipeline(MemoryPipelineMixin, WanImageToVideoPipeline
 class DiTMemWanVACEPipeline(MemoryPipelineMixin, WanVACEPipeline):
     """``WanVACEPipeline`` (Wan2.1 VACE) with DiT-Mem's memory."""
 
-    _stock = WanVACEPipeline
-    _optional_components = [*WanVACEPipeline._optional_components, "memory_encoder"]
-    model_cpu_offload_seq = _offload_seq(WanVACEPipeline)
-    __call__ = _memory_call(WanVACEPipeline)
-
     def __init__(
         self,
         tokenizer: AutoTokenizer,
@@ -499,11 +490,6 @@ class DiTMemWanVACEPipeline(MemoryPipelineMixin, WanVACEPipeline):
 class DiTMemLTXPipeline(MemoryPipelineMixin, LTXPipeline):
     """``LTXPipeline`` (LTX-Video) with DiT-Mem's memory."""
 
-    _stock = LTXPipeline
-    _optional_components = [*LTXPipeline._optional_components, "memory_encoder"]
-    model_cpu_offload_seq = _offload_seq(LTXPipeline)
-    __call__ = _memory_call(LTXPipeline)
-
     def __init__(
         self,
         scheduler: FlowMatchEulerDiscreteScheduler,
@@ -525,11 +511,6 @@ class DiTMemLTXPipeline(MemoryPipelineMixin, LTXPipeline):
 
 class DiTMemHunyuanVideo15Pipeline(MemoryPipelineMixin, HunyuanVideo15Pipeline):
     """``HunyuanVideo15Pipeline`` (HunyuanVideo-1.5 T2V) with DiT-Mem's memory."""
-
-    _stock = HunyuanVideo15Pipeline
-    _optional_components = [*HunyuanVideo15Pipeline._optional_components, "memory_encoder"]
-    model_cpu_offload_seq = _offload_seq(HunyuanVideo15Pipeline)
-    __call__ = _memory_call(HunyuanVideo15Pipeline)
 
     def __init__(
         self,
