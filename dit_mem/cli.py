@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from dit_mem import __version__
+from dit_mem.errors import user_errors
 from dit_mem.utils.logging import setup_logging
 
 # Modules under dit_mem.commands, in the order their subcommands are listed in --help.
@@ -44,20 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input (a file, a folder, an option), not a bug of ours.
-
-    ``UserError`` is what dit-mem raises for bad input; ``OSError`` covers missing, unreadable or
-    wrongly laid out files and folders (diffusers and transformers raise it for model folders);
-    ``SafetensorError`` a damaged weights file. Anything else is a bug and keeps its traceback.
-    """
-    from safetensors import SafetensorError
-
-    from dit_mem.errors import UserError
-
-    return (UserError, OSError, SafetensorError)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -75,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(level)
     try:
         return int(args.func(args) or 0)
-    except _user_errors() as e:
+    except user_errors() as e:
         # User errors: one clear line, no traceback. Bugs still raise.
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"dit-mem {args.command}: error: {message or type(e).__name__}", file=sys.stderr)

@@ -11,3 +11,12 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Bad input, with a message that names what is wrong and how to fix it."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What every front door shows as one line: ``UserError``; ``OSError`` (missing, unreadable
+    or wrongly laid out files and folders: diffusers and transformers raise it for model
+    folders); ``SafetensorError`` (a damaged weights file). Anything else is a bug."""
+    from safetensors import SafetensorError
+
+    return (UserError, OSError, SafetensorError)

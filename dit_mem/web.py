@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from dit_mem.errors import UserError
+from dit_mem.errors import UserError, user_errors
 from dit_mem.utils import get_logger
 
 log = get_logger(__name__)
@@ -269,11 +269,10 @@ class MemoryPage:
 def _message_on_page():
     """A bad input (or a file problem) becomes a message on the page, not a stack trace."""
     import gradio as gr
-    from safetensors import SafetensorError
 
     try:
         yield
-    except (UserError, OSError, SafetensorError, FloatingPointError) as e:
+    except (*user_errors(), FloatingPointError) as e:
         log.info("request refused: %s", e)  # one line in the server's log, not a traceback
         raise gr.Error(str(e), print_exception=False) from None
 

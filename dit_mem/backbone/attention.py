@@ -207,10 +207,11 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
 
 
-def masked_lse_kernel(backend: Any, query: torch.Tensor, parallel_config: Any = None):
+def masked_lse_kernel(backend: Any, query: torch.Tensor):
     """The forward kernel that gives a masked attention's log-sum-exp here (the one SDPA would
-    run with the mask), or ``None``: ``native`` without context parallelism only."""
-    if resolve_backend(backend) != "native" or parallel_config is not None:
+    run with the mask), or ``None``: ``native`` only (a masked memory attention never runs under
+    context parallelism: :func:`memory_attention` refuses it first)."""
+    if resolve_backend(backend) != "native":
         return None
     if query.device.type == "cpu":
         return cpu_flash_forward_op

@@ -240,23 +240,22 @@ class MemoryAttachment:
             family.arguments(block)
             _register(block, BlockMemoryHook(self), BLOCK_HOOK)
         registry.invalidate_child_registries_cache()
-        self.install_processors(transformer)
+        self.install_processors()
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "memory": None, "temb": None}
 
     # -- processors ------------------------------------------------------------------------
-    def attentions(self, transformer: nn.Module) -> list[nn.Module]:
+    def attentions(self) -> list[nn.Module]:
+        """The attention modules of the blocks memory was attached to."""
         return [self.family.attention(b) for b in self.blocks]
 
     def is_ours(self, processor: Any) -> bool:
         return isinstance(processor, self.family.processor) and processor.attachment is self
 
-    def install_processors(self, transformer: nn.Module) -> None:
+    def install_processors(self) -> None:
         """Give every block the memory processor (again, where ``set_attn_processor`` replaced it)."""
-        for i, (block, attn) in enumerate(
-            zip(self.blocks, self.attentions(transformer), strict=True)
-        ):
+        for i, (block, attn) in enumerate(zip(self.blocks, self.attentions(), strict=True)):
             old = attn.processor
             if self.is_ours(old):
                 old.route = self.route
@@ -270,13 +269,13 @@ class MemoryAttachment:
             self.original_processors[i] = old
             attn.set_processor(self.family.processor(self, block, old, self.route))
 
-    def set_route(self, route: Route, transformer: nn.Module) -> None:
+    def set_route(self, route: Route) -> None:
         check_route(route)
         self.route = route
-        self.install_processors(transformer)
+        self.install_processors()
 
     def remove(self, transformer: nn.Module) -> None:
-        for i, attn in enumerate(self.attentions(transformer)):
+        for i, attn in enumerate(self.attentions()):
             if self.is_ours(attn.processor):
                 attn.set_processor(self.original_processors[i])
         for block in self.blocks:
@@ -319,12 +318,12 @@ class MemoryAttachment:
             negative = (attention_kwargs[NEGATIVE_MEMORY_TOKENS_KEY], NEGATIVE_MEMORY_TOKENS_KEY)
             given_parts = [negative if branch == "uncond" else memory for branch in layout]
             if len(layout) == 1 and negative[0] is not memory[0]:
-                self.check_no_broadcast(module)
+                self.check_no_broadcast()
         else:
             given_parts = [memory] * len(layout or ("cond",))
         if strength == 0 or all(m is None for m, _ in given_parts):
             return  # memory off (λ = 0) or none for these rows: the stock model
-        self.check_processors(module)
+        self.check_processors()
         batch = arguments.get("hidden_states", args, kwargs).shape[0]
         if batch % len(given_parts):
             raise UserError(
@@ -341,11 +340,11 @@ class MemoryAttachment:
         )
         self.memory = call
 
-    def check_no_broadcast(self, transformer: nn.Module) -> None:
+    def check_no_broadcast(self) -> None:
         """``ValueError`` if Pyramid Attention Broadcast caches a memory attention: it keeps one
         output per attention module across calls, so with guidance as separate calls the
         unconditional call would reuse the conditional call's attention, its memory included."""
-        for i, attn in enumerate(self.attentions(transformer)):
+        for i, attn in enumerate(self.attentions()):
             registry = getattr(attn, "_diffusers_hook", None)
             if registry is not None and registry.get_hook(PAB_HOOK) is not None:
                 raise UserError(
@@ -357,8 +356,8 @@ class MemoryAttachment:
                     "(FirstBlockCache, TaylorSeer, MagCache)"
                 )
 
-    def check_processors(self, transformer: nn.Module) -> None:
-        processors = [attn.processor for attn in self.attentions(transformer)]
+    def check_processors(self) -> None:
+        processors = [attn.processor for attn in self.attentions()]
         replaced = [i for i, p in enumerate(processors) if not self.is_ours(p)]
         if replaced:  # e.g. set_attn_processor after attach_memory
             kind = type(processors[replaced[0]])
@@ -407,7 +406,7 @@ def attach_memory(model: nn.Module | Any, *, route: Route = "auto") -> list[nn.M
     check_route(route)
     existing = get_attachment(model)
     if existing is not None:
-        existing.set_route(route, model)
+        existing.set_route(route)
         return [model]
     family = family_of(model)
     family.check(model)

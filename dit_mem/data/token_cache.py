@@ -436,7 +436,6 @@ def _write_index(out: Path, where: dict) -> None:
 def rewrite_index(out: Path) -> int:
     """``index.parquet`` (and the manifest's count) of the shards a cache holds now (after
     damaged shards were removed); returns the count."""
-
     where = _scan_shards(out)
     _write_index(out, where)
     manifest = read_json_mapping(out / MANIFEST)

@@ -62,7 +62,7 @@ class BaseModel:
         import diffusers
 
         if self.pipeline not in STOCK_PIPELINES:
-            known = ", ".join(sorted({v for v in STOCK_PIPELINES.values()}))
+            known = ", ".join(sorted(_STOCK))
             raise UserError(
                 f"{self.folder}: no memory pipeline for {self.pipeline!r}; supported: {known}"
             )

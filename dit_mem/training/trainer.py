@@ -553,7 +553,7 @@ class _Loop:
                 stepped = (lr, grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return stepped if accelerator.sync_gradients else None
+        return stepped
 
 
 def _check_finite(grad_norm, loss: torch.Tensor, step: int, cpu_bf16: bool) -> None:
