@@ -268,7 +268,7 @@ def inputs(preset: Preset, encoder, family, device: str) -> dict:
     return {
         "x": torch.randn(1, c, t, h, w, **bf),
         "memory_latents": torch.randn(1, K, c, t, h, w, **bf),
-        "text": {k: v for k, v in family.text_kwargs(texts, tokens).items()},
+        "text": {k: v for k, v in family.training.text_kwargs(texts, tokens).items()},
         "t": torch.tensor([500.0], device=device),
     }
 
@@ -615,7 +615,7 @@ def run_preset(preset: Preset, device: str = "cpu", fake: bool = True) -> dict:
                     masks.set(value, True)
 
             def forward(kwargs=None):
-                return family.predict(model, io["x"], io["t"], text, kwargs, preset.fixed)
+                return family.training.predict(model, io["x"], io["t"], text, kwargs, preset.fixed)
 
             part = "memory encoder forward"
             with torch.no_grad():
@@ -699,6 +699,12 @@ def finish(row: dict, seen: set, preset: Preset, device: str) -> dict:
     return row
 
 
+def markdown(header: list[str], numeric_from: int, rows: list[list[str]]) -> str:
+    """A Markdown table; columns from ``numeric_from`` on are right-aligned."""
+    align = ["---" if i < numeric_from else "---:" for i in range(len(header))]
+    return "\n".join(f"| {' | '.join(cells)} |" for cells in [header, align, *rows])
+
+
 def table(rows: list[dict]) -> str:
     """TFLOP per call; a fake CUDA run has no training columns (its memory attention's training
     step is in the JSON)."""
@@ -706,20 +712,17 @@ def table(rows: list[dict]) -> str:
     def cell(r: dict, key: str, fmt: str) -> str:
         return "—" if r.get(key) is None else format(r[key], fmt)
 
-    lines = [
-        "| preset | device | TFLOP none | TFLOP ours | ours over none | TFLOP paper | paper over "
-        "none | train TFLOP ours | train TFLOP paper | train paper / ours | encoder TFLOP |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    header = "preset,device,TFLOP none,TFLOP ours,ours over none,TFLOP paper,paper over none,"
+    header += "train TFLOP ours,train TFLOP paper,train paper / ours,encoder TFLOP"
+    cells = [
+        [r["preset"], r["device"], f"{r['tflops_none']:.4g}", f"{r['tflops_memory']:.4g}"]
+        + [f"+{r['overhead_memory_pct']:.3f}%", f"{r['tflops_paper']:.4g}"]
+        + [f"+{r['overhead_paper_pct']:.1f}%", cell(r, "train_tflops_memory", ".4g")]
+        + [cell(r, "train_tflops_paper", ".4g"), cell(r, "train_paper_over_ours", ".2f")]
+        + [f"{r['encoder_tflops']:.4g}"]
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['preset']} | {r['device']} | {r['tflops_none']:.4g} | {r['tflops_memory']:.4g} "
-            f"| +{r['overhead_memory_pct']:.3f}% | {r['tflops_paper']:.4g} | "
-            f"+{r['overhead_paper_pct']:.1f}% | {cell(r, 'train_tflops_memory', '.4g')} | "
-            f"{cell(r, 'train_tflops_paper', '.4g')} | {cell(r, 'train_paper_over_ours', '.2f')} | "
-            f"{r['encoder_tflops']:.4g} |"
-        )
-    return "\n".join(lines)
+    return markdown(header.split(","), 2, cells)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,13 +59,13 @@ def run(preset, frames: int | None = None, repeats: int = 3, seed: int = 0) -> d
     x = torch.randn(1, c, frames or t, h, w)
     memory_latents = torch.randn(1, full_size.K, c, t, h, w)
     texts = [{s: torch.randn(n, d) for s, (n, d) in preset.text.items()}]
-    text = family.text_kwargs(texts, max(n for n, _ in preset.text.values()))
+    text = family.training.text_kwargs(texts, max(n for n, _ in preset.text.values()))
     timestep = torch.tensor([500.0])
 
     def forward(m, dtype, memory=None):
         cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in text.items()}
         kwargs = None if memory is None else {"memory_tokens": memory}
-        return family.predict(m, x.to(dtype), timestep, cast, kwargs, preset.fixed)
+        return family.training.predict(m, x.to(dtype), timestep, cast, kwargs, preset.fixed)
 
     row = {"preset": preset.row, "latent": [frames or t, h, w]}
     with torch.no_grad():
@@ -123,19 +123,16 @@ def _video_tokens(model, x: torch.Tensor) -> int:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| preset | latent T×H×W | video tokens | rel. err fp32 (ours) | rel. err bf16 (ours) | "
-        "rel. err bf16 (paper form) | s / block, no memory | s / block, memory | overhead |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    header = "preset,latent T×H×W,video tokens,rel. err fp32 (ours),rel. err bf16 (ours),"
+    header += "rel. err bf16 (paper form),s / block no memory,s / block memory,overhead"
+    cells = [
+        [r["preset"], "×".join(map(str, r["latent"])), f"{r['tokens']['video']:,}"]
+        + [f"{r[k]:.2e}" for k in ("err_fp32", "err_bf16", "err_bf16_paper")]
+        + [f"{r['median_s'][k]:.2f}" for k in ("none", "memory")]
+        + [f"{r['overhead_pct']:+.2f}%"]
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['preset']} | {'×'.join(map(str, r['latent']))} | {r['tokens']['video']:,} | "
-            f"{r['err_fp32']:.2e} | {r['err_bf16']:.2e} | {r['err_bf16_paper']:.2e} | "
-            f"{r['median_s']['none']:.2f} | {r['median_s']['memory']:.2f} | "
-            f"{r['overhead_pct']:+.2f}% |"
-        )
-    return "\n".join(lines)
+    return full_size.markdown(header.split(","), 2, cells)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,7 +86,7 @@ def build(preset, device: torch.device, dtype: torch.dtype, seed: int = 0):
     g = torch.Generator(device="cpu").manual_seed(seed + 1)
     family = family_of(model)
     texts = [{s: torch.randn(n, d, generator=g) for s, (n, d) in preset.text.items()}]
-    text = family.text_kwargs(texts, max(n for n, _ in preset.text.values()))
+    text = family.training.text_kwargs(texts, max(n for n, _ in preset.text.values()))
     io = {
         "x": torch.randn(1, c, t, h, w, generator=g),
         "memory_latents": torch.randn(1, full_size.K, c, t, h, w, generator=g),
@@ -123,7 +123,7 @@ def timings(preset, device: torch.device, repeats: int, result: dict) -> None:
     model, encoder, family, io = build(preset, device, torch.bfloat16)
 
     def forward(kwargs=None):
-        return family.predict(model, io["x"], io["t"], io["text"], kwargs, preset.fixed)
+        return family.training.predict(model, io["x"], io["t"], io["text"], kwargs, preset.fixed)
 
     with torch.no_grad():
         encoder.eval()
@@ -176,7 +176,9 @@ def correctness(preset, device: torch.device) -> dict:
         encoder.eval()
 
         def forward(kwargs=None):
-            return family.predict(model, io["x"], io["t"], io["text"], kwargs, preset.fixed)
+            return family.training.predict(
+                model, io["x"], io["t"], io["text"], kwargs, preset.fixed
+            )
 
         with torch.no_grad():
             memory = encoder(io["memory_latents"])

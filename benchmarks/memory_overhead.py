@@ -247,7 +247,7 @@ def build_text_encoder(size: Size, device: torch.device, dtype: torch.dtype):
 def texts(dit: FrozenDiT, size: Size, device: torch.device) -> list[dict]:
     """One caption's text streams: random valid rows of each stream's width."""
     g = torch.Generator().manual_seed(3)
-    dims = dit.family.text_dims(dit.transformer)
+    dims = dit.family.training.text_dims(dit.transformer)
     return [
         {
             s: torch.randn(n, dims[s], generator=g).to(device)

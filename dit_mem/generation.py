@@ -207,18 +207,20 @@ def resolve_config(cfg: GenerationConfig, base=None) -> GenerationConfig:
 
     height, width = cfg.height or default("height"), cfg.width or default("width")
     if height is None or width is None:  # the pipeline derives them (HunyuanVideo-1.5)
-        height, width = family.default_size(base)
+        height, width = family.generation.default_size(base)
     values = {
         "height": height,
         "width": width,
         "num_frames": cfg.num_frames or default("num_frames"),
-        "fps": cfg.fps or family.default_fps,
+        "fps": cfg.fps or family.generation.fps,
         "steps": cfg.steps or default("num_inference_steps"),
         "guidance_scale": cfg.guidance_scale,
         "max_sequence_length": cfg.max_sequence_length or default("max_sequence_length"),
         "scheduler": cfg.scheduler or "model",
         "negative_prompt": (
-            family.default_negative_prompt if cfg.negative_prompt is None else cfg.negative_prompt
+            family.generation.negative_prompt
+            if cfg.negative_prompt is None
+            else cfg.negative_prompt
         ),
     }
     if values["guidance_scale"] is None:
@@ -232,14 +234,14 @@ def resolve_config(cfg: GenerationConfig, base=None) -> GenerationConfig:
         raise ConfigError(f"{cfg.base_model}: {e}") from None
     if values["scheduler"] != "model" and cfg.shift is None:
         latent = latent_shape(base, values["num_frames"], values["height"], values["width"])
-        values["shift"] = float(family.flow_shift(base.folder, latent))
+        values["shift"] = float(family.training.flow_shift(base.folder, latent))
     return dataclasses.replace(cfg, **values)
 
 
 def latent_shape(base, num_frames: int, height: int, width: int) -> list[int]:
     """``[C, T, H, W]`` of the latents the base model denoises at this geometry."""
     vae = base.vae_on_meta()
-    return base.family.latent_shape(vae, num_frames, height, width)
+    return base.family.latents.shape(vae, num_frames, height, width)
 
 
 def check_inputs(base, inputs: dict[str, Any], where: str, required: bool = True) -> None:

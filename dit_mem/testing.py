@@ -134,6 +134,8 @@ FLAVOURS: tuple[str, ...] = (
 FAMILY_OF_FLAVOUR = {f: "wan" for f in FLAVOURS if f.startswith("wan")}
 # Geometry of a tiny generation per family (frames, height, width): [16, 5, 8, 8] latents
 TINY_GEOMETRY = {"wan": (17, 64, 64), "ltx": (17, 32, 32), "hunyuan15": (17, 32, 32)}
+# the command-line clip size of tiny Wan latents (encode-latents, bank build), one worker
+TINY_CLIP_ARGS = ("--num-frames", "17", "--height", "64", "--width", "64", "--num-workers", "0")
 # Words the tests' prompts and captions use, besides the toy world's (one tokenizer for all)
 WORDS = tuple(
     [
@@ -614,6 +616,67 @@ def make_synthetic_run(
         "seed=0",
     ]
     return load_train_config(None, settings + list(overrides or []))
+
+
+@torch.no_grad()
+def average_loss(dit, encoder, objective, dataset, memory: bool, draws: int = 4) -> float:
+    """Mean training loss over ``draws`` (timestep, noise) draws per sample, encoder in eval mode;
+    the draws depend only on the seed, so with and without memory see the same noised inputs."""
+    from dit_mem.training.data import collate
+
+    encoder.eval()
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(draws):
+        for i in range(len(dataset)):
+            batch = collate([dataset[i]])
+            tokens = encoder(batch["memory"], shuffle=False) if memory else None
+            index = objective.sample_indices(1, generator)
+            noise = torch.randn(batch["x0"].shape, generator=generator)
+            x_t, t, target = objective.prepare(batch["x0"], index, noise)
+            pred = dit(x_t, t, batch["text"], tokens)
+            losses.append(objective.loss(pred, target, index).item())
+    return sum(losses) / len(losses)
+
+
+def generate_in_browser(
+    url: str, prompt: str, screenshot: Path, profile: Path, size: tuple[int, int] = (1280, 1600)
+) -> None:
+    """Open the web page in headless Chromium (Debian's ``chromium`` and ``chromedriver``), type
+    ``prompt``, press Generate, wait for both videos and the retrieved memory, save the page."""
+    import shutil
+    import time
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+        f"--window-size={size[0]},{size[1]}", f"--user-data-dir={profile}",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    videos, memory = "#without video[src], #with video[src]", "#memory"
+    try:
+        driver.get(url)
+        wait = WebDriverWait(driver, 180)
+        box = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#prompt textarea")))
+        box.send_keys(prompt)
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, videos)) == 2)
+        wait.until(lambda d: f"{prompt} (" in d.find_element(By.CSS_SELECTOR, memory).text)
+        time.sleep(2)  # let the videos show a frame
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(screenshot))
+    finally:
+        driver.quit()
 
 
 def tiny_model_index(folder: Path) -> dict:

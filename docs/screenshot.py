@@ -37,11 +37,7 @@ def wait_for(url: str, proc: subprocess.Popen, seconds: float = 240) -> None:
 
 
 def main() -> None:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
+    from dit_mem.testing import generate_in_browser
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "web-page.png")
@@ -49,8 +45,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=1280)
     ap.add_argument("--height", type=int, default=1500)
     args = ap.parse_args()
-    chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver_bin):
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
         raise SystemExit("needs chromium and chromedriver (apt install chromium chromium-driver)")
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     cmd = [sys.executable, "-m", "dit_mem.cli", "serve", "--port", str(args.port)]
@@ -58,32 +53,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{args.port}/"
     try:
         wait_for(url, proc)
-        options = webdriver.ChromeOptions()
-        options.binary_location = chromium
-        profile = tempfile.mkdtemp(prefix="dit-mem-chromium-")
-        for flag in (
-            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            "--hide-scrollbars", f"--window-size={args.width},{args.height}",
-            f"--user-data-dir={profile}",
-        ):  # fmt: skip
-            options.add_argument(flag)
-        driver = webdriver.Chrome(service=Service(driver_bin), options=options)
-        try:
-            driver.get(url)
-            wait = WebDriverWait(driver, 180)
-            box = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#prompt textarea")))
-            box.send_keys(PROMPT)
-            driver.find_element(By.CSS_SELECTOR, "#generate").click()
-            wait.until(
-                lambda d: len(d.find_elements(By.CSS_SELECTOR, "#without video, #with video")) == 2
-            )
-            wait.until(lambda d: PROMPT in d.find_element(By.CSS_SELECTOR, "#memory").text)
-            time.sleep(2)  # let the videos show a frame
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            driver.save_screenshot(str(args.out))
-        finally:
-            driver.quit()
-            shutil.rmtree(profile, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix="dit-mem-chromium-") as profile:
+            generate_in_browser(url, PROMPT, args.out, Path(profile), (args.width, args.height))
     finally:
         proc.terminate()
         proc.wait(timeout=30)

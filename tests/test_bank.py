@@ -15,7 +15,7 @@ from dit_mem.bank import MemoryBank
 from dit_mem.cli import main
 from dit_mem.data import LatentStore
 from dit_mem.memory import MemoryEncoder
-from dit_mem.testing import build_tiny_wan, write_bank
+from dit_mem.testing import TINY_CLIP_ARGS, build_tiny_wan, write_bank
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def _build(root: Path) -> dict[str, Path]:
     MemoryEncoder.from_preset("tiny").save_pretrained(encoder)
     bank = root / "bank"
     assert main(["build-index", "--csv", str(csv), "--bank", str(bank)]) == 0
-    size = ["--num-frames", "17", "--height", "64", "--width", "64", "--num-workers", "0"]
+    size = list(TINY_CLIP_ARGS)
     encode = ["encode-latents", "--csv", str(csv), "--videos", str(bank / "videos")]
     assert main([*encode, "--base-model", str(model), "--bank", str(bank), *size]) == 0
     assert (

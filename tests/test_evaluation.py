@@ -177,7 +177,7 @@ def test_vbench_aggregation_hand_computed():
     assert s.quality == pytest.approx(5.25 / 6.5)
     assert s.semantic == pytest.approx(0.5)
     assert s.total == pytest.approx((4 * 5.25 / 6.5 + 0.5) / 5)  # 0.746154
-    assert s.missing == [] and s.complete
+    assert s.missing_dimensions == [] and s.complete
     at_min = V.aggregate({d: V.NORMALIZE[d][0] for d in V.ALL_DIMENSIONS})
     assert at_min.total == pytest.approx(0.0)
     at_max = V.aggregate({d: V.NORMALIZE[d][1] for d in V.ALL_DIMENSIONS})
@@ -189,7 +189,7 @@ def test_vbench_partial_is_never_zero_filled():
     del scores["dynamic_degree"], scores["color"]
     s = V.aggregate(scores)
     assert s.quality is None and s.semantic is None and s.total is None
-    assert s.missing == ["dynamic_degree", "color"]
+    assert s.missing_dimensions == ["dynamic_degree", "color"]
     assert s.quality_partial == pytest.approx(5.0 / 6.0)  # renormalised over weight 6
     assert s.semantic_partial == pytest.approx(0.5)
     text = V.format_summary(s)
@@ -257,7 +257,7 @@ def test_phygenbench_combination_rule_and_bad_entries():
     entries = P.load_results(B.phygenbench_reference_results())[:10]
     entries[3] = dict(entries[3], video_gpt=None)
     s = P.aggregate(entries)
-    assert not s.complete and len(s.invalid) == 1 and len(s.missing) == 151
+    assert not s.complete and len(s.invalid) == 1 and len(s.missing_prompts) == 151
     assert s.counts["Force"] == 9 and s.categories["Light"] is None  # absent, not 0
     assert "PARTIAL" in P.format_summary(s) and "—" in P.format_summary(s)
 

@@ -1,6 +1,6 @@
 """Memory in every DiT family: Wan, LTX-Video and HunyuanVideo-1.5, each against its dense form.
 
-The reference is the family's dense form (``Family.dense_block`` through
+The reference is the family's dense form (``Injection.dense_block`` through
 ``dit_mem.backbone.reference.PaperFormMemory``): the memory tokens appended after the block's own
 pre-attention modulation, as queries and keys, no RoPE, outputs sliced off. The fast path must
 equal it (rel. err ≤ 1e-5 in fp32, gradients to the memory tokens included), be the stock model
@@ -77,7 +77,8 @@ def test_every_family_is_picked_from_the_model_class():
 def test_without_memory_and_after_detach_bit_for_bit_stock(family):
     model, inputs = tiny_transformer(family), tiny_inputs(family)
     stock_processors = [
-        family_of(model).attention(b).processor for b in family_of(model).blocks(model)
+        family_of(model).injection.attention(b).processor
+        for b in family_of(model).injection.blocks(model)
     ]
     with torch.no_grad():
         stock = run(model, inputs)
@@ -88,8 +89,12 @@ def test_without_memory_and_after_detach_bit_for_bit_stock(family):
         detach_memory(model)
         assert torch.equal(run(model, inputs), stock)
     f = family_of(model)
-    assert [f.attention(b).processor for b in f.blocks(model)] == stock_processors
-    assert "forward" not in vars(model) and all("forward" not in vars(b) for b in f.blocks(model))
+    assert [
+        f.injection.attention(b).processor for b in f.injection.blocks(model)
+    ] == stock_processors
+    assert "forward" not in vars(model) and all(
+        "forward" not in vars(b) for b in f.injection.blocks(model)
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -314,8 +319,10 @@ def test_pickle_torch_save_and_deepcopy(family, want):
 def test_set_attn_processor_is_an_error_until_attached_again(family, want):
     model, inputs = attached(family), tiny_inputs(family)
     f = family_of(model)
-    for block in f.blocks(model):  # (set_attn_processor reaches every attention; these suffice)
-        f.attention(block).set_processor(f.stock_processors[0]())
+    for block in f.injection.blocks(
+        model
+    ):  # (set_attn_processor reaches every attention; these suffice)
+        f.injection.attention(block).set_processor(f.injection.stock_processors[0]())
     with pytest.raises(ValueError, match="set_attn_processor.*attach_memory"):
         run(model, inputs, memory_tokens=memory())
     attach_memory(model)
@@ -323,9 +330,12 @@ def test_set_attn_processor_is_an_error_until_attached_again(family, want):
         assert torch.equal(run(model, inputs, memory_tokens=memory()), want[family][0])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_the_chosen_backend_computes_the_memory_attention(family, want, monkeypatch):
-    name = AttentionBackendName("_native_math")
+@pytest.mark.parametrize(
+    ("family", "backend"), [*((f, "_native_math") for f in FAMILIES), ("wan", "flex")]
+)
+def test_the_chosen_backend_computes_the_memory_attention(family, backend, want, monkeypatch):
+    """No log-sum-exp from these backends: memory goes the joint route, through dispatch."""
+    name = AttentionBackendName(backend)
     original = _AttentionBackendRegistry._backends[name]
     calls = []
 
@@ -335,11 +345,12 @@ def test_the_chosen_backend_computes_the_memory_attention(family, want, monkeypa
         return original(*args, **kwargs)
 
     monkeypatch.setitem(_AttentionBackendRegistry._backends, name, counting)
+    # set_attention_backend also makes the backend the process-wide default; undo that after
     monkeypatch.setattr(
         _AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend
     )
     model, inputs = attached(family), tiny_inputs(family)
-    model.set_attention_backend("_native_math")
+    model.set_attention_backend(backend)
     with torch.no_grad():
         got = run(model, inputs, memory_tokens=memory())
     # keys [video (+ text) ; 6 memory]: 48 + 6 (Wan), 32 + 6 (LTX), 32 + 13 + 6 (HunyuanVideo-1.5)
@@ -387,11 +398,15 @@ def test_pyramid_attention_broadcast_per_branch_memory_by_family(family):
     with torch.no_grad(), model.cache_context("cond"), refused:
         run(model, inputs, memory_tokens=mem, negative_memory_tokens=None)
     fam, ran = family_of(model), []
-    for block in fam.blocks(model):
-        fam.attention(block).to_out[0].register_forward_pre_hook(lambda m, a: ran.append(1))
+    for block in fam.injection.blocks(model):
+        fam.injection.attention(block).to_out[0].register_forward_pre_hook(
+            lambda m, a: ran.append(1)
+        )
     with torch.no_grad(), model.cache_context("cond"):
         run(model, inputs, memory_tokens=mem)
     computed = len(ran)
     with torch.no_grad(), model.cache_context("uncond"):
         run(model, inputs, memory_tokens=mem)
-    assert computed == len(fam.blocks(model)) and len(ran) == computed  # the second: broadcast
+    assert (
+        computed == len(fam.injection.blocks(model)) and len(ran) == computed
+    )  # the second: broadcast

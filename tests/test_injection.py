@@ -325,6 +325,18 @@ def test_stock_wan_pipeline_carries_memory(family):
     assert torch.equal(_pipeline_latents(pipe, **prompts), stock)
 
 
+def test_pipeline_model_cpu_offload():
+    pipe = tiny_pipeline()
+    attach_memory(pipe)
+    prompts = {"prompt": "a red fox", "negative_prompt": "blurry"}
+    expected = _pipeline_latents(
+        pipe, **prompts, attention_kwargs={"memory_tokens": random_memory()}
+    )
+    pipe.enable_model_cpu_offload(device="cpu")
+    got = _pipeline_latents(pipe, **prompts, attention_kwargs={"memory_tokens": random_memory()})
+    assert torch.equal(got, expected)
+
+
 # --------------------------------------------------------------------------------------
 # The attention function and input checks
 # --------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from dit_mem.data import (
     sample_frame_indices,
 )
 from dit_mem.models.base_model import load_vae
+from dit_mem.testing import TINY_CLIP_ARGS
 
 SIZE = {"num_frames": 17, "height": 64, "width": 64}  # latent [16, 5, 8, 8]
 GOOD = ["aaaaaaaaaaa_1_0to40", "aaaaaaaaaaa_2_40to80", "b-b_bbbbbbb_1_0to9", "ccccccccccc_1_0to30"]
@@ -168,14 +169,7 @@ def test_kill_and_resume_subprocess(bank: dict, tmp_path: Path) -> None:
         str(bank["base"]),
         "--videos",
         str(videos),
-        "--num-workers",
-        "0",
-        "--num-frames",
-        "17",
-        "--height",
-        "64",
-        "--width",
-        "64",
+        *TINY_CLIP_ARGS,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -273,7 +267,7 @@ def test_failed_videos_leave_a_bank_that_says_so(bank: dict, tmp_path: Path, cap
 
     b = tmp_path / "b"
     assert main(["build-index", "--csv", str(bank["csv"]), "--bank", str(b)]) == 0
-    size = ["--num-frames", "17", "--height", "64", "--width", "64", "--num-workers", "0"]
+    size = list(TINY_CLIP_ARGS)
     encode = ["encode-latents", "--csv", str(bank["csv"]), "--videos", str(bank["videos"])]
     encode += ["--base-model", str(bank["base"]), "--bank", str(b), *size]
     capsys.readouterr()

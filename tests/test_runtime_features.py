@@ -7,7 +7,6 @@ paper's dense form where the feature changes the numbers by design.
 
 from __future__ import annotations
 
-import functools
 import json
 import socket
 import subprocess
@@ -16,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from dit_mem import attach_memory
 from dit_mem.backbone.reference import PaperFormMemory
 from dit_mem.memory import MemoryTokens
-from dit_mem.testing import tiny_pipeline, tiny_transformer
+from dit_mem.testing import tiny_transformer
 
 TESTS = Path(__file__).parent
 
@@ -94,33 +92,6 @@ def test_group_offloading(level, to_disk, call, want, tmp_path):
     assert torch.equal(run(model, call, memory=False), want[1])
 
 
-def test_pipeline_model_cpu_offload(call):
-    x, t, text, memory = call
-
-    def generate(pipe):
-        return pipe(
-            prompt="a red fox",
-            negative_prompt="blurry",
-            height=32,
-            width=32,
-            num_frames=5,
-            num_inference_steps=2,
-            generator=torch.Generator().manual_seed(0),
-            output_type="latent",
-            attention_kwargs={"memory_tokens": memory},
-        ).frames
-
-    pipe = tiny_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    attach_memory(pipe)
-    expected = generate(pipe)
-    pipe.enable_model_cpu_offload(device="cpu")
-    assert torch.equal(generate(pipe), expected)
-
-
-# --------------------------------------------------------------------------------------
-# Context parallelism: two gloo processes
-# --------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -156,32 +127,6 @@ def test_context_parallelism_two_processes(mode, family, tmp_path):
         assert result["grad"] <= 1e-5  # the ranks' gradient shares sum to one process's gradient
     if mode == "ulysses":
         assert result["no_memory"] == 0.0
-
-
-@pytest.mark.parametrize("backend", ["_native_math", "flex"])
-def test_the_chosen_backend_computes_the_memory_attention(backend, call, paper, monkeypatch):
-    """No log-sum-exp from these backends: memory goes the joint route, through dispatch."""
-    name = AttentionBackendName(backend)
-    original = _AttentionBackendRegistry._backends[name]
-    shapes = []
-
-    @functools.wraps(original)
-    def counting(*args, **kwargs):
-        shapes.append(tuple(kwargs["key"].shape))
-        return original(*args, **kwargs)
-
-    monkeypatch.setitem(_AttentionBackendRegistry._backends, name, counting)
-    # set_attention_backend also makes the backend the process-wide default; undo that after
-    monkeypatch.setattr(
-        _AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend
-    )
-    model = attached()
-    model.set_attention_backend(backend)
-    got = run(model, call)
-    video_tokens = 3 * 4 * 4
-    self_attention = [s for s in shapes if s[1] == video_tokens + 6]  # [video ; 6 memory keys]
-    assert len(self_attention) == len(model.blocks)
-    assert rel_err(got, paper) <= 1e-5
 
 
 def test_fused_qkv(call, want):

@@ -171,7 +171,7 @@ def test_text_cache_matches_wan_pipeline_and_resumes(tmp_path):
     ids = ["a", "b", "c", "d"]
 
     def encode(captions):
-        return WAN.encode_text(pipe, captions, 32)
+        return WAN.training.encode_text(pipe, captions, 32)
 
     meta = {"max_tokens": 32, "streams": ["encoder_hidden_states"]}
     cache = TextEmbeddingCache(tmp_path / "text")
@@ -201,17 +201,25 @@ def test_cached_text_gives_the_transformer_the_pipelines_prompt(flavour, tmp_pat
     pipe = tiny_pipeline(flavour)
     family = family_of(pipe.transformer)
     caps = ['a cat sits on a mat "neon"', "a red fox"]  # quoted text: a ByT5 stream too
-    meta = {"max_tokens": 16, "streams": list(family.text_streams)}
+    meta = {"max_tokens": 16, "streams": list(family.training.text_streams)}
     cache = TextEmbeddingCache(tmp_path / "text")
-    cache.build(["a", "b"], caps, lambda c: family.encode_text(pipe, c, 16), meta, progress=False)
-    ours = family.text_kwargs(cache.load_texts(["a", "b"]), 16)
+    cache.build(
+        ["a", "b"], caps, lambda c: family.training.encode_text(pipe, c, 16), meta, progress=False
+    )
+    ours = family.training.text_kwargs(cache.load_texts(["a", "b"]), 16)
     with torch.no_grad():
         if flavour == "ltx":
             embeds, mask = pipe._get_t5_prompt_embeds(caps, max_sequence_length=16, device="cpu")
             stock = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
         else:
             e, m, e2, m2 = pipe.encode_prompt(caps, device="cpu", batch_size=2)
-            stock = dict(zip(family.text_streams + family.text_masks, (e, e2, m, m2), strict=True))
+            stock = dict(
+                zip(
+                    family.training.text_streams + family.training.text_masks,
+                    (e, e2, m, m2),
+                    strict=True,
+                )
+            )
         call = {k: v for k, v in tiny_inputs(flavour).items() if k not in stock}
         a = pipe.transformer(**call, **stock, return_dict=False)[0]
         b = pipe.transformer(**call, **ours, return_dict=False)[0]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dit_mem.memory import MemoryEncoder
-from dit_mem.testing import LTX_SCHEDULER, make_synthetic_run, tiny_vae
+from dit_mem.testing import LTX_SCHEDULER, average_loss, make_synthetic_run, tiny_vae
 from dit_mem.training import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +33,7 @@ def average_losses(cfg) -> dict[str, float]:
     """Mean loss with no memory, the trained memory and the other class's memory, on the same
     (t, noise) draws per sample."""
     from dit_mem.data import LatentStore
-    from dit_mem.training.data import TrainingSamples, collate
+    from dit_mem.training.data import TrainingSamples
     from dit_mem.training.retrieval_cache import memory_ids_by_sample
     from dit_mem.training.trainer import FrozenDiT, prepare_caches, training_objective
 
@@ -45,18 +45,7 @@ def average_losses(cfg) -> dict[str, float]:
     objective = training_objective(cfg, dit, data)
 
     def mean(memory: bool) -> float:
-        generator, losses = torch.Generator().manual_seed(0), []
-        for _ in range(4):
-            for i in range(len(data)):
-                batch = collate([data[i]])
-                tokens = encoder(batch["memory"], shuffle=False) if memory else None
-                index = objective.sample_indices(1, generator)
-                noise = torch.randn(batch["x0"].shape, generator=generator)
-                x_t, t, target = objective.prepare(batch["x0"], index, noise)
-                losses.append(
-                    objective.loss(dit(x_t, t, batch["text"], tokens), target, index).item()
-                )
-        return sum(losses) / len(losses)
+        return average_loss(dit, encoder, objective, data, memory)
 
     out = {"none": mean(False), "memory": mean(True)}
     data.memory = {
@@ -193,8 +182,8 @@ def test_encode_latents_with_an_ltx_base_model(tmp_path):
 
     with torch.device("meta"):  # LTX-Video's real VAE: 8× in time, 32× in space
         real = AutoencoderKLLTXVideo()
-    assert FAMILY.latent_shape(real, 161, 512, 704) == [128, 21, 16, 22]
+    assert FAMILY.latents.shape(real, 161, 512, 704) == [128, 21, 16, 22]
     with pytest.raises(
         ValueError, match="takes 8k\\+1 frames of a height and width that are multiples of 32"
     ):
-        FAMILY.latent_shape(real, 85, 480, 832)
+        FAMILY.latents.shape(real, 85, 480, 832)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dit_mem.memory import MemoryEncoder
-from dit_mem.testing import LATENT_SHAPE, make_synthetic_run
+from dit_mem.testing import LATENT_SHAPE, average_loss, make_synthetic_run
 from dit_mem.training import latest_checkpoint, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -133,27 +133,6 @@ def test_sigkill_leaves_last_checkpoint_loadable(tmp_path, base_model):
     resumed = synthetic(tmp_path, base_model, f"max_steps={latest.step + 1}", num_train=6)
     assert train(resumed, resume="latest").step == latest.step + 1
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
-
-
-@torch.no_grad()
-def average_loss(dit, encoder, objective, dataset, memory: bool, draws: int = 4) -> float:
-    """Mean training loss over ``draws`` (timestep, noise) draws per sample, encoder in eval mode;
-    the draws depend only on the seed, so with and without memory see the same noised inputs."""
-    from dit_mem.training.data import collate
-
-    encoder.eval()
-    generator = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(draws):
-        for i in range(len(dataset)):
-            batch = collate([dataset[i]])
-            tokens = encoder(batch["memory"], shuffle=False) if memory else None
-            index = objective.sample_indices(1, generator)
-            noise = torch.randn(batch["x0"].shape, generator=generator)
-            x_t, t, target = objective.prepare(batch["x0"], index, noise)
-            pred = dit(x_t, t, batch["text"], tokens)
-            losses.append(objective.loss(pred, target, index).item())
-    return sum(losses) / len(losses)
 
 
 def test_training_learns_to_use_memory(tmp_path, base_model):

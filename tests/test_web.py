@@ -179,42 +179,10 @@ def test_bank_browser(server, bank_captions):
     not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver"
 )
 def test_browser_generates_both_videos(server, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
+    from dit_mem.testing import generate_in_browser
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-        "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--window-size=1280,1600",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ):  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
-        driver.get(server)
-        wait = WebDriverWait(driver, 180)
-        box = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#prompt textarea")))
-        box.send_keys("a magenta circle moving right")
-        driver.find_element(By.CSS_SELECTOR, "#generate").click()
-        wait.until(
-            lambda d: (
-                len(d.find_elements(By.CSS_SELECTOR, "#without video[src], #with video[src]")) == 2
-            )
-        )
-        wait.until(
-            lambda d: (
-                "a magenta circle moving right (" in d.find_element(By.CSS_SELECTOR, "#memory").text
-            )
-        )
-        shot = tmp_path / "page.png"
-        driver.save_screenshot(str(shot))
-    finally:
-        driver.quit()
+    shot = tmp_path / "page.png"
+    generate_in_browser(server, "a magenta circle moving right", shot, tmp_path / "profile")
     assert shot.stat().st_size > 20_000
 
 

@@ -82,7 +82,7 @@ class CallMemory:
 
 def check_width(dim: int, transformer: nn.Module, what: str = "memory encoder width") -> None:
     """``ValueError`` unless memory of width ``dim`` fits the DiT's hidden size."""
-    width = family_of(transformer).hidden_size(transformer)
+    width = family_of(transformer).injection.hidden_size(transformer)
     if dim != width:
         raise UserError(
             f"{what} {dim} does not match the DiT's hidden size {width} (use the memory encoder "
@@ -210,7 +210,9 @@ class BlockMemoryHook(ModelHook):
     def pre_forward(self, module: nn.Module, *args, **kwargs):
         attachment = self.attachment
         if attachment.memory is not None:
-            attachment.temb = attachment.family.arguments(module).get("temb", args, kwargs)
+            attachment.temb = attachment.family.injection.arguments(module).get(
+                "temb", args, kwargs
+            )
         return args, kwargs
 
 
@@ -226,18 +228,20 @@ class MemoryAttachment:
 
     def __init__(self, transformer: nn.Module, family: Family, route: Route = "auto"):
         self.family = family
-        self.dim = family.hidden_size(transformer)
+        self.dim = family.injection.hidden_size(transformer)
         self.route: Route = route
         self.memory: CallMemory | None = None
         self.temb: torch.Tensor | None = None
         self.original_processors: dict[int, Any] = {}
         # the blocks as attached: a cache that wraps the block list later (cache-dit swaps it
         # while forward runs) leaves the same blocks running, and these are they
-        self.blocks: list[nn.Module] = list(family.blocks(transformer))
-        family.arguments(transformer)  # read the signatures now, not inside a compiled graph
+        self.blocks: list[nn.Module] = list(family.injection.blocks(transformer))
+        family.injection.arguments(
+            transformer
+        )  # read the signatures now, not inside a compiled graph
         registry = _register(transformer, MemoryHook(self), HOOK)
         for block in self.blocks:
-            family.arguments(block)
+            family.injection.arguments(block)
             _register(block, BlockMemoryHook(self), BLOCK_HOOK)
         registry.invalidate_child_registries_cache()
         self.install_processors()
@@ -248,10 +252,12 @@ class MemoryAttachment:
     # -- processors ------------------------------------------------------------------------
     def attentions(self) -> list[nn.Module]:
         """The attention modules of the blocks memory was attached to."""
-        return [self.family.attention(b) for b in self.blocks]
+        return [self.family.injection.attention(b) for b in self.blocks]
 
     def is_ours(self, processor: Any) -> bool:
-        return isinstance(processor, self.family.processor) and processor.attachment is self
+        return (
+            isinstance(processor, self.family.injection.processor) and processor.attachment is self
+        )
 
     def install_processors(self) -> None:
         """Give every block the memory processor (again, where ``set_attn_processor`` replaced it)."""
@@ -260,14 +266,14 @@ class MemoryAttachment:
             if self.is_ours(old):
                 old.route = self.route
                 continue
-            if not isinstance(old, self.family.stock_processors):
+            if not isinstance(old, self.family.injection.stock_processors):
                 raise UserError(
                     f"block {i}'s attention uses {type(old).__name__}, not a "
-                    f"{' / '.join(p.__name__ for p in self.family.stock_processors)}; cannot "
+                    f"{' / '.join(p.__name__ for p in self.family.injection.stock_processors)}; cannot "
                     "attach memory"
                 )
             self.original_processors[i] = old
-            attn.set_processor(self.family.processor(self, block, old, self.route))
+            attn.set_processor(self.family.injection.processor(self, block, old, self.route))
 
     def set_route(self, route: Route) -> None:
         check_route(route)
@@ -287,7 +293,7 @@ class MemoryAttachment:
     def begin_call(self, module: nn.Module, args: tuple, kwargs: dict, context: str | None) -> None:
         """Take this call's memory from ``attention_kwargs`` (or none), checked."""
         self.memory = self.temb = None
-        arguments = self.family.arguments(module)
+        arguments = self.family.injection.arguments(module)
         attention_kwargs = arguments.get("attention_kwargs", args, kwargs) or {}
         given = [k for k in attention_kwargs if "memory" in k]
         if not given:
@@ -306,7 +312,7 @@ class MemoryAttachment:
                 raise UserError(
                     f"{MEMORY_BRANCH_KEY}() must say 'cond' or 'uncond', got {context!r}"
                 )
-        layout = self.family.branch_layout(context)
+        layout = self.family.injection.branch_layout(context)
         if NEGATIVE_MEMORY_TOKENS_KEY in attention_kwargs:
             if layout is None:
                 raise UserError(
@@ -335,7 +341,7 @@ class MemoryAttachment:
         call = combine_rows(parts, rows, strength)
         if call is None:
             return
-        call.noisy_token, call.num_tokens = self.family.noisy_token(
+        call.noisy_token, call.num_tokens = self.family.injection.noisy_token(
             arguments.get("timestep", args, kwargs)
         )
         self.memory = call
@@ -409,10 +415,13 @@ def attach_memory(model: nn.Module | Any, *, route: Route = "auto") -> list[nn.M
         existing.set_route(route)
         return [model]
     family = family_of(model)
-    family.check(model)
+    family.injection.check(model)
     setattr(model, _ATTACHMENT_ATTR, MemoryAttachment(model, family, route))
     logger.debug(
-        "memory attached to %d %s blocks (route %s)", len(family.blocks(model)), family.name, route
+        "memory attached to %d %s blocks (route %s)",
+        len(family.injection.blocks(model)),
+        family.name,
+        route,
     )
     return [model]
 

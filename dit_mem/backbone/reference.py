@@ -4,7 +4,7 @@ The release concatenates the 1,000 dense memory tokens to the video tokens insid
 self-attention, as queries *and* keys: they get the block's pre-attention norm and modulation and
 the same q/k/v projections and q/k norms, no rotary embedding (identity rotation), and their
 outputs are sliced off after the attention (flux's append-then-slice). Nothing else of the block
-sees them. Each family writes that block plainly (:meth:`Family.dense_block`); the fast path of
+sees them. Each family writes that block plainly (:meth:`Injection.dense_block`); the fast path of
 :mod:`dit_mem.backbone.injection` must equal it. Tests and ``benchmarks/memory_overhead.py``
 compare against it.
 
@@ -63,7 +63,7 @@ class PaperFormBlock(nn.Module):
     def forward(self, *args, **kwargs):
         if self.memory is None:
             return self.block(*args, **kwargs)
-        return self.family.dense_block(
+        return self.family.injection.dense_block(
             self.block, self.memory, self.repeats, self.noisy_token, args, kwargs
         )
 
@@ -74,8 +74,8 @@ class PaperFormMemory:
     def __init__(self, transformer: nn.Module):
         self.transformer = transformer
         self.family = family_of(transformer)
-        self.attribute = self.family.blocks_attribute
-        blocks = [PaperFormBlock(b, self.family) for b in self.family.blocks(transformer)]
+        self.attribute = self.family.injection.blocks_attribute
+        blocks = [PaperFormBlock(b, self.family) for b in self.family.injection.blocks(transformer)]
         setattr(transformer, self.attribute, nn.ModuleList(blocks))
         self.handle = transformer.register_forward_pre_hook(self.take_memory, with_kwargs=True)
 
@@ -85,14 +85,14 @@ class PaperFormMemory:
 
     def take_memory(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """This call's dense memory (``memory_tokens``, ``memory_strength``), or none."""
-        arguments = self.family.arguments(module)
+        arguments = self.family.injection.arguments(module)
         options = arguments.get("attention_kwargs", args, kwargs) or {}
         memory, strength = options.get("memory_tokens"), options.get("memory_strength", 1)
         if memory is not None:
             memory = as_memory_tokens(memory).dense()
             if float(strength) != int(strength) or strength < 1:
                 raise UserError(f"the paper's form takes λ as a whole number ≥ 1, got {strength}")
-        noisy, _ = self.family.noisy_token(arguments.get("timestep", args, kwargs))
+        noisy, _ = self.family.injection.noisy_token(arguments.get("timestep", args, kwargs))
         for block in self.blocks:
             block.memory, block.repeats, block.noisy_token = memory, int(strength), noisy
 

@@ -293,11 +293,11 @@ def vae_settings(vae, num_frames: int, height: int, width: int) -> dict:
 
     family = family_of_vae(vae)
     return {
-        "latent_shape": family.latent_shape(vae, num_frames, height, width),
+        "latent_shape": family.latents.shape(vae, num_frames, height, width),
         "family": family.name,
         "vae_class": type(vae).__name__,
         "vae_fingerprint": vae_fingerprint(vae),
-        **family.latent_record(vae),
+        **family.latents.record(vae),
     }
 
 

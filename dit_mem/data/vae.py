@@ -23,7 +23,7 @@ def encode_frames(vae, frames: torch.Tensor) -> torch.Tensor:
         raise UserError(f"frames must be [B, 3, F, H, W], got {tuple(frames.shape)}")
     dtype = next(vae.parameters()).dtype
     z = vae.encode(frames.to(execution_device(vae), dtype)).latent_dist.mode().float()
-    return family_of_vae(vae).normalize_latents(vae, z)
+    return family_of_vae(vae).latents.normalize(vae, z)
 
 
 @torch.no_grad()
@@ -31,5 +31,5 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Normalised latents ``[B, C, T, H, W]`` → video ``[B, 3, F, H', W']`` in [-1, 1]."""
     family = family_of_vae(vae)
     dtype = next(vae.parameters()).dtype
-    z = family.denormalize_latents(vae, latents.to(execution_device(vae), dtype))
-    return family.decode(vae, z).clamp(-1, 1)
+    z = family.latents.denormalize(vae, latents.to(execution_device(vae), dtype))
+    return family.latents.decode(vae, z).clamp(-1, 1)

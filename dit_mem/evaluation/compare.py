@@ -95,10 +95,8 @@ def load_run(path: str | Path, label: str | None = None) -> RunMetrics:
         for name in ("quality", "semantic"):
             if getattr(s, name) is None and getattr(s, f"{name}_partial") is not None:
                 run.values[f"vbench.{name}_partial"] = 100 * getattr(s, f"{name}_partial")
-        if s.missing:
-            run.notes.append(
-                f"VBench: missing {len(s.missing)} dimension(s): {', '.join(s.missing)}"
-            )
+        if missing := s.missing_dimensions:
+            run.notes.append(f"VBench: missing {len(missing)} dimension(s): {', '.join(missing)}")
     phy = path / "phygenbench" / "scores.json"
     if phy.is_file():
         data = json.loads(phy.read_text(encoding="utf-8"))

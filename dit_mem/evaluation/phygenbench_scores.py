@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,22 +61,14 @@ class PhyGenBenchSummary:
     counts: dict[str, int]  # scored videos per category
     expected: dict[str, int]  # videos per category in prompts.json
     invalid: list[str] = field(default_factory=list)  # entries without usable stage scores
-    missing: list[int] = field(default_factory=list)  # 1-based prompt indices with no entry
+    missing_prompts: list[int] = field(default_factory=list)  # 1-based indices with no entry
 
     @property
     def complete(self) -> bool:
-        return not self.invalid and not self.missing and self.counts == self.expected
+        return not self.invalid and not self.missing_prompts and self.counts == self.expected
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "categories": self.categories,
-            "overall": self.overall,
-            "counts": self.counts,
-            "expected": self.expected,
-            "invalid": self.invalid,
-            "missing_prompts": self.missing,
-            "complete": self.complete,
-        }
+        return asdict(self) | {"complete": self.complete}
 
 
 def _category_of(entry: Mapping[str, Any], index: int | None, prompts: Sequence[Mapping]) -> str:
@@ -151,7 +143,7 @@ def format_summary(summary: PhyGenBenchSummary) -> str:
     lines.append(f"{'overall':<9} {fmt(summary.overall)}  (mean over {total} videos)")
     if not summary.complete:
         lines.append(
-            f"PARTIAL: {len(summary.missing)} prompt(s) without a result, "
+            f"PARTIAL: {len(summary.missing_prompts)} prompt(s) without a result, "
             f"{len(summary.invalid)} invalid entr(y/ies)"
         )
     return "\n".join(lines)

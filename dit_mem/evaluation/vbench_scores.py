@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -140,24 +140,16 @@ class VBenchSummary:
     quality: float | None
     semantic: float | None
     total: float | None
-    missing: list[str] = field(default_factory=list)  # of VBench's 16
+    missing_dimensions: list[str] = field(default_factory=list)  # of VBench's 16
     quality_partial: float | None = None  # over the available quality dimensions
     semantic_partial: float | None = None
 
     @property
     def complete(self) -> bool:
-        return not self.missing
+        return not self.missing_dimensions
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "dimensions": self.dimensions,
-            "quality": self.quality,
-            "semantic": self.semantic,
-            "total": self.total,
-            "missing_dimensions": self.missing,
-            "quality_partial": self.quality_partial,
-            "semantic_partial": self.semantic_partial,
-        }
+        return asdict(self)
 
 
 def normalized(dimension: str, value: float) -> float:
@@ -210,6 +202,6 @@ def format_summary(summary: VBenchSummary) -> str:
             extra = f" (partial over {n}/{len(dims)} dimensions: {pct(part)})" if n else ""
             lines.append(f"{name:<40} —{extra}")
     lines.append(f"{'Total':<40} {pct(summary.total)}")
-    if summary.missing:
-        lines.append(f"missing dimensions ({len(summary.missing)}): {', '.join(summary.missing)}")
+    if missing := summary.missing_dimensions:
+        lines.append(f"missing dimensions ({len(missing)}): {', '.join(missing)}")
     return "\n".join(lines)

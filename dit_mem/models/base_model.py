@@ -102,22 +102,22 @@ class BaseModel:
         stock = self.call_parameters()
         frames, height, width = (stock[k].default for k in ("num_frames", "height", "width"))
         if height is None or width is None:
-            height, width = self.family.default_size(self)
+            height, width = self.family.generation.default_size(self)
         return frames, height, width
 
     def vae_on_meta(self):
         """The VAE built from its config on the meta device (its geometry, no weights)."""
         config = self.configs["vae"]
-        classes = {c.__name__: c for c in self.family.vae_classes}
-        cls = classes.get(config.get("_class_name"), self.family.vae_classes[0])
+        classes = {c.__name__: c for c in self.family.latents.vae_classes}
+        cls = classes.get(config.get("_class_name"), self.family.latents.vae_classes[0])
         with torch.device("meta"):
             return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
 
     def check_geometry(self, num_frames: int, height: int, width: int) -> None:
         """``ValueError`` for a clip size this model cannot generate (its VAE's compression and
         the transformer's patch: Wan2.1 4k+1 frames of multiples of 16; LTX-Video 8k+1 of 32)."""
-        _, t, s = self.family.latent_geometry(self.vae_on_meta())
-        pt, ps = self.family.patch_size(self.configs["transformer"])
+        _, t, s = self.family.latents.geometry(self.vae_on_meta())
+        pt, ps = self.family.latents.patch_size(self.configs["transformer"])
         if (num_frames - 1) % t or ((num_frames - 1) // t + 1) % pt:
             raise UserError(
                 f"num_frames must be {t}k+1 for this {self.family.name} model (e.g. {8 * t + 1}), "
@@ -188,7 +188,7 @@ def clip_size(source, num_frames=None, height=None, width=None) -> tuple[int, in
         base = None
     if base is not None:
         size = tuple(g or d for g, d in zip(given, base.default_geometry(), strict=True))
-        base.family.latent_shape(base.vae_on_meta(), *size)  # the VAE's rule, before it loads
+        base.family.latents.shape(base.vae_on_meta(), *size)  # the VAE's rule, before it loads
         return size  # type: ignore[return-value]
     vae = _vae_on_meta(Path(source))
     if None in given and type(vae).__name__ != "AutoencoderKLWan":
@@ -200,7 +200,7 @@ def clip_size(source, num_frames=None, height=None, width=None) -> tuple[int, in
     if vae is not None:
         from dit_mem.backbone.families import family_of_vae
 
-        family_of_vae(vae).latent_shape(vae, *size)
+        family_of_vae(vae).latents.shape(vae, *size)
     return size  # type: ignore[return-value]
 
 
@@ -237,7 +237,7 @@ def vae_classes() -> dict[str, type]:
     """The families' VAE classes by name."""
     from dit_mem.backbone.families import families
 
-    return {c.__name__: c for f in families() for c in f.vae_classes}
+    return {c.__name__: c for f in families() for c in f.latents.vae_classes}
 
 
 def _vae_class(config: Path) -> type | None:

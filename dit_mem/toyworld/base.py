@@ -133,7 +133,7 @@ def embed_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
     """Wan's prompt embedding (as ``WanPipeline._get_t5_prompt_embeds``): zeros after the caption."""
     from dit_mem.backbone.families.wan import FAMILY
 
-    inputs = FAMILY.tokenize(tokenizer, captions, MAX_TOKENS)
+    inputs = FAMILY.training.tokenize(tokenizer, captions, MAX_TOKENS)
     mask = inputs.attention_mask
     hidden = text_encoder(inputs.input_ids, mask).last_hidden_state
     return hidden * mask[..., None].to(hidden.dtype)

@@ -2,7 +2,7 @@
 
 The paper's code re-encodes every caption at every step with the 5.7B-parameter UMT5-XXL; the
 captions never change, so we encode each one once, the way the family's pipeline encodes a
-prompt (:meth:`dit_mem.backbone.families.base.Family.encode_text`; Wan: cleaned caption padded
+prompt (:meth:`dit_mem.backbone.families.base.Training.encode_text`; Wan: cleaned caption padded
 to ``max_tokens``, encoded with its mask). The cache keeps only each caption's valid rows of
 each text stream; the family pads them back for the transformer (Wan: zeros to ``max_tokens``;
 LTX-Video and HunyuanVideo-1.5: to the longest in the batch, with masks).

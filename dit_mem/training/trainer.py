@@ -111,7 +111,7 @@ def encoder_preset(cfg: TrainConfig) -> str:
 
     base = describe_base_model(cfg.model.base_model_dir)
     t = base.configs["transformer"]
-    channels = base.family.latent_geometry(base.vae_on_meta())[0]
+    channels = base.family.latents.geometry(base.vae_on_meta())[0]
     try:
         return preset_for(
             base.family.name, t["num_attention_heads"] * t["attention_head_dim"], channels
@@ -166,15 +166,15 @@ class FrozenDiT:
             boundary = base.boundary_ratio * 1000
         dit = cls(experts[0], dtype, fixed={}, transformer_2=experts[1:2] and experts[1] or None)
         dit.boundary = boundary
-        dit.max_text_tokens = max_text_tokens or dit.family.default_max_text_tokens
-        dit.fixed = dit.family.training_inputs(Path(base.folder))
+        dit.max_text_tokens = max_text_tokens or dit.family.training.default_max_text_tokens
+        dit.fixed = dit.family.training.fixed_inputs(Path(base.folder))
         return dit
 
     def __call__(
         self, x_t: torch.Tensor, t: torch.Tensor, texts: list[dict], memory
     ) -> torch.Tensor:
         device = next(self.transformer.parameters()).device
-        text = self.family.text_kwargs(texts, self.max_text_tokens)
+        text = self.family.training.text_kwargs(texts, self.max_text_tokens)
         text = {
             k: v.to(device, self.dtype) if v.is_floating_point() else v.to(device)
             for k, v in text.items()
@@ -182,14 +182,14 @@ class FrozenDiT:
         kwargs = None if memory is None else {"memory_tokens": memory.to(self.dtype)}
         x_t = x_t.to(self.dtype)
         if self.transformer_2 is None:
-            return self.family.predict(self.transformer, x_t, t, text, kwargs, self.fixed)
+            return self.family.training.predict(self.transformer, x_t, t, text, kwargs, self.fixed)
         # two experts, as WanPipeline switches them: the first from the boundary up
         high = t >= self.boundary
         out = None
         for expert, rows in ((self.transformer, high), (self.transformer_2, ~high)):
             if not rows.any():
                 continue
-            part = self.family.predict(
+            part = self.family.training.predict(
                 expert, x_t[rows], t[rows], _rows(text, rows), _rows(kwargs, rows), self.fixed
             )
             out = part.new_empty((x_t.shape[0], *part.shape[1:])) if out is None else out
@@ -265,15 +265,17 @@ def resolve_train_config(cfg: TrainConfig) -> TrainConfig:
     family = base.family
     data, model, loss = cfg.data, cfg.model, cfg.loss
     if data.max_text_tokens is None:
-        data = dataclasses.replace(data, max_text_tokens=family.default_max_text_tokens)
+        data = dataclasses.replace(data, max_text_tokens=family.training.default_max_text_tokens)
     if model.encoder_preset is None and model.encoder_init is None:
         model = dataclasses.replace(model, encoder_preset=encoder_preset(cfg))
     if loss.weighting is None:
-        loss = dataclasses.replace(loss, weighting=family.default_loss_weighting)
+        loss = dataclasses.replace(loss, weighting=family.training.default_loss_weighting)
     if loss.flow_shift is None:
         store = LatentStore(cfg.data.latent_dir)
         shape = store.shape or tuple(store.load_one(store.ids()[0]).shape)
-        loss = dataclasses.replace(loss, flow_shift=float(family.flow_shift(base.folder, shape)))
+        loss = dataclasses.replace(
+            loss, flow_shift=float(family.training.flow_shift(base.folder, shape))
+        )
     return dataclasses.replace(cfg, data=data, model=model, loss=loss)
 
 
@@ -630,7 +632,7 @@ def prepare_caches(cfg: TrainConfig, accelerator=None, bank=None):
             device = accelerator.device if accelerator is not None else torch.device("cpu")
             base = describe_base_model(cfg.model.base_model_dir)
             family = base.family
-            keep = family.text_components
+            keep = family.training.text_components
             text_model = load_base_model(
                 base,
                 DTYPES[cfg.model.text_encoder_dtype],
@@ -640,14 +642,14 @@ def prepare_caches(cfg: TrainConfig, accelerator=None, bank=None):
                 module = getattr(text_model, name)
                 if isinstance(module, torch.nn.Module):
                     module.requires_grad_(False).eval()
-            max_tokens = cfg.data.max_text_tokens or family.default_max_text_tokens
+            max_tokens = cfg.data.max_text_tokens or family.training.default_max_text_tokens
             text_cache.build(
                 list(texts),
                 list(texts.values()),
-                lambda captions: family.encode_text(text_model, captions, max_tokens),
+                lambda captions: family.training.encode_text(text_model, captions, max_tokens),
                 meta={
                     "max_tokens": max_tokens,
-                    "streams": list(family.text_streams),
+                    "streams": list(family.training.text_streams),
                     "dtype": cfg.model.text_encoder_dtype,
                     "encoder": str(base.folder),
                     "convention": f"{family.name}: the pipeline's prompt encoding, valid rows",
@@ -668,8 +670,8 @@ def training_objective(cfg: TrainConfig, dit: FrozenDiT, dataset) -> FlowMatchin
     shape = dataset[0]["x0"].shape if len(dataset) else ()
     shift = cfg.loss.flow_shift
     if shift is None:
-        shift = dit.family.flow_shift(Path(cfg.model.base_model_dir), shape)
-    weighting = cfg.loss.weighting or dit.family.default_loss_weighting
+        shift = dit.family.training.flow_shift(Path(cfg.model.base_model_dir), shape)
+    weighting = cfg.loss.weighting or dit.family.training.default_loss_weighting
     log.info("flow matching: shift %.4g, %s weighting (%s)", shift, weighting, dit.family.name)
     return FlowMatchingObjective(cfg.loss.num_train_timesteps, shift, weighting)
 

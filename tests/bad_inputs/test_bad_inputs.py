@@ -28,7 +28,7 @@ from dit_mem.data.idmap import FILES as ID_MAP_FILES
 from dit_mem.data.idmap import IdMap
 from dit_mem.data.table import file_sha256
 from dit_mem.memory import MemoryEncoder
-from dit_mem.testing import run_random_world
+from dit_mem.testing import TINY_CLIP_ARGS, run_random_world
 from dit_mem.utils import folder_lock
 
 
@@ -359,14 +359,7 @@ def encode_case(name: str, expect: str, *args: str, hold: str | None = None) -> 
             str(w / "model"),
             "--out",
             str(env.case / "latents"),
-            "--num-frames",
-            "17",
-            "--height",
-            "64",
-            "--width",
-            "64",
-            "--num-workers",
-            "0",
+            *TINY_CLIP_ARGS,
             *args,
         ]
 
@@ -380,7 +373,7 @@ def bank_build(env: Env, *extra: str, csv: Path | None = None, copy: bool = True
         *("bank", "build", "--csv", str(csv or env.world / "memory.csv")),
         *("--videos", str(bank / "videos" if copy else env.world / "bank" / "videos")),
         *("--bank", str(bank), "--base-model", str(env.world / "model")),
-        *("--num-frames", "17", "--height", "64", "--width", "64", "--num-workers", "0"),
+        *TINY_CLIP_ARGS,
         *(("--add",) if copy else ()),
         *extra,
     ]

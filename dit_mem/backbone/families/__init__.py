@@ -1,10 +1,13 @@
 """The DiT families memory attaches to, one module each (:class:`~.base.Family`).
 
     family = family_of(pipe.transformer)        # picked from the model's class
-    family.blocks(transformer), family.modulate(...), family.dense_block(...)
+    family.injection.blocks(transformer)        # what the attention sees
+    family.latents.normalize(vae, z)            # its VAE's latent space
+    family.training.predict(...), family.generation.fps
 
-Adding a family is one module with a :class:`~.base.Family` subclass and its memory processor,
-listed in :data:`FAMILY_MODULES`.
+Adding a family is one module whose ``FAMILY`` holds its parts (an :class:`~.base.Injection`
+with its memory processor, a :class:`~.base.LatentSpace`, a :class:`~.base.Training`), listed
+in :data:`FAMILY_MODULES`.
 """
 
 from __future__ import annotations
@@ -51,9 +54,9 @@ def family_of_class_name(name: str | None, where: Any = None) -> Family:
 def family_of_vae(vae: Any) -> Family:
     """The family whose latent space a VAE encodes into."""
     for family in families():
-        if isinstance(vae, family.vae_classes):
+        if isinstance(vae, family.latents.vae_classes):
             return family
-    supported = names([c for f in families() for c in f.vae_classes])
+    supported = names([c for f in families() for c in f.latents.vae_classes])
     raise UserError(f"no DiT family uses a {type(vae).__name__} (known VAEs: {supported})")
 
 

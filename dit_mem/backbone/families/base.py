@@ -1,24 +1,26 @@
 """What a DiT family is: the one place that knows a diffusers transformer's structure.
 
 Memory joins the block's own self-attention (or the video stream of its joint attention) the same
-way in every family (method §4, §9). What differs, and what a family module says:
+way in every family (method §4, §9). A :class:`Family` is its name and model classes and four
+small parts, one per kind of consumer:
 
-* which model classes it is (:attr:`Family.transformer_classes`), where its blocks and their
-  attention are, which stock processor they run, and which pipeline attributes hold experts;
-* the forward arguments the hooks read, *by name* (:class:`Arguments`);
-* the memory tokens' modulation inside the block (:meth:`Family.modulate`) and the memory
-  processor for the block's attention (a :class:`MemoryProcessor`);
-* the paper's dense form of one block (:meth:`Family.dense_block`), for the tests and benchmarks;
-* the latent space of its VAE, its flow-matching settings for training and its encoder presets.
+* :class:`Injection` — what the attention sees: where the blocks and their attention are, which
+  stock processor they run, the forward arguments the hooks read *by name* (:class:`Arguments`),
+  the memory tokens' modulation in the block, the memory processor (a :class:`MemoryProcessor`)
+  and the paper's dense form of one block (for the tests and benchmarks);
+* :class:`LatentSpace` — its VAE's latent space (normalisation, geometry, decoding);
+* :class:`Training` — its text conditioning, flow shift and prediction call;
+* :class:`Generation` — the defaults a generation config leaves open.
 
 Everything else (the call state, the exact merge, context parallelism, loaders, bank, trainer,
-CLI) is family-blind and reaches a family only through these methods.
+CLI) is family-blind and reaches a family only through these parts.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -80,7 +82,9 @@ class MemoryProcessor:
         hidden dtype, bias [B, G] float32)``."""
         attachment = self.attachment
         call = attachment.memory
-        tokens = attachment.family.modulate(self.block, call, attachment.temb, hidden_states)
+        tokens = attachment.family.injection.modulate(
+            self.block, call, attachment.temb, hidden_states
+        )
         bias = call.bias.to(hidden_states.device).expand(hidden_states.shape[0], -1)
         return tokens, bias
 
@@ -126,6 +130,32 @@ class MemoryProcessor:
         return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(query.dtype)))
 
 
+class SelfAttentionMemoryProcessor(MemoryProcessor):
+    """``attn1`` of a block with the memory tokens as extra keys/values of its self-attention;
+    cross-attention and calls without memory run the stock processor."""
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: Any = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if self.attachment.memory is None or encoder_hidden_states is not None:
+            return self.stock(
+                attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
+            )
+        if attention_mask is not None:
+            raise UserError("memory tokens only go into self-attention without a mask")
+        return self.self_attention(attn, hidden_states, **self.rotations(rotary_emb))
+
+    def rotations(self, rotary_emb: Any) -> dict[str, Any]:
+        """``rotate`` / ``rotate_heads`` of :meth:`self_attention` for the call's RoPE tables."""
+        return {}
+
+
 def project(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v of self-attention, fused projections or not."""
     if getattr(attn, "fused_projections", False):
@@ -149,33 +179,20 @@ def noisiest(temb: torch.Tensor, call: CallMemory) -> torch.Tensor:
     return temb[rows, call.noisy_token.to(temb.device)][:, None]
 
 
-class Family:
-    """One DiT family (subclassed once per module in :mod:`dit_mem.backbone.families`)."""
+class Injection:
+    """What the attention sees: the blocks memory joins and how (one subclass per family)."""
 
-    name: ClassVar[str]
-    transformer_classes: ClassVar[tuple[type, ...]]
     block_classes: ClassVar[tuple[type, ...]]
     stock_processors: ClassVar[tuple[type, ...]]  # what the memory processor may replace
     processor: ClassVar[type[MemoryProcessor]]
-    vae_classes: ClassVar[tuple[type, ...]] = ()
-    expert_names: ClassVar[tuple[str, ...]] = ("transformer",)
     blocks_attribute: ClassVar[str] = "transformer_blocks"
     attention_attribute: ClassVar[str] = "attn1"
     # cache_context names of one transformer call whose rows hold several CFG branches, with
     # the branches in row order (e.g. LTXPipeline's batched "cond_uncond" is [uncond ; cond])
     batched_branches: ClassVar[dict[str, tuple[str, ...]]] = {}
-    # generation defaults where a config leaves them open (the rest is the stock pipeline's own:
-    # its call's defaults and its folder's scheduler): frames per second of the written video,
-    # and the negative prompt
-    default_fps: ClassVar[int] = 16
-    default_negative_prompt: ClassVar[str | None] = None
 
     def __init__(self) -> None:
         self._forward_args: dict[type, Arguments] = {}
-
-    # -- structure ---------------------------------------------------------------------------
-    def matches(self, model: Any) -> bool:
-        return isinstance(model, self.transformer_classes)
 
     def hidden_size(self, transformer: nn.Module) -> int:
         return transformer.config.num_attention_heads * transformer.config.attention_head_dim
@@ -191,7 +208,7 @@ class Family:
             if not isinstance(block, self.block_classes):
                 raise UserError(
                     f"block {i} is a {type(block).__name__}, not a stock "
-                    f"{' / '.join(c.__name__ for c in self.block_classes)}; cannot attach memory"
+                    f"{names(self.block_classes)}; cannot attach memory"
                 )
 
     def arguments(self, module: nn.Module) -> Arguments:
@@ -219,7 +236,6 @@ class Family:
             return ("cond",)
         return None
 
-    # -- per call ----------------------------------------------------------------------------
     def noisy_token(self, timestep: Any) -> tuple[torch.Tensor | None, int | None]:
         """Per-token timesteps ``[B, S]``: index of each row's noisiest token, and S."""
         if isinstance(timestep, torch.Tensor) and timestep.ndim == 2:
@@ -248,37 +264,44 @@ class Family:
         row's noisiest token, for per-token timesteps."""
         raise NotImplementedError
 
-    # -- latents -----------------------------------------------------------------------------
-    def normalize_latents(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    def block_inputs(self, block: nn.Module, args: tuple, kwargs: dict, *names: str) -> list:
+        """The block's forward arguments of these names, in this order."""
+        arguments = self.arguments(block)
+        return [arguments.get(name, args, kwargs) for name in names]
+
+
+class LatentSpace:
+    """The latent space of a family's VAE (one subclass per family)."""
+
+    vae_classes: ClassVar[tuple[type, ...]] = ()
+
+    def normalize(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
         """``z`` of the VAE encoder ``[B, C, T, H, W]`` → the space the DiT denoises in."""
         raise NotImplementedError
 
-    def denormalize_latents(self, vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def denormalize(self, vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def decode(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
         """De-normalised latents → frames in [-1, 1] (the VAE's own ``decode``)."""
         return vae.decode(z, return_dict=False)[0]
 
-    def latent_geometry(self, vae: nn.Module) -> tuple[int, int, int]:
-        """``(channels, temporal compression, spatial compression)`` of the family's VAE."""
-        raise NotImplementedError
+    def geometry(self, vae: nn.Module) -> tuple[int, int, int]:
+        """``(channels, temporal compression, spatial compression)`` of the VAE."""
+        cfg = vae.config
+        return cfg.latent_channels, cfg.temporal_compression_ratio, cfg.spatial_compression_ratio
 
-    def latent_record(self, vae: nn.Module) -> dict[str, Any]:
+    def record(self, vae: nn.Module) -> dict[str, Any]:
         """How latents are normalised, as a latent folder's manifest records it."""
         raise NotImplementedError
-
-    def default_size(self, base: Any) -> tuple[int, int]:
-        """``(height, width)`` of a generation where the stock call has no default for them."""
-        raise NotImplementedError(f"the {self.name} pipeline names its default size")
 
     def patch_size(self, config: dict[str, Any]) -> tuple[int, int]:
         """``(frames, pixels)`` of latent a transformer patch covers, from its config."""
         return int(config.get("patch_size_t", 1)), int(config.get("patch_size", 1))
 
-    def latent_shape(self, vae: nn.Module, num_frames: int, height: int, width: int) -> list[int]:
-        """``[C, T, H, W]`` of a clip's latent; ``ValueError`` for a geometry the VAE cannot take."""
-        channels, t, s = self.latent_geometry(vae)
+    def shape(self, vae: nn.Module, num_frames: int, height: int, width: int) -> list[int]:
+        """``[C, T, H, W]`` of a clip's latent; a user error for a size the VAE cannot take."""
+        channels, t, s = self.geometry(vae)
         if (num_frames - 1) % t or height % s or width % s:
             raise UserError(
                 f"the {type(vae).__name__} takes {t}k+1 frames of a height and width that are "
@@ -286,17 +309,19 @@ class Family:
             )
         return [channels, (num_frames - 1) // t + 1, height // s, width // s]
 
-    # -- training ----------------------------------------------------------------------------
-    # The text conditioning: the transformer arguments holding text embeddings (the first is
-    # the primary stream, whose length data.max_text_tokens sets), and whether it takes masks
-    text_streams: ClassVar[tuple[str, ...]] = ("encoder_hidden_states",)
-    default_max_text_tokens: ClassVar[int] = 512
-    default_loss_weighting: ClassVar[str] = "none"  # dit_mem.training.loss.WEIGHTINGS
 
+class Training:
+    """How a family trains: its text conditioning, flow shift and prediction call."""
+
+    # the transformer arguments holding text embeddings (the first is the primary stream, whose
+    # length data.max_text_tokens sets), their masks, and their widths' transformer config keys
+    text_streams: ClassVar[tuple[str, ...]] = ("encoder_hidden_states",)
+    text_masks: ClassVar[tuple[str, ...]] = ()
+    text_dim_keys: ClassVar[tuple[str, ...]] = ("text_dim",)
     # the pipeline components that encode text (the text cache loads only these)
     text_components: ClassVar[tuple[str, ...]] = ("tokenizer", "text_encoder")
-    # components the stock pipeline's __init__ reads: loaded even when a job skips them
-    init_components: ClassVar[tuple[str, ...]] = ()
+    default_max_text_tokens: ClassVar[int] = 512
+    default_loss_weighting: ClassVar[str] = "none"  # dit_mem.training.loss.WEIGHTINGS
 
     def encode_text(self, text_model: Any, captions: Sequence[str], max_tokens: int) -> list[dict]:
         """Each caption's embeddings, as the family's pipeline (``text_model``, holding only
@@ -317,21 +342,18 @@ class Family:
             )
         return out
 
-    text_masks: ClassVar[tuple[str, ...]] = ()
-    text_dim_keys: ClassVar[tuple[str, ...]] = ("text_dim",)  # transformer config, per stream
-
     def text_dims(self, transformer: nn.Module) -> dict[str, int]:
         """The width of each text stream the transformer takes."""
         keys = zip(self.text_streams, self.text_dim_keys, strict=True)
         return {stream: int(transformer.config[key]) for stream, key in keys}
 
-    def training_inputs(self, base_dir: Path) -> dict[str, Any]:
+    def fixed_inputs(self, base_dir: Path) -> dict[str, Any]:
         """Fixed transformer arguments of training calls, read from the base model's configs."""
         return {}
 
     def flow_shift(self, base_dir: Path, latent_shape: Sequence[int]) -> float:
         """The flow shift the family trains (and samples) this latent size with."""
-        raise NotImplementedError
+        return float(read_config(base_dir / "scheduler" / "scheduler_config.json").get("shift", 1))
 
     def predict(
         self,
@@ -351,6 +373,38 @@ class Family:
             **text,
             **fixed,
         )[0]
+
+
+class Generation:
+    """The generation defaults a config leaves open (the rest is the stock pipeline's own: its
+    call's defaults and its folder's scheduler)."""
+
+    fps: ClassVar[int] = 16  # frames per second of the written video
+    negative_prompt: ClassVar[str | None] = None
+
+    def default_size(self, base: Any) -> tuple[int, int]:
+        """``(height, width)`` of a generation where the stock call has no default for them."""
+        raise NotImplementedError("the pipeline names its default size")
+
+
+@dataclass(frozen=True, eq=False)
+class Family:
+    """One DiT family: its model classes and the parts its consumers read (one per module of
+    :mod:`dit_mem.backbone.families`)."""
+
+    name: str
+    transformer_classes: tuple[type, ...]
+    injection: Injection
+    latents: LatentSpace
+    training: Training
+    generation: Generation = field(default_factory=Generation)
+    # the pipeline attributes that hold experts (Wan2.2 A14B: two)
+    expert_names: tuple[str, ...] = ("transformer",)
+    # components the stock pipeline's __init__ reads: loaded even when a job skips them
+    init_components: tuple[str, ...] = ()
+
+    def matches(self, model: Any) -> bool:
+        return isinstance(model, self.transformer_classes)
 
     def __repr__(self) -> str:
         return f"<{self.name} family>"
@@ -379,6 +433,23 @@ def expand_memory(memory: torch.Tensor, batch: int) -> torch.Tensor:
 def repeat_tokens(memory: torch.Tensor, repeats: int) -> torch.Tensor:
     """Every dense token ``repeats`` times (the reference's λ: integer multiplicities)."""
     return memory.repeat_interleave(repeats, dim=1) if repeats != 1 else memory
+
+
+def with_memory(
+    hidden_states: torch.Tensor, memory: torch.Tensor, repeats: int
+) -> tuple[torch.Tensor, int]:
+    """``[video ; memory]`` ``[B, S + L, D]`` for the paper's form: the dense memory for every row,
+    each token ``repeats`` times (λ), and L."""
+    memory = expand_memory(memory.to(hidden_states), hidden_states.shape[0])
+    memory = repeat_tokens(memory, repeats)
+    return torch.cat([hidden_states, memory], dim=1), memory.shape[1]
+
+
+def identity_rotation(cos: torch.Tensor, sin: torch.Tensor, n: int, dim: int) -> tuple:
+    """RoPE tables extended by ``n`` positions along ``dim`` that do not rotate (cos 1, sin 0)."""
+    shape = list(cos.shape)
+    shape[dim] = n
+    return torch.cat([cos, cos.new_ones(shape)], dim), torch.cat([sin, sin.new_zeros(shape)], dim)
 
 
 def names(classes: Sequence[type]) -> str:

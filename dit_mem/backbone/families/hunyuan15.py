@@ -26,10 +26,13 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import (
 
 from dit_mem.backbone.families.base import (
     Family,
+    Generation,
+    Injection,
+    LatentSpace,
     MemoryProcessor,
-    expand_memory,
-    read_config,
-    repeat_tokens,
+    Training,
+    identity_rotation,
+    with_memory,
 )
 from dit_mem.errors import UserError
 
@@ -107,28 +110,13 @@ class HunyuanVideo15MemoryProcessor(MemoryProcessor):
         return attn.to_out[1](attn.to_out[0](video)), attn.to_add_out(text)
 
 
-class HunyuanVideo15Family(Family):
-    name = "hunyuan15"
-    transformer_classes = (HunyuanVideo15Transformer3DModel,)
+class HunyuanVideo15Injection(Injection):
     block_classes = (HunyuanVideo15TransformerBlock,)
     stock_processors = (HunyuanVideo15AttnProcessor2_0,)
     processor = HunyuanVideo15MemoryProcessor
-    vae_classes = (AutoencoderKLHunyuanVideo15,)
     attention_attribute = "attn"
     # a diffusers guider that batches its conditions stacks them in its input order [cond ; uncond]
     batched_branches = {"pred_cond_uncond": ("cond", "uncond")}
-    default_fps = 24  # HunyuanVideo-1.5's frame rate
-
-    def default_size(self, base):
-        """HunyuanVideo15Pipeline's own: the transformer's target size at 16:9."""
-        from diffusers.pipelines.hunyuan_video1_5.image_processor import (
-            HunyuanVideo15ImageProcessor,
-        )
-
-        _, _, spatial = self.latent_geometry(base.vae_on_meta())
-        processor = HunyuanVideo15ImageProcessor(vae_scale_factor=spatial)
-        target = base.configs["transformer"].get("target_size", 640)
-        return processor.calculate_default_height_width(9, 16, target)
 
     def modulate(self, block, call, temb, hidden_states):
         b = hidden_states.shape[0]
@@ -136,30 +124,30 @@ class HunyuanVideo15Family(Family):
         return block.norm1(tokens.expand(b, -1, -1), emb=temb)[0]
 
     def dense_block(self, block, memory, repeats, noisy, args, kwargs):
-        a = self.arguments(block)
-        hidden_states = a.get("hidden_states", args, kwargs)
-        encoder_hidden_states = a.get("encoder_hidden_states", args, kwargs)
-        temb, mask = a.get("temb", args, kwargs), a.get("attention_mask", args, kwargs)
-        cos, sin = a.get("freqs_cis", args, kwargs)
-        b, s, _ = hidden_states.shape
-        memory = repeat_tokens(expand_memory(memory.to(hidden_states), b), repeats)
-        n = memory.shape[1]
+        hidden_states, encoder_hidden_states, temb, mask, freqs = self.block_inputs(
+            block,
+            args,
+            kwargs,
+            "hidden_states",
+            "encoder_hidden_states",
+            "temb",
+            "attention_mask",
+            "freqs_cis",
+        )
+        s = hidden_states.shape[1]
+        x, n = with_memory(hidden_states, memory, repeats)  # [B, S + L, D]
 
         # each stream's modulation; memory takes the video stream's
-        x = torch.cat([hidden_states, memory], dim=1)  # [B, S + L, D]
         normed, gate, shift_mlp, scale_mlp, gate_mlp = block.norm1(x, emb=temb)
         text, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(
             encoder_hidden_states, emb=temb
         )
 
-        # joint attention over [video ; memory ; text]: identity rotation for memory, memory
-        # valid in the mask (the processor pads the text mask with True for the video stream)
-        cos = torch.cat([cos, cos.new_ones(n, cos.shape[-1])])
-        sin = torch.cat([sin, sin.new_zeros(n, sin.shape[-1])])
-        attn, text_attn = HunyuanVideo15AttnProcessor2_0()(
-            block.attn, normed, text, mask, (cos, sin)
-        )
-        attn = attn[:, :s]  # slice off
+        # joint attention over [video ; memory ; text]: memory not rotated, and valid in the mask
+        # (the processor pads the text mask with True for the video stream); outputs sliced off
+        rotation = identity_rotation(*freqs, n, dim=0)
+        attn, text_attn = HunyuanVideo15AttnProcessor2_0()(block.attn, normed, text, mask, rotation)
+        attn = attn[:, :s]
 
         # the rest of the block sees the video and text tokens only
         h = hidden_states + attn * gate.unsqueeze(1)
@@ -170,21 +158,33 @@ class HunyuanVideo15Family(Family):
         c = c + c_gate_mlp.unsqueeze(1) * block.ff_context(c_ff)
         return h, c
 
-    # -- latents: HunyuanVideo15Pipeline scales by the VAE's scaling_factor ------------------
-    def normalize_latents(self, vae, z):
+
+class HunyuanVideo15Latents(LatentSpace):
+    """HunyuanVideo15Pipeline scales by the VAE's ``scaling_factor``."""
+
+    vae_classes = (AutoencoderKLHunyuanVideo15,)
+
+    def normalize(self, vae, z):
         return z * vae.config.scaling_factor
 
-    def denormalize_latents(self, vae, x):
+    def denormalize(self, vae, x):
         return x / vae.config.scaling_factor
 
-    # -- training: Qwen2.5-VL and ByT5 streams with masks; the scheduler's shift -------------
+    def record(self, vae):
+        return {
+            "normalization": "z * scaling_factor",
+            "scaling_factor": float(vae.config.scaling_factor),
+        }
+
+
+class HunyuanVideo15Training(Training):
+    """Qwen2.5-VL and ByT5 streams with masks; the scheduler's shift; zero image conditioning."""
+
     text_streams = ("encoder_hidden_states", "encoder_hidden_states_2")
     text_masks = ("encoder_attention_mask", "encoder_attention_mask_2")
     text_dim_keys = ("text_embed_dim", "text_embed_2_dim")
-    default_max_text_tokens = 1000  # HunyuanVideo15Pipeline's tokenizer_max_length
-
     text_components = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
-    init_components = ("vae",)  # HunyuanVideo15Pipeline.__init__ reads its VAE's config
+    default_max_text_tokens = 1000  # HunyuanVideo15Pipeline's tokenizer_max_length
 
     @torch.no_grad()
     def encode_text(self, text_model, captions, max_tokens):
@@ -201,11 +201,6 @@ class HunyuanVideo15Family(Family):
             for e, m, e2, m2 in zip(embeds, mask, embeds_2, mask_2, strict=True)
         ]
 
-    def flow_shift(self, base_dir, latent_shape):
-        return float(
-            read_config(base_dir / "scheduler" / "scheduler_config.json").get("shift", 1.0)
-        )
-
     def predict(self, transformer, x_t, timestep, text, attention_kwargs, fixed):
         # text to video: zero conditioning latents and mask, zero image embeddings (the pipeline's)
         b, _, t, h, w = x_t.shape
@@ -215,15 +210,28 @@ class HunyuanVideo15Family(Family):
         timestep = timestep.to(x_t.dtype)  # as its pipeline does (its time embedder does not cast)
         return super().predict(transformer, hidden, timestep, text, attention_kwargs, fixed)
 
-    def latent_geometry(self, vae):
-        cfg = vae.config
-        return cfg.latent_channels, cfg.temporal_compression_ratio, cfg.spatial_compression_ratio
 
-    def latent_record(self, vae):
-        return {
-            "normalization": "z * scaling_factor",
-            "scaling_factor": float(vae.config.scaling_factor),
-        }
+class HunyuanVideo15Generation(Generation):
+    fps = 24  # HunyuanVideo-1.5's frame rate
+
+    def default_size(self, base):
+        """HunyuanVideo15Pipeline's own: the transformer's target size at 16:9."""
+        from diffusers.pipelines.hunyuan_video1_5.image_processor import (
+            HunyuanVideo15ImageProcessor,
+        )
+
+        _, _, spatial = base.family.latents.geometry(base.vae_on_meta())
+        processor = HunyuanVideo15ImageProcessor(vae_scale_factor=spatial)
+        target = base.configs["transformer"].get("target_size", 640)
+        return processor.calculate_default_height_width(9, 16, target)
 
 
-FAMILY = HunyuanVideo15Family()
+FAMILY = Family(
+    name="hunyuan15",
+    transformer_classes=(HunyuanVideo15Transformer3DModel,),
+    injection=HunyuanVideo15Injection(),
+    latents=HunyuanVideo15Latents(),
+    training=HunyuanVideo15Training(),
+    generation=HunyuanVideo15Generation(),
+    init_components=("vae",),  # HunyuanVideo15Pipeline.__init__ reads its VAE's config
+)

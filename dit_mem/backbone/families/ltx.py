@@ -13,6 +13,7 @@ every rank holds the whole memory (:mod:`dit_mem.backbone.attention` counts it o
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -26,38 +27,25 @@ from diffusers.models.transformers.transformer_ltx import (
 
 from dit_mem.backbone.families.base import (
     Family,
-    MemoryProcessor,
-    expand_memory,
+    Generation,
+    Injection,
+    LatentSpace,
+    SelfAttentionMemoryProcessor,
+    Training,
+    identity_rotation,
     noisiest,
     read_config,
-    repeat_tokens,
+    with_memory,
 )
-from dit_mem.errors import UserError
 
 FRAME_RATE = 25  # LTXPipeline's default frame_rate (its RoPE interpolation depends on it)
 
 
-class LTXMemoryProcessor(MemoryProcessor):
-    """``attn1`` of one LTX block with the memory tokens as extra keys/values."""
+class LTXMemoryProcessor(SelfAttentionMemoryProcessor):
+    """``attn1`` of one LTX block: RoPE on the whole width, before the head split."""
 
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        if self.attachment.memory is None or encoder_hidden_states is not None:
-            return self.stock(
-                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
-            )
-        if attention_mask is not None:
-            raise UserError("memory tokens only go into self-attention without a mask")
-        rotate = (
-            None if image_rotary_emb is None else partial(apply_rotary_emb, freqs=image_rotary_emb)
-        )
-        return self.self_attention(attn, hidden_states, rotate=rotate)
+    def rotations(self, rotary_emb):
+        return {} if rotary_emb is None else {"rotate": partial(apply_rotary_emb, freqs=rotary_emb)}
 
 
 def _modulation(block, temb: torch.Tensor, batch: int) -> torch.Tensor:
@@ -66,16 +54,12 @@ def _modulation(block, temb: torch.Tensor, batch: int) -> torch.Tensor:
     return table[None, None].to(temb.device) + temb.reshape(batch, temb.size(1), table.shape[0], -1)
 
 
-class LTXFamily(Family):
-    name = "ltx"
-    transformer_classes = (LTXVideoTransformer3DModel,)
+class LTXInjection(Injection):
     block_classes = (LTXVideoTransformerBlock,)
     stock_processors = (LTXVideoAttnProcessor,)
     processor = LTXMemoryProcessor
-    vae_classes = (AutoencoderKLLTXVideo,)
     # LTXPipeline runs both guidance branches in one call, rows [uncond ; cond]
     batched_branches = {"cond_uncond": ("uncond", "cond")}
-    default_fps = FRAME_RATE
 
     def modulate(self, block, call, temb, hidden_states):
         b = hidden_states.shape[0]
@@ -86,15 +70,20 @@ class LTXFamily(Family):
         return block.norm1(tokens.expand(b, -1, -1)) * (1 + scale) + shift
 
     def dense_block(self, block, memory, repeats, noisy, args, kwargs):
-        a = self.arguments(block)
-        hidden_states = a.get("hidden_states", args, kwargs)
-        encoder_hidden_states = a.get("encoder_hidden_states", args, kwargs)
-        temb, rotary = a.get("temb", args, kwargs), a.get("image_rotary_emb", args, kwargs)
-        encoder_attention_mask = a.get("encoder_attention_mask", args, kwargs)
+        hidden_states, encoder_hidden_states, temb, rotary, encoder_attention_mask = (
+            self.block_inputs(
+                block,
+                args,
+                kwargs,
+                "hidden_states",
+                "encoder_hidden_states",
+                "temb",
+                "image_rotary_emb",
+                "encoder_attention_mask",
+            )
+        )
         b, s, d = hidden_states.shape
-        memory = repeat_tokens(expand_memory(memory.to(hidden_states), b), repeats)
-        n = memory.shape[1]
-        x = torch.cat([hidden_states, memory], dim=1)  # [B, S + L, D]
+        x, n = with_memory(hidden_states, memory, repeats)  # [B, S + L, D]
 
         # modulation: memory rows take the (noisiest token's) timestep modulation
         shift, scale, gate, c_shift, c_scale, c_gate = _modulation(block, temb, b).unbind(dim=2)
@@ -105,11 +94,9 @@ class LTXFamily(Family):
             )
         normed = block.norm1(x) * (1 + scale) + shift
 
-        # self-attention over [video ; memory]: identity rotation (cos 1, sin 0) for memory
-        cos, sin = rotary
-        cos = torch.cat([cos, cos.new_ones(cos.shape[0], n, cos.shape[-1])], dim=1)
-        sin = torch.cat([sin, sin.new_zeros(sin.shape[0], n, sin.shape[-1])], dim=1)
-        attn = LTXVideoAttnProcessor()(block.attn1, normed, None, None, (cos, sin))[:, :s]
+        # self-attention over [video ; memory], memory not rotated; outputs sliced off
+        rotation = identity_rotation(*rotary, n, dim=1)
+        attn = LTXVideoAttnProcessor()(block.attn1, normed, None, None, rotation)[:, :s]
 
         # the rest of the block sees the video tokens only
         h = hidden_states + attn * gate
@@ -121,17 +108,22 @@ class LTXFamily(Family):
         )
         return h + block.ff(block.norm2(h) * (1 + c_scale) + c_shift) * c_gate
 
-    # -- latents: LTXPipeline._normalize_latents / _denormalize_latents ----------------------
+
+class LTXLatents(LatentSpace):
+    """LTXPipeline's ``_normalize_latents`` / ``_denormalize_latents``."""
+
+    vae_classes = (AutoencoderKLLTXVideo,)
+
     @staticmethod
     def _stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         mean, std = (t.view(1, -1, 1, 1, 1).to(like) for t in (vae.latents_mean, vae.latents_std))
         return mean, std, float(vae.config.scaling_factor)
 
-    def normalize_latents(self, vae, z):
+    def normalize(self, vae, z):
         mean, std, scaling = self._stats(vae, z)
         return (z - mean) * scaling / std
 
-    def denormalize_latents(self, vae, x):
+    def denormalize(self, vae, x):
         mean, std, scaling = self._stats(vae, x)
         return x * std / scaling + mean
 
@@ -142,14 +134,25 @@ class LTXFamily(Family):
             temb = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
         return vae.decode(z, temb, return_dict=False)[0]
 
-    def latent_geometry(self, vae):
+    def geometry(self, vae):
         return (
             vae.config.latent_channels,
             vae.temporal_compression_ratio,
             vae.spatial_compression_ratio,
         )
 
-    # -- training: T5 text with its mask, LTXPipeline's sequence-length shift ---------------
+    def record(self, vae):
+        return {
+            "normalization": "(z - latents_mean) * scaling_factor / latents_std",
+            "latents_mean": [round(float(v), 6) for v in vae.latents_mean],
+            "latents_std": [round(float(v), 6) for v in vae.latents_std],
+            "scaling_factor": float(vae.config.scaling_factor),
+        }
+
+
+class LTXTraining(Training):
+    """T5 text with its mask; LTXPipeline's sequence-length shift; packed latents."""
+
     text_masks = ("encoder_attention_mask",)
     text_dim_keys = ("caption_channels",)
     default_max_text_tokens = 128  # LTXPipeline's max_sequence_length
@@ -164,19 +167,18 @@ class LTXFamily(Family):
             {"encoder_hidden_states": e[m].cpu().clone()} for e, m in zip(embeds, mask, strict=True)
         ]
 
-    def training_inputs(self, base_dir):
-        vae = _vae_geometry(base_dir)
+    def fixed_inputs(self, base_dir):
+        cfg = read_config(base_dir / "vae" / "config.json")
+        with torch.device("meta"):  # the VAE's compression ratios, no weights
+            vae = AutoencoderKLLTXVideo.from_config(cfg)
+        spatial = vae.spatial_compression_ratio
         return {
-            "rope_interpolation_scale": (
-                vae.temporal_compression_ratio / FRAME_RATE,
-                *[vae.spatial_compression_ratio] * 2,
-            )
+            "rope_interpolation_scale": (vae.temporal_compression_ratio / FRAME_RATE,)
+            + (spatial,) * 2
         }
 
     def flow_shift(self, base_dir, latent_shape):
         """LTXPipeline's shift: ``exp(mu)`` of the latent's token count (dynamic shifting)."""
-        import math
-
         cfg = read_config(base_dir / "scheduler" / "scheduler_config.json")
         if not cfg.get("use_dynamic_shifting", False):
             return float(cfg.get("shift", 1.0))
@@ -199,20 +201,16 @@ class LTXFamily(Family):
             out, frames, height, width, cfg.patch_size, cfg.patch_size_t
         )
 
-    def latent_record(self, vae):
-        return {
-            "normalization": "(z - latents_mean) * scaling_factor / latents_std",
-            "latents_mean": [round(float(v), 6) for v in vae.latents_mean],
-            "latents_std": [round(float(v), 6) for v in vae.latents_std],
-            "scaling_factor": float(vae.config.scaling_factor),
-        }
+
+class LTXGeneration(Generation):
+    fps = FRAME_RATE
 
 
-def _vae_geometry(base_dir):
-    """The base model's VAE, built on the meta device from its config (its compression ratios)."""
-    cfg = read_config(base_dir / "vae" / "config.json")
-    with torch.device("meta"):
-        return AutoencoderKLLTXVideo.from_config(cfg)
-
-
-FAMILY = LTXFamily()
+FAMILY = Family(
+    name="ltx",
+    transformer_classes=(LTXVideoTransformer3DModel,),
+    injection=LTXInjection(),
+    latents=LTXLatents(),
+    training=LTXTraining(),
+    generation=LTXGeneration(),
+)

@@ -11,7 +11,6 @@ stream); the VACE control blocks stay stock.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan
@@ -24,11 +23,15 @@ from diffusers.models.transformers.transformer_wan_vace import WanVACETransforme
 
 from dit_mem.backbone.families.base import (
     Family,
-    MemoryProcessor,
-    expand_memory,
+    Generation,
+    Injection,
+    LatentSpace,
+    SelfAttentionMemoryProcessor,
+    Training,
+    identity_rotation,
     noisiest,
     pad_rows,
-    repeat_tokens,
+    with_memory,
 )
 from dit_mem.errors import UserError
 
@@ -48,48 +51,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.type_as(x)
 
 
-class WanMemoryProcessor(MemoryProcessor):
-    """``attn1`` of one Wan block with the memory tokens as extra keys/values."""
+class WanMemoryProcessor(SelfAttentionMemoryProcessor):
+    """``attn1`` of one Wan block: RoPE after the head split."""
 
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        if self.attachment.memory is None or encoder_hidden_states is not None:
-            return self.stock(
-                attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
-            )
-        if attention_mask is not None:
-            raise UserError("memory tokens only go into self-attention without a mask")
-        rotate = (
-            None
-            if rotary_emb is None
-            else partial(apply_rotary, cos=rotary_emb[0], sin=rotary_emb[1])
-        )
-        return self.self_attention(attn, hidden_states, rotate_heads=rotate)
+    def rotations(self, rotary_emb):
+        if rotary_emb is None:
+            return {}
+        return {"rotate_heads": partial(apply_rotary, cos=rotary_emb[0], sin=rotary_emb[1])}
 
 
-class WanFamily(Family):
-    name = "wan"
-    transformer_classes = (WanTransformer3DModel, WanVACETransformer3DModel)
+class WanInjection(Injection):
     block_classes = (WanTransformerBlock,)
     stock_processors = (WanAttnProcessor,)
     processor = WanMemoryProcessor
-    vae_classes = (AutoencoderKLWan,)
-    expert_names = ("transformer", "transformer_2")  # Wan2.2 A14B: two experts
     blocks_attribute = "blocks"
-    default_fps = 16
-    default_negative_prompt = WAN_NEGATIVE_PROMPT
-    default_loss_weighting = "wan"  # method §5
-
-    def patch_size(self, config):
-        t, h, _ = config.get("patch_size", (1, 2, 2))
-        return int(t), int(h)
 
     def modulate(self, block, call, temb, hidden_states):
         b = hidden_states.shape[0]
@@ -100,14 +75,11 @@ class WanFamily(Family):
         return (block.norm1(tokens.float()) * (1 + scale) + shift).type_as(hidden_states)
 
     def dense_block(self, block, memory, repeats, noisy, args, kwargs):
-        a = self.arguments(block)
-        hidden_states = a.get("hidden_states", args, kwargs)
-        encoder_hidden_states = a.get("encoder_hidden_states", args, kwargs)
-        temb, rotary_emb = a.get("temb", args, kwargs), a.get("rotary_emb", args, kwargs)
+        hidden_states, encoder_hidden_states, temb, rotary_emb = self.block_inputs(
+            block, args, kwargs, "hidden_states", "encoder_hidden_states", "temb", "rotary_emb"
+        )
         b, s, d = hidden_states.shape
-        memory = repeat_tokens(expand_memory(memory.to(hidden_states), b), repeats)
-        n = memory.shape[1]
-        x = torch.cat([hidden_states, memory], dim=1)  # [B, S + L, D]
+        x, n = with_memory(hidden_states, memory, repeats)  # [B, S + L, D]
 
         # modulation: memory rows take the (noisiest token's) timestep modulation
         if temb.ndim == 4:  # per-token timesteps (Wan2.2 TI2V): [B, S, 6, D]
@@ -120,11 +92,9 @@ class WanFamily(Family):
             shift, scale, gate, c_shift, c_scale, c_gate = mod.chunk(6, dim=1)
         normed = (block.norm1(x.float()) * (1 + scale) + shift).type_as(x)
 
-        # self-attention over [video ; memory]: identity rotation (cos 1, sin 0) for memory
-        cos, sin = rotary_emb
-        cos = torch.cat([cos, cos.new_ones(1, n, 1, cos.shape[-1])], dim=1)
-        sin = torch.cat([sin, sin.new_zeros(1, n, 1, sin.shape[-1])], dim=1)
-        attn = WanAttnProcessor()(block.attn1, normed, None, None, (cos, sin))[:, :s]  # slice off
+        # self-attention over [video ; memory], memory not rotated; outputs sliced off
+        rotation = identity_rotation(*rotary_emb, n, dim=1)
+        attn = WanAttnProcessor()(block.attn1, normed, None, None, rotation)[:, :s]
 
         # the rest of the block sees the video tokens only
         h = (hidden_states.float() + attn * gate).type_as(hidden_states)
@@ -132,19 +102,29 @@ class WanFamily(Family):
         ff = block.ffn((block.norm3(h.float()) * (1 + c_scale) + c_shift).type_as(h))
         return (h.float() + ff.float() * c_gate).type_as(h)
 
-    def normalize_latents(self, vae, z):
+
+class WanLatents(LatentSpace):
+    """``(z - latents_mean) / latents_std`` per channel, as WanPipeline normalises."""
+
+    vae_classes = (AutoencoderKLWan,)
+
+    def normalize(self, vae, z):
         mean, std = _stats(vae, z)
         return (z - mean) / std
 
-    def denormalize_latents(self, vae, x):
+    def denormalize(self, vae, x):
         mean, std = _stats(vae, x)
         return x * std + mean
 
-    def latent_geometry(self, vae):
+    def geometry(self, vae):
         cfg = vae.config
         return cfg.z_dim, cfg.scale_factor_temporal or 4, cfg.scale_factor_spatial or 8
 
-    def latent_record(self, vae):
+    def patch_size(self, config):
+        t, h, _ = config.get("patch_size", (1, 2, 2))
+        return int(t), int(h)
+
+    def record(self, vae):
         mean, std = (s.flatten().tolist() for s in _stats(vae, torch.zeros(())))
         return {
             "normalization": "(z - latents_mean) / latents_std",
@@ -152,7 +132,23 @@ class WanFamily(Family):
             "latents_std": [round(float(v), 6) for v in std],
         }
 
-    # -- training (method §5): UMT5 text, zeros after the caption, no mask; shift 5 -------------
+
+def _stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(mean, std)`` of a Wan VAE's latent space, shaped for ``[B, C, T, H, W]``."""
+    cfg = vae.config
+    if cfg.latents_mean is None or cfg.latents_std is None:
+        raise UserError("the VAE config has no latents_mean/latents_std to normalise with")
+    return tuple(
+        torch.tensor(s, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
+        for s in (cfg.latents_mean, cfg.latents_std)
+    )
+
+
+class WanTraining(Training):
+    """Method §5: UMT5 text, zeros after the caption, no mask; flow shift 5; Wan's weighting."""
+
+    default_loss_weighting = "wan"
+
     @staticmethod
     def tokenize(tokenizer, captions, max_tokens: int):
         """Wan's prompt tokens (``WanPipeline._get_t5_prompt_embeds``): each cleaned caption
@@ -196,15 +192,17 @@ class WanFamily(Family):
         return 5.0  # the paper trains with shift 5 (the diffusers folder's UniPC samples with 3)
 
 
-def _stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel ``(mean, std)`` of a Wan VAE's latent space, shaped for ``[B, C, T, H, W]``."""
-    cfg = vae.config
-    if cfg.latents_mean is None or cfg.latents_std is None:
-        raise UserError("the VAE config has no latents_mean/latents_std to normalise with")
-    return tuple(
-        torch.tensor(s, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
-        for s in (cfg.latents_mean, cfg.latents_std)
-    )
+class WanGeneration(Generation):
+    fps = 16
+    negative_prompt = WAN_NEGATIVE_PROMPT
 
 
-FAMILY = WanFamily()
+FAMILY = Family(
+    name="wan",
+    transformer_classes=(WanTransformer3DModel, WanVACETransformer3DModel),
+    injection=WanInjection(),
+    latents=WanLatents(),
+    training=WanTraining(),
+    generation=WanGeneration(),
+    expert_names=("transformer", "transformer_2"),  # Wan2.2 A14B: two experts
+)
