@@ -152,3 +152,25 @@ def test_no_function_over_80_lines():
                 if lines > 80:
                     long.append(f"{name}.{node.name}: {lines} lines")
     assert not long, long
+
+
+def test_a_family_is_a_few_small_parts_each_read_by_its_consumers():
+    """A family is its classes and four parts; the latent and training code read only their
+    part (what the attention sees stays in the backbone)."""
+    import dataclasses
+
+    from dit_mem.backbone.families import base, families
+
+    def public(cls: type) -> set[str]:
+        return {n for n in dir(cls) if not n.startswith("_")}
+
+    sizes = {p.__name__: len(public(p)) for p in (base.Injection, base.LatentSpace)}
+    sizes |= {p.__name__: len(public(p)) for p in (base.Training, base.Generation)}
+    assert sizes == {"Injection": 13, "LatentSpace": 8, "Training": 12, "Generation": 3}
+    for family in families():
+        fields = {f.name for f in dataclasses.fields(family)}
+        assert {"injection", "latents", "training", "generation"} <= fields
+        assert len(fields) == 8
+    for package in ("data", "training", "bank", "retrieval", "evaluation", "commands"):
+        for path in (ROOT / package).rglob("*.py"):
+            assert "family.injection" not in path.read_text(), path
