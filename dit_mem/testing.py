@@ -459,19 +459,9 @@ def run_random_world(
     logger.info(f"[1/5] memory bank videos: {out / 'video'} (listed in {csv_path})")
 
     model = build_tiny_wan(out / "model")
-    frames, height, width = TINY_GEOMETRY["wan"]
-    summary = build_bank(
-        BankBuildConfig(
-            csv=csv_path,
-            bank=bank,
-            base_model=model,
-            videos=out / "video",
-            num_frames=frames,
-            height=height,
-            width=width,
-            num_workers=0,
-        )
-    )
+    size = dict(zip(("num_frames", "height", "width"), TINY_GEOMETRY["wan"], strict=True))
+    cfg = BankBuildConfig(csv_path, bank, model, videos=out / "video", num_workers=0, **size)
+    summary = build_bank(cfg)
     logger.info(f"[2/5] caption index (all-MiniLM-L6-v2, FAISS inner product): {bank / 'index'}")
     logger.info(
         f"[3/5] latents (tiny random Wan VAE): {summary.encoded} new, {summary.latents} in all"
@@ -482,19 +472,8 @@ def run_random_world(
         MemoryEncoder.from_preset("tiny").save_pretrained(encoder_dir)
     logger.info(f"[4/5] tiny random Wan model {model} and memory encoder {encoder_dir}")
 
-    cfg = GenerationConfig(
-        base_model=model,
-        encoder=encoder_dir,
-        bank=bank,
-        k=k,
-        height=height,
-        width=width,
-        num_frames=frames,
-        steps=steps,
-        dtype="float32",
-        device="cpu",
-        progress=False,
-    )
+    run = {"k": k, "steps": steps, "dtype": "float32", "device": "cpu", "progress": False}
+    cfg = GenerationConfig(base_model=model, encoder=encoder_dir, bank=bank, **run, **size)
     pipe = load_pipeline(cfg)
     result = generate(pipe, cfg, prompt)
     previews = pipe.memory_bank.previews(result.retrieved.ids, vae=pipe.vae)
