@@ -214,7 +214,7 @@ def time_cases(cases: list[Case], device: torch.device, warmup: int, repeats: in
 def build_dit(family: str, size: Size, device: torch.device, dtype: torch.dtype) -> FrozenDiT:
     """A random-weight transformer of ``size`` (initialised on ``device``), frozen, cast like
     ``from_pretrained(dtype=...)`` (``_keep_in_fp32_modules`` stay float32)."""
-    cls = FAMILIES[family].transformer_classes[0]
+    cls = FAMILIES[family].injection.transformer_classes[0]
     torch.manual_seed(0)
     with torch.device(device):
         model = cls(**size.transformer)

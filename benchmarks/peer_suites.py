@@ -76,7 +76,7 @@ def memory_attached(family_name: str, attached: list):
     from dit_mem.backbone.families import families
 
     family = next(f for f in families() if f.name == family_name)
-    originals = {cls: cls.__init__ for cls in family.transformer_classes}
+    originals = {cls: cls.__init__ for cls in family.injection.transformer_classes}
 
     def wrap(cls, init):
         @functools.wraps(init)

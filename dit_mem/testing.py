@@ -196,7 +196,7 @@ def tiny_transformer(family: str = "wan", seed: int = 0, **overrides):
     """A family's transformer at its tiny config (float32, eval)."""
     from dit_mem.backbone.families import families
 
-    cls = {f.name: f.transformer_classes[0] for f in families()}[family]
+    cls = {f.name: f.injection.transformer_classes[0] for f in families()}[family]
     torch.manual_seed(seed)
     return cls(**{**TINY[family], **overrides}).eval()
 

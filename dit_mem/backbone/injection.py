@@ -384,7 +384,7 @@ def experts(pipe: Any) -> list[nn.Module]:
     if first is None:
         raise UserError(f"{type(pipe).__name__} holds no transformer to attach memory to")
     family = family_of(first)
-    found = [getattr(pipe, name, None) for name in family.expert_names]
+    found = [getattr(pipe, name, None) for name in family.injection.expert_names]
     return [e for e in found if e is not None]
 
 

@@ -35,7 +35,7 @@ def family_of(model: Any) -> Family:
     for family in families():
         if family.matches(model):
             return family
-    supported = names([c for f in families() for c in f.transformer_classes])
+    supported = names([c for f in families() for c in f.injection.transformer_classes])
     raise UserError(
         f"memory attaches to a diffusers {supported} (or a pipeline holding one), "
         f"got {type(model).__name__}"
@@ -45,9 +45,9 @@ def family_of(model: Any) -> Family:
 def family_of_class_name(name: str | None, where: Any = None) -> Family:
     """The family of a transformer class named in a config (``ValueError`` naming ``where``)."""
     for family in families():
-        if name in {c.__name__ for c in family.transformer_classes}:
+        if name in {c.__name__ for c in family.injection.transformer_classes}:
             return family
-    supported = names([c for f in families() for c in f.transformer_classes])
+    supported = names([c for f in families() for c in f.injection.transformer_classes])
     raise UserError(f"{where or 'the model'}: a {name}; memory attaches to a diffusers {supported}")
 
 

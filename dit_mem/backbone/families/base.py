@@ -180,8 +180,11 @@ def noisiest(temb: torch.Tensor, call: CallMemory) -> torch.Tensor:
 
 
 class Injection:
-    """What the attention sees: the blocks memory joins and how (one subclass per family)."""
+    """What the attention sees: the models and blocks memory joins and how (one subclass per
+    family)."""
 
+    transformer_classes: ClassVar[tuple[type, ...]]
+    expert_names: ClassVar[tuple[str, ...]] = ("transformer",)  # pipeline attributes of experts
     block_classes: ClassVar[tuple[type, ...]]
     stock_processors: ClassVar[tuple[type, ...]]  # what the memory processor may replace
     processor: ClassVar[type[MemoryProcessor]]
@@ -264,10 +267,10 @@ class Injection:
         row's noisiest token, for per-token timesteps."""
         raise NotImplementedError
 
-    def block_inputs(self, block: nn.Module, args: tuple, kwargs: dict, *names: str) -> list:
-        """The block's forward arguments of these names, in this order."""
+    def block_inputs(self, block: nn.Module, args: tuple, kwargs: dict, names: str) -> list:
+        """The block's forward arguments of these (space-separated) names, in this order."""
         arguments = self.arguments(block)
-        return [arguments.get(name, args, kwargs) for name in names]
+        return [arguments.get(name, args, kwargs) for name in names.split()]
 
 
 class LatentSpace:
@@ -382,29 +385,27 @@ class Generation:
     fps: ClassVar[int] = 16  # frames per second of the written video
     negative_prompt: ClassVar[str | None] = None
 
-    def default_size(self, base: Any) -> tuple[int, int]:
-        """``(height, width)`` of a generation where the stock call has no default for them."""
+    def default_size(self, model: Any) -> tuple[int, int]:
+        """``(height, width)`` of a generation where the stock call has no default for them
+        (``model``: a described base model, :class:`~dit_mem.models.base_model.BaseModel`)."""
         raise NotImplementedError("the pipeline names its default size")
 
 
 @dataclass(frozen=True, eq=False)
 class Family:
-    """One DiT family: its model classes and the parts its consumers read (one per module of
+    """One DiT family: its name and the parts its consumers read (one per module of
     :mod:`dit_mem.backbone.families`)."""
 
     name: str
-    transformer_classes: tuple[type, ...]
     injection: Injection
     latents: LatentSpace
     training: Training
     generation: Generation = field(default_factory=Generation)
-    # the pipeline attributes that hold experts (Wan2.2 A14B: two)
-    expert_names: tuple[str, ...] = ("transformer",)
     # components the stock pipeline's __init__ reads: loaded even when a job skips them
     init_components: tuple[str, ...] = ()
 
     def matches(self, model: Any) -> bool:
-        return isinstance(model, self.transformer_classes)
+        return isinstance(model, self.injection.transformer_classes)
 
     def __repr__(self) -> str:
         return f"<{self.name} family>"

@@ -24,16 +24,7 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import (
     HunyuanVideo15TransformerBlock,
 )
 
-from dit_mem.backbone.families.base import (
-    Family,
-    Generation,
-    Injection,
-    LatentSpace,
-    MemoryProcessor,
-    Training,
-    identity_rotation,
-    with_memory,
-)
+from dit_mem.backbone.families import base
 from dit_mem.errors import UserError
 
 VISION_TOKENS = 729  # HunyuanVideo15Pipeline's vision_num_semantic_tokens (zeros for text to video)
@@ -43,7 +34,7 @@ def _heads(attn, x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(2, (attn.heads, -1))
 
 
-class HunyuanVideo15MemoryProcessor(MemoryProcessor):
+class HunyuanVideo15MemoryProcessor(base.MemoryProcessor):
     """The joint attention of one HunyuanVideo-1.5 block, memory in its video stream."""
 
     def __call__(
@@ -110,7 +101,8 @@ class HunyuanVideo15MemoryProcessor(MemoryProcessor):
         return attn.to_out[1](attn.to_out[0](video)), attn.to_add_out(text)
 
 
-class HunyuanVideo15Injection(Injection):
+class HunyuanVideo15Injection(base.Injection):
+    transformer_classes = (HunyuanVideo15Transformer3DModel,)
     block_classes = (HunyuanVideo15TransformerBlock,)
     stock_processors = (HunyuanVideo15AttnProcessor2_0,)
     processor = HunyuanVideo15MemoryProcessor
@@ -125,17 +117,10 @@ class HunyuanVideo15Injection(Injection):
 
     def dense_block(self, block, memory, repeats, noisy, args, kwargs):
         hidden_states, encoder_hidden_states, temb, mask, freqs = self.block_inputs(
-            block,
-            args,
-            kwargs,
-            "hidden_states",
-            "encoder_hidden_states",
-            "temb",
-            "attention_mask",
-            "freqs_cis",
+            block, args, kwargs, "hidden_states encoder_hidden_states temb attention_mask freqs_cis"
         )
         s = hidden_states.shape[1]
-        x, n = with_memory(hidden_states, memory, repeats)  # [B, S + L, D]
+        x, n = base.with_memory(hidden_states, memory, repeats)  # [B, S + L, D]
 
         # each stream's modulation; memory takes the video stream's
         normed, gate, shift_mlp, scale_mlp, gate_mlp = block.norm1(x, emb=temb)
@@ -145,7 +130,7 @@ class HunyuanVideo15Injection(Injection):
 
         # joint attention over [video ; memory ; text]: memory not rotated, and valid in the mask
         # (the processor pads the text mask with True for the video stream); outputs sliced off
-        rotation = identity_rotation(*freqs, n, dim=0)
+        rotation = base.identity_rotation(*freqs, n, dim=0)
         attn, text_attn = HunyuanVideo15AttnProcessor2_0()(block.attn, normed, text, mask, rotation)
         attn = attn[:, :s]
 
@@ -159,7 +144,7 @@ class HunyuanVideo15Injection(Injection):
         return h, c
 
 
-class HunyuanVideo15Latents(LatentSpace):
+class HunyuanVideo15Latents(base.LatentSpace):
     """HunyuanVideo15Pipeline scales by the VAE's ``scaling_factor``."""
 
     vae_classes = (AutoencoderKLHunyuanVideo15,)
@@ -177,7 +162,7 @@ class HunyuanVideo15Latents(LatentSpace):
         }
 
 
-class HunyuanVideo15Training(Training):
+class HunyuanVideo15Training(base.Training):
     """Qwen2.5-VL and ByT5 streams with masks; the scheduler's shift; zero image conditioning."""
 
     text_streams = ("encoder_hidden_states", "encoder_hidden_states_2")
@@ -211,27 +196,26 @@ class HunyuanVideo15Training(Training):
         return super().predict(transformer, hidden, timestep, text, attention_kwargs, fixed)
 
 
-class HunyuanVideo15Generation(Generation):
+class HunyuanVideo15Generation(base.Generation):
     fps = 24  # HunyuanVideo-1.5's frame rate
 
-    def default_size(self, base):
+    def default_size(self, model):
         """HunyuanVideo15Pipeline's own: the transformer's target size at 16:9."""
         from diffusers.pipelines.hunyuan_video1_5.image_processor import (
             HunyuanVideo15ImageProcessor,
         )
 
-        _, _, spatial = base.family.latents.geometry(base.vae_on_meta())
+        _, _, spatial = model.family.latents.geometry(model.vae_on_meta())
         processor = HunyuanVideo15ImageProcessor(vae_scale_factor=spatial)
-        target = base.configs["transformer"].get("target_size", 640)
+        target = model.configs["transformer"].get("target_size", 640)
         return processor.calculate_default_height_width(9, 16, target)
 
 
-FAMILY = Family(
-    name="hunyuan15",
-    transformer_classes=(HunyuanVideo15Transformer3DModel,),
-    injection=HunyuanVideo15Injection(),
-    latents=HunyuanVideo15Latents(),
-    training=HunyuanVideo15Training(),
-    generation=HunyuanVideo15Generation(),
+FAMILY = base.Family(
+    "hunyuan15",
+    HunyuanVideo15Injection(),
+    HunyuanVideo15Latents(),
+    HunyuanVideo15Training(),
+    HunyuanVideo15Generation(),
     init_components=("vae",),  # HunyuanVideo15Pipeline.__init__ reads its VAE's config
 )

@@ -25,23 +25,12 @@ from diffusers.models.transformers.transformer_ltx import (
     apply_rotary_emb,
 )
 
-from dit_mem.backbone.families.base import (
-    Family,
-    Generation,
-    Injection,
-    LatentSpace,
-    SelfAttentionMemoryProcessor,
-    Training,
-    identity_rotation,
-    noisiest,
-    read_config,
-    with_memory,
-)
+from dit_mem.backbone.families import base
 
 FRAME_RATE = 25  # LTXPipeline's default frame_rate (its RoPE interpolation depends on it)
 
 
-class LTXMemoryProcessor(SelfAttentionMemoryProcessor):
+class LTXMemoryProcessor(base.SelfAttentionMemoryProcessor):
     """``attn1`` of one LTX block: RoPE on the whole width, before the head split."""
 
     def rotations(self, rotary_emb):
@@ -54,7 +43,8 @@ def _modulation(block, temb: torch.Tensor, batch: int) -> torch.Tensor:
     return table[None, None].to(temb.device) + temb.reshape(batch, temb.size(1), table.shape[0], -1)
 
 
-class LTXInjection(Injection):
+class LTXInjection(base.Injection):
+    transformer_classes = (LTXVideoTransformer3DModel,)
     block_classes = (LTXVideoTransformerBlock,)
     stock_processors = (LTXVideoAttnProcessor,)
     processor = LTXMemoryProcessor
@@ -64,26 +54,16 @@ class LTXInjection(Injection):
     def modulate(self, block, call, temb, hidden_states):
         b = hidden_states.shape[0]
         if temb.shape[1] > 1:  # per-token timesteps
-            temb = noisiest(temb, call)
+            temb = base.noisiest(temb, call)
         shift, scale = _modulation(block, temb, b).unbind(dim=2)[:2]  # [B, 1, D]
         tokens = call.tokens.to(device=hidden_states.device, dtype=hidden_states.dtype)
         return block.norm1(tokens.expand(b, -1, -1)) * (1 + scale) + shift
 
     def dense_block(self, block, memory, repeats, noisy, args, kwargs):
-        hidden_states, encoder_hidden_states, temb, rotary, encoder_attention_mask = (
-            self.block_inputs(
-                block,
-                args,
-                kwargs,
-                "hidden_states",
-                "encoder_hidden_states",
-                "temb",
-                "image_rotary_emb",
-                "encoder_attention_mask",
-            )
-        )
+        names = "hidden_states encoder_hidden_states temb image_rotary_emb encoder_attention_mask"
+        hidden_states, text, temb, rotary, text_mask = self.block_inputs(block, args, kwargs, names)
         b, s, d = hidden_states.shape
-        x, n = with_memory(hidden_states, memory, repeats)  # [B, S + L, D]
+        x, n = base.with_memory(hidden_states, memory, repeats)  # [B, S + L, D]
 
         # modulation: memory rows take the (noisiest token's) timestep modulation
         shift, scale, gate, c_shift, c_scale, c_gate = _modulation(block, temb, b).unbind(dim=2)
@@ -95,21 +75,21 @@ class LTXInjection(Injection):
         normed = block.norm1(x) * (1 + scale) + shift
 
         # self-attention over [video ; memory], memory not rotated; outputs sliced off
-        rotation = identity_rotation(*rotary, n, dim=1)
+        rotation = base.identity_rotation(*rotary, n, dim=1)
         attn = LTXVideoAttnProcessor()(block.attn1, normed, None, None, rotation)[:, :s]
 
         # the rest of the block sees the video tokens only
         h = hidden_states + attn * gate
         h = h + block.attn2(
             h,
-            encoder_hidden_states=encoder_hidden_states,
+            encoder_hidden_states=text,
             image_rotary_emb=None,
-            attention_mask=encoder_attention_mask,
+            attention_mask=text_mask,
         )
         return h + block.ff(block.norm2(h) * (1 + c_scale) + c_shift) * c_gate
 
 
-class LTXLatents(LatentSpace):
+class LTXLatents(base.LatentSpace):
     """LTXPipeline's ``_normalize_latents`` / ``_denormalize_latents``."""
 
     vae_classes = (AutoencoderKLLTXVideo,)
@@ -150,7 +130,7 @@ class LTXLatents(LatentSpace):
         }
 
 
-class LTXTraining(Training):
+class LTXTraining(base.Training):
     """T5 text with its mask; LTXPipeline's sequence-length shift; packed latents."""
 
     text_masks = ("encoder_attention_mask",)
@@ -168,7 +148,7 @@ class LTXTraining(Training):
         ]
 
     def fixed_inputs(self, base_dir):
-        cfg = read_config(base_dir / "vae" / "config.json")
+        cfg = base.read_config(base_dir / "vae" / "config.json")
         with torch.device("meta"):  # the VAE's compression ratios, no weights
             vae = AutoencoderKLLTXVideo.from_config(cfg)
         spatial = vae.spatial_compression_ratio
@@ -179,14 +159,14 @@ class LTXTraining(Training):
 
     def flow_shift(self, base_dir, latent_shape):
         """LTXPipeline's shift: ``exp(mu)`` of the latent's token count (dynamic shifting)."""
-        cfg = read_config(base_dir / "scheduler" / "scheduler_config.json")
+        cfg = base.read_config(base_dir / "scheduler" / "scheduler_config.json")
         if not cfg.get("use_dynamic_shifting", False):
             return float(cfg.get("shift", 1.0))
         tokens = math.prod(latent_shape[1:])
-        base, top = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+        short, long = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
         low, high = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
-        slope = (high - low) / (top - base)
-        return math.exp(tokens * slope + low - slope * base)
+        slope = (high - low) / (long - short)
+        return math.exp(tokens * slope + low - slope * short)
 
     def predict(self, transformer, x_t, timestep, text, attention_kwargs, fixed):
         from diffusers import LTXPipeline
@@ -202,15 +182,8 @@ class LTXTraining(Training):
         )
 
 
-class LTXGeneration(Generation):
+class LTXGeneration(base.Generation):
     fps = FRAME_RATE
 
 
-FAMILY = Family(
-    name="ltx",
-    transformer_classes=(LTXVideoTransformer3DModel,),
-    injection=LTXInjection(),
-    latents=LTXLatents(),
-    training=LTXTraining(),
-    generation=LTXGeneration(),
-)
+FAMILY = base.Family("ltx", LTXInjection(), LTXLatents(), LTXTraining(), LTXGeneration())

@@ -21,18 +21,7 @@ from diffusers.models.transformers.transformer_wan import (
 )
 from diffusers.models.transformers.transformer_wan_vace import WanVACETransformer3DModel
 
-from dit_mem.backbone.families.base import (
-    Family,
-    Generation,
-    Injection,
-    LatentSpace,
-    SelfAttentionMemoryProcessor,
-    Training,
-    identity_rotation,
-    noisiest,
-    pad_rows,
-    with_memory,
-)
+from dit_mem.backbone.families import base
 from dit_mem.errors import UserError
 
 # Wan2.1's standard negative prompt (``sample_neg_prompt`` in Wan's shared config).
@@ -51,7 +40,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.type_as(x)
 
 
-class WanMemoryProcessor(SelfAttentionMemoryProcessor):
+class WanMemoryProcessor(base.SelfAttentionMemoryProcessor):
     """``attn1`` of one Wan block: RoPE after the head split."""
 
     def rotations(self, rotary_emb):
@@ -60,7 +49,9 @@ class WanMemoryProcessor(SelfAttentionMemoryProcessor):
         return {"rotate_heads": partial(apply_rotary, cos=rotary_emb[0], sin=rotary_emb[1])}
 
 
-class WanInjection(Injection):
+class WanInjection(base.Injection):
+    transformer_classes = (WanTransformer3DModel, WanVACETransformer3DModel)
+    expert_names = ("transformer", "transformer_2")  # Wan2.2 A14B: two experts
     block_classes = (WanTransformerBlock,)
     stock_processors = (WanAttnProcessor,)
     processor = WanMemoryProcessor
@@ -69,17 +60,17 @@ class WanInjection(Injection):
     def modulate(self, block, call, temb, hidden_states):
         b = hidden_states.shape[0]
         if temb.ndim == 4:  # per-token timesteps [B, S, 6, D]
-            temb = noisiest(temb, call)[:, 0]
+            temb = base.noisiest(temb, call)[:, 0]
         shift, scale = (block.scale_shift_table + temb.float()).chunk(6, dim=1)[:2]
         tokens = call.tokens.to(device=hidden_states.device).expand(b, -1, -1)
         return (block.norm1(tokens.float()) * (1 + scale) + shift).type_as(hidden_states)
 
     def dense_block(self, block, memory, repeats, noisy, args, kwargs):
         hidden_states, encoder_hidden_states, temb, rotary_emb = self.block_inputs(
-            block, args, kwargs, "hidden_states", "encoder_hidden_states", "temb", "rotary_emb"
+            block, args, kwargs, "hidden_states encoder_hidden_states temb rotary_emb"
         )
         b, s, d = hidden_states.shape
-        x, n = with_memory(hidden_states, memory, repeats)  # [B, S + L, D]
+        x, n = base.with_memory(hidden_states, memory, repeats)  # [B, S + L, D]
 
         # modulation: memory rows take the (noisiest token's) timestep modulation
         if temb.ndim == 4:  # per-token timesteps (Wan2.2 TI2V): [B, S, 6, D]
@@ -93,7 +84,7 @@ class WanInjection(Injection):
         normed = (block.norm1(x.float()) * (1 + scale) + shift).type_as(x)
 
         # self-attention over [video ; memory], memory not rotated; outputs sliced off
-        rotation = identity_rotation(*rotary_emb, n, dim=1)
+        rotation = base.identity_rotation(*rotary_emb, n, dim=1)
         attn = WanAttnProcessor()(block.attn1, normed, None, None, rotation)[:, :s]
 
         # the rest of the block sees the video tokens only
@@ -103,7 +94,7 @@ class WanInjection(Injection):
         return (h.float() + ff.float() * c_gate).type_as(h)
 
 
-class WanLatents(LatentSpace):
+class WanLatents(base.LatentSpace):
     """``(z - latents_mean) / latents_std`` per channel, as WanPipeline normalises."""
 
     vae_classes = (AutoencoderKLWan,)
@@ -144,7 +135,7 @@ def _stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-class WanTraining(Training):
+class WanTraining(base.Training):
     """Method §5: UMT5 text, zeros after the caption, no mask; flow shift 5; Wan's weighting."""
 
     default_loss_weighting = "wan"
@@ -183,7 +174,7 @@ class WanTraining(Training):
     def text_kwargs(self, texts, max_tokens):
         # Wan's DiT sees max_tokens rows, zeros after each caption (no mask)
         return {
-            "encoder_hidden_states": pad_rows(
+            "encoder_hidden_states": base.pad_rows(
                 [t["encoder_hidden_states"] for t in texts], max_tokens
             )
         }
@@ -192,17 +183,9 @@ class WanTraining(Training):
         return 5.0  # the paper trains with shift 5 (the diffusers folder's UniPC samples with 3)
 
 
-class WanGeneration(Generation):
+class WanGeneration(base.Generation):
     fps = 16
     negative_prompt = WAN_NEGATIVE_PROMPT
 
 
-FAMILY = Family(
-    name="wan",
-    transformer_classes=(WanTransformer3DModel, WanVACETransformer3DModel),
-    injection=WanInjection(),
-    latents=WanLatents(),
-    training=WanTraining(),
-    generation=WanGeneration(),
-    expert_names=("transformer", "transformer_2"),  # Wan2.2 A14B: two experts
-)
+FAMILY = base.Family("wan", WanInjection(), WanLatents(), WanTraining(), WanGeneration())
