@@ -354,28 +354,25 @@ class MemoryBank:
         param = next(encoder.parameters())
         device = execution_device(encoder) if device is None else torch.device(device)
         ids = [list(group) for group in ids]
-        cached = self.tokens is not None and self._cache_matches(encoder)
-
         unique = list(dict.fromkeys(v for group in ids for v in group))
-        in_cache = {v for v in unique if v in self.tokens} if cached else set()
-        self._fill([v for v in unique if v not in in_cache], vae)
-        if len(in_cache) == len(unique):
-            videos = self.tokens.load_batch(ids, dtype=param.dtype)
-            return encoder.aggregate(videos.to(device), shuffle=False)
-        if not cached:
-            latents = self.latents.load_batch(ids, dtype=param.dtype)
-            return encoder(latents.to(device), shuffle=False)
-        # some videos cached, the others (filled since the cache was built) from their latents,
-        # encoded in one batch
-        fresh = [v for v in unique if v not in in_cache]
-        encoded = encoder.encode_videos(self.latents.load(fresh, dtype=param.dtype).to(device))
-        table = {v: (encoded.high[0, n], encoded.low[0, n]) for n, v in enumerate(fresh)}
+        cached = self.tokens is not None and self._cache_matches(encoder)
+        in_cache = [v for v in unique if v in self.tokens] if cached else []
+        fresh = [v for v in unique if v not in set(in_cache)]
+        self._fill(fresh, vae)
+        # one route: each distinct video once, its cached tokens or its latent through the
+        # encoder's per-video branches (one batch), then the shared attention per prompt
+        rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for vid in in_cache:
-            table[vid] = tuple(t.to(device, param.dtype) for t in self.tokens.load_one(vid))
-        high = torch.stack([torch.stack([table[v][0] for v in group]) for group in ids])
-        low = torch.stack([torch.stack([table[v][1] for v in group]) for group in ids])
-        videos = VideoTokens(high, low, self.tokens.log_counts.to(device))
-        return encoder.aggregate(videos, shuffle=False)
+            rows[vid] = tuple(t.to(device, param.dtype) for t in self.tokens.load_one(vid))
+        if fresh:
+            encoded = encoder.encode_videos(self.latents.load(fresh, dtype=param.dtype).to(device))
+            rows |= {v: (encoded.high[0, n], encoded.low[0, n]) for n, v in enumerate(fresh)}
+        log_counts = (encoded if fresh else self.tokens).log_counts.to(device)
+        high, low = (
+            torch.stack([torch.stack([rows[v][part] for v in group]) for group in ids])
+            for part in (0, 1)
+        )
+        return encoder.aggregate(VideoTokens(high, low, log_counts), shuffle=False)
 
     def _fill(self, ids: Sequence[str], vae) -> None:
         """Encode the videos of ``ids`` that have no latent yet into the bank's latents."""
