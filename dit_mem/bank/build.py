@@ -478,24 +478,13 @@ def add_to_index(bank: Path, table, options: dict, record: dict, embedder=None) 
 def reindex(bank: Path, options: dict, embedder=None) -> dict:
     """Rebuild the bank's index as ``options`` say (another kind or factory), every row kept in
     its place, its captions embedded again with the bank's model; one change."""
-    from dit_mem.retrieval.index import build_index_from_table
-
     r = _open_index(bank / "index", options, embedder)
     loading = ("model", "device", "trust_remote_code")
     settings = {k: v for k, v in options.items() if v is not None and k not in loading}
     if "factory" not in settings:
         settings.setdefault("kind", r.manifest.get("kind"))
-    with Change(bank, "reindex", lock=False) as change:
-        m = build_index_from_table(
-            r.table,
-            change.stage("index"),
-            r.embedder,
-            csv=r.manifest.get("csv"),
-            csv_sha256=r.manifest.get("csv_sha256"),
-            **settings,
-        )
-        change.commit({"from": r.manifest.get("factory"), "index": m["factory"], "rows": m["rows"]})
-    return m
+    record = {"from": r.manifest.get("factory")}
+    return _rebuild_index(bank, r.table, r.embedder, r.manifest, settings, record, lock=False)
 
 
 def reindex_from_id_map(bank: Path, trust_remote_code: str | None = None) -> dict:
@@ -504,7 +493,7 @@ def reindex_from_id_map(bank: Path, trust_remote_code: str | None = None) -> dic
     from dit_mem.data.idmap import FILES, IdMap
     from dit_mem.data.table import file_sha256
     from dit_mem.retrieval.embedder import load_embedder
-    from dit_mem.retrieval.index import MANIFEST, build_index_from_table
+    from dit_mem.retrieval.index import MANIFEST
 
     folder = bank / "index"
     manifest = json.loads((folder / MANIFEST).read_text())
@@ -514,19 +503,20 @@ def reindex_from_id_map(bank: Path, trust_remote_code: str | None = None) -> dic
     table = IdMap.open(folder).table.to_pandas()
     emb = load_embedder(manifest.get("model_path"), trust_remote_code=trust_remote_code)
     kind = manifest.get("kind")
-    options = {"factory": manifest["factory"]} if kind == "factory" else {"kind": kind}
-    with Change(bank, "reindex") as change:
-        m = build_index_from_table(
-            table,
-            change.stage("index"),
-            emb,
-            csv=manifest.get("csv"),
-            csv_sha256=manifest.get("csv_sha256"),
-            **options,
-        )
-        change.commit(
-            {"repair": "index rebuilt from the id map", "index": m["factory"], "rows": m["rows"]}
-        )
+    settings = {"factory": manifest["factory"]} if kind == "factory" else {"kind": kind}
+    record = {"repair": "index rebuilt from the id map"}
+    return _rebuild_index(bank, table, emb, manifest, settings, record, lock=True)
+
+
+def _rebuild_index(bank, table, embedder, manifest, settings, record, lock: bool) -> dict:
+    """The bank's index built again from its rows (``table``), as one ``reindex`` change."""
+    from dit_mem.retrieval.index import build_index_from_table
+
+    source = {"csv": manifest.get("csv"), "csv_sha256": manifest.get("csv_sha256")}
+    with Change(bank, "reindex", lock=lock) as change:
+        staged = change.stage("index")
+        m = build_index_from_table(table, staged, embedder, **source, **settings)
+        change.commit({**record, "index": m["factory"], "rows": m["rows"]})
     return m
 
 
