@@ -20,7 +20,6 @@ weights are random, so what comes out is noise by construction.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -656,8 +655,3 @@ def generate_in_browser(
         driver.save_screenshot(str(screenshot))
     finally:
         driver.quit()
-
-
-def tiny_model_index(folder: Path) -> dict:
-    """The ``model_index.json`` of a tiny model folder."""
-    return json.loads((Path(folder) / "model_index.json").read_text())

@@ -222,11 +222,6 @@ def _vae_on_meta(path: Path):
     return None
 
 
-def family_of_folder(source: str | Path):
-    """The DiT family of a base model folder, from its configs."""
-    return describe_base_model(source).family
-
-
 def component_names(base: BaseModel) -> tuple[str, ...]:
     if base.layout == "original":
         return WAN_COMPONENTS
