@@ -426,23 +426,13 @@ def read_config(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def expand_memory(memory: torch.Tensor, batch: int) -> torch.Tensor:
-    """Dense memory ``[1 | B, L, D]`` for ``batch`` rows."""
-    return memory.expand(batch, -1, -1) if memory.shape[0] == 1 else memory
-
-
-def repeat_tokens(memory: torch.Tensor, repeats: int) -> torch.Tensor:
-    """Every dense token ``repeats`` times (the reference's λ: integer multiplicities)."""
-    return memory.repeat_interleave(repeats, dim=1) if repeats != 1 else memory
-
-
 def with_memory(
     hidden_states: torch.Tensor, memory: torch.Tensor, repeats: int
 ) -> tuple[torch.Tensor, int]:
-    """``[video ; memory]`` ``[B, S + L, D]`` for the paper's form: the dense memory for every row,
-    each token ``repeats`` times (λ), and L."""
-    memory = expand_memory(memory.to(hidden_states), hidden_states.shape[0])
-    memory = repeat_tokens(memory, repeats)
+    """``[video ; memory]`` ``[B, S + L, D]`` for the paper's form: the dense memory ``[1 | B, L,
+    D]`` for every row, each token ``repeats`` times (λ: integer multiplicities), and L."""
+    memory = memory.to(hidden_states).expand(hidden_states.shape[0], -1, -1)
+    memory = memory.repeat_interleave(repeats, dim=1)
     return torch.cat([hidden_states, memory], dim=1), memory.shape[1]
 
 
