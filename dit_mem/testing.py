@@ -136,53 +136,12 @@ TINY_GEOMETRY = {"wan": (17, 64, 64), "ltx": (17, 32, 32), "hunyuan15": (17, 32,
 # the command-line clip size of tiny Wan latents (encode-latents, bank build), one worker
 TINY_CLIP_ARGS = ("--num-frames", "17", "--height", "64", "--width", "64", "--num-workers", "0")
 # Words the tests' prompts and captions use, besides the toy world's (one tokenizer for all)
-WORDS = tuple(
-    [
-        "the",
-        "of",
-        "and",
-        "in",
-        "on",
-        "at",
-        "to",
-        "with",
-        "is",
-        "blurry",
-        "dark",
-        "dog",
-        "runs",
-        "beach",
-        "sunset",
-        "person",
-        "walking",
-        "city",
-        "night",
-        "cat",
-        "sits",
-        "mat",
-        "next",
-        "window",
-        "fox",
-        "jumps",
-        "over",
-        "sleeping",
-        "snow",
-        "waves",
-        "roll",
-        "onto",
-        "sandy",
-        "street",
-        "cars",
-        "neon",
-        "lights",
-        "rides",
-        "bicycle",
-        "through",
-        "park",
-        "monkey",
-        "dance",
-    ]
+_WORDS = (
+    "the of and in on at to with is blurry dark dog runs beach sunset person walking city night "
+    "cat sits mat next window fox jumps over sleeping snow waves roll onto sandy street cars "
+    "neon lights rides bicycle through park monkey dance"
 )
+WORDS = tuple(_WORDS.split())
 
 
 def family_of_flavour(flavour: str) -> str:

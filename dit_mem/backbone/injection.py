@@ -42,6 +42,7 @@ from torch import nn
 
 from dit_mem.backbone.attention import Route, check_route
 from dit_mem.backbone.families import Family, family_of
+from dit_mem.backbone.families.base import names
 from dit_mem.errors import UserError
 from dit_mem.memory.tokens import MemoryTokens, as_memory_tokens, check_memory_scale
 from dit_mem.utils import get_logger
@@ -210,9 +211,7 @@ class BlockMemoryHook(ModelHook):
     def pre_forward(self, module: nn.Module, *args, **kwargs):
         attachment = self.attachment
         if attachment.memory is not None:
-            attachment.temb = attachment.family.injection.arguments(module).get(
-                "temb", args, kwargs
-            )
+            attachment.temb = attachment.injection.arguments(module).get("temb", args, kwargs)
         return args, kwargs
 
 
@@ -227,21 +226,20 @@ class MemoryAttachment:
     """
 
     def __init__(self, transformer: nn.Module, family: Family, route: Route = "auto"):
-        self.family = family
-        self.dim = family.injection.hidden_size(transformer)
+        self.family, self.injection = family, family.injection
+        self.dim = self.injection.hidden_size(transformer)
         self.route: Route = route
         self.memory: CallMemory | None = None
         self.temb: torch.Tensor | None = None
         self.original_processors: dict[int, Any] = {}
         # the blocks as attached: a cache that wraps the block list later (cache-dit swaps it
         # while forward runs) leaves the same blocks running, and these are they
-        self.blocks: list[nn.Module] = list(family.injection.blocks(transformer))
-        family.injection.arguments(
-            transformer
-        )  # read the signatures now, not inside a compiled graph
+        self.blocks: list[nn.Module] = list(self.injection.blocks(transformer))
+        # read the signatures now, not inside a compiled graph
+        self.injection.arguments(transformer)
         registry = _register(transformer, MemoryHook(self), HOOK)
         for block in self.blocks:
-            family.injection.arguments(block)
+            self.injection.arguments(block)
             _register(block, BlockMemoryHook(self), BLOCK_HOOK)
         registry.invalidate_child_registries_cache()
         self.install_processors()
@@ -252,12 +250,10 @@ class MemoryAttachment:
     # -- processors ------------------------------------------------------------------------
     def attentions(self) -> list[nn.Module]:
         """The attention modules of the blocks memory was attached to."""
-        return [self.family.injection.attention(b) for b in self.blocks]
+        return [self.injection.attention(b) for b in self.blocks]
 
     def is_ours(self, processor: Any) -> bool:
-        return (
-            isinstance(processor, self.family.injection.processor) and processor.attachment is self
-        )
+        return isinstance(processor, self.injection.processor) and processor.attachment is self
 
     def install_processors(self) -> None:
         """Give every block the memory processor (again, where ``set_attn_processor`` replaced it)."""
@@ -266,14 +262,14 @@ class MemoryAttachment:
             if self.is_ours(old):
                 old.route = self.route
                 continue
-            if not isinstance(old, self.family.injection.stock_processors):
+            if not isinstance(old, self.injection.stock_processors):
                 raise UserError(
                     f"block {i}'s attention uses {type(old).__name__}, not a "
-                    f"{' / '.join(p.__name__ for p in self.family.injection.stock_processors)}; cannot "
+                    f"{names(self.injection.stock_processors)}; cannot "
                     "attach memory"
                 )
             self.original_processors[i] = old
-            attn.set_processor(self.family.injection.processor(self, block, old, self.route))
+            attn.set_processor(self.injection.processor(self, block, old, self.route))
 
     def set_route(self, route: Route) -> None:
         check_route(route)
@@ -293,7 +289,7 @@ class MemoryAttachment:
     def begin_call(self, module: nn.Module, args: tuple, kwargs: dict, context: str | None) -> None:
         """Take this call's memory from ``attention_kwargs`` (or none), checked."""
         self.memory = self.temb = None
-        arguments = self.family.injection.arguments(module)
+        arguments = self.injection.arguments(module)
         attention_kwargs = arguments.get("attention_kwargs", args, kwargs) or {}
         given = [k for k in attention_kwargs if "memory" in k]
         if not given:
@@ -312,7 +308,7 @@ class MemoryAttachment:
                 raise UserError(
                     f"{MEMORY_BRANCH_KEY}() must say 'cond' or 'uncond', got {context!r}"
                 )
-        layout = self.family.injection.branch_layout(context)
+        layout = self.injection.branch_layout(context)
         if NEGATIVE_MEMORY_TOKENS_KEY in attention_kwargs:
             if layout is None:
                 raise UserError(
@@ -341,7 +337,7 @@ class MemoryAttachment:
         call = combine_rows(parts, rows, strength)
         if call is None:
             return
-        call.noisy_token, call.num_tokens = self.family.injection.noisy_token(
+        call.noisy_token, call.num_tokens = self.injection.noisy_token(
             arguments.get("timestep", args, kwargs)
         )
         self.memory = call

@@ -82,9 +82,7 @@ class MemoryProcessor:
         hidden dtype, bias [B, G] float32)``."""
         attachment = self.attachment
         call = attachment.memory
-        tokens = attachment.family.injection.modulate(
-            self.block, call, attachment.temb, hidden_states
-        )
+        tokens = attachment.injection.modulate(self.block, call, attachment.temb, hidden_states)
         bias = call.bias.to(hidden_states.device).expand(hidden_states.shape[0], -1)
         return tokens, bias
 
