@@ -42,7 +42,7 @@ def average_losses(cfg) -> dict[str, float]:
     store = LatentStore(cfg.data.latent_dir)
     data = TrainingSamples(ids, memory_ids_by_sample(retrieval), store, store, text, 2, 16)
     encoder = MemoryEncoder.from_pretrained(str(cfg.output_dir / "encoder")).eval()
-    objective = training_objective(cfg, dit, data)
+    objective = training_objective(cfg, dit)
 
     def mean(memory: bool) -> float:
         return average_loss(dit, encoder, objective, data, memory)
@@ -79,19 +79,13 @@ def test_resume_continues_exactly(flavour, tmp_path):
 
 
 def test_each_family_trains_with_its_own_flow_settings(tmp_path):
-    from dit_mem.data import LatentStore
-    from dit_mem.training.data import TrainingSamples
-    from dit_mem.training.retrieval_cache import memory_ids_by_sample
-    from dit_mem.training.trainer import FrozenDiT, prepare_caches, training_objective
+    from dit_mem.training.trainer import FrozenDiT, training_objective
 
     got = {}
     for flavour in ("wan2.1", "ltx", "hunyuan15"):
         cfg = synthetic(tmp_path / flavour, flavour)
         dit = FrozenDiT.from_pretrained(cfg.model.base_model_dir, torch.float32, 32)
-        ids, retrieval, text = prepare_caches(cfg)
-        store = LatentStore(cfg.data.latent_dir)
-        data = TrainingSamples(ids, memory_ids_by_sample(retrieval), store, store, text, 2, 16)
-        objective = training_objective(cfg, dit, data)
+        objective = training_objective(cfg, dit)
         got[flavour] = (objective.shift, objective.weighting)
     # LTX-Video: exp(mu) for the latent's 5·8·8 = 320 tokens, as LTXPipeline shifts its sigmas
     slope = (LTX_SCHEDULER["max_shift"] - LTX_SCHEDULER["base_shift"]) / (4096 - 1024)

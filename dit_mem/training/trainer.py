@@ -464,7 +464,7 @@ class _Loop:
         self.cfg, self.accelerator, self.dit = cfg, accelerator, dit
         self.encoder, self.optimizer, self.dataset = encoder, optimizer, dataset
         self.generator = generator
-        self.objective = training_objective(cfg, dit, dataset)
+        self.objective = training_objective(cfg, dit)
         self.params = [p for p in encoder.parameters() if p.requires_grad]
         self.dropped_text = None
         if cfg.data.caption_dropout > 0:
@@ -664,14 +664,13 @@ def prepare_caches(cfg: TrainConfig, accelerator=None, bank=None):
     return ids, retrieval, text_cache
 
 
-def training_objective(cfg: TrainConfig, dit: FrozenDiT, dataset) -> FlowMatchingObjective:
-    """The flow-matching objective of the run: the config's shift and weighting, or the
-    family's (Wan: shift 5 and Wan's weighting, method §5; LTX-Video: its sequence-length shift)."""
-    shape = dataset[0]["x0"].shape if len(dataset) else ()
-    shift = cfg.loss.flow_shift
-    if shift is None:
-        shift = dit.family.training.flow_shift(Path(cfg.model.base_model_dir), shape)
-    weighting = cfg.loss.weighting or dit.family.training.default_loss_weighting
+def training_objective(cfg: TrainConfig, dit: FrozenDiT) -> FlowMatchingObjective:
+    """The flow-matching objective of the run: the config's shift and weighting, where it leaves
+    them open the family's as :func:`resolve_train_config` decides them (Wan: shift 5 and Wan's
+    weighting, method §5; LTX-Video: its sequence-length shift)."""
+    if cfg.loss.flow_shift is None or cfg.loss.weighting is None:
+        cfg = resolve_train_config(cfg)
+    shift, weighting = cfg.loss.flow_shift, cfg.loss.weighting
     log.info("flow matching: shift %.4g, %s weighting (%s)", shift, weighting, dit.family.name)
     return FlowMatchingObjective(cfg.loss.num_train_timesteps, shift, weighting)
 
