@@ -36,7 +36,7 @@ from diffusers.modular_pipelines.modular_pipeline_utils import (
     OutputParam,
 )
 
-from dit_mem.backbone.injection import MEMORY_BRANCH_KEY, experts
+from dit_mem.backbone.injection import MEMORY_BRANCH_KEY
 from dit_mem.bank import MemoryBank
 from dit_mem.errors import UserError
 from dit_mem.loaders import memory_parts
@@ -114,8 +114,8 @@ class MemoryStep(ModularPipelineBlocks):
     def __call__(self, components, state: PipelineState):
         block = self.get_block_state(state)
         memory, scale = block.memory, check_memory_scale(block.memory_scale)
-        has_transformer = getattr(components, "transformer", None) is not None
         kwargs, block.memory_hits = memory_call(
+            components,
             memory,
             SAME if block.negative_memory is None else block.negative_memory,
             scale,
@@ -123,11 +123,6 @@ class MemoryStep(ModularPipelineBlocks):
             prompt=block.prompt,
             prompt_embeds=block.prompt_embeds,
             per_prompt=block.num_videos_per_prompt or 1,
-            models=experts(components) if has_transformer else [],
-            bank=getattr(components, "memory_bank", None),
-            encoder=getattr(components, "memory_encoder", None),
-            vae=getattr(components, "vae", None),
-            device=components._execution_device,
             attention_kwargs=block.attention_kwargs,
             load_hint="dit_mem.modular.load_memory(pipe, encoder, bank=...)",
         )

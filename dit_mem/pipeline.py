@@ -233,6 +233,7 @@ class MemoryPipelineMixin(MemoryLoaderMixin):
         del call["self"]
         scale = self._memory_scale if memory_scale is None else check_memory_scale(memory_scale)
         attention_kwargs, hits = memory_call(
+            self,
             memory,
             negative_memory,
             scale,
@@ -240,11 +241,6 @@ class MemoryPipelineMixin(MemoryLoaderMixin):
             prompt=call.get("prompt"),
             prompt_embeds=call.get("prompt_embeds"),
             per_prompt=call.get("num_videos_per_prompt") or 1,
-            models=experts(self) if getattr(self, "transformer", None) is not None else [],
-            bank=self.memory_bank,
-            encoder=getattr(self, "memory_encoder", None),
-            vae=self.vae,
-            device=self._execution_device,
             attention_kwargs=call.get("attention_kwargs"),
             load_hint="pipe.load_memory(encoder, bank=...)",
         )
@@ -263,6 +259,7 @@ class MemoryPipelineMixin(MemoryLoaderMixin):
 # One call's memory: every pipeline (ours, and modular ones through dit_mem.modular) uses this
 # --------------------------------------------------------------------------------------
 def memory_call(
+    pipe: Any,
     memory: Any,
     negative_memory: Any,
     scale: float,
@@ -271,25 +268,23 @@ def memory_call(
     prompt: str | list[str] | None,
     prompt_embeds: torch.Tensor | None,
     per_prompt: int,
-    models: list,
-    bank: Any,
-    encoder: MemoryEncoder | None,
-    vae: Any,
-    device: torch.device,
     attention_kwargs: dict | None,
     load_hint: str,
 ) -> tuple[dict | None, list[RetrievalResult] | None]:
     """``attention_kwargs`` carrying a call's memory, and what was retrieved (``None``: given).
 
-    ``memory``: ``"retrieve"`` (the top ``k`` of ``bank`` for each prompt, encoded by
-    ``encoder``; ``vae`` fills a lazy bank), ``MemoryTokens`` or a dense tensor; broadcast like
-    the prompts (one per prompt × ``per_prompt`` videos) and cast to ``device`` and the dtype of
-    ``models`` (the transformers memory is attached to; ``load_hint`` says how to load it).
+    ``pipe``: a pipeline, or a modular pipeline's components (its experts, ``memory_bank``,
+    ``memory_encoder``, ``vae`` and execution device are read). ``memory``: ``"retrieve"`` (the
+    top ``k`` of the bank for each prompt, encoded by the encoder; the VAE fills a lazy bank),
+    ``MemoryTokens`` or a dense tensor; broadcast like the prompts (one per prompt ×
+    ``per_prompt`` videos) and cast to the execution device and the experts' dtype
+    (``load_hint`` says how to load memory).
     ``negative_memory``: :data:`SAME`, ``None`` (or ``"none"``, where ``None`` means "not
     given", as in modular pipelines) or memory of its own. Without memory (``None``, or λ = 0)
     the given ``attention_kwargs`` come back as they are (the stock call).
     """
     given = [key for key in attention_kwargs or {} if "memory" in key]
+    models = experts(pipe) if getattr(pipe, "transformer", None) is not None else []
     attached = bool(models) and all(get_attachment(m) is not None for m in models)
     if memory is None or scale == 0:
         if memory is None and negative_memory is not SAME and negative_memory is not None:
@@ -307,6 +302,7 @@ def memory_call(
             f"memory was given, but this pipeline has none loaded: call {load_hint} first (or "
             "dit_mem.attach_memory(pipe) to pass MemoryTokens)"
         )
+    device = pipe._execution_device
     if isinstance(prompt, str | list):
         batch = 1 if isinstance(prompt, str) else len(prompt)
     elif prompt_embeds is not None:
@@ -317,7 +313,10 @@ def memory_call(
     if isinstance(memory, str):
         if memory != RETRIEVE:
             raise UserError(f"memory must be {RETRIEVE!r}, MemoryTokens or None, got {memory!r}")
-        memory, hits = _retrieve(bank, encoder, prompt, k, device, vae, load_hint)
+        bank, encoder = getattr(pipe, "memory_bank", None), getattr(pipe, "memory_encoder", None)
+        memory, hits = _retrieve(
+            bank, encoder, prompt, k, device, getattr(pipe, "vae", None), load_hint
+        )
 
     def prepare(given: Any, name: str) -> MemoryTokens:
         return _broadcast(given, name, batch, per_prompt).to(device=device, dtype=models[0].dtype)
