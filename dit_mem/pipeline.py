@@ -64,7 +64,12 @@ from dit_mem.errors import UserError
 from dit_mem.loaders import MemoryLoaderMixin
 from dit_mem.memory.encoder import MemoryEncoder
 from dit_mem.memory.tokens import MemoryTokens, as_memory_tokens, check_memory_scale
-from dit_mem.models.base_model import BaseModel, component_names, describe_base_model
+from dit_mem.models.base_model import (
+    STOCK_PIPELINES,
+    BaseModel,
+    component_names,
+    describe_base_model,
+)
 from dit_mem.models.wan import COMPONENTS as WAN_COMPONENTS
 from dit_mem.models.wan import load_wan_components
 from dit_mem.retrieval.retriever import RetrievalResult
@@ -536,9 +541,8 @@ class DiTMemHunyuanVideo15Pipeline(MemoryPipelineMixin, HunyuanVideo15Pipeline):
         self.register_modules(memory_encoder=memory_encoder)
 
 
-# stock and saved class names (model_index.json's "_class_name") → flavour
-FLAVOURS: dict[str, type] = {
-    name: flavour
+_BY_STOCK = {
+    flavour._stock.__name__: flavour
     for flavour in (
         DiTMemPipeline,
         DiTMemWanImageToVideoPipeline,
@@ -546,8 +550,10 @@ FLAVOURS: dict[str, type] = {
         DiTMemLTXPipeline,
         DiTMemHunyuanVideo15Pipeline,
     )
-    for name in (flavour.__name__, flavour._stock.__name__)
 }
+# stock and saved class names (model_index.json's "_class_name") → flavour: the names
+# dit_mem.models reads a folder by, each to the flavour of its stock pipeline
+FLAVOURS: dict[str, type] = {name: _BY_STOCK[stock] for name, stock in STOCK_PIPELINES.items()}
 
 
 def flavour_of(stock_name: str) -> type:

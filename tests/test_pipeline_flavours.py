@@ -177,3 +177,4 @@ def test_base_models_know_every_flavour():
 
     assert set(STOCK_PIPELINES) == set(BY_NAME)
     assert all(BY_NAME[n]._stock.__name__ == stock for n, stock in STOCK_PIPELINES.items())
+    assert all(BY_NAME[f.__name__] is f for f in BY_NAME.values())  # a saved flavour's own name
