@@ -226,7 +226,7 @@ class MemoryAttachment:
     """
 
     def __init__(self, transformer: nn.Module, family: Family, route: Route = "auto"):
-        self.family, self.injection = family, family.injection
+        self.family = family
         self.dim = self.injection.hidden_size(transformer)
         self.route: Route = route
         self.memory: CallMemory | None = None
@@ -243,6 +243,11 @@ class MemoryAttachment:
             _register(block, BlockMemoryHook(self), BLOCK_HOOK)
         registry.invalidate_child_registries_cache()
         self.install_processors()
+
+    @property
+    def injection(self):
+        """What the attention sees, of this attachment's family."""
+        return self.family.injection
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "memory": None, "temb": None}
